@@ -1,0 +1,309 @@
+"""The gateway's configuration: one frozen object, built once from the environment and the CLI.
+
+Every setting is declared once in ``FIELDS`` with its environment variable, its command-line flag,
+its parser and its default; ``load_settings`` applies defaults, then the environment, then the
+flags, and validates the result. Nothing else in the package reads ``os.environ``: the settings
+object is passed explicitly to whatever needs it. An invalid value raises ``SettingsError`` naming
+the variable; only the CLI turns that into an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["FIELDS", "Settings", "SettingsError", "add_arguments", "load_settings"]
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; ``str()`` is one line naming the variable."""
+
+    def __init__(self, variable: str, value: object, reason: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {variable}={value!r}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where requests go.
+    backend_urls: tuple[str, ...] = ("http://127.0.0.1:8001",)
+    use_embedded_engine: bool = False
+    model: str | None = None
+    model_aliases: Mapping[str, str] = field(default_factory=dict)
+    backend_api_key: str | None = None
+    # Admission.
+    max_concurrent_requests: int = 100
+    max_queued_requests: int = 1000
+    queue_wait_timeout: float = 60.0
+    # Timeouts of one request.
+    request_timeout: float = 120.0
+    first_token_timeout: float = 60.0
+    stream_idle_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    # Process.
+    host: str = "0.0.0.0"
+    port: int = 7000
+    shutdown_timeout: float = 30.0
+    workers: int = 1
+    # Client-facing protection.
+    api_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = 4 * 1024 * 1024
+    cors_origins: tuple[str, ...] = ()
+    # Logs.
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def backend_url(self) -> str | None:
+        """The first backend, for the single-backend setups of the seed."""
+        return self.backend_urls[0] if self.backend_urls else None
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+# --- parsers: each takes the raw string and the variable name, returns a value or raises ------
+
+
+def _positive_float(raw: str, var: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(var, raw, "must be a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(var, raw, "must be a positive number of seconds")
+    return value
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(raw: str, var: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(var, raw, f"must be an integer between {lo} and {hi}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(var, raw, f"must be an integer between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(raw: str, var: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise SettingsError(var, raw, "must be true or false")
+
+
+def _url(raw: str, var: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(var, raw, "must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise SettingsError(var, raw, "must not carry a query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises on an out-of-range port
+    except ValueError:
+        raise SettingsError(var, raw, "has an invalid port") from None
+    return raw.rstrip("/")
+
+
+def _url_list(raw: str, var: str) -> tuple[str, ...]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    return tuple(_url(item, var) for item in items)
+
+
+def _str_list(raw: str, var: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _key_set(raw: str, var: str) -> frozenset[str]:
+    return frozenset(_str_list(raw, var))
+
+
+def _aliases(raw: str, var: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in _str_list(raw, var):
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise SettingsError(var, raw, "must be a comma-separated list of alias=model")
+        out[alias.strip()] = target.strip()
+    return out
+
+
+def _optional_str(raw: str, var: str) -> str | None:
+    return raw.strip() or None
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(raw: str, var: str) -> str:
+        low = raw.strip().lower()
+        if low not in choices:
+            raise SettingsError(var, raw, f"must be one of {', '.join(choices)}")
+        return low
+
+    return parse
+
+
+def _host(raw: str, var: str) -> str:
+    if not raw.strip() or any(c.isspace() for c in raw.strip()):
+        raise SettingsError(var, raw, "must be a host name or address")
+    return raw.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    name: str
+    env: str
+    flag: str
+    parse: Callable[[str, str], Any]
+    help: str
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("backend_urls", "VLLM_BACKEND_URL", "--backend-url", _url_list,
+              "vLLM OpenAI server URL; several, comma-separated, form a pool; empty with --embedded"),
+    FieldSpec("use_embedded_engine", "VLLM_USE_EMBEDDED_ENGINE", "--embedded", _bool,
+              "run an in-process vLLM AsyncLLM engine instead of calling a server"),
+    FieldSpec("model", "VLLM_MODEL", "--model", _optional_str,
+              "model for the embedded engine (a folder or a model name)"),
+    FieldSpec("model_aliases", "VLLM_MODEL_ALIASES", "--model-aliases", _aliases,
+              "comma-separated alias=model pairs, e.g. gpt-oss-20b=openai/gpt-oss-20b"),
+    FieldSpec("backend_api_key", "VLLM_BACKEND_API_KEY", "--backend-api-key", _optional_str,
+              "key the gateway sends to a backend started with --api-key"),
+    FieldSpec("max_concurrent_requests", "VLLM_MAX_CONCURRENT_REQUESTS", "--max-concurrent-requests",
+              _int_range(1, 1_000_000), "in-flight requests (the semaphore)"),
+    FieldSpec("max_queued_requests", "VLLM_MAX_QUEUED_REQUESTS", "--max-queued-requests",
+              _int_range(0, 10_000_000), "requests that may wait for a slot; beyond it, 503 at once"),
+    FieldSpec("queue_wait_timeout", "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS", "--queue-wait-timeout",
+              _positive_float, "max wait for a slot, then 503"),
+    FieldSpec("request_timeout", "VLLM_REQUEST_TIMEOUT_SECONDS", "--request-timeout", _positive_float,
+              "bound on one inference, first byte to last"),
+    FieldSpec("first_token_timeout", "VLLM_FIRST_TOKEN_TIMEOUT_SECONDS", "--first-token-timeout",
+              _positive_float, "bound on the wait for the backend's first byte"),
+    FieldSpec("stream_idle_timeout", "VLLM_STREAM_IDLE_TIMEOUT_SECONDS", "--stream-idle-timeout",
+              _positive_float, "bound on the gap between two chunks of a stream"),
+    FieldSpec("connect_timeout", "VLLM_CONNECT_TIMEOUT_SECONDS", "--connect-timeout", _positive_float,
+              "bound on opening a connection to the backend"),
+    FieldSpec("host", "VLLM_HOST", "--host", _host, "gateway bind address"),
+    FieldSpec("port", "VLLM_PORT", "--port", _int_range(1, 65535), "gateway bind port"),
+    FieldSpec("shutdown_timeout", "VLLM_SHUTDOWN_TIMEOUT_SECONDS", "--shutdown-timeout",
+              _positive_float, "drain deadline for in-flight requests on SIGTERM/SIGINT"),
+    FieldSpec("workers", "VLLM_WORKERS", "--workers", _int_range(1, 256),
+              "gateway worker processes"),
+    FieldSpec("api_keys", "VLLM_API_KEYS", "--api-keys", _key_set,
+              "comma-separated client API keys; empty means no key is required"),
+    FieldSpec("max_body_bytes", "VLLM_MAX_BODY_BYTES", "--max-body-bytes",
+              _int_range(1024, 1 << 30), "largest request body accepted"),
+    FieldSpec("cors_origins", "VLLM_CORS_ORIGINS", "--cors-origins", _str_list,
+              "comma-separated origins allowed by CORS; empty means CORS is off"),
+    FieldSpec("log_level", "VLLM_LOG_LEVEL", "--log-level",
+              _choice("debug", "info", "warning", "error"), "log level"),
+    FieldSpec("log_format", "VLLM_LOG_FORMAT", "--log-format", _choice("text", "json"),
+              "log format"),
+)
+
+_BY_NAME = {spec.name: spec for spec in FIELDS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; every flag defaults to None so that 'not given' is visible."""
+    for spec in FIELDS:
+        parser.add_argument(spec.flag, dest=spec.name, default=None, metavar=spec.env,
+                            help=f"{spec.help} (env {spec.env})")
+    parser.add_argument("--api-keys-file", dest="api_keys_file", default=None,
+                        help="file of client API keys, one per line (env VLLM_API_KEYS_FILE)")
+
+
+def load_settings(
+    env: Mapping[str, str],
+    flags: Mapping[str, str | None] | None = None,
+) -> Settings:
+    """Build settings from defaults, then ``env``, then ``flags`` (raw strings, None = not given)."""
+    values: dict[str, Any] = {}
+    for spec in FIELDS:
+        raw = env.get(spec.env)
+        where = spec.env
+        if flags is not None and flags.get(spec.name) is not None:
+            raw, where = flags[spec.name], spec.flag
+        if raw is None:
+            continue
+        values[spec.name] = spec.parse(str(raw), where)
+
+    keys_file = (flags or {}).get("api_keys_file") or env.get("VLLM_API_KEYS_FILE")
+    if keys_file:
+        values["api_keys"] = frozenset(values.get("api_keys", frozenset())) | _read_keys_file(keys_file)
+
+    if values.get("use_embedded_engine") and "backend_urls" not in values:
+        values["backend_urls"] = ()
+    settings = Settings(**values)
+    _validate(settings, env, flags or {})
+    return settings
+
+
+def _read_keys_file(path: str) -> frozenset[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise SettingsError("VLLM_API_KEYS_FILE", path, f"cannot be read ({exc.strerror})") from None
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | None]) -> None:
+    if s.use_embedded_engine:
+        if s.backend_urls:
+            raise SettingsError(_name_of("backend_urls", flags), ",".join(s.backend_urls),
+                                "must be empty when the embedded engine is on")
+    elif not s.backend_urls:
+        raise SettingsError("VLLM_BACKEND_URL", "", "is empty; set it, or set VLLM_USE_EMBEDDED_ENGINE=true")
+    if s.first_token_timeout > s.request_timeout:
+        raise SettingsError(_name_of("first_token_timeout", flags), s.first_token_timeout,
+                            f"must not exceed VLLM_REQUEST_TIMEOUT_SECONDS ({s.request_timeout:g})")
+    if not s.use_embedded_engine:
+        _check_port_clash(s, flags)
+
+
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1", "::", ""}
+
+
+def _check_port_clash(s: Settings, flags: Mapping[str, str | None]) -> None:
+    """The seed's start script reads VLLM_PORT as vLLM's port, and so does the gateway for its own.
+
+    In one shell that makes the gateway try to bind the backend's port: say so, naming both.
+    """
+    for url in s.backend_urls:
+        parts = urlsplit(url)
+        backend_port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname or ""
+        if backend_port == s.port and (host in _LOCAL_HOSTS or host == s.host):
+            var = "--port" if flags.get("port") else "VLLM_PORT"
+            raise SettingsError(
+                var, s.port,
+                f"the gateway would bind the backend's own port ({url}). VLLM_PORT is read both by "
+                "scripts/start_vllm_h100.sh (vLLM's port) and by the gateway (its bind port): unset it "
+                "for the gateway or pass 'vllm-gateway serve --port 7000'",
+            )
+
+
+def _name_of(name: str, flags: Mapping[str, str | None]) -> str:
+    spec = _BY_NAME[name]
+    return spec.flag if flags.get(name) is not None else spec.env
+
+
+def env_names() -> Sequence[str]:
+    """Every environment variable the gateway reads."""
+    return [spec.env for spec in FIELDS] + ["VLLM_API_KEYS_FILE"]
