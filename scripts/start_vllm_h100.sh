@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Start vLLM's OpenAI-compatible server with the H100 table of the architecture document.
+#
+#   VLLM_MODEL=openai/gpt-oss-20b VLLM_PORT=7001 ./scripts/start_vllm_h100.sh [extra vLLM args...]
+#
+# Every value of the table can be overridden by an environment variable; arguments after the
+# script's own are passed to vLLM unchanged (they come last, so they win over the table).
+#
+#   VLLM_MODEL                    model name or folder            (openai/gpt-oss-20b)
+#   VLLM_SERVED_MODEL_NAME        names clients may ask for, space-separated
+#                                 (the model and its last path part: "openai/gpt-oss-20b gpt-oss-20b")
+#   VLLM_SERVER_HOST              bind address                    (0.0.0.0)
+#   VLLM_PORT                     bind port                       (7001)
+#   VLLM_GPU_MEMORY_UTILIZATION   --gpu-memory-utilization        (0.90)
+#   VLLM_MAX_NUM_SEQS             --max-num-seqs                  (256)
+#   VLLM_TENSOR_PARALLEL_SIZE     --tensor-parallel-size          (1)
+#   VLLM_DTYPE                    --dtype                         (bfloat16)
+#   VLLM_TRUST_REMOTE_CODE        true adds --trust-remote-code   (true)
+#   VLLM_ENFORCE_EAGER            true adds --enforce-eager       (false; debugging only)
+#   VLLM_LAUNCHER                 auto | serve | module           (auto)
+#   VLLM_PYTHON                   interpreter for the module form (python3)
+#   VLLM_DRY_RUN=1 or --print     print the command instead of running it
+#
+# The command is `vllm serve` when the `vllm` console script works, else
+# `python -m vllm.entrypoints.openai.api_server` (the CPU build's console script cannot find its
+# own metadata). The script `exec`s vLLM so that SIGTERM from a supervisor reaches it directly.
+#
+# Note: VLLM_PORT is vLLM's port here. The gateway reads VLLM_PORT as its own bind port, so do not
+# export it into the gateway's shell (or pass `vllm-gateway serve --port 7000`).
+
+set -euo pipefail
+
+dry_run="${VLLM_DRY_RUN:-0}"
+if [[ "${1:-}" == "--print" ]]; then
+    dry_run=1
+    shift
+fi
+
+is_true() {
+    case "${1,,}" in
+        1 | true | yes | on) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+model="${VLLM_MODEL:-openai/gpt-oss-20b}"
+host="${VLLM_SERVER_HOST:-0.0.0.0}"
+port="${VLLM_PORT:-7001}"
+gpu_memory_utilization="${VLLM_GPU_MEMORY_UTILIZATION:-0.90}"
+max_num_seqs="${VLLM_MAX_NUM_SEQS:-256}"
+tensor_parallel_size="${VLLM_TENSOR_PARALLEL_SIZE:-1}"
+dtype="${VLLM_DTYPE:-bfloat16}"
+trust_remote_code="${VLLM_TRUST_REMOTE_CODE:-true}"
+enforce_eager="${VLLM_ENFORCE_EAGER:-false}"
+python_bin="${VLLM_PYTHON:-python3}"
+
+# Clients of the seed ask for "gpt-oss-20b" while the model is "openai/gpt-oss-20b": serve both.
+served_names=()
+if [[ -n "${VLLM_SERVED_MODEL_NAME:-}" ]]; then
+    read -r -a served_names <<<"${VLLM_SERVED_MODEL_NAME}"
+else
+    served_names=("$model")
+    short_name="${model%/}"
+    short_name="${short_name##*/}"
+    if [[ -n "$short_name" && "$short_name" != "$model" ]]; then
+        served_names+=("$short_name")
+    fi
+fi
+
+launcher="${VLLM_LAUNCHER:-auto}"
+if [[ "$launcher" == "auto" ]]; then
+    # `vllm --version` fails fast when the console script is broken (the CPU build's looks up
+    # metadata of a distribution named `vllm` that is not installed).
+    if command -v vllm >/dev/null 2>&1 && vllm --version >/dev/null 2>&1; then
+        launcher=serve
+    else
+        launcher=module
+    fi
+fi
+case "$launcher" in
+    serve) cmd=(vllm serve "$model") ;;
+    module) cmd=("$python_bin" -m vllm.entrypoints.openai.api_server --model "$model") ;;
+    *)
+        echo "start_vllm_h100: VLLM_LAUNCHER must be auto, serve or module, not '$launcher'" >&2
+        exit 2
+        ;;
+esac
+
+cmd+=(
+    --host "$host"
+    --port "$port"
+    --served-model-name "${served_names[@]}"
+    --gpu-memory-utilization "$gpu_memory_utilization"
+    --max-num-seqs "$max_num_seqs"
+    --tensor-parallel-size "$tensor_parallel_size"
+    --dtype "$dtype"
+)
+if is_true "$trust_remote_code"; then
+    cmd+=(--trust-remote-code)
+fi
+if is_true "$enforce_eager"; then
+    cmd+=(--enforce-eager)
+fi
+cmd+=("$@")
+
+if is_true "$dry_run"; then
+    # Shell-quoted, so the line can be pasted into a shell (and split back by shlex).
+    echo "${cmd[*]@Q}"
+    exit 0
+fi
+
+echo "start_vllm_h100: ${cmd[*]@Q}" >&2
+exec "${cmd[@]}"
