@@ -1,0 +1,143 @@
+"""The simulator's knobs: one frozen ``SimulatorConfig`` and the rules for changing it.
+
+A config is never mutated. ``POST /sim/config`` and ``Simulator.configure`` build a new one with
+``SimulatorConfig.updated``; a request's ``"vllm_sim": {...}`` body field builds a per-request copy
+with ``SimulatorConfig.overridden``, which accepts only the pace and fault knobs (the served models,
+the API key and the context length belong to the server, not to one request). Every value is checked
+here, so the server code can trust the config it is handed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "MALFORMED_KINDS",
+    "PER_REQUEST_KNOBS",
+    "ConfigError",
+    "SimulatorConfig",
+]
+
+MALFORMED_KINDS = ("html", "bad_json", "no_done", "huge_line")
+
+# The knobs a single request may override through its "vllm_sim" body field.
+PER_REQUEST_KNOBS = frozenset(
+    {
+        "ttft",
+        "itl",
+        "tokens",
+        "status",
+        "error_traceback",
+        "hang",
+        "stall_after",
+        "drop_after",
+        "malformed",
+        "huge_line_bytes",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A knob has an unknown name or a value of the wrong kind."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """Everything that decides how the simulator answers.
+
+    Pace: the first content chunk goes out ``ttft`` seconds after the request, then one chunk per
+    token every ``itl`` seconds; a request without ``max_tokens`` gets ``tokens`` tokens.
+    Faults (all off by default): see docs/simulator.md for what each one sends.
+    """
+
+    models: tuple[str, ...] = ("sim-model",)
+    max_model_len: int = 4096
+    api_key: str | None = None
+    ttft: float = 0.05
+    itl: float = 0.02
+    tokens: int = 16
+    status: int | None = None
+    error_traceback: bool = False
+    hang: bool = False
+    stall_after: int | None = None
+    drop_after: int | None = None
+    malformed: str | None = None
+    huge_line_bytes: int = 4 * 1024 * 1024
+    unhealthy: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):
+            object.__setattr__(self, "models", _split_models(self.models))
+        else:
+            object.__setattr__(self, "models", _split_models(",".join(self.models)))
+        if not self.models:
+            raise ConfigError("models: at least one model name is needed")
+        _check_number("ttft", self.ttft)
+        _check_number("itl", self.itl)
+        _check_int("tokens", self.tokens, minimum=1)
+        _check_int("max_model_len", self.max_model_len, minimum=1)
+        _check_int("huge_line_bytes", self.huge_line_bytes, minimum=1)
+        if self.status is not None:
+            _check_int("status", self.status, minimum=100)
+            if self.status > 599:
+                raise ConfigError("status: must be an HTTP status between 100 and 599")
+        for name in ("stall_after", "drop_after"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, minimum=0)
+        for name in ("error_traceback", "hang", "unhealthy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: must be true or false")
+        if self.malformed is not None and self.malformed not in MALFORMED_KINDS:
+            raise ConfigError(f"malformed: must be one of {', '.join(MALFORMED_KINDS)} or null")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise ConfigError("api_key: must be a string or null")
+
+    def updated(self, changes: Mapping[str, Any]) -> SimulatorConfig:
+        """A copy with ``changes`` applied; any knob may change. Raises ``ConfigError``."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown knob(s): {', '.join(sorted(unknown))}")
+        try:
+            return dataclasses.replace(self, **dict(changes))
+        except TypeError as exc:  # pragma: no cover - replace() only raises this for bad names
+            raise ConfigError(str(exc)) from None
+
+    def overridden(self, changes: Any) -> SimulatorConfig:
+        """A copy for one request, from its ``vllm_sim`` field. Raises ``ConfigError``."""
+        if not isinstance(changes, Mapping):
+            raise ConfigError("vllm_sim: must be a JSON object")
+        unknown = set(changes) - PER_REQUEST_KNOBS
+        if unknown:
+            raise ConfigError(
+                f"vllm_sim: unknown or server-only knob(s): {', '.join(sorted(unknown))}"
+            )
+        return self.updated(changes) if changes else self
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["models"] = list(self.models)
+        return out
+
+
+def _split_models(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _check_number(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"{name}: must be a finite number of seconds >= 0")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: must be an integer >= {minimum}")
