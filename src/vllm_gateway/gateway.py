@@ -1,0 +1,138 @@
+"""The gateway's shared state: settings, admission, backend, drain, and the requests in flight.
+
+One ``Gateway`` per worker process, made by the app factory and started in its lifespan. Routes
+read it; nothing else holds global state. ``drain()`` is the one shutdown path: stop admitting,
+fail the queue, let in-flight requests finish until the deadline, then end the rest with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from .admission import Admission
+from .backend import Backend
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .relay import ProxyCall
+
+__all__ = ["Gateway", "RequestObserver", "build_backend"]
+
+log = logging.getLogger("vllm_gateway")
+
+# How long a model list stays fresh before a request for an unknown model refreshes it.
+_MODELS_TTL = 10.0
+
+
+class RequestObserver(Protocol):
+    """Told about every proxied request when it ends (metrics, logs)."""
+
+    def request_ended(self, call: ProxyCall) -> None: ...
+
+
+def build_backend(settings: Settings) -> Backend:
+    if settings.use_embedded_engine:
+        from .embedded import EmbeddedBackend  # vLLM is imported only when asked for
+
+        model = settings.model or _default_model()
+        return EmbeddedBackend(model=model, served_model_names=None)
+    from .http_backend import HTTPBackend
+
+    if len(settings.backend_urls) > 1:
+        from .pool import PoolBackend
+
+        return PoolBackend(settings)
+    return HTTPBackend(
+        settings.backend_urls[0],
+        connect_timeout=settings.connect_timeout,
+        api_key=settings.backend_api_key,
+    )
+
+
+def _default_model() -> str:
+    from .model_prep import prepare_default_model  # converts the default model on first use
+
+    return str(prepare_default_model())
+
+
+class Gateway:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.backend = backend if backend is not None else build_backend(settings)
+        self.admission = Admission(
+            settings.max_concurrent_requests,
+            settings.max_queued_requests,
+            settings.queue_wait_timeout,
+        )
+        self.draining = False
+        self.active: set[ProxyCall] = set()
+        self.observers: list[RequestObserver] = []
+        self.started_at = time.time()
+        self._models: list[str] | None = None
+        self._models_at = 0.0
+        self._models_lock: asyncio.Lock | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop admitting, fail the queue, wait for in-flight requests, then end the rest."""
+        timeout = self.settings.shutdown_timeout if deadline is None else deadline
+        self.draining = True
+        self.admission.close()
+        log.info("draining: %d in flight, up to %.0f s", self.admission.in_flight, timeout)
+        if await self.admission.wait_idle(timeout):
+            log.info("drained: nothing in flight")
+            return
+        log.warning("drain deadline reached: ending %d request(s) with an error", len(self.active))
+        for call in list(self.active):
+            call.cancel("shutdown")
+        await self.admission.wait_idle(2.0)
+
+    # --- readiness and models --------------------------------------------------------------
+
+    async def ready(self) -> bool:
+        if self.draining:
+            return False
+        return await self.backend.check_health(min(2.0, self.settings.connect_timeout))
+
+    async def known_models(self, refresh: bool = False) -> list[str] | None:
+        """The backend's model ids, cached; None when the backend cannot tell."""
+        now = time.monotonic()
+        if self._models is not None and not refresh and now - self._models_at < _MODELS_TTL:
+            return self._models
+        if self._models_lock is None:
+            self._models_lock = asyncio.Lock()
+        async with self._models_lock:  # one refresh at a time; the rest reuse its answer
+            if self._models is None or now - self._models_at >= _MODELS_TTL or (
+                refresh and now - self._models_at > 1.0
+            ):
+                ids = await self.backend.model_ids(min(2.0, self.settings.connect_timeout))
+                if ids is not None:
+                    self._models = ids
+                self._models_at = time.monotonic()
+        return self._models
+
+    async def model_exists(self, model: str) -> bool:
+        ids = await self.known_models()
+        if ids is None or model in ids:
+            return True  # unknown list: let the backend judge
+        ids = await self.known_models(refresh=True)
+        return ids is None or model in ids
+
+    # --- observation -----------------------------------------------------------------------
+
+    def request_ended(self, call: ProxyCall) -> None:
+        for observer in self.observers:
+            try:
+                observer.request_ended(call)
+            except Exception:  # an observer must never break a request
+                log.exception("request observer failed")
