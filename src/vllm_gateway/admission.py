@@ -106,13 +106,15 @@ class Admission:
             async with asyncio.timeout(self.queue_timeout if timeout is None else timeout):
                 await fut
         except BaseException as exc:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if fut.cancelled() or not fut.done():
+                # Still queued (the task's cancellation may have cancelled the future already):
+                # leave the queue; _release skips the abandoned future.
+                fut.cancel()
+                self._queued -= 1
+            elif fut.exception() is None:
                 # The permit reached us in the same instant as the timeout or the cancellation:
                 # we own it, so hand it on rather than lose it.
                 self._release()
-            elif not fut.done():
-                fut.cancel()
-                self._queued -= 1
             if isinstance(exc, TimeoutError):
                 self.rejected_timeout_total += 1
                 raise QueueTimeout(

@@ -12,8 +12,10 @@ client. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -28,11 +30,20 @@ log = logging.getLogger("vllm_gateway")
 
 
 class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: GatewayApp) -> None:
+    def __init__(self, config: uvicorn.Config, app: GatewayApp, *, handle_signals: bool = True) -> None:
         super().__init__(config)
         self.app = app
+        self._handle_signals = handle_signals
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if not self._handle_signals:  # embedded in a host program (tests) that owns the signals
+            yield
+            return
+        with super().capture_signals():
+            yield
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()

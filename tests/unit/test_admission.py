@@ -1,0 +1,185 @@
+"""Admission invariants: the limit, FIFO order, bounded waits, cancellation, exactly-once release."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from vllm_gateway.admission import Admission, Permit
+from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
+
+
+async def test_admits_up_to_the_limit_at_once() -> None:
+    adm = Admission(limit=3, max_queued=10, queue_timeout=1)
+    permits = [await adm.acquire() for _ in range(3)]
+    assert adm.in_flight == 3
+    assert all(p.queue_wait == 0 for p in permits)
+
+
+async def test_waiters_are_served_in_arrival_order() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    first = await adm.acquire()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        permit = await adm.acquire()
+        order.append(i)
+        await asyncio.sleep(0)
+        permit.release()
+
+    tasks = []
+    for i in range(5):
+        tasks.append(asyncio.create_task(waiter(i)))
+        await asyncio.sleep(0)  # each waiter queues before the next arrives
+    assert adm.queued == 5
+    first.release()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+async def test_a_new_arrival_does_not_overtake_the_queue() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = await adm.acquire()
+    queued = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    held.release()  # the slot passes to the queued waiter, not to whoever comes next
+    late = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    assert queued.done() and not late.done()
+    (await queued).release()
+    (await late).release()
+    assert adm.in_flight == 0
+
+
+async def test_queue_wait_timeout_raises_with_retry_after() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=0.05)
+    held = await adm.acquire()
+    with pytest.raises(QueueTimeout) as info:
+        await adm.acquire()
+    assert info.value.status == 503
+    assert info.value.retry_after is not None and info.value.retry_after >= 1
+    assert adm.queued == 0 and adm.rejected_timeout_total == 1
+    held.release()
+    assert adm.in_flight == 0
+
+
+async def test_full_queue_rejects_at_once() -> None:
+    adm = Admission(limit=1, max_queued=2, queue_timeout=5)
+    held = await adm.acquire()
+    waiters = [asyncio.create_task(adm.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await adm.acquire()
+    assert adm.rejected_full_total == 1
+    held.release()
+    for w in waiters:
+        (await w).release()
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_loses_no_permit() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = await adm.acquire()
+    gone = asyncio.create_task(adm.acquire())
+    stays = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    assert adm.queued == 2
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert adm.queued == 1
+    held.release()
+    permit = await stays
+    assert adm.in_flight == 1
+    permit.release()
+    assert adm.in_flight == 0
+
+
+async def test_permit_handed_over_in_the_same_instant_as_cancellation_is_passed_on() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = await adm.acquire()
+    racer = asyncio.create_task(adm.acquire())
+    next_in_line = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    held.release()  # the racer's future completes...
+    racer.cancel()  # ...and it is cancelled before it runs again
+    await asyncio.sleep(0)
+    assert racer.cancelled()
+    permit = await asyncio.wait_for(next_in_line, 1)
+    assert adm.in_flight == 1
+    permit.release()
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+async def test_release_is_idempotent() -> None:
+    adm = Admission(limit=2, max_queued=0, queue_timeout=1)
+    permit = await adm.acquire()
+    other = await adm.acquire()
+    permit.release()
+    permit.release()
+    permit.release()
+    assert adm.in_flight == 1
+    other.release()
+    assert adm.in_flight == 0
+
+
+async def test_close_fails_the_queue_and_new_arrivals() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = await adm.acquire()
+    waiter = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    adm.close()
+    with pytest.raises(ShuttingDown):
+        await waiter
+    with pytest.raises(ShuttingDown):
+        await adm.acquire()
+    assert adm.queued == 0
+    assert not await adm.wait_idle(0.01)
+    held.release()
+    assert await adm.wait_idle(0.01)
+
+
+async def test_random_churn_never_exceeds_the_limit_and_ends_at_zero() -> None:
+    limit = 5
+    adm = Admission(limit=limit, max_queued=50, queue_timeout=0.05)
+    rng = random.Random(7)
+    peak = 0
+
+    async def worker() -> None:
+        nonlocal peak
+        try:
+            permit: Permit = await adm.acquire()
+        except (QueueTimeout, Overloaded):
+            return
+        try:
+            peak = max(peak, adm.in_flight)
+            await asyncio.sleep(rng.random() * 0.01)
+        finally:
+            permit.release()
+            permit.release()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(300)]
+    await asyncio.sleep(0.01)
+    for t in rng.sample(tasks, 60):
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert peak == limit
+    assert adm.in_flight == 0 and adm.queued == 0
+    # Every slot is usable again.
+    permits = [await adm.acquire() for _ in range(limit)]
+    assert adm.in_flight == limit
+    for p in permits:
+        p.release()
+
+
+async def test_retry_after_follows_the_release_rate() -> None:
+    now = [0.0]
+    adm = Admission(limit=1, max_queued=100, queue_timeout=60, clock=lambda: now[0])
+    for _ in range(11):  # one release every 0.5 s: 2 per second
+        (await adm.acquire()).release()
+        now[0] += 0.5
+    assert adm.release_rate() == pytest.approx(10 / 5.5)
+    assert adm.estimate_wait(20) == pytest.approx(20 / (10 / 5.5))
+    assert adm.estimate_wait(1) == 1.0  # never below one second

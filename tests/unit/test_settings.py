@@ -1,0 +1,96 @@
+"""Settings: the seed's variables and defaults, flag precedence, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_gateway.cli import main
+from vllm_gateway.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_are_the_seeds() -> None:
+    s = load_settings({})
+    assert s.backend_url == "http://127.0.0.1:8001"
+    assert s.max_concurrent_requests == 100
+    assert s.request_timeout == 120
+    assert s.queue_wait_timeout == 60
+    assert (s.host, s.port) == ("0.0.0.0", 7000)
+    assert s.use_embedded_engine is False
+    assert s.shutdown_timeout == 30
+
+
+def test_environment_then_flags() -> None:
+    env = {"VLLM_MAX_CONCURRENT_REQUESTS": "7", "VLLM_PORT": "7100", "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "2.5"}
+    s = load_settings(env)
+    assert (s.max_concurrent_requests, s.port, s.queue_wait_timeout) == (7, 7100, 2.5)
+    s = load_settings(env, {"port": "7200", "max_concurrent_requests": None})
+    assert (s.max_concurrent_requests, s.port) == (7, 7200)
+
+
+def test_several_backend_urls() -> None:
+    s = load_settings({"VLLM_BACKEND_URL": "http://a:1, http://b:2/"})
+    assert s.backend_urls == ("http://a:1", "http://b:2")
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"VLLM_REQUEST_TIMEOUT_SECONDS": "-1"}, "VLLM_REQUEST_TIMEOUT_SECONDS"),
+        ({"VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "soon"}, "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS"),
+        ({"VLLM_PORT": "70000"}, "VLLM_PORT"),
+        ({"VLLM_MAX_CONCURRENT_REQUESTS": "0"}, "VLLM_MAX_CONCURRENT_REQUESTS"),
+        ({"VLLM_BACKEND_URL": "127.0.0.1:8001"}, "VLLM_BACKEND_URL"),
+        ({"VLLM_USE_EMBEDDED_ENGINE": "maybe"}, "VLLM_USE_EMBEDDED_ENGINE"),
+        ({"VLLM_BACKEND_URL": ""}, "VLLM_BACKEND_URL"),
+        ({"VLLM_FIRST_TOKEN_TIMEOUT_SECONDS": "200"}, "VLLM_FIRST_TOKEN_TIMEOUT_SECONDS"),
+        ({"VLLM_MODEL_ALIASES": "justaname"}, "VLLM_MODEL_ALIASES"),
+    ],
+)
+def test_invalid_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == variable
+    assert variable in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_port_trap_of_the_start_script_is_named() -> None:
+    # One shell: VLLM_PORT=7001 for vLLM, and the gateway pointed at vLLM on 7001.
+    env = {"VLLM_PORT": "7001", "VLLM_BACKEND_URL": "http://127.0.0.1:7001"}
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == "VLLM_PORT"
+    assert "--port" in str(info.value)
+    # The flag always wins.
+    assert load_settings(env, {"port": "7000"}).port == 7000
+
+
+def test_embedded_engine_wants_no_backend_url() -> None:
+    s = load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true"})
+    assert s.use_embedded_engine and s.backend_urls == ()
+    s = load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_BACKEND_URL": ""})
+    assert s.backend_urls == ()
+    with pytest.raises(SettingsError):
+        load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_BACKEND_URL": "http://x:1"})
+
+
+def test_api_keys_from_variable_and_file(tmp_path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nk2\n\nk3\n")
+    s = load_settings({"VLLM_API_KEYS": "k1", "VLLM_API_KEYS_FILE": str(keys)})
+    assert s.api_keys == frozenset({"k1", "k2", "k3"})
+    with pytest.raises(SettingsError):
+        load_settings({"VLLM_API_KEYS_FILE": str(tmp_path / "missing")})
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+
+
+def test_cli_reports_one_line_and_exits_non_zero(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("VLLM_REQUEST_TIMEOUT_SECONDS", "-5")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "VLLM_REQUEST_TIMEOUT_SECONDS" in err
