@@ -30,8 +30,14 @@ HEADER = (
 
 # Helm's install order, so that `kubectl apply -f` creates what others refer to first.
 _KIND_ORDER = [
-    "Namespace", "Secret", "ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
-    "PodDisruptionBudget", "ServiceMonitor",
+    "Namespace",
+    "Secret",
+    "ConfigMap",
+    "Service",
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "ServiceMonitor",
 ]
 
 
@@ -46,7 +52,9 @@ def render_chart(values: dict | None = None, chart: Path = CHART) -> str:
     if helm_bin and not values:
         proc = subprocess.run(
             [helm_bin, "template", RELEASE, str(chart)],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return proc.stdout
     try:
@@ -58,7 +66,8 @@ def render_chart(values: dict | None = None, chart: Path = CHART) -> str:
     with helm_python.Chart.load(str(chart)) as loaded:
         rendered = loaded.render(values, name=RELEASE, namespace="default")
     docs = [
-        text for path, text in sorted(rendered.items())
+        text
+        for path, text in sorted(rendered.items())
         if path.endswith((".yaml", ".yml")) and text.strip()
     ]
     return "\n---\n".join(docs)
@@ -93,7 +102,7 @@ def _name_of(doc: str) -> str:
     lines = doc.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("metadata:"):
-            for inner in lines[i + 1:]:
+            for inner in lines[i + 1 :]:
                 if inner.startswith("  name:"):
                     return inner.split(":", 1)[1].strip()
                 if inner and not inner.startswith(" "):
@@ -122,8 +131,9 @@ def manifests_text(rendered: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="compare with the committed file instead of writing it")
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the committed file instead of writing it"
+    )
     args = parser.parse_args(argv)
     try:
         text = manifests_text(render_chart())
@@ -133,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.exists() else ""
         if current != text:
-            print(f"render_k8s: {OUTPUT.relative_to(ROOT)} is stale; run scripts/render_k8s.py",
-                  file=sys.stderr)
+            print(
+                f"render_k8s: {OUTPUT.relative_to(ROOT)} is stale; run scripts/render_k8s.py",
+                file=sys.stderr,
+            )
             return 1
         print(f"render_k8s: {OUTPUT.relative_to(ROOT)} is up to date")
         return 0

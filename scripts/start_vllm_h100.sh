@@ -7,8 +7,9 @@
 # script's own are passed to vLLM unchanged (they come last, so they win over the table).
 #
 #   VLLM_MODEL                    model name or folder            (openai/gpt-oss-20b)
-#   VLLM_SERVED_MODEL_NAME        names clients may ask for, space-separated
-#                                 (the model and its last path part: "openai/gpt-oss-20b gpt-oss-20b")
+#   VLLM_SERVED_MODEL_NAME        names clients may ask for, space-separated; the first is the one
+#                                 responses carry (the last path part, then the model:
+#                                 "gpt-oss-20b openai/gpt-oss-20b")
 #   VLLM_SERVER_HOST              bind address                    (0.0.0.0)
 #   VLLM_PORT                     bind port                       (7001)
 #   VLLM_GPU_MEMORY_UTILIZATION   --gpu-memory-utilization        (0.90)
@@ -55,15 +56,17 @@ enforce_eager="${VLLM_ENFORCE_EAGER:-false}"
 python_bin="${VLLM_PYTHON:-python3}"
 
 # Clients of the seed ask for "gpt-oss-20b" while the model is "openai/gpt-oss-20b": serve both.
+# The short name comes first because vLLM reports the first name in its responses' "model".
 served_names=()
 if [[ -n "${VLLM_SERVED_MODEL_NAME:-}" ]]; then
     read -r -a served_names <<<"${VLLM_SERVED_MODEL_NAME}"
 else
-    served_names=("$model")
     short_name="${model%/}"
     short_name="${short_name##*/}"
     if [[ -n "$short_name" && "$short_name" != "$model" ]]; then
-        served_names+=("$short_name")
+        served_names=("$short_name" "$model")
+    else
+        served_names=("$model")
     fi
 fi
 

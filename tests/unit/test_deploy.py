@@ -1,0 +1,426 @@
+"""The deployment files: start script, Dockerfiles, compose, Helm chart, dashboard and alerts.
+
+Everything runs offline. External linters (shellcheck, hadolint, promtool) run inside the
+validators when they are installed; the assertions of meaning here always run.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import render_k8s  # noqa: E402
+import validate_deploy as vd  # noqa: E402
+import validate_monitoring as vm  # noqa: E402
+
+SCRIPT = ROOT / "scripts" / "start_vllm_h100.sh"
+
+
+def dry_run(env: dict[str, str] | None = None, *args: str) -> list[str]:
+    return vd.start_script_command(env, args)
+
+
+# --- start script ------------------------------------------------------------------------------
+
+
+def test_start_script_defaults_are_the_h100_table() -> None:
+    cmd = dry_run()
+    assert cmd[:5] == [
+        "python3",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "openai/gpt-oss-20b",
+    ]
+    assert vd.flag_values(cmd, "--gpu-memory-utilization") == ["0.90"]
+    assert vd.flag_values(cmd, "--max-num-seqs") == ["256"]
+    assert vd.flag_values(cmd, "--tensor-parallel-size") == ["1"]
+    assert vd.flag_values(cmd, "--dtype") == ["bfloat16"]
+    assert "--trust-remote-code" in cmd
+    assert vd.flag_values(cmd, "--host") == ["0.0.0.0"]
+    assert vd.flag_values(cmd, "--port") == ["7001"]
+    assert "--enforce-eager" not in cmd
+
+
+def test_start_script_serves_the_short_and_the_full_model_name() -> None:
+    assert vd.flag_values(dry_run(), "--served-model-name") == ["gpt-oss-20b", "openai/gpt-oss-20b"]
+    local = dry_run({"VLLM_MODEL": "/models/SmolLM2/"})
+    assert vd.flag_values(local, "--served-model-name") == ["SmolLM2", "/models/SmolLM2/"]
+    bare = dry_run({"VLLM_MODEL": "tiny"})
+    assert vd.flag_values(bare, "--served-model-name") == ["tiny"]
+    chosen = dry_run({"VLLM_SERVED_MODEL_NAME": "a b"})
+    assert vd.flag_values(chosen, "--served-model-name") == ["a", "b"]
+
+
+def test_start_script_environment_overrides_every_value() -> None:
+    cmd = dry_run(
+        {
+            "VLLM_MODEL": "org/other-model",
+            "VLLM_PORT": "9123",
+            "VLLM_SERVER_HOST": "127.0.0.1",
+            "VLLM_GPU_MEMORY_UTILIZATION": "0.75",
+            "VLLM_MAX_NUM_SEQS": "64",
+            "VLLM_TENSOR_PARALLEL_SIZE": "4",
+            "VLLM_DTYPE": "float16",
+            "VLLM_TRUST_REMOTE_CODE": "false",
+        }
+    )
+    assert vd.flag_values(cmd, "--model") == ["org/other-model"]
+    assert vd.flag_values(cmd, "--port") == ["9123"]
+    assert vd.flag_values(cmd, "--host") == ["127.0.0.1"]
+    assert vd.flag_values(cmd, "--gpu-memory-utilization") == ["0.75"]
+    assert vd.flag_values(cmd, "--max-num-seqs") == ["64"]
+    assert vd.flag_values(cmd, "--tensor-parallel-size") == ["4"]
+    assert vd.flag_values(cmd, "--dtype") == ["float16"]
+    assert "--trust-remote-code" not in cmd
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, False),
+        ("false", False),
+        ("0", False),
+        ("true", True),
+        ("1", True),
+        ("YES", True),
+    ],
+)
+def test_enforce_eager_only_when_asked(value: str | None, expected: bool) -> None:
+    env = {} if value is None else {"VLLM_ENFORCE_EAGER": value}
+    assert ("--enforce-eager" in dry_run(env)) is expected
+
+
+def test_extra_arguments_pass_through_last_and_intact() -> None:
+    cmd = dry_run(None, "--max-model-len", "8192", "--chat-template", "a file with spaces.jinja")
+    assert cmd[-4:] == ["--max-model-len", "8192", "--chat-template", "a file with spaces.jinja"]
+
+
+def test_print_flag_is_the_same_as_dry_run_and_not_passed_on() -> None:
+    env = {"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "module"}
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--print", "--seed", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    printed = shlex.split(proc.stdout)
+    assert printed == dry_run(None, "--seed", "1")
+    assert "--print" not in printed
+
+
+def test_serve_launcher_uses_the_vllm_console_script() -> None:
+    cmd = dry_run({"VLLM_LAUNCHER": "serve"})
+    assert cmd[:3] == ["vllm", "serve", "openai/gpt-oss-20b"]
+    assert "--model" not in cmd
+
+
+def test_auto_launcher_falls_back_to_the_module_when_the_console_script_is_broken(
+    tmp_path: Path,
+) -> None:
+    broken = tmp_path / "vllm"
+    broken.write_text("#!/bin/sh\necho 'No package metadata was found for vllm' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "VLLM_LAUNCHER": "auto"}
+    assert dry_run(env)[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    broken.write_text("#!/bin/sh\necho 0.26.0\n")
+    assert dry_run(env)[:2] == ["vllm", "serve"]
+
+
+def test_start_script_execs_so_signals_reach_vllm(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-python"
+    # Prints its own pid: equal to the script's pid only if the script exec'd it.
+    fake.write_text('#!/bin/sh\necho "$$"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "module", "VLLM_PYTHON": str(fake)}
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert out.strip() == str(proc.pid)
+
+
+def test_start_script_rejects_an_unknown_launcher() -> None:
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)],
+        env={"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "docker"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "VLLM_LAUNCHER" in proc.stderr
+
+
+def test_start_script_is_bash_n_clean() -> None:
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_start_script_is_shellcheck_clean() -> None:
+    proc = subprocess.run(
+        ["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout
+
+
+# --- containers --------------------------------------------------------------------------------
+
+
+def test_dockerfiles_pass_the_checks() -> None:
+    assert vd.check_dockerfiles() == []
+
+
+def test_dockerfile_checker_catches_a_root_user(tmp_path: Path, monkeypatch) -> None:
+    text = vd.DOCKERFILE.read_text().replace("USER 10001", "USER root")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(text)
+    monkeypatch.setattr(vd, "DOCKERFILE", bad)
+    assert any("non-root" in p for p in vd.check_dockerfiles())
+
+
+def _gateway_cli_available() -> bool:
+    return importlib.util.find_spec("vllm_gateway.cli") is not None
+
+
+@pytest.mark.skipif(not _gateway_cli_available(), reason="vllm_gateway.cli not installed")
+@pytest.mark.parametrize("dockerfile", [vd.DOCKERFILE, vd.DOCKERFILE_AIO])
+def test_entrypoint_command_exists(dockerfile: Path) -> None:
+    entry = [a for i, a in vd.dockerfile_instructions(dockerfile) if i == "ENTRYPOINT"][-1]
+    argv = vd._exec_form(entry)
+    assert argv is not None and argv[0] == "vllm-gateway"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_gateway", *argv[1:], "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(not _gateway_cli_available(), reason="vllm_gateway.cli not installed")
+def test_dockerfile_healthcheck_passes_against_a_live_gateway(tmp_path: Path) -> None:
+    port = _free_port()
+    backend = f"http://127.0.0.1:{_free_port()}"  # nothing listens: liveness must not care
+    env = {
+        **os.environ,
+        "VLLM_HOST": "127.0.0.1",
+        "VLLM_PORT": str(port),
+        "VLLM_BACKEND_URL": backend,
+    }
+    health = vd.healthcheck_command()
+    assert health[0] == "python"
+    check = [sys.executable, *health[1:]]
+    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as log_file:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "vllm_gateway", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=1):
+                    break
+            except OSError:
+                assert gateway.poll() is None, log.read_text()
+                time.sleep(0.2)
+        result = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr + log.read_text()
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+
+
+def test_compose_passes_the_checks() -> None:
+    assert vd.check_compose() == []
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+def test_committed_manifests_are_fresh_valid_and_meaningful() -> None:
+    assert vd.check_manifests() == []
+
+
+def test_chart_vllm_args_match_the_start_script() -> None:
+    docs = vd.load_manifests(vd.K8S_MANIFESTS.read_text())
+    vllm = vd._find(docs, "Deployment", "vllm")
+    args = vllm["spec"]["template"]["spec"]["containers"][0]["args"]
+    script = dry_run({"VLLM_PORT": "8000"})
+    # Same model, then the same flags in the same order (the script names the model by --model).
+    assert args[0] == vd.flag_values(script, "--model")[0]
+    assert args[1:] == script[script.index("--host") :]
+
+
+def test_schema_validation_catches_a_bad_field() -> None:
+    pytest.importorskip("kubernetes_validate")
+    docs = vd.load_manifests(vd.K8S_MANIFESTS.read_text())
+    svc = copy.deepcopy(vd._find(docs, "Service", "gateway"))
+    svc["spec"]["ports"][0]["port"] = "seven thousand"
+    assert vd.k8s_schema_problems([svc])
+
+
+def test_meaning_check_catches_a_grace_period_shorter_than_the_drain() -> None:
+    docs = vd.load_manifests(vd.K8S_MANIFESTS.read_text())
+    gw = vd._find(docs, "Deployment", "gateway")
+    gw["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
+    assert any("terminationGracePeriodSeconds" in p for p in vd.k8s_meaning_problems(docs))
+
+
+def _render(values: dict) -> list[dict]:
+    pytest.importorskip("helm_python")
+    return vd.load_manifests(render_k8s.render_chart(values))
+
+
+def test_chart_grace_period_is_prestop_plus_drain_plus_margin() -> None:
+    docs = _render(
+        {
+            "gateway": {
+                "preStopSleepSeconds": 10,
+                "shutdownTimeoutSeconds": 90.5,
+                "terminationGraceMarginSeconds": 7,
+            }
+        }
+    )
+    pod = vd._find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 10 + 91 + 7
+    assert pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "10"]
+    assert vd.k8s_meaning_problems(docs) == []
+
+
+def test_chart_with_every_option_renders_valid_manifests() -> None:
+    docs = _render(
+        {
+            "gateway": {
+                "apiKeys": {"values": ["k1", "k2"]},
+                "redisUrl": "redis://redis:6379/0",
+                "serviceMonitor": {"enabled": True},
+                "extraEnv": {"VLLM_MODEL_ALIASES": "gpt-oss=gpt-oss-20b"},
+            },
+            "vllm": {
+                "hfTokenSecret": {"name": "hf"},
+                "cacheClaimName": "hf-cache",
+                "enforceEager": True,
+                "tensorParallelSize": 2,
+            },
+        }
+    )
+    assert vd.k8s_schema_problems(docs) == []
+    assert vd.k8s_meaning_problems(docs, defaults=False) == []
+    secret = vd._find(docs, "Secret", "gateway")
+    assert secret["stringData"]["api-keys"] == "k1,k2"
+    env = vd._find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    assert env[0]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    data = vd._find(docs, "ConfigMap", "gateway")["data"]
+    assert data["VLLM_REDIS_URL"] == "redis://redis:6379/0"
+    assert data["VLLM_MODEL_ALIASES"] == "gpt-oss=gpt-oss-20b"
+    assert [d["kind"] for d in docs].count("ServiceMonitor") == 2
+    vctr = vd._find(docs, "Deployment", "vllm")["spec"]["template"]["spec"]["containers"][0]
+    assert vctr["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert "--enforce-eager" in vctr["args"]
+
+
+def test_chart_without_autoscaling_sets_replicas_and_external_backend() -> None:
+    docs = _render(
+        {
+            "vllm": {"enabled": False},
+            "gateway": {
+                "autoscaling": {"enabled": False},
+                "replicas": 3,
+                "backendUrl": "http://a:8000,http://b:8000",
+            },
+        }
+    )
+    assert vd._find(docs, "HorizontalPodAutoscaler", "gateway") is None
+    assert vd._find(docs, "Deployment", "vllm") is None
+    assert vd._find(docs, "Deployment", "gateway")["spec"]["replicas"] == 3
+    assert (
+        vd._find(docs, "ConfigMap", "gateway")["data"]["VLLM_BACKEND_URL"]
+        == "http://a:8000,http://b:8000"
+    )
+    assert vd.k8s_schema_problems(docs) == []
+
+
+# --- dashboard and alerts ----------------------------------------------------------------------
+
+
+def test_dashboard_passes_the_checks() -> None:
+    assert vm.check_dashboard() == []
+
+
+def test_dashboard_shows_every_gateway_metric() -> None:
+    exprs = " ".join(e for _, e in vm.dashboard_expressions(json.loads(vm.DASHBOARD.read_text())))
+    for metric in vm.GATEWAY_COUNTERS | vm.GATEWAY_GAUGES | vm.GATEWAY_HISTOGRAMS:
+        assert metric in exprs, metric
+
+
+def test_alerts_pass_the_checks() -> None:
+    assert vm.check_alerts() == []
+
+
+def test_alert_rules_have_for_durations_where_the_brief_needs_them() -> None:
+    doc = yaml.safe_load(vm.ALERTS.read_text())
+    rules = {r["alert"]: r for g in doc["groups"] for r in g["rules"]}
+    assert rules["VLLMGatewayQueueGrowing"]["for"] == "5m"
+    assert rules["VLLMGatewayHighErrorRate"]["for"] == "5m"
+    assert "0.05" in rules["VLLMGatewayHighErrorRate"]["expr"]
+
+
+@pytest.mark.parametrize(
+    ("expr", "problem"),
+    [
+        ("rate(vllm_gateway_requests[5m])", "unknown metric vllm_gateway_requests"),
+        ("sum(rate(vllm_gateway_requests_total[5m])", "syntax"),
+        ('sum(rate(vllm_gateway_requests_total{outcome="ok"}[5m]))', "unknown outcome"),
+    ],
+)
+def test_expression_checks_catch_mistakes(expr: str, problem: str) -> None:
+    found = vm.expression_problems("x", expr) + vm._outcome_problems("x", expr)
+    assert any(problem in p for p in found), found
+
+
+def test_fallback_name_scan_without_a_parser() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le, route) (rate(vllm_gateway_overhead_seconds_bucket"
+        '{route="/v1/chat/completions"}[5m]))) > on() group_left vllm:num_requests_running'
+    )
+    assert vm._promql_names_fallback(expr) == {
+        "vllm_gateway_overhead_seconds_bucket",
+        "vllm:num_requests_running",
+    }
+    with pytest.raises(ValueError):
+        vm._promql_names_fallback("sum(rate(x[5m])")
