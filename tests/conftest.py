@@ -68,7 +68,6 @@ async def run_gateway(
         yield RunningGateway(f"http://127.0.0.1:{port}", port, app, server)
     finally:
         server.should_exit = True
-        server.force_exit = True
         with contextlib.suppress(asyncio.CancelledError, Exception):
             async with asyncio.timeout(10):
                 await task
