@@ -25,6 +25,7 @@ from . import __version__, errors
 from .backend import Backend, UpstreamRequest
 from .errors import GatewayError, MethodNotAllowed, NotFound, ShuttingDown, Unauthorized
 from .gateway import Gateway
+from .observe import install_observability
 from .openapi import install_openapi
 from .relay import ProxyCall, new_request_id, send_error
 from .settings import Settings
@@ -176,6 +177,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         body = await _backend_models(gateway.backend, request_id, gateway.settings)
         return Response(body, media_type="application/json", headers={"x-request-id": request_id})
 
+    install_observability(api, gateway)
     install_openapi(api)
     return api
 
