@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="hash each response to compare targets (one hash per request)",
     )
+    load.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one short unrecorded request per user and target before each level",
+    )
     out = p.add_argument_group("output")
     out.add_argument(
         "--goodput", action="append", help="limits in ms: itl:200,ttft:500,tpot:N,e2el:N"
@@ -223,6 +229,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             pace=pace or None,
             monitors=monitors,
             client_procs=args.client_procs,
+            warmup=args.warmup,
         )
         stack.callback(session.close)
         started = time.time()

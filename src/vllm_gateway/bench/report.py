@@ -175,7 +175,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     by_rate = all(lv.get("rate") for lv in levels)
     xs = [lv["rate"] if by_rate else (lv.get("concurrency") or 0) for lv in levels]
     names = [t["name"] for t in doc["config"]["targets"]]
-    panels = [
+    panels: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = [
         ("TTFT (ms)", [("p50", ("ttft_ms", "p50")), ("p99", ("ttft_ms", "p99"))]),
         ("ITL (ms)", [("p50", ("itl_ms", "p50")), ("p99", ("itl_ms", "p99"))]),
         ("E2EL (ms)", [("p50", ("e2el_ms", "p50")), ("p99", ("e2el_ms", "p99"))]),

@@ -387,8 +387,8 @@ async def watch(
         await task
     for k, m in monitors.items():
         c1 = m.cpu()
-        if c1 is not None and cpu0[k] is not None:
-            s.cpu[k] = c1 - cpu0[k]
+        if c1 is not None and (c0 := cpu0[k]) is not None:
+            s.cpu[k] = c1 - c0
         if (r := m.rss()) is not None:
             s.rss_after[k] = r
     return value, s

@@ -152,8 +152,8 @@ async def _c1000(session: Session, spec: LoadSpec, p: Preset) -> dict[str, Any]:
     goals = [
         _goal(
             f"{spec.concurrency} streams",
-            "goodput ratio",
-            _get(cmp, "ratio", "goodput_req_per_s"),
+            "goodput ratio (share of requests meeting the limits)",
+            _get(cmp, "ratio", "goodput_fraction"),
             0.99,
             True,
         ),
@@ -248,6 +248,7 @@ async def _nonstream(session: Session, spec: LoadSpec, p: Preset) -> dict[str, A
 async def _memory(session: Session, spec: LoadSpec, p: Preset) -> dict[str, Any]:
     """RSS per active stream at ``concurrency`` streams, then growth over ``duration``."""
     gw = _gw(session)
+    spec = replace(spec, duration=spec.duration or p.duration or 60.0)
     gw_session = Session(
         session.targets[1:] or session.targets,
         rounds=1,
@@ -255,6 +256,7 @@ async def _memory(session: Session, spec: LoadSpec, p: Preset) -> dict[str, Any]
         pace=session.pace,
         monitors=session.monitors,
         client_procs=session.client_procs,
+        warmup=session.warmup,
     )
     try:
         held = await gw_session.run_level(

@@ -11,8 +11,9 @@ target's digests against the baseline's, and the rig-limited verdict.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vllm_gateway.bench import metrics
@@ -79,6 +80,7 @@ class Session:
         pace: float | None = None,
         monitors: dict[str, ProcMonitor] | None = None,
         client_procs: int = 1,
+        warmup: bool = True,
     ) -> None:
         if not targets:
             raise ValueError("at least one target is needed")
@@ -88,6 +90,7 @@ class Session:
         self.pace = pace
         self.monitors = monitors or {}
         self.client_procs = max(1, client_procs)
+        self.warmup = warmup
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._bodies: dict[LoadSpec, list[bytes]] = {}
 
@@ -110,10 +113,14 @@ class Session:
             f"rate {spec.rate:g}/s" if spec.rate else f"concurrency {spec.concurrency}"
         )
         level = LevelResult(label=label, spec=spec)
+        if self.warmup:
+            await self._warm(spec)
         for rnd in range(self.rounds):
             order = self.targets if rnd % 2 == 0 else list(reversed(self.targets))
             for target in order:
-                phase, sampled = await watch(self.monitors, lambda t=target: self._phase(t, spec))
+                phase, sampled = await watch(
+                    self.monitors, functools.partial(self._phase, target, spec)
+                )
                 level.phases.setdefault(target.name, []).append((phase, sampled))
                 ok = sum(r.ok for r in phase.results)
                 itl = metrics.summary_stats([g for r in phase.results if r.ok for g in r.itl])
@@ -127,6 +134,21 @@ class Session:
                 )
         self._summarise(level)
         return level
+
+    async def _warm(self, spec: LoadSpec) -> None:
+        """One short, unrecorded request per user and target: pools and caches fill first."""
+        users = spec.concurrency if spec.rate is None else min(64, max(1, int(spec.rate)))
+        warm = replace(
+            spec,
+            rate=None,
+            concurrency=users,
+            num_requests=users,
+            duration=None,
+            max_tokens=min(spec.max_tokens, 2),
+            fidelity=False,
+        )
+        for target in self.targets:
+            await run_phase(target, warm, make_bodies(warm, users))
 
     # --- turning phases into figures ------------------------------------------------------
 
