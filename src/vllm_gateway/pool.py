@@ -1,0 +1,524 @@
+"""A pool of vLLM servers behind one ``Backend``: routing, health, watchdog, ejection and retries.
+
+``PoolBackend`` sends each request to one member (an ``HTTPBackend``) chosen by ``pool_member.choose``
+among the members that serve the request's model, are up, and are below their own limit on
+outstanding requests. When every such member is full the request waits up to ``admission_wait`` for
+a slot, then gets ``NoHealthyBackend`` (503).
+
+Health, in one background task started in ``start()`` and cancelled in ``aclose()``:
+
+- active checks: every member's ``/health`` each ``health_interval``; ``health_fail_threshold``
+  failures in a row take it out; a passing check brings it back once its backoff has passed;
+- the watchdog: a member with requests in flight that has produced no byte for ``watchdog_stall``
+  seconds gets a canary (a one-token completion under ``canary_timeout``); if the canary fails the
+  member is ejected, and it needs a passing canary as well as a passing check to come back;
+- passive ejection: ``eject_after_failures`` consecutive failures (connect errors, 5xx, a drop
+  mid-stream); readmission backs off exponentially while the member keeps being ejected.
+The gateway's own refusals and timeouts never reach a member's counters: a request cancelled from
+above (first-token timeout, client gone, drain) is neither a success nor a failure of the member.
+
+Retries happen only while nothing has reached the relay: in ``send()`` (connect error, 5xx) and
+inside the response's first chunk read (a member that drops the connection, or is ejected, before
+its first byte). Never after a chunk was handed over. At most ``max_retries`` per request, and only
+while the ``RetryBudget`` allows. An attempt still waiting for its first byte on a member that gets
+ejected is cancelled and moves to another member.
+
+Every ``PoolResponse`` releases its member's slot exactly once, in ``aclose()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import orjson
+
+from .backend import Backend, UpstreamRequest, UpstreamResponse
+from .errors import (
+    BackendUnavailable,
+    BadBackendResponse,
+    ModelNotFound,
+    NoHealthyBackend,
+    UpstreamError,
+)
+from .pool_config import BackendSpec, PoolConfig, load_backends_file, specs_from_urls
+from .pool_member import Member, RetryBudget, affinity_key, choose
+
+__all__ = ["PoolBackend", "PoolResponse", "load_backends_file"]
+
+log = logging.getLogger("vllm_gateway.pool")
+T = TypeVar("T")
+
+
+class _Ejected(Exception):
+    """The member was ejected while this attempt waited for its first byte."""
+
+
+class PoolBackend(Backend):
+    name = "pool"
+
+    def __init__(self, settings: Any = None, *, specs: list[BackendSpec] | None = None,
+                 config: PoolConfig | None = None, **overrides: Any) -> None:
+        if specs is None:
+            path = getattr(settings, "backends_file", None)
+            specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
+        if not specs:
+            raise ValueError("a pool needs at least one backend")
+        self.config = config if config is not None else PoolConfig.from_settings(settings, **overrides)
+        connect_timeout = float(getattr(settings, "connect_timeout", 5.0))
+        api_key = getattr(settings, "backend_api_key", None)
+        self.members = [Member(s, self.config, connect_timeout=connect_timeout, api_key=api_key)
+                        for s in specs]
+        cfg = self.config
+        self.budget = RetryBudget(cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window)
+        self.retries = 0
+        self.affinity_yields = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._loop_task: asyncio.Task[None] | None = None
+        self._canaries: dict[Member, asyncio.Task[None]] = {}
+
+    @classmethod
+    def from_file(cls, path: str, settings: Any = None, **kwargs: Any) -> PoolBackend:
+        """A pool whose members come from a backends file (see ``pool_config``)."""
+        return cls(settings, specs=load_backends_file(path), **kwargs)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for m in self.members:
+            await m.backend.start()
+        await self._health_round(refresh_models=True, initial=True)
+        self._loop_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._canaries.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._loop_task = None
+        for m in self.members:
+            await m.backend.aclose()
+
+    # --- the Backend seam ------------------------------------------------------------------
+
+    async def check_health(self, timeout: float) -> bool:
+        return any(m.up for m in self.members)  # the background checks keep this current
+
+    async def model_ids(self, timeout: float) -> list[str] | None:
+        unknown = [m for m in self.members if m.models is None and m.up]
+        if unknown:
+            answers = await asyncio.gather(*(m.backend.model_ids(timeout) for m in unknown))
+            for m, ids in zip(unknown, answers, strict=True):
+                if ids is not None:
+                    m.models = frozenset(ids)
+        seen: dict[str, None] = {}
+        known = False
+        for m in self.members:
+            if m.models is not None:
+                known = True
+                seen.update(dict.fromkeys(sorted(m.models)))
+        return list(seen) if known else None
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        if request.method == "GET" and request.path == "/v1/models":
+            return await self._models_listing(request)
+        self.budget.request()
+        tried: list[Member] = []
+        member, resp = await self._open(request, tried)
+        return PoolResponse(self, request, member, resp, tried)
+
+    async def _models_listing(self, request: UpstreamRequest) -> UpstreamResponse:
+        """``/v1/models`` is the union of the members' lists, not one member's."""
+        up = [m for m in self.members if m.up]
+        if not up:
+            raise NoHealthyBackend()
+        answers = await asyncio.gather(*(self._member_models(m, request) for m in up))
+        merged: dict[str, Any] = {}
+        for m, data in zip(up, answers, strict=True):
+            if data is None:
+                continue
+            if m.declared_models is None:
+                m.models = frozenset(str(d["id"]) for d in data)
+            for d in data:
+                merged.setdefault(str(d["id"]), d)
+        if not any(a is not None for a in answers):
+            raise BackendUnavailable("No backend answered its model list.")
+        body = orjson.dumps({"object": "list", "data": list(merged.values())})
+        return BytesResponse(200, "application/json", body)
+
+    async def _member_models(self, m: Member, request: UpstreamRequest) -> list[Any] | None:
+        resp: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(self.config.health_timeout * 2):
+                resp = await m.backend.send(request)
+                body = await resp.read(8 << 20)
+            if resp.status != 200:
+                return None
+            data = orjson.loads(body)["data"]
+            return [d for d in data if isinstance(d, dict) and "id" in d]
+        except (TimeoutError, UpstreamError, orjson.JSONDecodeError, KeyError, TypeError):
+            return None
+        finally:
+            if resp is not None:
+                await resp.aclose()
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Per member: name, url, in_flight, healthy, errors, ejections, requests (and more)."""
+        return [m.stats() for m in self.members]
+
+    def pool_stats(self) -> dict[str, Any]:
+        return {"retries": self.retries, "retry_budget_exhausted": self.budget.exhausted,
+                "affinity_yields": self.affinity_yields, "routing": self.config.routing}
+
+    # --- choosing and opening --------------------------------------------------------------
+
+    async def _acquire(self, request: UpstreamRequest, tried: list[Member]) -> Member:
+        """A member for the request, its slot taken; waits briefly when all are full."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.admission_wait
+        key = affinity_key(self.config.routing, request.headers, request.json,
+                           self.config.affinity_prefix_chars)
+        while True:
+            eligible = [m for m in self.members if m.serves(request.model)]
+            if not eligible:
+                raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+            up = [m for m in eligible if m.up and m not in tried]
+            if not up:
+                raise NoHealthyBackend()
+            room = [m for m in up if m.has_room()]
+            if room:
+                member, yielded = choose(room, key, self.config)
+                self.affinity_yields += yielded
+                member.begin()
+                return member
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise NoHealthyBackend("Every backend that serves the model is at its limit; "
+                                       "retry later.", retry_after=1.0)
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(remaining):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    def _release(self, member: Member) -> None:
+        member.end()
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:  # each re-checks; the ones that find no room wait again
+            if not w.done():
+                w.set_result(None)
+
+    async def _open(self, request: UpstreamRequest,
+                    tried: list[Member]) -> tuple[Member, UpstreamResponse]:
+        """Send to a member, moving to another on a connect error or 5xx while the budget allows."""
+        while True:
+            member = await self._acquire(request, tried)
+            try:
+                resp = await self._guarded(member, member.backend.send(request))
+            except _Ejected:
+                self._release(member)
+                tried.append(member)
+                if self._may_retry(request, tried):
+                    continue
+                raise BackendUnavailable("The backend was taken out of the pool.") from None
+            except UpstreamError:
+                self._release(member)
+                self._fail(member, "connect")
+                tried.append(member)
+                if self._may_retry(request, tried):
+                    continue
+                raise
+            except BaseException:
+                self._release(member)
+                raise
+            member.progress()
+            if resp.status >= 500:
+                self._fail(member, "status_5xx")
+                if self._may_retry(request, [*tried, member]):
+                    tried.append(member)
+                    await resp.aclose()
+                    self._release(member)
+                    continue
+            return member, resp
+
+    async def _guarded(self, member: Member, aw: Awaitable[T]) -> T:
+        """Await ``aw`` as a task that an ejection of ``member`` may cancel (→ ``_Ejected``)."""
+        task: asyncio.Future[T] = asyncio.ensure_future(aw)
+        member.pending.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and current.cancelling() == 0:
+                raise _Ejected() from None
+            task.add_done_callback(_close_orphan)
+            raise
+        finally:
+            member.pending.discard(task)
+
+    def _may_retry(self, request: UpstreamRequest, tried: list[Member]) -> bool:
+        if len(tried) > self.config.max_retries:
+            return False
+        if not any(m.up and m not in tried and m.serves(request.model) for m in self.members):
+            return False
+        if not self.budget.try_retry():
+            log.warning("retry budget exhausted: request %s is not retried", request.request_id)
+            return False
+        tried[-1].retries += 1
+        self.retries += 1
+        return True
+
+    def _fail(self, member: Member, kind: str) -> None:
+        if member.failure(kind, self.config.eject_after_failures):
+            self._eject(member, "failures")
+
+    def _eject(self, member: Member, reason: str) -> None:
+        if not member.up:
+            return
+        member.eject(reason, self.config)
+        left = sum(m.up for m in self.members)
+        log.warning("backend %s ejected (%s; errors %s); %d of %d backends left", member.name,
+                    reason, dict(member.errors), left, len(self.members))
+
+    # --- health, models and the watchdog ---------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        cfg = self.config
+        tick = min(cfg.health_interval, max(cfg.watchdog_stall / 2, 0.05))
+        loop = asyncio.get_running_loop()
+        next_health = loop.time() + cfg.health_interval
+        next_models = loop.time() + cfg.models_refresh_interval
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                self._watchdog()
+                now = loop.time()
+                if now >= next_health:
+                    refresh = now >= next_models
+                    await self._health_round(refresh_models=refresh)
+                    next_health = loop.time() + cfg.health_interval
+                    if refresh:
+                        next_models = loop.time() + cfg.models_refresh_interval
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("pool health round failed")
+
+    async def _health_round(self, *, refresh_models: bool, initial: bool = False) -> None:
+        await asyncio.gather(*(self._check(m, refresh_models, initial) for m in self.members))
+
+    async def _check(self, m: Member, refresh_models: bool, initial: bool) -> None:
+        cfg = self.config
+        ok = await m.backend.check_health(cfg.health_timeout)
+        if initial and not ok:
+            m.up, m.down_reason = False, "health"  # never up yet: no ejection, no backoff
+            log.warning("backend %s is not healthy at start", m.name)
+        elif m.up and not ok:
+            m.health_failures += 1
+            m.errors["health"] += 1
+            if m.health_failures >= cfg.health_fail_threshold:
+                self._eject(m, "health")
+        elif m.up:
+            m.health_failures = 0
+        elif ok and time.monotonic() >= m.readmit_at:
+            if m.down_reason == "watchdog" and not await self._canary(m):
+                m.errors["canary"] += 1
+                m.ejection_streak += 1
+                backoff = cfg.readmit_backoff * 2 ** (m.ejection_streak - 1)
+                m.readmit_at = time.monotonic() + min(backoff, cfg.readmit_backoff_max)
+                return
+            if refresh_models or m.models is None:
+                await self._refresh_models(m)
+            log.warning("backend %s is back in the pool (was out: %s)", m.name, m.down_reason)
+            m.readmit()
+            return
+        if ok and refresh_models:
+            await self._refresh_models(m)
+
+    async def _refresh_models(self, m: Member) -> None:
+        if m.declared_models is None:
+            ids = await m.backend.model_ids(self.config.health_timeout)
+            if ids is not None:
+                m.models = frozenset(ids)
+
+    def _watchdog(self) -> None:
+        now = time.monotonic()
+        for m in self.members:
+            if (m.up and m.in_flight > 0 and now - m.last_progress > self.config.watchdog_stall
+                    and m not in self._canaries):
+                task = asyncio.get_running_loop().create_task(self._watch(m))
+                self._canaries[m] = task
+                task.add_done_callback(lambda _t, m=m: self._canaries.pop(m, None))
+
+    async def _watch(self, m: Member) -> None:
+        stalled = time.monotonic() - m.last_progress
+        if await self._canary(m):
+            m.progress()  # alive, only slow (e.g. one long non-streamed answer): restart the clock
+            return
+        m.errors["canary"] += 1
+        log.warning("backend %s: no byte for %.1fs with %d in flight and the canary failed",
+                    m.name, stalled, m.in_flight)
+        self._eject(m, "watchdog")
+
+    async def _canary(self, m: Member) -> bool:
+        """A one-token completion within ``canary_timeout``: True when the engine answers 200."""
+        model = min(m.models) if m.models else None
+        body: dict[str, Any] = {"prompt": "ping", "max_tokens": 1, "stream": False}
+        if model is not None:
+            body["model"] = model
+        req = UpstreamRequest("POST", "/v1/completions", orjson.dumps(body), body, False,
+                              "canary-" + os.urandom(6).hex(), model)
+        resp: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(self.config.canary_timeout):
+                resp = await m.backend.send(req)
+                await resp.read(1 << 20)
+                return resp.status == 200
+        except (TimeoutError, UpstreamError):
+            return False
+        finally:
+            if resp is not None:
+                await resp.aclose()
+
+
+def _close_orphan(task: asyncio.Future[Any]) -> None:
+    """A send that finished after its caller was cancelled: close what it opened."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    resp = task.result()
+    if isinstance(resp, UpstreamResponse):
+        asyncio.get_running_loop().create_task(resp.aclose())
+
+
+class BytesResponse(UpstreamResponse):
+    """A response the pool made itself (the merged model list)."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        self.status = status
+        self.content_type = content_type
+        self._body = body
+
+    async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        yield self._body
+
+    async def read(self, limit: int) -> bytes:
+        if len(self._body) > limit:
+            raise BadBackendResponse("The backend's response is too large.")
+        return self._body
+
+    async def aclose(self) -> None:
+        pass
+
+
+class PoolResponse(UpstreamResponse):
+    """A member's response; before its first byte it may be swapped for another member's."""
+
+    def __init__(self, pool: PoolBackend, request: UpstreamRequest, member: Member,
+                 resp: UpstreamResponse, tried: list[Member]) -> None:
+        self._pool = pool
+        self._request = request
+        self._member: Member | None = member
+        self._resp = resp
+        self._iter: AsyncIterator[bytes] = resp.chunks()
+        self._tried = tried
+        self._delivered = False
+        self._closed = False
+        self.status = resp.status
+        self.content_type = resp.content_type
+
+    @property
+    def member_name(self) -> str | None:
+        return self._member.name if self._member else None
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> PoolResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        member = self._member
+        assert member is not None, "PoolResponse read after a failed retry"
+        if not self._delivered:
+            return await self._first()
+        try:
+            data = await anext(self._iter)
+        except StopAsyncIteration:
+            self._ended(member)
+            raise
+        except UpstreamError:
+            self._pool._fail(member, "dropped")
+            raise
+        member.progress()
+        return data
+
+    async def _first(self) -> bytes:
+        pool = self._pool
+        while True:
+            member = self._member
+            assert member is not None
+            try:
+                data = await pool._guarded(member, anext(self._iter))
+            except StopAsyncIteration:
+                self._ended(member)
+                raise
+            except (UpstreamError, _Ejected) as exc:
+                if isinstance(exc, UpstreamError):
+                    pool._fail(member, "dropped")
+                if not pool._may_retry(self._request, [*self._tried, member]):
+                    if isinstance(exc, UpstreamError):
+                        raise
+                    raise BackendUnavailable("The backend was taken out of the pool.") from None
+                self._tried.append(member)
+                await self._swap()
+                continue
+            self._delivered = True
+            member.progress()
+            return data
+
+    async def _swap(self) -> None:
+        """Close this member's response and open the same request on another member."""
+        old = self._member
+        self._member = None
+        await self._resp.aclose()
+        if old is not None:
+            self._pool._release(old)
+        member, resp = await self._pool._open(self._request, self._tried)
+        self._member, self._resp, self._iter = member, resp, resp.chunks()
+        if resp.status != self.status or resp.content_type.split(";")[0] != self.content_type.split(";")[0]:
+            raise BadBackendResponse("The retried backend answered differently.")
+
+    def _ended(self, member: Member) -> None:
+        if self.status < 500:
+            member.success()
+
+    async def read(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        async for data in self:
+            size += len(data)
+            if size > limit:
+                raise BadBackendResponse("The backend's response is too large.")
+            parts.append(data)
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        member, self._member = self._member, None
+        try:
+            await self._resp.aclose()
+        finally:
+            if member is not None:
+                self._pool._release(member)
