@@ -196,6 +196,8 @@ class SimProtocol(asyncio.Protocol):
             req.reject = 411  # like many servers, the simulator wants a Content-Length body
         elif int(req.headers.get("content-length", "0") or 0) > MAX_BODY:
             req.reject = 413
+        elif req.headers.get("expect", "").lower() == "100-continue":
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for it otherwise
 
     def on_body(self, body: bytes) -> None:
         if not self._req.reject:
