@@ -183,18 +183,29 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for ax, (title, series) in zip(axes.flat, panels, strict=False):
-        for name in names:
-            for label, figure in series:
+        # One colour per target, one line style per series: direct and gateway read side by side.
+        twin = ax.twinx() if title == "throughput" else None
+        for n, name in enumerate(names):
+            for k, (label, figure) in enumerate(series):
                 ys = [_get(lv["targets"].get(name), figure) for lv in levels]
                 ys = [math.nan if y is None else y for y in ys]
-                style = "-o" if label in ("p50", "chunks/s") else "--s"
-                ax.plot(xs, ys, style, label=f"{name} {label}")
+                where = twin if twin is not None and k == 1 else ax
+                where.plot(
+                    xs, ys, "-o" if k == 0 else "--s", color=f"C{n}", label=f"{name} {label}"
+                )
         ax.set_title(title)
         ax.set_xlabel("offered rate (req/s)" if by_rate else "concurrency")
+        if twin is not None:
+            ax.set_ylabel("chunks/s (solid)")
+            twin.set_ylabel("req/s (dashed)")
         if len(set(xs)) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 20:
             ax.set_xscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        if twin is not None:
+            more = twin.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        ax.legend(handles, labels, fontsize=8)
     fig.suptitle(f"{doc.get('scenario') or 'sweep'}: direct and through the gateway, side by side")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
