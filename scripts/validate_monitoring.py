@@ -37,6 +37,7 @@ GATEWAY_GAUGES = {
     "vllm_gateway_draining",
     "vllm_gateway_backend_in_flight",
     "vllm_gateway_backend_healthy",
+    "vllm_gateway_admission_limit",
 }
 GATEWAY_HISTOGRAMS = {
     "vllm_gateway_queue_wait_seconds",
@@ -50,17 +51,51 @@ ALLOWED_METRICS = (
     | GATEWAY_GAUGES
     | {f"{h}{suffix}" for h in GATEWAY_HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 )
+# The ``outcome`` label's values: the error tree's ``type`` strings plus the non-errors.
 OUTCOMES = {
     "completed",
     "client_disconnected",
-    "timeout_first_token",
-    "timeout_idle",
-    "timeout_request",
-    "rejected_overloaded",
-    "rejected_queue_timeout",
-    "rejected_shutting_down",
-    "backend_error",
     "client_error",
+    "cancelled",
+    "other",
+    "authentication_error",
+    "backend_error",
+    "backend_unavailable",
+    "bad_backend_response",
+    "body_too_large",
+    "first_token_timeout",
+    "internal_error",
+    "invalid_json",
+    "invalid_request",
+    "method_not_allowed",
+    "model_not_found",
+    "no_healthy_backend",
+    "not_found",
+    "overloaded",
+    "queue_timeout",
+    "rate_limited",
+    "request_timeout",
+    "shutting_down",
+    "stream_idle_timeout",
+    "unavailable",
+    "unsupported_media_type",
+}
+# Outcomes that are the service's fault (the error types with a 5xx status; the timeouts and
+# backend errors among them may also end a stream that started with 200). The error-ratio panel
+# and alert count exactly these; client disconnects and 4xx are the client's doing.
+SERVER_SIDE_OUTCOMES = {
+    "backend_error",
+    "backend_unavailable",
+    "bad_backend_response",
+    "first_token_timeout",
+    "internal_error",
+    "no_healthy_backend",
+    "overloaded",
+    "queue_timeout",
+    "request_timeout",
+    "shutting_down",
+    "stream_idle_timeout",
+    "unavailable",
 }
 
 # Grafana's variables, replaced by plain values before PromQL is parsed.

@@ -6,10 +6,12 @@ validators when they are installed; the assertions of meaning here always run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -225,20 +228,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.skipif(not _gateway_cli_available(), reason="vllm_gateway.cli not installed")
-def test_dockerfile_healthcheck_passes_against_a_live_gateway(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def running_gateway(tmp_path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """The real gateway on loopback, its backend a port where nothing listens."""
     port = _free_port()
-    backend = f"http://127.0.0.1:{_free_port()}"  # nothing listens: liveness must not care
     env = {
         **os.environ,
         "VLLM_HOST": "127.0.0.1",
         "VLLM_PORT": str(port),
-        "VLLM_BACKEND_URL": backend,
+        "VLLM_BACKEND_URL": f"http://127.0.0.1:{_free_port()}",
     }
-    health = vd.healthcheck_command()
-    assert health[0] == "python"
-    check = [sys.executable, *health[1:]]
-    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0
     log = tmp_path / "gateway.log"
     with log.open("wb") as log_file:
         gateway = subprocess.Popen(
@@ -249,18 +248,42 @@ def test_dockerfile_healthcheck_passes_against_a_live_gateway(tmp_path: Path) ->
         )
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=1):
                     break
             except OSError:
                 assert gateway.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "gateway did not start\n" + log.read_text()
                 time.sleep(0.2)
-        result = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, result.stderr + log.read_text()
+        yield port, env
     finally:
         gateway.terminate()
         gateway.wait(timeout=30)
+
+
+@pytest.mark.skipif(not _gateway_cli_available(), reason="vllm_gateway.cli not installed")
+def test_dockerfile_healthcheck_passes_against_a_live_gateway(tmp_path: Path) -> None:
+    health = vd.healthcheck_command()
+    assert health[0] == "python"
+    check = [sys.executable, *health[1:]]
+    closed = {**os.environ, "VLLM_PORT": str(_free_port())}
+    assert subprocess.run(check, env=closed, capture_output=True, timeout=30).returncode != 0
+    with running_gateway(tmp_path) as (_, env):
+        result = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not _gateway_cli_available(), reason="vllm_gateway.cli not installed")
+def test_live_gateway_exports_every_metric_the_dashboard_uses(tmp_path: Path) -> None:
+    with (
+        running_gateway(tmp_path) as (port, _),
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response,
+    ):
+        text = response.read().decode()
+    exported = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    wanted = vm.GATEWAY_COUNTERS | vm.GATEWAY_GAUGES | vm.GATEWAY_HISTOGRAMS
+    assert wanted - exported == set()
 
 
 def test_compose_passes_the_checks() -> None:
@@ -424,3 +447,32 @@ def test_fallback_name_scan_without_a_parser() -> None:
     }
     with pytest.raises(ValueError):
         vm._promql_names_fallback("sum(rate(x[5m])")
+
+
+def test_outcomes_are_the_gateway_s_own() -> None:
+    observe = pytest.importorskip("vllm_gateway.observe")
+    assert set(observe.OUTCOMES) == vm.OUTCOMES
+
+
+def test_server_side_outcomes_are_the_5xx_error_types() -> None:
+    errors = pytest.importorskip("vllm_gateway.errors")
+    types = {
+        cls.type
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.GatewayError) and cls.status >= 500
+    }
+    assert types == vm.SERVER_SIDE_OUTCOMES
+
+
+def test_error_ratio_counts_exactly_the_server_side_outcomes() -> None:
+    doc = yaml.safe_load(vm.ALERTS.read_text())
+    rule = next(
+        r for g in doc["groups"] for r in g["rules"] if r["alert"] == "VLLMGatewayHighErrorRate"
+    )
+    dashboard = json.loads(vm.DASHBOARD.read_text())
+    panel = next(
+        e for t, e in vm.dashboard_expressions(dashboard) if t == "Server-side error ratio"
+    )
+    for expr in (rule["expr"], panel):
+        regex = re.search(r'outcome=~"([^"]*)"', expr).group(1)
+        assert set(regex.split("|")) == vm.SERVER_SIDE_OUTCOMES
