@@ -1,4 +1,4 @@
-"""Bytes the simulator sends, rendered exactly as vLLM 0.32's OpenAI server renders them. Pure: no I/O.
+"""Bytes the simulator sends, rendered exactly as vLLM 0.32's OpenAI server renders them. No I/O.
 
 The shapes are copied from vLLM's serving code: a stream chunk is
 ``ChatCompletionStreamResponse.model_dump_json(exclude_unset=True)`` with the fields the serving code
@@ -15,6 +15,8 @@ content chunk is then two byte concatenations. ``frame`` wraps an SSE event as o
 from __future__ import annotations
 
 import http
+import time
+from email.utils import formatdate
 from typing import Any
 
 import orjson
@@ -29,6 +31,8 @@ __all__ = [
     "error_type",
     "frame",
     "models_body",
+    "response_head",
+    "stream_head",
     "token_text",
     "traceback_body",
 ]
@@ -47,6 +51,42 @@ _ERROR_TYPES = {
     501: "NotImplementedError",
     503: "ServiceUnavailableError",
 }
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
+            405: b"Method Not Allowed", 411: b"Length Required", 413: b"Payload Too Large",
+            500: b"Internal Server Error", 503: b"Service Unavailable"}  # fmt: skip
+_date_second = -1
+_date_value = b""
+
+
+def _date() -> bytes:
+    """The ``date`` header value, formatted at most once a second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_value = now, formatdate(now, usegmt=True).encode()
+    return _date_value
+
+
+def response_head(status: int, content_type: bytes | None, length: int, *, close: bool) -> bytes:
+    """The status line and headers of a response with a ``content-length`` body."""
+    head = b"HTTP/1.1 %d %b\r\ndate: %b\r\nserver: vllm-gateway-simulator\r\ncontent-length: %d\r\n" % (
+        status, _REASONS.get(status, b"Status"), _date(), length)  # fmt: skip
+    if content_type is not None:
+        head += b"content-type: %b\r\n" % content_type
+    if close:
+        head += b"connection: close\r\n"
+    return head + b"\r\n"
+
+
+def stream_head() -> bytes:
+    """The head of an SSE response, as uvicorn sends vLLM's ``StreamingResponse``."""
+    return (
+        b"HTTP/1.1 200 OK\r\ndate: %b\r\nserver: vllm-gateway-simulator\r\n"
+        b"content-type: text/event-stream; charset=utf-8\r\ntransfer-encoding: chunked\r\n\r\n"
+        % _date()
+    )
 
 
 def token_text(index: int) -> str:

@@ -21,7 +21,6 @@ import asyncio
 import time
 import uuid
 from collections import deque
-from email.utils import formatdate
 from typing import Any
 
 import httptools
@@ -46,30 +45,11 @@ _ROUTES = {
     "/sim/config": "POST",
     "/sim/reset": "POST",
 }
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-            405: b"Method Not Allowed", 411: b"Length Required", 413: b"Payload Too Large",
-            500: b"Internal Server Error", 503: b"Service Unavailable"}  # fmt: skip
 _JSON = b"application/json"
-_SSE = b"text/event-stream; charset=utf-8"
 _BAD_JSON_EVENT = b"data: {not json\n\n"
 _HTML = (
     b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
 )
-
-
-class _Date:
-    """The ``date`` header, rendered at most once a second."""
-
-    second = -1
-    value = b""
-
-    @classmethod
-    def get(cls) -> bytes:
-        now = int(time.time())
-        if now != cls.second:
-            cls.second = now
-            cls.value = formatdate(now, usegmt=True).encode()
-        return cls.value
 
 
 class _Request:
@@ -165,11 +145,11 @@ class SimProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._send(400, render.error_body("upgrade is not supported", 400), close=True)
-            return
         except httptools.HttpParserError:
-            self._send(400, render.error_body("malformed HTTP request", 400), close=True)
+            if self._busy:  # a response is going out: do not write another into it
+                self.close()
+            else:
+                self._send(400, render.error_body("malformed HTTP request", 400), close=True)
             return
         if not self._busy:
             self._next()
@@ -394,8 +374,7 @@ class SimProtocol(asyncio.Protocol):
             self._end(s, "completed", 200, _HTML, b"text/html; charset=utf-8")
         elif s.stream:
             record["status"] = 200
-            self._write(b"HTTP/1.1 200 OK\r\ndate: %b\r\nserver: vllm-gateway-simulator\r\n"
-                        b"content-type: %b\r\ntransfer-encoding: chunked\r\n\r\n" % (_Date.get(), _SSE))  # fmt: skip
+            self._write(render.stream_head())
             if cfg.malformed is not None:
                 record["fault"] = f"malformed={cfg.malformed}"
             if self._cut(s):
@@ -491,7 +470,9 @@ class SimProtocol(asyncio.Protocol):
             return
         # Cut mid-body: the head promises the full length, only half of the body follows.
         s.record["status"] = 200
-        self._write(self._head(200, _JSON, len(body), close=False) + body[: len(body) // 2])
+        self._write(
+            render.response_head(200, _JSON, len(body), close=False) + body[: len(body) // 2]
+        )
         if cfg.drop_after is not None:
             self._drop(s)
         else:
@@ -530,22 +511,11 @@ class SimProtocol(asyncio.Protocol):
         if not self._closed and self.transport is not None:
             self.transport.write(data)
 
-    @staticmethod
-    def _head(status: int, content_type: bytes | None, length: int, *, close: bool) -> bytes:
-        reason = _REASONS.get(status, b"Status")
-        head = b"HTTP/1.1 %d %b\r\ndate: %b\r\nserver: vllm-gateway-simulator\r\ncontent-length: %d\r\n" % (
-            status, reason, _Date.get(), length)  # fmt: skip
-        if content_type is not None:
-            head += b"content-type: %b\r\n" % content_type
-        if close:
-            head += b"connection: close\r\n"
-        return head + b"\r\n"
-
     def _send(self, status: int, body: bytes, *, content_type: bytes | None = _JSON,
               keep: bool = True, close: bool = False) -> None:  # fmt: skip
         """A whole response; then the next pipelined request, or close."""
         close = close or not keep
-        self._write(self._head(status, content_type, len(body), close=close) + body)
+        self._write(render.response_head(status, content_type, len(body), close=close) + body)
         self._done_response(not close)
 
     def _done_response(self, keep: bool) -> None:

@@ -159,3 +159,15 @@ def test_models_body_has_vllms_fields() -> None:
             2048,
         )
         assert [list(p) for p in card["permission"]] == [VLLM_PERMISSION_KEYS]
+
+
+def test_response_heads_are_http11() -> None:
+    head = render.response_head(404, b"application/json", 12, close=True)
+    assert head.startswith(b"HTTP/1.1 404 Not Found\r\n") and head.endswith(b"\r\n\r\n")
+    assert b"\r\ncontent-length: 12\r\n" in head and b"\r\nconnection: close\r\n" in head
+    assert b"\r\ndate: " in head
+    assert b"connection" not in render.response_head(200, None, 0, close=False)
+    stream = render.stream_head()
+    assert b"\r\ntransfer-encoding: chunked\r\n" in stream
+    assert b"\r\ncontent-type: text/event-stream; charset=utf-8\r\n" in stream
+    assert b"content-length" not in stream
