@@ -17,7 +17,8 @@ Invariants:
 It reads a call duck-typed, so anything with ProxyCall's fields can be observed: ``RejectedCall``
 is the record for requests the front door answers itself (401, 503 while draining).
 Optional fields a later change may add to ``ProxyCall`` are read with ``getattr``: ``tenant``,
-``backend`` (the backend that served it), ``upstream_sent_at`` (perf_counter just before the
+``backend`` (the backend that served it; else the pool response's ``member_name``),
+``upstream_sent_at`` (perf_counter just before the
 upstream send) and ``ended_at`` (perf_counter when the last byte went to the client).
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -85,16 +85,32 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # How often the backend's health is sampled for ``backend_healthy`` when it has no ``stats()``.
 HEALTH_INTERVAL = 5.0
 
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_PROMPT_KEY = b'"prompt_tokens"'
+_COMPLETION_KEY = b'"completion_tokens"'
+_WHITESPACE = b" \t\r\n"
+
+
+def _int_after(data: bytes, key: bytes) -> int | None:
+    """The integer value of the last ``key`` in ``data`` (a JSON fragment), if it has one."""
+    at = data.rfind(key)
+    if at < 0:
+        return None
+    rest = data[at + len(key):at + len(key) + 32].lstrip(_WHITESPACE)
+    if not rest.startswith(b":"):
+        return None
+    rest = rest[1:].lstrip(_WHITESPACE)
+    n = 0
+    while n < len(rest) and 48 <= rest[n] <= 57:
+        n += 1
+    return int(rest[:n]) if n else None
 
 
 def parse_usage(usage: Any) -> tuple[int | None, int | None]:
     """(prompt, completion) tokens from what the relay kept of the response, if it says.
 
-    Accepts a ``usage`` dict, or bytes holding the last SSE event, a whole JSON body or a bare
-    usage object: only the last ``"usage"`` object is read, by a bounded regex, not a JSON parse
-    of the whole body.
+    Accepts a ``usage`` dict, or bytes holding the last SSE event(s), a whole JSON body or a bare
+    usage object: the last ``"prompt_tokens"`` and ``"completion_tokens"`` keys are read with
+    ``rfind``, not a JSON parse of the whole body.
     """
     if usage is None:
         return None, None
@@ -106,15 +122,10 @@ def parse_usage(usage: Any) -> tuple[int | None, int | None]:
         return (p if isinstance(p, int) else None, c if isinstance(c, int) else None)
     if not isinstance(usage, (bytes, bytearray, memoryview)):
         return None, None
-    data = bytes(usage)
-    start = data.rfind(b'"usage"')
-    if start < 0:
-        start = 0
-    window = data[start:start + 1024]
-    p_match = _PROMPT.search(window)
-    c_match = _COMPLETION.search(window)
-    return (int(p_match.group(1)) if p_match else None,
-            int(c_match.group(1)) if c_match else None)
+    data = usage if isinstance(usage, bytes) else bytes(usage)
+    # The last occurrence is the usage object: in a stream it is the final event, and in a body
+    # it follows the choices (whose text cannot contain an unescaped quote-delimited key).
+    return _int_after(data, _PROMPT_KEY), _int_after(data, _COMPLETION_KEY)
 
 
 class RejectedCall:
@@ -323,6 +334,9 @@ class Observer:
         backend = getattr(call, "backend", None)
         if backend is not None and not isinstance(backend, str):
             backend = getattr(backend, "name", None)
+        if backend is None:
+            # A pool's response names the member that served it.
+            backend = getattr(getattr(call, "upstream", None), "member_name", None)
         fields = {
             "request_id": call.request_id,
             "tenant": getattr(call, "tenant", None),
