@@ -197,7 +197,7 @@ async def test_queue_timeout_is_503_with_retry_after_and_never_reaches_the_backe
 ) -> None:
     simulator.configure(itl=0.01)
     holders = await _open_streams(client, gateway.url, 4)  # the gateway's limit is 4
-    await wait_for(lambda: gateway.gateway.admission.in_flight == 4)
+    await wait_for(lambda: simulator.stats()["running"] == 4)
     seen = simulator.stats()["total"]
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -231,7 +231,7 @@ async def test_queued_client_that_leaves_never_reaches_the_backend(
     gateway: RunningGateway, simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
     holders = await _open_streams(client, gateway.url, 4)
-    await wait_for(lambda: gateway.gateway.admission.in_flight == 4)
+    await wait_for(lambda: simulator.stats()["running"] == 4)
     seen = simulator.stats()["total"]
     leaver = asyncio.create_task(client.post(gateway.url + "/v1/chat/completions", json=chat_body()))
     await wait_for(lambda: gateway.gateway.admission.queued == 1)
