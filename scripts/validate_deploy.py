@@ -124,8 +124,23 @@ def _exec_form(args: str) -> list[str] | None:
     return value if isinstance(value, list) else None
 
 
-def check_dockerfiles() -> list[str]:
+def copy_source_problems(path: Path) -> list[str]:
+    """COPY sources from the build context (the repository root) must exist; globs must match."""
     problems = []
+    for instruction, args in dockerfile_instructions(path):
+        words = [w for w in args.split() if not w.startswith("--")]
+        if instruction != "COPY" or "--from=" in args or len(words) < 2:
+            continue
+        for source in words[:-1]:
+            if any(ch in source for ch in "*?["):
+                continue  # may match nothing by design (an optional file)
+            if not (ROOT / source).exists():
+                problems.append(f"{path.name}: COPY source {source} does not exist")
+    return problems
+
+
+def check_dockerfiles() -> list[str]:
+    problems = copy_source_problems(DOCKERFILE) + copy_source_problems(DOCKERFILE_AIO)
     if shutil.which("hadolint"):
         proc = _run(["hadolint", str(DOCKERFILE), str(DOCKERFILE_AIO)])
         if proc.returncode != 0:

@@ -202,6 +202,14 @@ def test_dockerfile_checker_catches_a_root_user(tmp_path: Path, monkeypatch) -> 
     assert any("non-root" in p for p in vd.check_dockerfiles())
 
 
+def test_dockerfile_checker_catches_a_missing_copy_source(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:3.11-slim\nCOPY no-such-file.txt ./\n")
+    assert vd.copy_source_problems(bad) == [
+        "Dockerfile: COPY source no-such-file.txt does not exist"
+    ]
+
+
 def _gateway_cli_available() -> bool:
     return importlib.util.find_spec("vllm_gateway.cli") is not None
 
