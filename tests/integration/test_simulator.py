@@ -270,7 +270,7 @@ async def test_error_traceback_fault(client: httpx.AsyncClient, sim: Any) -> Non
 
 async def test_hang_sends_nothing_and_counts_abort(sim: Any) -> None:
     sim.configure(hang=True)
-    async with httpx.AsyncClient(base_url=sim.url, timeout=httpx.Timeout(10, read=0.3)) as c:
+    async with httpx.AsyncClient(base_url=sim.url, timeout=httpx.Timeout(10, read=1.0)) as c:
         with pytest.raises(httpx.ReadTimeout):
             await c.post("/v1/chat/completions", json={**CHAT, "stream": True})
     await wait_for(lambda: sim.stats()["aborted"] == 1)
@@ -282,7 +282,7 @@ async def test_stall_after_sends_n_chunks_then_holds(sim: Any) -> None:
     sim.configure(stall_after=3)
     received = b""
     async with (
-        httpx.AsyncClient(base_url=sim.url, timeout=httpx.Timeout(10, read=0.3)) as c,
+        httpx.AsyncClient(base_url=sim.url, timeout=httpx.Timeout(10, read=1.0)) as c,
         c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r,
     ):
         with pytest.raises(httpx.ReadTimeout):
