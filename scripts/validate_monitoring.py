@@ -177,11 +177,13 @@ def _promql_names_fallback(expr: str) -> set[str]:
         raise ValueError(f"unclosed {stack[-1]!r}")
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)  # label matchers, ranges
+    # Numbers and durations (1e-9, 0.99, 5m) hold letters that are not names.
+    text = re.sub(r"(?<![A-Za-z0-9_:])\d+(?:\.\d*)?(?:[eE][+-]?\d+)?(?:ms|[smhdwy])?", " ", text)
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         word, rest = match.group(), text[match.end() :].lstrip()
-        if word.lower() in _KEYWORDS or rest.startswith("(") or re.fullmatch(r"\d+[smhdwy]", word):
+        if word.lower() in _KEYWORDS or rest.startswith("("):
             continue
         names.add(word)
     return names

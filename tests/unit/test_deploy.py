@@ -484,3 +484,12 @@ def test_error_ratio_counts_exactly_the_server_side_outcomes() -> None:
     for expr in (rule["expr"], panel):
         regex = re.search(r'outcome=~"([^"]*)"', expr).group(1)
         assert set(regex.split("|")) == vm.SERVER_SIDE_OUTCOMES
+
+
+def test_monitoring_checks_pass_without_the_parser_too(monkeypatch) -> None:
+    # CI may lack promql-parser: the fallback must accept the same files.
+    monkeypatch.setitem(sys.modules, "promql_parser", None)
+    assert vm.check_dashboard() == []
+    monkeypatch.setattr(vm.shutil, "which", lambda name: None)  # and without promtool
+    assert vm.check_alerts() == []
+    assert vm._promql_names_fallback("rate(x_total[5m] offset 1h) > 1e-9 * 0.5") == {"x_total"}
