@@ -29,10 +29,7 @@ Every ``PoolResponse`` releases its member's slot exactly once, in ``aclose()``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -47,6 +44,7 @@ from .errors import (
     UpstreamError,
 )
 from .pool_config import BackendSpec, PoolConfig, load_backends_file, specs_from_urls
+from .pool_health import PoolHealth
 from .pool_member import Member, RetryBudget, affinity_key, choose
 
 __all__ = ["PoolBackend", "PoolResponse", "load_backends_file"]
@@ -79,8 +77,7 @@ class PoolBackend(Backend):
         self.retries = 0
         self.affinity_yields = 0
         self._waiters: list[asyncio.Future[None]] = []
-        self._loop_task: asyncio.Task[None] | None = None
-        self._canaries: dict[Member, asyncio.Task[None]] = {}
+        self.health = PoolHealth(self.members, self.config, self._eject)
 
     @classmethod
     def from_file(cls, path: str, settings: Any = None, **kwargs: Any) -> PoolBackend:
@@ -92,17 +89,10 @@ class PoolBackend(Backend):
     async def start(self) -> None:
         for m in self.members:
             await m.backend.start()
-        await self._health_round(refresh_models=True, initial=True)
-        self._loop_task = asyncio.get_running_loop().create_task(self._health_loop())
+        await self.health.start()
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._canaries.values()) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._loop_task = None
+        await self.health.aclose()
         for m in self.members:
             await m.backend.aclose()
 
@@ -292,105 +282,6 @@ class PoolBackend(Backend):
         log.warning("backend %s ejected (%s; errors %s); %d of %d backends left", member.name,
                     reason, dict(member.errors), left, len(self.members))
 
-    # --- health, models and the watchdog ---------------------------------------------------
-
-    async def _health_loop(self) -> None:
-        cfg = self.config
-        tick = min(cfg.health_interval, max(cfg.watchdog_stall / 2, 0.05))
-        loop = asyncio.get_running_loop()
-        next_health = loop.time() + cfg.health_interval
-        next_models = loop.time() + cfg.models_refresh_interval
-        while True:
-            await asyncio.sleep(tick)
-            try:
-                self._watchdog()
-                now = loop.time()
-                if now >= next_health:
-                    refresh = now >= next_models
-                    await self._health_round(refresh_models=refresh)
-                    next_health = loop.time() + cfg.health_interval
-                    if refresh:
-                        next_models = loop.time() + cfg.models_refresh_interval
-            except Exception:  # the loop must outlive any one bad round
-                log.exception("pool health round failed")
-
-    async def _health_round(self, *, refresh_models: bool, initial: bool = False) -> None:
-        await asyncio.gather(*(self._check(m, refresh_models, initial) for m in self.members))
-
-    async def _check(self, m: Member, refresh_models: bool, initial: bool) -> None:
-        cfg = self.config
-        ok = await m.backend.check_health(cfg.health_timeout)
-        if initial and not ok:
-            m.up, m.down_reason = False, "health"  # never up yet: no ejection, no backoff
-            log.warning("backend %s is not healthy at start", m.name)
-        elif m.up and not ok:
-            m.health_failures += 1
-            m.errors["health"] += 1
-            if m.health_failures >= cfg.health_fail_threshold:
-                self._eject(m, "health")
-        elif m.up:
-            m.health_failures = 0
-        elif ok and time.monotonic() >= m.readmit_at:
-            if m.down_reason == "watchdog" and not await self._canary(m):
-                m.errors["canary"] += 1
-                m.ejection_streak += 1
-                backoff = cfg.readmit_backoff * 2 ** (m.ejection_streak - 1)
-                m.readmit_at = time.monotonic() + min(backoff, cfg.readmit_backoff_max)
-                return
-            if refresh_models or m.models is None:
-                await self._refresh_models(m)
-            log.warning("backend %s is back in the pool (was out: %s)", m.name, m.down_reason)
-            m.readmit()
-            return
-        if ok and refresh_models:
-            await self._refresh_models(m)
-
-    async def _refresh_models(self, m: Member) -> None:
-        if m.declared_models is None:
-            ids = await m.backend.model_ids(self.config.health_timeout)
-            if ids is not None:
-                m.models = frozenset(ids)
-
-    def _watchdog(self) -> None:
-        now = time.monotonic()
-        for m in self.members:
-            if (m.up and m.in_flight > 0 and now - m.last_progress > self.config.watchdog_stall
-                    and m not in self._canaries):
-                task = asyncio.get_running_loop().create_task(self._watch(m))
-                self._canaries[m] = task
-                task.add_done_callback(lambda _t, m=m: self._canaries.pop(m, None))
-
-    async def _watch(self, m: Member) -> None:
-        stalled = time.monotonic() - m.last_progress
-        if await self._canary(m):
-            m.progress()  # alive, only slow (e.g. one long non-streamed answer): restart the clock
-            return
-        m.errors["canary"] += 1
-        log.warning("backend %s: no byte for %.1fs with %d in flight and the canary failed",
-                    m.name, stalled, m.in_flight)
-        self._eject(m, "watchdog")
-
-    async def _canary(self, m: Member) -> bool:
-        """A one-token completion within ``canary_timeout``: True when the engine answers 200."""
-        model = min(m.models) if m.models else None
-        body: dict[str, Any] = {"prompt": "ping", "max_tokens": 1, "stream": False}
-        if model is not None:
-            body["model"] = model
-        req = UpstreamRequest("POST", "/v1/completions", orjson.dumps(body), body, False,
-                              "canary-" + os.urandom(6).hex(), model)
-        resp: UpstreamResponse | None = None
-        try:
-            async with asyncio.timeout(self.config.canary_timeout):
-                resp = await m.backend.send(req)
-                await resp.read(1 << 20)
-                return resp.status == 200
-        except (TimeoutError, UpstreamError):
-            return False
-        finally:
-            if resp is not None:
-                await resp.aclose()
-
-
 def _close_orphan(task: asyncio.Future[Any]) -> None:
     """A send that finished after its caller was cancelled: close what it opened."""
     if task.cancelled() or task.exception() is not None:
@@ -408,7 +299,7 @@ class BytesResponse(UpstreamResponse):
         self.content_type = content_type
         self._body = body
 
-    async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def chunks(self) -> AsyncIterator[bytes]:
         yield self._body
 
     async def read(self, limit: int) -> bytes:

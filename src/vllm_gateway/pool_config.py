@@ -141,8 +141,10 @@ def _parse_entry(entry: Any, where: str) -> BackendSpec:
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     url = entry.get("url")
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if not isinstance(url, str):
+        raise ValueError(f"{where}: 'url' must be an http:// or https:// URL with a host")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{where}: 'url' must be an http:// or https:// URL with a host")
     weight = entry.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
