@@ -181,7 +181,7 @@ class PoolBackend(Backend):
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             up = [m for m in eligible if m.up and m not in tried]
             if not up:
-                raise NoHealthyBackend()
+                raise NoHealthyBackend(retry_after=max(1.0, self.config.health_interval))
             room = [m for m in up if m.has_room()]
             if room:
                 member, yielded = choose(room, key, self.config)
