@@ -334,3 +334,30 @@ async def test_gateway_all_members_down_is_503(client: httpx.AsyncClient) -> Non
             assert resp.status_code == 503
             assert resp.json()["error"]["type"] == "no_healthy_backend"
             assert (await client.get(gw.url + "/health/ready")).status_code == 503
+
+
+async def test_gateway_hung_member_is_ejected_and_requests_move(client: httpx.AsyncClient) -> None:
+    async with sims(2) as members:
+        members[0].configure(hang=True)
+        urls = tuple(s.url for s in members)
+        pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST))
+        async with run_gateway(Settings(backend_urls=urls, max_concurrent_requests=16),
+                               backend=pool) as gw:
+            resps = await asyncio.gather(*(
+                client.post(gw.url + "/v1/chat/completions", json=chat_body(stream=i % 2 == 0))
+                for i in range(10)))
+            assert [r.status_code for r in resps] == [200] * 10
+            assert pool.stats()[0]["down_reason"] == "watchdog"
+            assert members[1].stats()["completed"] == 10
+
+
+async def test_gateway_session_affinity_by_user_field(client: httpx.AsyncClient) -> None:
+    async with sims(3) as members:
+        urls = tuple(s.url for s in members)
+        pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST, routing="session"))
+        async with run_gateway(Settings(backend_urls=urls), backend=pool) as gw:
+            for _ in range(6):
+                resp = await client.post(gw.url + "/v1/chat/completions",
+                                         json=chat_body(user="alice"))
+                assert resp.status_code == 200
+            assert sorted(totals(members)) == [0, 0, 6]
