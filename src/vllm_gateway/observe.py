@@ -411,6 +411,8 @@ def install_observability(api: FastAPI, gateway: Gateway) -> Observer:
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if tracer is not None:
+                    tracer.close()  # flushes the spans still batched
 
     api.router.lifespan_context = lifespan
     return observer
