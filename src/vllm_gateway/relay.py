@@ -25,6 +25,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from . import errors
 from .backend import UpstreamRequest, UpstreamResponse
 from .errors import (
@@ -61,6 +63,14 @@ MAX_EVENT_BYTES = 4 << 20
 _EOF_GRACE = 0.5
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+def _is_json_object(body: bytes) -> bool:
+    """A 200 is relayed only if it is whole: a truncated or garbled body must not look complete."""
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False
+
 
 class ClientGone(Exception):
     """The client disconnected before its request was read."""
@@ -320,7 +330,7 @@ class ProxyCall:
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
         self.first_byte_at = time.perf_counter()
-        if "json" not in upstream.content_type or not body.lstrip().startswith(b"{"):
+        if "json" not in upstream.content_type or not _is_json_object(body):
             raise BadBackendResponse("The backend's answer is not JSON.")
         self.outcome = "completed"
         await self._respond(200, body, "application/json")
