@@ -19,7 +19,8 @@ above (first-token timeout, client gone, drain) is neither a success nor a failu
 
 Retries happen only while nothing has reached the relay: in ``send()`` (connect error, 5xx) and
 inside the response's first chunk read (a member that drops the connection, or is ejected, before
-its first byte). Never after a chunk was handed over. At most ``max_retries`` per request, and only
+its first byte), and inside ``read()`` (the whole non-streamed body, which the relay forwards only
+once it has all of it). Never after a chunk was handed over. At most ``max_retries`` per request, and only
 while the ``RetryBudget`` allows. An attempt still waiting for its first byte on a member that gets
 ejected is cancelled and moves to another member.
 
@@ -394,14 +395,29 @@ class PoolResponse(UpstreamResponse):
             member.success()
 
     async def read(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        async for data in self:
-            size += len(data)
-            if size > limit:
-                raise BadBackendResponse("The backend's response is too large.")
-            parts.append(data)
-        return b"".join(parts)
+        """The whole body. Nothing of it reaches the relay before it is complete, so a member that
+        drops mid-body is retried on another one, like a drop before the first byte."""
+        while True:
+            parts: list[bytes] = []
+            size = 0
+            try:
+                async for data in self:
+                    size += len(data)
+                    if size > limit:
+                        break
+                    parts.append(data)
+                else:
+                    return b"".join(parts)
+            except UpstreamError:
+                member = self._member
+                if member is None or not self._pool._may_retry(self._request,
+                                                               [*self._tried, member]):
+                    raise
+                self._tried.append(member)
+                await self._swap()
+                self._delivered = False
+                continue
+            raise BadBackendResponse("The backend's response is too large.")
 
     async def aclose(self) -> None:
         if self._closed:

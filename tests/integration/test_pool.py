@@ -184,6 +184,17 @@ async def test_drop_before_first_byte_is_retried() -> None:
         assert members[1].stats()["completed"] == 6
 
 
+async def test_drop_mid_body_of_a_non_streamed_answer_is_retried() -> None:
+    # The relay forwards a non-streamed answer only once it is whole: a drop mid-body is retried.
+    async with sims(2) as members, pool_of(members, eject_after_failures=100) as pool:
+        members[0].configure(drop_after=1)
+        for _ in range(4):
+            status, body = await call(pool, request())
+            assert status == 200 and orjson.loads(body)["choices"]
+        assert members[0].stats()["dropped"] >= 1
+        assert members[1].stats()["completed"] == 4 and pool.retries >= 1
+
+
 async def test_drop_mid_stream_is_an_error_not_a_retry() -> None:
     async with sims(2) as members, pool_of(members, eject_after_failures=100) as pool:
         for s in members:
