@@ -127,9 +127,12 @@ class PoolHealth:
                 del self._canaries[m]
 
     async def _watch(self, m: Member) -> None:
-        stalled = time.monotonic() - m.last_progress
-        if await self.canary(m):
-            m.progress()  # alive, only slow (e.g. one long non-streamed answer): restart the clock
+        before = m.last_progress
+        stalled = time.monotonic() - before
+        if await self.canary(m) or m.last_progress != before or m.in_flight == 0:
+            # Alive, only slow (one long non-streamed answer, a canary queued behind a full
+            # batch while the batch still streams): restart the clock.
+            m.progress()
             return
         m.errors["canary"] += 1
         log.warning("backend %s: no byte for %.1fs with %d in flight and the canary failed",
