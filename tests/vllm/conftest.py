@@ -1,0 +1,109 @@
+"""Fixtures for tests against the real vLLM engine (CPU build here, CUDA build on a GPU machine).
+
+- ``vllm_model_dir``: the prepared default model folder (SmolLM2-135M-Instruct, bf16 safetensors),
+  converted once from the packaged GGUF file and cached (``$VLLM_GATEWAY_CACHE`` or
+  ``~/.cache/vllm-gateway``).
+- ``vllm_server``: one real vLLM OpenAI server per session on a free loopback port, started the
+  way ``vllm-gateway up`` starts it (same command, same scrubbed environment); its log is kept at
+  ``test-artifacts/vllm-server.log``. It yields ``.url``, ``.model`` (the served short name),
+  ``.pid`` and ``.process``, and is stopped (SIGTERM to its group, then SIGKILL) at session end.
+
+Every test under tests/vllm is marked ``vllm`` (deselect with ``-m 'not vllm'``). The session's
+first test that uses ``vllm_server`` pays for its warm-up (about 2 minutes on a cold compile
+cache), and pytest-timeout counts fixture setup, so those tests get a longer timeout unless they
+set their own. The tests are skipped when vLLM is not installed (``scripts/install.sh --no-vllm``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vllm_gateway import model_prep
+from vllm_gateway.launcher import (
+    ChildDied,
+    VllmChild,
+    build_vllm_command,
+    child_environment,
+    free_port,
+    has_nvidia_gpu,
+    served_names,
+    tail_lines,
+)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+STARTUP_DEADLINE_S = 360.0
+# The default timeout plus the warm-up, for tests whose setup may start the server.
+SERVER_TEST_TIMEOUT_S = 120 + int(STARTUP_DEADLINE_S)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE not in Path(str(item.path)).parents:
+            continue
+        item.add_marker(pytest.mark.vllm)
+        uses_server = {"vllm_server", "vllm_model_dir"} & set(getattr(item, "fixturenames", ()))
+        if uses_server and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT_S))
+
+
+def _require_vllm() -> None:
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (scripts/install.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir() -> Path:
+    """The prepared default model folder (converted on first use, about 30 s)."""
+    _require_vllm()
+    return model_prep.prepare_default_model(model_prep.default_cache_dir(os.environ))
+
+
+@dataclass
+class VllmServer:
+    url: str
+    model: str
+    child: VllmChild
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.child.process
+
+    @property
+    def log_path(self) -> Path:
+        return self.child.log_path
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
+    """A real vLLM OpenAI server on 127.0.0.1, shared by the whole session."""
+    port = free_port()
+    gpu = has_nvidia_gpu()
+    command = build_vllm_command(sys.executable, str(vllm_model_dir), port, gpu=gpu)
+    log_path = ARTIFACTS / "vllm-server.log"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log_path.unlink(missing_ok=True)
+    child = VllmChild.start(command, child_environment(os.environ, gpu=gpu), log_path,
+                            served_names(str(vllm_model_dir))[0], port)
+    try:
+        try:
+            child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)
+        except (ChildDied, TimeoutError) as exc:
+            tail = "\n".join(tail_lines(log_path, 30))
+            pytest.fail(f"vLLM did not start: {exc}; last lines of {log_path}:\n{tail}")
+        yield VllmServer(child.url, child.model, child)
+    finally:
+        child.stop(30.0)
