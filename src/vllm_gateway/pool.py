@@ -137,6 +137,10 @@ class PoolBackend(Backend):
                 continue
             if m.declared_models is None:
                 m.models = frozenset(str(d["id"]) for d in data)
+            else:  # a member lists what the file says it serves, no more, no less
+                listed = {str(d["id"]): d for d in data}
+                data = [listed.get(x) or {"id": x, "object": "model", "owned_by": "vllm"}
+                        for x in m.declared_models]
             for d in data:
                 merged.setdefault(str(d["id"]), d)
         if not any(a is not None for a in answers):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -97,6 +99,29 @@ async def test_declared_models_from_specs_are_trusted() -> None:
             for _ in range(6):
                 assert (await call(pool, request()))[0] == 200
             assert totals(members) == [6, 0]
+            resp = await pool.send(UpstreamRequest("GET", "/v1/models"))
+            ids = [d["id"] for d in orjson.loads(await resp.read(1 << 20))["data"]]
+            assert ids == ["sim-model", "other"] == await pool.model_ids(1.0)
+
+
+async def test_pool_from_a_backends_file(tmp_path: Path) -> None:
+    async with sims(2, ttft=0.2) as members:
+        path = tmp_path / "backends.yaml"
+        path.write_text("backends:\n"
+                        f"  - url: {members[0].url}\n    name: big\n    weight: 3\n"
+                        f"  - url: {members[1].url}\n    name: small\n    max_outstanding: 1\n")
+        settings = SimpleNamespace(backends_file=str(path), connect_timeout=1.0,
+                                   pool_health_interval=0.1, pool_admission_wait=5.0)
+        pool = PoolBackend(settings)
+        await pool.start()
+        try:
+            assert [m["name"] for m in pool.stats()] == ["big", "small"]
+            results = await asyncio.gather(*(call(pool, request()) for _ in range(8)))
+            assert [s for s, _ in results] == [200] * 8
+            big, small = totals(members)
+            assert big > small >= 1  # weight 3 takes most; the small one never holds two
+        finally:
+            await pool.aclose()
 
 
 async def test_session_affinity_sticks_to_one_member() -> None:
