@@ -52,16 +52,20 @@ class GatewayServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown, and the
         # process would die of the signal instead of exiting 0.
-        if self._drain_task is not None or self._loop is None:
-            log.warning("second signal: exiting without waiting")
-            self.force_exit = True
+        if self._loop is None:  # still starting: nothing in flight to drain
             self.should_exit = True
             return
-        self._loop.call_soon_threadsafe(self._start_drain)
+        self._loop.call_soon_threadsafe(self._on_signal)
 
-    def _start_drain(self) -> None:
+    def _on_signal(self) -> None:
         if self._drain_task is None:
             self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+            return
+        # A second signal: end what is in flight now, with an error event, and exit.
+        log.warning("second signal: ending %d request(s) now", len(self.app.gateway.active))
+        for call in list(self.app.gateway.active):
+            call.cancel("shutdown")
+        self.should_exit = True
 
     async def _drain(self) -> None:
         try:

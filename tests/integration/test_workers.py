@@ -1,0 +1,46 @@
+"""``--workers N``: several processes on one socket, one drain."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+
+from tests.conftest import chat_body, spawn_gateway, sse_events, wait_for
+from vllm_gateway.simulator import Simulator
+
+
+async def test_two_workers_serve_and_drain_together(simulator: Simulator,
+                                                    client: httpx.AsyncClient) -> None:
+    simulator.configure(itl=0.01)
+    env = {"VLLM_BACKEND_URL": simulator.url}
+    with spawn_gateway(env, "--workers", "2", "--shutdown-timeout", "10", name="workers") as gw:
+        async def ready() -> None:
+            while True:
+                try:
+                    if (await client.get(gw.url + "/health/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(ready(), 30)
+        results = await asyncio.gather(*[
+            client.post(gw.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
+            for _ in range(8)
+        ])
+        assert all(r.status_code == 200 for r in results)
+
+        async def long_stream() -> list[str]:
+            async with client.stream("POST", gw.url + "/v1/chat/completions",
+                                     json=chat_body(stream=True, max_tokens=100)) as resp:
+                return sse_events((await resp.aread()).decode())
+
+        stream = asyncio.create_task(long_stream())
+        await wait_for(lambda: simulator.stats()["running"] == 1)
+        gw.terminate(signal.SIGTERM)
+        events = await stream
+        assert events[-1] == "[DONE]"  # the in-flight stream finished during the drain
+        code = await asyncio.to_thread(gw.process.wait, 20)
+        assert code == 0, gw.log()
