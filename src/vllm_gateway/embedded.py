@@ -67,8 +67,8 @@ _ROUTES = {
 }
 
 
-class EngineNotInstalled(RuntimeError):
-    """vLLM is not importable; ``str()`` names the package to install."""
+class EngineNotInstalled(ImportError):
+    """vLLM is not importable; ``str()`` names the package to install (the CLI prints it)."""
 
 
 def gateway_env_names() -> tuple[str, ...]:
@@ -176,7 +176,10 @@ class EmbeddedBackend(Backend):
 
     async def aclose(self) -> None:
         engine, self._engine = self._engine, None
+        # Drop every reference to the engine, so that it is collected while vLLM's modules live.
         self._handlers = {}
+        self._state = None
+        self._app = None
         if engine is not None:
             # Stops the output handler task and terminates the engine core process.
             engine.shutdown()
