@@ -1,9 +1,16 @@
-"""Admission control: at most N requests in flight, a bounded FIFO queue, a bounded wait.
+"""Admission control: at most N requests in flight, a bounded fair queue, a bounded wait.
+
+The queue is FIFO per tenant (an API key's tenant; one tenant when keys are off, which makes it
+plain FIFO). A freed slot goes to the next tenant in rotation within the highest priority class
+that has waiters, so a tenant that floods the queue cannot starve another: each waiting tenant
+gets a turn. When the queue is full, an arrival from a tenant with fewer waiters than the largest
+one takes the place of that tenant's newest waiter (which gets 503 ``overloaded``) instead of
+being refused itself.
 
 Invariants (tested in tests/unit/test_admission.py):
 - ``in_flight`` never exceeds ``limit``;
-- waiters are served in arrival order, and a freed permit goes straight to the oldest live waiter
-  (no barging: a new arrival never overtakes the queue);
+- within a tenant, waiters are served in arrival order, and a freed permit goes straight to a live
+  waiter (no barging: a new arrival never overtakes the queue);
 - a waiter leaves the queue when its wait times out or its task is cancelled (client gone), and a
   permit handed to it in that same instant is passed on, never lost;
 - ``Permit.release()`` is idempotent, so every path may call it and the count moves exactly once;
@@ -44,6 +51,16 @@ class Permit:
             self._admission._release()
 
 
+class _Queue:
+    """One tenant's waiters, oldest first; may hold abandoned (done) futures, skipped lazily."""
+
+    __slots__ = ("live", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.live = 0
+
+
 class Admission:
     def __init__(
         self,
@@ -59,8 +76,10 @@ class Admission:
         self.queue_timeout = queue_timeout
         self._clock = clock
         self._in_flight = 0
-        self._queued = 0  # live waiters; the deque may also hold abandoned futures
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._queued = 0  # live waiters over all tenants
+        self._queues: dict[tuple[int, str], _Queue] = {}
+        # Per priority class (highest first when serving), the tenants with waiters, in turn order.
+        self._turns: dict[int, deque[str]] = {}
         self._releases: deque[float] = deque(maxlen=_RATE_WINDOW)
         self._closed = False
         self._idle: asyncio.Event | None = None
@@ -83,9 +102,17 @@ class Admission:
     def closed(self) -> bool:
         return self._closed
 
+    def queued_by_tenant(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, tenant), queue in self._queues.items():
+            if queue.live:
+                out[tenant] = out.get(tenant, 0) + queue.live
+        return out
+
     # --- acquiring -------------------------------------------------------------------------
 
-    async def acquire(self, timeout: float | None = None) -> Permit:
+    async def acquire(self, timeout: float | None = None, tenant: str = "",
+                      priority: int = 0) -> Permit:
         """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
         if self._closed:
             raise ShuttingDown(retry_after=self._estimate_wait(1))
@@ -94,12 +121,19 @@ class Admission:
             self._in_flight += 1
             self.admitted_total += 1
             return Permit(self, start, 0.0)
-        if self._queued >= self.max_queued:
+        key = (priority, tenant)
+        if self._queued >= self.max_queued and not self._make_room(key):
             self.rejected_full_total += 1
             raise Overloaded(retry_after=self._estimate_wait(self._queued + 1))
 
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        if not queue.live:
+            self._turns.setdefault(priority, deque()).append(tenant)
+        queue.waiters.append(fut)
+        queue.live += 1
         self._queued += 1
         position = self._queued
         try:
@@ -108,9 +142,9 @@ class Admission:
         except BaseException as exc:
             if fut.cancelled() or not fut.done():
                 # Still queued (the task's cancellation may have cancelled the future already):
-                # leave the queue; _release skips the abandoned future.
+                # leave the queue; the abandoned future is skipped when its turn comes.
                 fut.cancel()
-                self._queued -= 1
+                self._forget(key, queue)
             elif fut.exception() is None:
                 # The permit reached us in the same instant as the timeout or the cancellation:
                 # we own it, so hand it on rather than lose it.
@@ -127,13 +161,60 @@ class Admission:
         self.admitted_total += 1
         return Permit(self, self._clock(), self._clock() - start)
 
+    def _forget(self, key: tuple[int, str], queue: _Queue) -> None:
+        """A live waiter of ``queue`` left: count it out, and drop the tenant's turn if empty."""
+        queue.live -= 1
+        self._queued -= 1
+        if not queue.live:
+            queue.waiters.clear()
+            turns = self._turns.get(key[0])
+            if turns is not None and key[1] in turns:
+                turns.remove(key[1])
+
+    def _make_room(self, key: tuple[int, str]) -> bool:
+        """The queue is full: evict the newest waiter of the tenant with the most waiters, if
+        that tenant has more than the arriving one. True if a place was freed."""
+        mine = self._queues[key].live if key in self._queues else 0
+        victim_key, victim = None, None
+        for other_key, queue in self._queues.items():
+            if queue.live > mine + 1 and (victim is None or queue.live > victim.live):
+                victim_key, victim = other_key, queue
+        if victim is None or victim_key is None:
+            return False
+        while victim.waiters:
+            fut = victim.waiters.pop()
+            if not fut.done():
+                self.rejected_full_total += 1
+                fut.set_exception(Overloaded(
+                    "The queue is full and this tenant holds the largest share of it; retry later.",
+                    retry_after=self._estimate_wait(self._queued)))
+                self._forget(victim_key, victim)
+                return True
+        return False
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        for priority in sorted(self._turns, reverse=True):
+            turns = self._turns[priority]
+            while turns:
+                tenant = turns[0]
+                queue = self._queues[(priority, tenant)]
+                while queue.waiters:
+                    fut = queue.waiters.popleft()
+                    if fut.done():  # abandoned by a waiter that timed out or was cancelled
+                        continue
+                    queue.live -= 1
+                    self._queued -= 1
+                    turns.popleft()
+                    if queue.live:
+                        turns.append(tenant)  # its next waiter waits for its next turn
+                    return fut
+                turns.popleft()
+        return None
+
     def _release(self) -> None:
         self._releases.append(self._clock())
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if fut.done():  # abandoned by a waiter that timed out or was cancelled
-                continue
-            self._queued -= 1
+        fut = self._next_waiter()
+        if fut is not None:
             fut.set_result(None)  # the slot passes on; _in_flight is unchanged
             return
         self._in_flight -= 1
@@ -148,11 +229,14 @@ class Admission:
             return
         self._closed = True
         retry_after = self._estimate_wait(1)
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._queued -= 1
-                fut.set_exception(ShuttingDown(retry_after=retry_after))
+        for queue in self._queues.values():
+            while queue.waiters:
+                fut = queue.waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(ShuttingDown(retry_after=retry_after))
+            queue.live = 0
+        self._queued = 0
+        self._turns.clear()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight; True if that happened within ``timeout`` seconds."""

@@ -183,3 +183,67 @@ async def test_retry_after_follows_the_release_rate() -> None:
     assert adm.release_rate() == pytest.approx(10 / 5.5)
     assert adm.estimate_wait(20) == pytest.approx(20 / (10 / 5.5))
     assert adm.estimate_wait(1) == 1.0  # never below one second
+
+
+async def _queue_up(adm: Admission, tenant: str, n: int, served: list[str],
+                    priority: int = 0) -> list[asyncio.Task[None]]:
+    async def waiter() -> None:
+        permit = await adm.acquire(tenant=tenant, priority=priority)
+        served.append(tenant)
+        permit.release()
+
+    tasks = []
+    for _ in range(n):
+        tasks.append(asyncio.create_task(waiter()))
+        await asyncio.sleep(0)
+    return tasks
+
+
+async def test_a_flooding_tenant_does_not_starve_another() -> None:
+    adm = Admission(limit=1, max_queued=100, queue_timeout=5)
+    held = await adm.acquire()
+    served: list[str] = []
+    flood = await _queue_up(adm, "a", 10, served)
+    polite = await _queue_up(adm, "b", 2, served)
+    assert adm.queued_by_tenant() == {"a": 10, "b": 2}
+    held.release()
+    await asyncio.gather(*flood, *polite)
+    # b's two requests are served within the first four turns, not after a's ten.
+    assert served[:4] == ["a", "b", "a", "b"]
+    assert served.count("a") == 10 and adm.in_flight == 0 and adm.queued == 0
+
+
+async def test_higher_priority_class_is_served_first() -> None:
+    adm = Admission(limit=1, max_queued=100, queue_timeout=5)
+    held = await adm.acquire()
+    served: list[str] = []
+    low = await _queue_up(adm, "batch", 3, served, priority=0)
+    high = await _queue_up(adm, "interactive", 2, served, priority=1)
+    held.release()
+    await asyncio.gather(*low, *high)
+    assert served == ["interactive", "interactive", "batch", "batch", "batch"]
+
+
+async def test_full_queue_makes_room_for_a_smaller_tenant() -> None:
+    adm = Admission(limit=1, max_queued=4, queue_timeout=5)
+    held = await adm.acquire()
+    served: list[str] = []
+    flood = await _queue_up(adm, "a", 4, served)
+    # The queue is full of a's requests; b arrives: a's newest waiter gives up its place.
+    polite = await _queue_up(adm, "b", 1, served)
+    assert adm.queued_by_tenant() == {"a": 3, "b": 1}
+    await asyncio.sleep(0)
+    assert flood[-1].done() and isinstance(flood[-1].exception(), Overloaded)  # a's newest
+    held.release()
+    await asyncio.gather(*flood[:-1], *polite)
+    assert sorted(served) == ["a", "a", "a", "b"]
+    assert adm.in_flight == 0 and adm.queued == 0
+    # The same tenant arriving at a full queue is refused itself.
+    adm2 = Admission(limit=1, max_queued=1, queue_timeout=5)
+    h2 = await adm2.acquire()
+    first = asyncio.create_task(adm2.acquire(tenant="a"))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await adm2.acquire(tenant="a")
+    h2.release()
+    (await first).release()
