@@ -324,6 +324,7 @@ class PoolResponse(UpstreamResponse):
         self._pool = pool
         self._request = request
         self._member: Member | None = member
+        self._name = member.name
         self._resp = resp
         self._iter: AsyncIterator[bytes] = resp.chunks()
         self._tried = tried
@@ -333,8 +334,9 @@ class PoolResponse(UpstreamResponse):
         self.content_type = resp.content_type
 
     @property
-    def member_name(self) -> str | None:
-        return self._member.name if self._member else None
+    def member_name(self) -> str:
+        """The member that answered (or last tried); kept after ``aclose()`` for logs and metrics."""
+        return self._name
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self
@@ -391,6 +393,7 @@ class PoolResponse(UpstreamResponse):
             self._pool._release(old)
         member, resp = await self._pool._open(self._request, self._tried)
         self._member, self._resp, self._iter = member, resp, resp.chunks()
+        self._name = member.name
         if resp.status != self.status or resp.content_type.split(";")[0] != self.content_type.split(";")[0]:
             raise BadBackendResponse("The retried backend answered differently.")
 

@@ -207,6 +207,10 @@ async def test_drop_before_first_byte_is_retried() -> None:
         assert members[0].stats()["dropped"] >= 1
         assert pool.stats()[0]["errors"]["dropped"] == members[0].stats()["dropped"]
         assert members[1].stats()["completed"] == 6
+        resp = await pool.send(request(stream=True))
+        await resp.read(1 << 20)
+        await resp.aclose()
+        assert resp.member_name == members[1].url  # type: ignore[attr-defined]  # the retried one
 
 
 async def test_drop_mid_body_of_a_non_streamed_answer_is_retried() -> None:
