@@ -171,3 +171,34 @@ async def test_metrics_and_status_data_need_a_key_when_keys_are_set(
             assert (await client.get(gw.url + path)).status_code == 401
             r = await client.get(gw.url + path, headers={"authorization": "Bearer k1"})
             assert r.status_code == 200
+
+
+async def test_overhead_is_observed_once_the_relay_records_the_send_time(
+    obs_gateway: RunningGateway, client: httpx.AsyncClient
+) -> None:
+    gw = obs_gateway
+    r = await client.post(gw.url + CHAT, json=chat_body(max_tokens=2))
+    assert r.status_code == 200
+    got = await scrape(client, gw)
+    if got["vllm_gateway_overhead_seconds_count"] == 0:
+        pytest.xfail("the relay does not record upstream_sent_at yet")
+    assert got["vllm_gateway_overhead_seconds_count"] == 1
+    # The gateway's own time before the send is well under the whole request's.
+    assert got["vllm_gateway_overhead_seconds_sum"] < got[
+        f'vllm_gateway_request_duration_seconds_sum{{route="{CHAT}"}}']
+
+
+async def test_front_door_rejections_are_counted_once_the_hook_is_in(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
+    settings = Settings(backend_urls=(simulator.url,), api_keys=frozenset({"k1"}))
+    async with run_gateway(settings) as gw:
+        r = await client.post(gw.url + CHAT, json=chat_body(), headers={"x-request-id": "no-key"})
+        assert r.status_code == 401
+        r = await client.get(gw.url + "/metrics", headers={"authorization": "Bearer k1"})
+        got = samples(r.text)
+        key = (f'vllm_gateway_requests_total{{route="{CHAT}",status="401",'
+               f'outcome="authentication_error"}}')
+        if key not in got:
+            pytest.xfail("the front door does not report its own rejections yet")
+        assert got[key] == 1
