@@ -18,8 +18,9 @@ It reads a call duck-typed, so anything with ProxyCall's fields can be observed:
 is the record for requests the front door answers itself (401, 503 while draining).
 Optional fields a later change may add to ``ProxyCall`` are read with ``getattr``: ``tenant``,
 ``backend`` (the backend that served it; else the pool response's ``member_name``),
-``upstream_sent_at`` (perf_counter just before the
-upstream send) and ``ended_at`` (perf_counter when the last byte went to the client).
+``upstream_sent_at`` (perf_counter just before the upstream send) and ``ended_at``
+(perf_counter when the last byte went to the client; else the time the observer runs, which
+also counts closing the upstream response).
 """
 
 from __future__ import annotations
