@@ -12,15 +12,16 @@ from fastapi import FastAPI
 
 __all__ = ["CHAT_SCHEMA", "COMPLETION_SCHEMA", "install_openapi"]
 
+# Each may also be null, which the gateway (like vLLM) reads as "not given".
 _COMMON: dict[str, Any] = {
-    "model": {"type": "string", "minLength": 1},
-    "stream": {"type": "boolean"},
-    "stream_options": {"type": "object"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "n": {"type": "integer", "minimum": 1, "maximum": 16},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    "model": {"type": ["string", "null"], "minLength": 1},
+    "stream": {"type": ["boolean", "null"]},
+    "stream_options": {"type": ["object", "null"]},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 16},
+    "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+    "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
 }
 
 CHAT_SCHEMA: dict[str, Any] = {
