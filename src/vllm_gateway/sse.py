@@ -27,18 +27,25 @@ class FramingError(ValueError):
 
 
 class EventScanner:
-    __slots__ = ("_buf", "_max")
+    __slots__ = ("_buf", "_cr", "_max")
 
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
         self._buf = b""
+        self._cr = False
         self._max = max_event_bytes
 
     def feed(self, data: bytes) -> bytes:
         """Add bytes; return every complete event they finish (possibly b""), joined."""
+        if self._cr and data:
+            # The last read ended between a CR and its LF: that LF is already counted.
+            self._cr = False
+            if data[:1] == b"\n":
+                data = data[1:]
         if self._buf:
             data = self._buf + data
         if b"\r" in data:
             # SSE allows CRLF and CR line ends; normalise so one boundary test serves all.
+            self._cr = data.endswith(b"\r")
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         end = data.rfind(b"\n\n")
         if end < 0:
