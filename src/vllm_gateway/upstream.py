@@ -38,7 +38,7 @@ import orjson
 from .backend import Backend, UpstreamRequest, UpstreamResponse
 from .errors import BackendUnavailable, BadBackendResponse, UpstreamError
 
-__all__ = ["FastHTTPBackend", "UpstreamPool", "UpstreamHTTPResponse"]
+__all__ = ["FastHTTPBackend", "UpstreamHTTPResponse", "UpstreamPool"]
 
 HIGH_WATER = 256 << 10  # pause reading when this much body is buffered and unread
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -165,7 +165,7 @@ class UpstreamHTTPResponse(UpstreamResponse):
         if head is not None:
             self._head = None
             if not head.done():
-                head.set_exception(cause if err is None else _with_cause(err, cause))
+                head.set_exception(_with_cause(err, cause) if err is not None else (cause or _Stale()))
             return
         if self._error is None and not self._done:
             self._error = _with_cause(err or BackendUnavailable(), cause)
@@ -186,15 +186,17 @@ class UpstreamHTTPResponse(UpstreamResponse):
     def _hand_back(self) -> None:
         """After the message ended (and the parser returned): pool the connection or close it."""
         conn = self._conn
+        if conn is None:
+            return
         self._conn = None
-        conn.response = None  # type: ignore[union-attr]
+        conn.response = None
         if self._extra or not self._keep_alive:
-            conn.close()  # type: ignore[union-attr]
+            conn.close()
             return
         if self._paused:
             self._paused = False
             conn.transport.resume_reading()  # type: ignore[union-attr]
-        conn.pool._release(conn)  # type: ignore[union-attr]
+        conn.pool._release(conn)
 
     # --- httptools callbacks ----------------------------------------------------------------
 
