@@ -49,13 +49,14 @@ class _Stale(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    __slots__ = ("idle_since", "pool", "response", "reused", "transport")
+    __slots__ = ("idle", "idle_since", "pool", "response", "reused", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamHTTPResponse | None = None
         self.idle_since = 0.0
+        self.idle = False  # in the pool's idle stack
         self.reused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -395,11 +396,14 @@ class UpstreamPool:
         idle = self._idle
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, and the others may time out
+            conn.idle = False
             if loop.time() - conn.idle_since > self.idle_timeout:
                 # Every connection below this one is older still.
-                for old in (*idle, conn):
-                    old.close()
+                old = [*idle, conn]
                 idle.clear()
+                for stale in old:
+                    stale.idle = False
+                    stale.close()
                 return None
             if not conn.transport.is_closing():  # type: ignore[union-attr]
                 conn.reused = True
@@ -429,6 +433,7 @@ class UpstreamPool:
             return
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
+        conn.idle = True
         self._idle.append(conn)
         if self._sweep is None:
             self._sweep = loop.call_later(self.idle_timeout, self._sweep_idle, loop)
@@ -443,6 +448,7 @@ class UpstreamPool:
             n += 1
         old, idle[:n] = idle[:n], []
         for conn in old:
+            conn.idle = False
             conn.close()
         if idle:
             delay = max(0.05, idle[0].idle_since + self.idle_timeout - loop.time())
@@ -450,7 +456,8 @@ class UpstreamPool:
 
     def _forget(self, conn: _Connection) -> None:
         self._open.discard(conn)
-        if conn in self._idle:
+        if conn.idle:  # the server closed an idle connection (rare): O(n) is fine
+            conn.idle = False
             self._idle.remove(conn)
 
     async def aclose(self) -> None:
@@ -459,9 +466,11 @@ class UpstreamPool:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
+        for conn in self._idle:
+            conn.idle = False
+        self._idle.clear()
         for conn in list(self._open):
             conn.close()
-        self._idle.clear()
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
 
