@@ -8,8 +8,6 @@ request id are handled in the front door, so they cover both.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, errors
+from .auth import ANONYMOUS, KeyRing
 from .backend import Backend, UpstreamRequest
 from .errors import GatewayError, MethodNotAllowed, NotFound, ShuttingDown, Unauthorized
 from .gateway import Gateway
@@ -38,32 +37,6 @@ log = logging.getLogger("vllm_gateway")
 PROXY_ROUTES = frozenset({CHAT, COMPLETIONS})
 # Probes must answer without a key: orchestrators do not carry one.
 OPEN_ROUTES = frozenset({"/health/live", "/health/ready", "/v1/health"})
-
-
-class KeyRing:
-    """Client API keys, compared in constant time over digests (no early exit across keys)."""
-
-    def __init__(self, keys: frozenset[str]) -> None:
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
-
-    def __bool__(self) -> bool:
-        return bool(self._digests)
-
-    def check(self, scope: dict[str, Any]) -> bool:
-        presented = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    presented = token.strip()
-                break
-            if name == b"x-api-key":
-                presented = value.strip()
-        digest = hashlib.sha256(presented).digest()
-        ok = False
-        for known in self._digests:
-            ok |= hmac.compare_digest(digest, known)
-        return ok and bool(presented)
 
 
 class GatewayApp:
@@ -91,11 +64,17 @@ class GatewayApp:
             return
         path = scope["path"]
         request_id = new_request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        if (self._keys and path not in OPEN_ROUTES and scope["method"] != "OPTIONS"
-                and not self._keys.check(scope)):
-            await send_error(send, Unauthorized(), request_id, [(b"www-authenticate", b"Bearer")])
-            return
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        identity = ANONYMOUS
+        if self._keys and path not in OPEN_ROUTES and scope["method"] != "OPTIONS":
+            found = self._keys.identify(scope)
+            if found is None:
+                await send_error(send, Unauthorized(), request_id,
+                                 [(b"www-authenticate", b"Bearer")])
+                return
+            identity = found
+        state["identity"] = identity
         if path in PROXY_ROUTES:
             await self._proxy(scope, receive, send, request_id)
             return

@@ -17,6 +17,7 @@ from .backend import Backend
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .ratelimit import RateLimiter
     from .relay import ProxyCall
 
 __all__ = ["Gateway", "RequestObserver", "build_backend"]
@@ -41,7 +42,7 @@ def build_backend(settings: Settings) -> Backend:
         return EmbeddedBackend(model=model, served_model_names=None)
     from .http_backend import HTTPBackend
 
-    if len(settings.backend_urls) > 1:
+    if len(settings.backend_urls) > 1 or settings.backends_file:
         from .pool import PoolBackend
 
         return PoolBackend(settings)
@@ -67,6 +68,12 @@ class Gateway:
             settings.max_queued_requests,
             settings.queue_wait_timeout,
         )
+        self.ratelimiter: RateLimiter | None = None
+        if settings.rate_limit_rpm or settings.rate_limit_tpm:
+            from .ratelimit import RateLimiter
+
+            self.ratelimiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm,
+                                           redis_url=settings.redis_url)
         self.draining = False
         self.active: set[ProxyCall] = set()
         self.observers: list[RequestObserver] = []
@@ -79,9 +86,29 @@ class Gateway:
 
     async def start(self) -> None:
         await self.backend.start()
+        if self.ratelimiter is not None:
+            await self.ratelimiter.start()
 
     async def aclose(self) -> None:
         await self.backend.aclose()
+        if self.ratelimiter is not None:
+            await self.ratelimiter.aclose()
+
+    async def charge_tokens(self, call: ProxyCall) -> None:
+        """Charge a finished request's real token count against its tenant's token limit
+        (``acquire`` charged its max_tokens up front; this settles the difference)."""
+        from .observe import parse_usage
+
+        if self.ratelimiter is None or not self.settings.rate_limit_tpm or call.usage is None:
+            return
+        prompt, completion = parse_usage(call.usage)
+        if prompt is None and completion is None:
+            return
+        used = (prompt or 0) + (completion or 0)
+        try:
+            await self.ratelimiter.record_tokens(call.rate_key, used - call.requested_tokens)
+        except Exception:  # a limiter problem must never fail a finished request
+            log.exception("charging tokens for request %s failed", call.request_id)
 
     async def drain(self, deadline: float | None = None) -> None:
         """Stop admitting, fail the queue, wait for in-flight requests, then end the rest."""

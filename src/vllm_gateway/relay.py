@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from . import errors
+from .auth import ANONYMOUS
 from .backend import UpstreamRequest, UpstreamResponse
 from .errors import (
     BackendUnavailable,
@@ -164,13 +165,17 @@ class ProxyCall:
         "outcome",
         "path",
         "permit",
+        "priority",
         "queue_wait",
+        "rate_key",
         "request_id",
+        "requested_tokens",
         "response_started",
         "scope",
         "started_at",
         "status",
         "stream",
+        "tenant",
         "upstream",
         "usage",
     )
@@ -198,7 +203,15 @@ class ProxyCall:
         self.model: str | None = None
         self.stream = False
         self.chunks = 0
+        self.requested_tokens = 0
         self.usage: bytes | None = None
+        identity = scope.get("state", {}).get("identity", ANONYMOUS)
+        self.tenant: str = identity.tenant
+        self.priority: int = identity.priority
+        # Rate limits count per tenant; without keys, per client address.
+        client = scope.get("client")
+        self.rate_key = (f"ip:{client[0]}" if client else "anonymous") \
+            if identity is ANONYMOUS else identity.tenant
 
     # --- cancellation from outside ---------------------------------------------------------
 
@@ -257,6 +270,8 @@ class ProxyCall:
                 self.permit.release()
             gw.active.discard(self)
             gw.request_ended(self)
+            if gw.ratelimiter is not None and self.usage is not None:
+                await gw.charge_tokens(self)
 
     async def _fail(self, err: GatewayError) -> None:
         self.outcome = err.type
@@ -286,12 +301,17 @@ class ProxyCall:
         self._watcher = loop.create_task(self._watch_disconnect())
         if valid.model is not None and not await gw.model_exists(valid.model):
             raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
+        if gw.ratelimiter is not None:
+            self.requested_tokens = valid.requested_tokens
+            await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
-        self.permit = await gw.admission.acquire()
+        self.permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
         self.queue_wait = self.permit.queue_wait
         deadline = loop.time() + settings.request_timeout
+        session = header(self.scope, b"x-session-id")
         request = UpstreamRequest("POST", self.path, valid.body, valid.json, valid.stream,
-                                  self.request_id, valid.model)
+                                  self.request_id, valid.model,
+                                  {"x-session-id": session.decode("latin-1")} if session else {})
         first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
         try:
             async with asyncio.timeout_at(first_deadline):
@@ -333,6 +353,7 @@ class ProxyCall:
         if "json" not in upstream.content_type or not _is_json_object(body):
             raise BadBackendResponse("The backend's answer is not JSON.")
         self.outcome = "completed"
+        self.usage = body
         await self._respond(200, body, "application/json")
 
     async def _respond(self, status: int, body: bytes, content_type: str) -> None:
@@ -359,6 +380,7 @@ class ProxyCall:
         scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
         done = False
+        previous = b""
         try:
             async with asyncio.timeout_at(first_deadline) as timer:
                 while not done:
@@ -389,6 +411,10 @@ class ProxyCall:
                                     "headers": [*_SSE_HEADERS,
                                                 (b"x-request-id", self.request_id.encode())]})
                     await send({"type": "http.response.body", "body": block, "more_body": not done})
+                    if done:
+                        # The usage chunk, when asked for, is the last event before [DONE].
+                        self.usage = previous + block
+                    previous = block
                     timer.reschedule(min(deadline, loop.time() + idle))
         except TimeoutError:
             if loop.time() >= deadline:

@@ -54,6 +54,27 @@ class Settings:
     workers: int = 1
     # Client-facing protection.
     api_keys: frozenset[str] = frozenset()
+    rate_limit_rpm: float | None = None
+    rate_limit_tpm: float | None = None
+    redis_url: str | None = None
+    # A pool of backends (several VLLM_BACKEND_URLs, or a backends file); see docs/pool.md.
+    backends_file: str | None = None
+    pool_routing: str = "least_outstanding"
+    pool_affinity_prefix_chars: int = 512
+    pool_affinity_yield_factor: float = 2.0
+    pool_max_outstanding: int | None = None
+    pool_admission_wait: float = 1.0
+    pool_health_interval: float = 2.0
+    pool_health_timeout: float = 1.0
+    pool_health_fail_threshold: int = 2
+    pool_models_refresh_interval: float = 30.0
+    pool_watchdog_stall: float = 15.0
+    pool_canary_timeout: float = 5.0
+    pool_eject_after_failures: int = 3
+    pool_readmit_backoff: float = 1.0
+    pool_readmit_backoff_max: float = 60.0
+    pool_retry_budget_ratio: float = 0.2
+    pool_max_retries: int = 2
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     # Logs.
@@ -131,7 +152,48 @@ def _str_list(raw: str, var: str) -> tuple[str, ...]:
 
 
 def _key_set(raw: str, var: str) -> frozenset[str]:
-    return frozenset(_str_list(raw, var))
+    entries = frozenset(_str_list(raw, var))
+    _check_key_entries(entries, var)
+    return entries
+
+
+def _check_key_entries(entries: frozenset[str], var: str) -> None:
+    from .auth import parse_key_entry
+
+    for entry in entries:
+        try:
+            parse_key_entry(entry)
+        except ValueError as exc:
+            raise SettingsError(var, "<hidden>", f"has an entry KEY:TENANT:PRIORITY where {exc}") from None
+
+
+def _optional_rate(raw: str, var: str) -> float | None:
+    if not raw.strip():
+        return None
+    return _positive_float(raw, var)
+
+
+def _optional_int(raw: str, var: str) -> int | None:
+    return _int_range(1, 1_000_000)(raw, var) if raw.strip() else None
+
+
+def _ratio(raw: str, var: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(var, raw, "must be a number between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(var, raw, "must be a number between 0 and 1")
+    return value
+
+
+def _redis_url(raw: str, var: str) -> str | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(var, raw, "must be a redis://, rediss:// or unix:// URL")
+    return raw
 
 
 def _aliases(raw: str, var: str) -> dict[str, str]:
@@ -205,7 +267,52 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("workers", "VLLM_WORKERS", "--workers", _int_range(1, 256),
               "gateway worker processes"),
     FieldSpec("api_keys", "VLLM_API_KEYS", "--api-keys", _key_set,
-              "comma-separated client API keys; empty means no key is required"),
+              "comma-separated client API keys, each KEY[:TENANT[:PRIORITY]]; empty: no key needed"),
+    FieldSpec("rate_limit_rpm", "VLLM_RATE_LIMIT_RPM", "--rate-limit-rpm", _optional_rate,
+              "requests per minute allowed to each tenant (429 beyond); empty means no limit"),
+    FieldSpec("rate_limit_tpm", "VLLM_RATE_LIMIT_TPM", "--rate-limit-tpm", _optional_rate,
+              "tokens per minute allowed to each tenant (429 beyond); empty means no limit"),
+    FieldSpec("redis_url", "VLLM_REDIS_URL", "--redis-url", _redis_url,
+              "Redis shared by gateway replicas for rate limits; per-replica limits without it"),
+    FieldSpec("backends_file", "VLLM_BACKENDS_FILE", "--backends-file", _optional_str,
+              "YAML or JSON file listing backends with weights and models (a pool)"),
+    FieldSpec("pool_routing", "VLLM_POOL_ROUTING", "--pool-routing",
+              _choice("least_outstanding", "session", "prefix"), "how a pool picks a backend"),
+    FieldSpec("pool_affinity_prefix_chars", "VLLM_POOL_AFFINITY_PREFIX_CHARS",
+              "--pool-affinity-prefix-chars", _int_range(1, 1_000_000),
+              "prompt characters hashed for prefix affinity"),
+    FieldSpec("pool_affinity_yield_factor", "VLLM_POOL_AFFINITY_YIELD_FACTOR",
+              "--pool-affinity-yield-factor", _positive_float,
+              "affinity yields when its backend is this many times busier than the least busy"),
+    FieldSpec("pool_max_outstanding", "VLLM_POOL_MAX_OUTSTANDING", "--pool-max-outstanding",
+              _optional_int, "in-flight limit per backend of a pool; empty means none"),
+    FieldSpec("pool_admission_wait", "VLLM_POOL_ADMISSION_WAIT_SECONDS", "--pool-admission-wait",
+              _positive_float, "wait for a pool backend with room, then 503"),
+    FieldSpec("pool_health_interval", "VLLM_POOL_HEALTH_INTERVAL_SECONDS",
+              "--pool-health-interval", _positive_float, "seconds between active health checks"),
+    FieldSpec("pool_health_timeout", "VLLM_POOL_HEALTH_TIMEOUT_SECONDS", "--pool-health-timeout",
+              _positive_float, "bound on one health check"),
+    FieldSpec("pool_health_fail_threshold", "VLLM_POOL_HEALTH_FAIL_THRESHOLD",
+              "--pool-health-fail-threshold", _int_range(1, 1000),
+              "failed health checks before a backend is taken out"),
+    FieldSpec("pool_models_refresh_interval", "VLLM_POOL_MODELS_REFRESH_SECONDS",
+              "--pool-models-refresh-interval", _positive_float,
+              "seconds between refreshes of each backend's model list"),
+    FieldSpec("pool_watchdog_stall", "VLLM_POOL_WATCHDOG_STALL_SECONDS", "--pool-watchdog-stall",
+              _positive_float, "a busy backend silent this long gets a canary generation"),
+    FieldSpec("pool_canary_timeout", "VLLM_POOL_CANARY_TIMEOUT_SECONDS", "--pool-canary-timeout",
+              _positive_float, "bound on the watchdog's canary generation"),
+    FieldSpec("pool_eject_after_failures", "VLLM_POOL_EJECT_AFTER_FAILURES",
+              "--pool-eject-after-failures", _int_range(1, 1000),
+              "consecutive request failures before a backend is ejected"),
+    FieldSpec("pool_readmit_backoff", "VLLM_POOL_READMIT_BACKOFF_SECONDS",
+              "--pool-readmit-backoff", _positive_float, "first wait before re-admitting"),
+    FieldSpec("pool_readmit_backoff_max", "VLLM_POOL_READMIT_BACKOFF_MAX_SECONDS",
+              "--pool-readmit-backoff-max", _positive_float, "longest wait before re-admitting"),
+    FieldSpec("pool_retry_budget_ratio", "VLLM_POOL_RETRY_BUDGET_RATIO", "--pool-retry-budget-ratio",
+              _ratio, "retries allowed as a share of recent requests"),
+    FieldSpec("pool_max_retries", "VLLM_POOL_MAX_RETRIES", "--pool-max-retries",
+              _int_range(0, 10), "retries of one request on other backends, before its first byte"),
     FieldSpec("max_body_bytes", "VLLM_MAX_BODY_BYTES", "--max-body-bytes",
               _int_range(1024, 1 << 30), "largest request body accepted"),
     FieldSpec("cors_origins", "VLLM_CORS_ORIGINS", "--cors-origins", _str_list,
@@ -260,7 +367,9 @@ def _read_keys_file(path: str) -> frozenset[str]:
             lines = handle.read().splitlines()
     except OSError as exc:
         raise SettingsError("VLLM_API_KEYS_FILE", path, f"cannot be read ({exc.strerror})") from None
-    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    entries = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+    _check_key_entries(entries, "VLLM_API_KEYS_FILE")
+    return entries
 
 
 def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | None]) -> None:

@@ -30,6 +30,7 @@ class ValidRequest:
     json: dict[str, Any]
     model: str | None
     stream: bool
+    requested_tokens: int = 0  # max_tokens (or max_completion_tokens) when given
 
 
 def _number(obj: Mapping[str, Any], key: str) -> float | None:
@@ -86,8 +87,9 @@ def validate_body(path: str, body: bytes, aliases: Mapping[str, str]) -> ValidRe
         if not isinstance(prompt, (str, list)):
             raise InvalidRequest("'prompt' must be a string or a list.", param="prompt")
 
-    _positive_int(obj, "max_tokens")
-    _positive_int(obj, "max_completion_tokens")
+    requested = _positive_int(obj, "max_tokens") or _positive_int(obj, "max_completion_tokens") or 0
+    if requested == 0:
+        _positive_int(obj, "max_completion_tokens")
     _positive_int(obj, "n", MAX_N)
     temperature = _number(obj, "temperature")
     if temperature is not None and not 0.0 <= temperature <= 2.0:
@@ -103,4 +105,4 @@ def validate_body(path: str, body: bytes, aliases: Mapping[str, str]) -> ValidRe
         model = aliases[model]
         obj["model"] = model
         body = orjson.dumps(obj)
-    return ValidRequest(body=body, json=obj, model=model, stream=stream)
+    return ValidRequest(body=body, json=obj, model=model, stream=stream, requested_tokens=requested)
