@@ -280,7 +280,11 @@ class EmbeddedBackend(Backend):
             return self._json(await handler.show_available_models(), 200)
         raw_request = self._raw_request(request)
         try:
-            body = request.json if request.json is not None else orjson.loads(request.body or b"{}")
+            body: Any = request.json
+            if body is None:
+                body = orjson.loads(request.body or b"{}")
+            elif isinstance(body, Mapping) and not isinstance(body, dict):
+                body = dict(body)  # pydantic validates dicts, not other mappings
             parsed = vllm.requests[route].model_validate(body)
         except orjson.JSONDecodeError as exc:
             raise errors.InvalidJSON() from exc
