@@ -24,7 +24,7 @@ from .auth import ANONYMOUS, KeyRing
 from .backend import Backend, UpstreamRequest
 from .errors import GatewayError, MethodNotAllowed, NotFound, ShuttingDown, Unauthorized
 from .gateway import Gateway
-from .observe import install_observability
+from .observe import RejectedCall, install_observability
 from .openapi import install_openapi
 from .relay import ProxyCall, new_request_id, send_error
 from .settings import Settings
@@ -70,8 +70,9 @@ class GatewayApp:
         if self._keys and path not in OPEN_ROUTES and scope["method"] != "OPTIONS":
             found = self._keys.identify(scope)
             if found is None:
-                await send_error(send, Unauthorized(), request_id,
-                                 [(b"www-authenticate", b"Bearer")])
+                err: GatewayError = Unauthorized()
+                await send_error(send, err, request_id, [(b"www-authenticate", b"Bearer")])
+                self.gateway.request_ended(RejectedCall(request_id, path, err))
                 return
             identity = found
         state["identity"] = identity
@@ -82,10 +83,13 @@ class GatewayApp:
 
     async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, request_id: str) -> None:
         if scope["method"] != "POST":
-            await send_error(send, MethodNotAllowed(), request_id, [(b"allow", b"POST")])
+            err: GatewayError = MethodNotAllowed()
+            await send_error(send, err, request_id, [(b"allow", b"POST")])
+            self.gateway.request_ended(RejectedCall(request_id, scope["path"], err))
         elif self.gateway.draining:
-            await send_error(send, ShuttingDown(retry_after=self.gateway.admission.estimate_wait()),
-                             request_id)
+            err = ShuttingDown(retry_after=self.gateway.admission.estimate_wait())
+            await send_error(send, err, request_id)
+            self.gateway.request_ended(RejectedCall(request_id, scope["path"], err))
         else:
             await ProxyCall(self.gateway, scope, receive, send, request_id).run()
 

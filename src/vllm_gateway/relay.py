@@ -159,6 +159,7 @@ class ProxyCall:
         "_watcher",
         "cancel_reason",
         "chunks",
+        "ended_at",
         "finished",
         "first_byte_at",
         "model",
@@ -177,6 +178,7 @@ class ProxyCall:
         "stream",
         "tenant",
         "upstream",
+        "upstream_sent_at",
         "usage",
     )
 
@@ -205,6 +207,8 @@ class ProxyCall:
         self.chunks = 0
         self.requested_tokens = 0
         self.usage: bytes | None = None
+        self.upstream_sent_at: float | None = None
+        self.ended_at: float | None = None
         identity = scope.get("state", {}).get("identity", ANONYMOUS)
         self.tenant: str = identity.tenant
         self.priority: int = identity.priority
@@ -217,6 +221,10 @@ class ProxyCall:
 
     def cancel(self, reason: str) -> None:
         if self.finished or self.cancel_reason is not None or self._task is None:
+            return
+        if reason == "client_gone" and self.ended_at is not None:
+            # uvicorn answers receive() with http.disconnect as soon as a response is complete:
+            # the client got everything, it did not leave.
             return
         self.cancel_reason = reason
         self._task.cancel()
@@ -315,6 +323,7 @@ class ProxyCall:
         first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
         try:
             async with asyncio.timeout_at(first_deadline):
+                self.upstream_sent_at = time.perf_counter()
                 self.upstream = await gw.backend.send(request)
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
@@ -369,6 +378,7 @@ class ProxyCall:
             ],
         })
         await self._send({"type": "http.response.body", "body": body})
+        self.ended_at = time.perf_counter()
 
     async def _relay_stream(self, upstream: UpstreamResponse, first_deadline: float,
                             deadline: float) -> None:
@@ -420,6 +430,7 @@ class ProxyCall:
             if loop.time() >= deadline:
                 raise RequestTimeout() from None
             raise (StreamIdleTimeout() if self.response_started else FirstTokenTimeout()) from None
+        self.ended_at = time.perf_counter()
         if not done:
             raise BadBackendResponse("The backend ended the stream without [DONE].")
         self.outcome = "completed"
