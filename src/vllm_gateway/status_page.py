@@ -133,6 +133,9 @@ class StatusBoard:
                 "rejected_timeout_total": adm.rejected_timeout_total,
                 "requests_total": self.requests_total,
                 "errors_total": self.errors_total,
+                "active_calls": len(gw.active),
+                # Every task of this worker: a soak compares it before and after to find leaks.
+                "tasks": len(asyncio.all_tasks()),
             },
             "series": series,
             "backends": self.backends(),
