@@ -289,7 +289,8 @@ async def _tasks(http: Any, url: str) -> int | None:
         data = (await http.get(url + "/status/data")).json()
     except Exception:
         return None
-    value = data.get("tasks") if isinstance(data, dict) else None
+    live = data.get("live") if isinstance(data, dict) else None
+    value = live.get("tasks") if isinstance(live, dict) else None
     return int(value) if isinstance(value, (int, float)) else None
 
 
