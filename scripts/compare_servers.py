@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -120,8 +121,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def sim_call(sim: str, path: str, method: str = "GET") -> dict[str, Any]:
-    req = urllib.request.Request(sim + path, method=method, data=b"{}" if method == "POST" else None)
+def sim_call(sim: str, path: str, method: str = "GET", body: bytes = b"{}") -> dict[str, Any]:
+    req = urllib.request.Request(sim + path, method=method, data=body if method == "POST" else None)
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
@@ -141,6 +142,9 @@ def measure(server: str, client: str, sim: str, args: argparse.Namespace) -> dic
     try:
         out: dict[str, float] = {}
         for stream in (True, False):
+            # Streams at the set pace; non-streamed answers at once, so the gateway is what limits.
+            itl = float(args.itl) if stream else 0.0
+            sim_call(sim, "/sim/config", "POST", json.dumps({"itl": itl}).encode())
             sim_call(sim, "/sim/reset", "POST")
             c0, w0 = tree_cpu(proc.pid), time.perf_counter()
             bench(url, args.load_core, stream, args)
@@ -201,6 +205,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/compare-servers"))
     p.add_argument("--json")
     args = p.parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so the gateway and simulator children are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.serve == "uvicorn":
         return serve_uvicorn(args.port)
 

@@ -352,6 +352,10 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    def busy_connections(self) -> int:
+        """Connections carrying a request now (what a leak check wants to see at zero)."""
+        return len(self._open) - len(self._idle)
+
     # --- requests -------------------------------------------------------------------------
 
     async def request(self, method: str, path: str, head_lines: bytes = b"",
@@ -518,6 +522,10 @@ class FastHTTPBackend(Backend):
     def open_connections(self) -> int:
         """Connections held by the pool, idle or busy (for leak checks)."""
         return self._pool.open_connections() if self._pool is not None else 0
+
+    def busy_connections(self) -> int:
+        """Connections carrying a request now."""
+        return self._pool.busy_connections() if self._pool is not None else 0
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         lines = self._base_lines
