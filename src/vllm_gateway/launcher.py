@@ -228,6 +228,14 @@ class VllmChild:
         return self.process.returncode
 
 
+def describe_exit(code: int) -> str:
+    """``-9`` reads better as ``-9 (SIGKILL)``: Popen reports death by signal as minus its number."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"{code} ({signal.Signals(-code).name})"
+    return str(code)
+
+
 class ChildDied(RuntimeError):
     def __init__(self, code: int) -> None:
         self.code = code
@@ -304,7 +312,7 @@ def _watch_child(child: VllmChild, stopping: threading.Event, died: list[int]) -
     died.append(code)
     bar = "!" * 72
     lines = "\n".join(f"    {line}" for line in tail_lines(child.log_path, 15))
-    print(f"\n{bar}\n[up] vLLM (pid {child.pid}) DIED with exit code {code}; stopping the gateway.\n"
+    print(f"\n{bar}\n[up] vLLM (pid {child.pid}) DIED with exit code {describe_exit(code)}; stopping the gateway.\n"
           f"[up] last lines of {child.log_path}:\n{lines}\n{bar}", file=sys.stderr, flush=True)
     # The gateway drains on SIGTERM like on a user's stop; serve() then returns.
     os.kill(os.getpid(), signal.SIGTERM)
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             took = child.wait_healthy(args.vllm_startup_timeout, sys.stderr)
         except ChildDied as exc:
-            log(f"vLLM exited with code {exc.code} before it became healthy; last lines of {log_path}:")
+            log(f"vLLM exited with code {describe_exit(exc.code)} before it became healthy; last lines of {log_path}:")
             for line in tail_lines(log_path, 25):
                 print(f"    {line}", file=sys.stderr)
             return 1
@@ -391,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             code = 0
         stopping.set()
         if died:
-            log(f"exiting because vLLM died (exit code {died[0]})")
+            log(f"exiting because vLLM died (exit code {describe_exit(died[0])})")
             return 1
         return code
     finally:
