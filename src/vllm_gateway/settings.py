@@ -374,6 +374,9 @@ def _read_keys_file(path: str) -> frozenset[str]:
 
 def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | None]) -> None:
     if s.use_embedded_engine:
+        if s.workers > 1:
+            raise SettingsError(_name_of("workers", flags), s.workers,
+                                "must be 1 with the embedded engine (each worker would load the model)")
         if s.backend_urls:
             raise SettingsError(_name_of("backend_urls", flags), ",".join(s.backend_urls),
                                 "must be empty when the embedded engine is on")
