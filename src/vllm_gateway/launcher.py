@@ -284,7 +284,8 @@ def _print_ready(settings: Settings, model: str) -> None:
     if ":" in host:
         host = f"[{host}]"
     auth = " -H 'Authorization: Bearer YOUR_KEY'" if settings.api_keys else ""
-    body = json.dumps({"model": model, "stream": True, "messages": [
+    # temperature 0: a sampled answer from a 135M model is a poor first impression.
+    body = json.dumps({"model": model, "stream": True, "temperature": 0, "max_tokens": 64, "messages": [
         {"role": "user", "content": "What is the capital of France? Answer in one word."}]},
         separators=(",", ":"))
     print(
