@@ -104,16 +104,20 @@ class EmbeddedBackend(Backend):
         served_model_names: Sequence[str] | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
         *,
+        extra_args: Sequence[str] = (),
         vllm_env: Mapping[str, str] | None = None,
         environ: MutableMapping[str, str] | None = None,
     ) -> None:
         """``engine_kwargs`` are ``vllm serve`` arguments by their Python names (``AsyncEngineArgs``
         fields and frontend options: ``max_model_len``, ``kv_cache_memory_bytes``,
         ``disable_log_stats``, ``chat_template``...). ``vllm_env`` are variables set for vLLM when
-        unset (default ``DEFAULT_VLLM_ENV``); ``environ`` is the process environment (tests)."""
+        unset (default ``DEFAULT_VLLM_ENV``); ``environ`` is the process environment (tests).
+        ``extra_args`` are ``vllm serve`` command-line arguments (``VLLM_ENGINE_ARGS``), parsed by
+        vLLM's own parser before ``engine_kwargs`` are applied."""
         self.model = str(Path(model).expanduser()) if model.startswith("~") else model
         self.served_model_names = list(served_model_names) if served_model_names else None
         self.engine_kwargs = dict(engine_kwargs or {})
+        self.extra_args = list(extra_args)
         self.vllm_env = dict(DEFAULT_VLLM_ENV if vllm_env is None else vllm_env)
         self._environ = os.environ if environ is None else environ
         self._scrubbed: dict[str, str] = {}
@@ -232,7 +236,7 @@ class EmbeddedBackend(Backend):
         argv = ["--model", self.model]
         if self.served_model_names:
             argv += ["--served-model-name", *self.served_model_names]
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv + self.extra_args)
         for key, value in self.engine_kwargs.items():
             if not hasattr(args, key):
                 raise ValueError(f"unknown vLLM engine argument {key!r} in engine_kwargs")

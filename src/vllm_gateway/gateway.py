@@ -39,7 +39,7 @@ def build_backend(settings: Settings) -> Backend:
         from .embedded import EmbeddedBackend  # vLLM is imported only when asked for
 
         model = settings.model or _default_model()
-        return EmbeddedBackend(model=model, served_model_names=None)
+        return EmbeddedBackend(model=model, served_model_names=None, extra_args=settings.engine_args)
     from .http_backend import HTTPBackend
 
     if len(settings.backend_urls) > 1 or settings.backends_file:

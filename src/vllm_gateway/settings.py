@@ -36,6 +36,7 @@ class Settings:
     backend_urls: tuple[str, ...] = ("http://127.0.0.1:8001",)
     use_embedded_engine: bool = False
     model: str | None = None
+    engine_args: tuple[str, ...] = ()
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     backend_api_key: str | None = None
     # Admission.
@@ -220,6 +221,15 @@ def _choice(*choices: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _shell_words(raw: str, var: str) -> tuple[str, ...]:
+    import shlex
+
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise SettingsError(var, raw, f"is not a valid argument list ({exc})") from None
+
+
 def _host(raw: str, var: str) -> str:
     if not raw.strip() or any(c.isspace() for c in raw.strip()):
         raise SettingsError(var, raw, "must be a host name or address")
@@ -242,6 +252,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               "run an in-process vLLM AsyncLLM engine instead of calling a server"),
     FieldSpec("model", "VLLM_MODEL", "--model", _optional_str,
               "model for the embedded engine (a folder or a model name)"),
+    FieldSpec("engine_args", "VLLM_ENGINE_ARGS", "--engine-args", _shell_words,
+              "extra 'vllm serve' arguments for the embedded engine, e.g. '--max-model-len 4096'"),
     FieldSpec("model_aliases", "VLLM_MODEL_ALIASES", "--model-aliases", _aliases,
               "comma-separated alias=model pairs, e.g. gpt-oss-20b=openai/gpt-oss-20b"),
     FieldSpec("backend_api_key", "VLLM_BACKEND_API_KEY", "--backend-api-key", _optional_str,
