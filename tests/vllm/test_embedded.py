@@ -20,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from vllm_gateway.backend import UpstreamRequest, UpstreamResponse
+from vllm_gateway.backend import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.embedded import EmbeddedBackend, gateway_env_names
 
 # torch, transformers and vLLM warn about their own internals when the engine runs in-process.
@@ -315,3 +315,67 @@ async def test_bad_request_is_vllms_openai_error(
     assert answer["error"]["param"] == param
     assert answer["error"]["message"]
     assert backend.num_unfinished_requests() == 0
+
+
+# --- the whole gateway in embedded mode ------------------------------------------------------
+
+
+class _Borrowed(Backend):
+    """The module's engine, lent to a gateway whose lifespan must not start or stop it."""
+
+    def __init__(self, inner: EmbeddedBackend) -> None:
+        self.inner = inner
+        self.name = "embedded"
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        return await self.inner.send(request)
+
+    async def check_health(self, timeout: float) -> bool:
+        return await self.inner.check_health(timeout)
+
+    async def model_ids(self, timeout: float) -> list[str] | None:
+        return await self.inner.model_ids(timeout)
+
+
+def test_embedded_mode_is_chosen_by_settings_and_rejects_several_workers() -> None:
+    from vllm_gateway.gateway import build_backend
+    from vllm_gateway.settings import SettingsError, load_settings
+
+    settings = load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_MODEL": "/models/x"})
+    backend = build_backend(settings)
+    assert isinstance(backend, EmbeddedBackend) and backend.model == "/models/x"
+    with pytest.raises(SettingsError):
+        load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_WORKERS": "2"})
+
+
+async def test_gateway_in_embedded_mode_streams_queues_and_aborts(backend: EmbeddedBackend) -> None:
+    from tests.conftest import run_gateway, wait_for
+    from tests.conftest import sse_events as parse_sse
+    from vllm_gateway.settings import Settings
+
+    settings = Settings(backend_urls=(), use_embedded_engine=True, max_concurrent_requests=1,
+                        queue_wait_timeout=1.0)
+    async with run_gateway(settings, backend=_Borrowed(backend)) as gw, \
+            httpx.AsyncClient(timeout=120) as client:
+        reply = await client.post(gw.url + "/v1/chat/completions", json=chat())
+        assert reply.status_code == 200
+        assert "paris" in reply.json()["choices"][0]["message"]["content"].lower()
+        assert reply.json()["usage"]["completion_tokens"] > 0
+
+        async with client.stream("POST", gw.url + "/v1/chat/completions",
+                                 json=chat(stream=True)) as resp:
+            events = parse_sse((await resp.aread()).decode())
+        assert events[-1] == "[DONE]"
+
+        # One slot: a long stream holds it, the next request waits and gets 503 at the timeout.
+        long = chat(stream=True, max_tokens=1000, ignore_eos=True)
+        async with client.stream("POST", gw.url + "/v1/chat/completions", json=long) as resp:
+            it = resp.aiter_raw()
+            await anext(it)
+            queued = await client.post(gw.url + "/v1/chat/completions", json=chat())
+            assert queued.status_code == 503
+            assert queued.json()["error"]["type"] == "queue_timeout"
+            assert backend.num_unfinished_requests() == 1
+        # Leaving mid-stream aborts the request in the engine.
+        await wait_for(lambda: backend.num_unfinished_requests() == 0, timeout=2.0)
+        await wait_for(lambda: gw.gateway.admission.in_flight == 0, timeout=2.0)
