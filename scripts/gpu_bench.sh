@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU benchmark of docs/performance.md, run on a machine with an NVIDIA GPU where vLLM is
+# installed and serving on 127.0.0.1:8001 (served model name "m"): the gateway in front of it,
+# `vllm-gateway bench` direct vs gateway in alternating rounds, and `vllm bench serve` through it.
+#
+#   scripts/gpu_bench.sh sweep OUT      # 64, 100, 256 users; gateway limit 256 (the relay's cost)
+#   scripts/gpu_bench.sh seed OUT       # 1,000 users against the seed's limit of 100
+#   scripts/gpu_bench.sh vllm OUT       # vLLM's own client, direct and through the gateway
+#   scripts/gpu_bench.sh embedded OUT   # the embedded engine (vLLM server stopped first)
+#
+# Environment: TOKENIZER (folder with the model's tokenizer, for `vllm bench serve`),
+# CLIENT_PROCS (load generator processes, default 4), ENGINE_ARGS (embedded engine arguments),
+# VLLM_URL, GW_PORT, SWEEP, USERS, NUM (to try the script against the simulator first).
+set -euo pipefail
+phase=${1:?phase}
+out=${2:?output folder}
+mkdir -p "$out"
+PY=${PYTHON:-python3}
+VLLM_URL=${VLLM_URL:-http://127.0.0.1:8001}
+GW_PORT=${GW_PORT:-7000}
+GW_URL=http://127.0.0.1:$GW_PORT
+CLIENT_PROCS=${CLIENT_PROCS:-4}
+BENCH=("$PY" -m vllm_gateway.bench --model m --max-tokens 256 --prompt-len 200 --ignore-eos
+       --client-procs "$CLIENT_PROCS" --goodput itl:200)
+
+start_gateway() {  # start_gateway LIMIT [extra serve args]: in its own session, logs in $out
+    local limit=$1; shift
+    stop_gateway
+    setsid "$PY" -m vllm_gateway serve --host 127.0.0.1 --port "$GW_PORT" \
+        --max-concurrent-requests "$limit" --max-queued-requests 5000 \
+        --queue-wait-timeout 60 --first-token-timeout 300 --request-timeout 600 \
+        --stream-idle-timeout 120 --log-level warning "$@" > "$out/gateway-$limit.log" 2>&1 &
+    echo $! > /root/gateway.pid
+    local t=0
+    until curl -sf "$GW_URL/health/ready" > /dev/null; do
+        sleep 1; t=$((t + 1))
+        kill -0 "$(cat /root/gateway.pid)" 2>/dev/null || { tail -30 "$out/gateway-$limit.log"; return 1; }
+        [ $t -lt 900 ] || { echo "gateway not ready"; tail -30 "$out/gateway-$limit.log"; return 1; }
+    done
+    echo "gateway ready (limit $limit) after ${t}s"
+}
+
+stop_gateway() {
+    if [ -f /root/gateway.pid ]; then
+        kill -TERM "$(cat /root/gateway.pid)" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$(cat /root/gateway.pid)" 2>/dev/null || break; sleep 1; done
+        rm -f /root/gateway.pid
+    fi
+}
+
+sample_running() {  # sample_running FILE URL: vLLM's running/waiting gauges once a second
+    "$PY" - "$1" "$2" <<'EOF' &
+import sys, time, urllib.request
+path, url = sys.argv[1], sys.argv[2]
+with open(path, "w") as out:
+    while True:
+        try:
+            text = urllib.request.urlopen(url + "/metrics", timeout=2).read().decode()
+        except Exception:
+            time.sleep(1)
+            continue
+        vals = {}
+        for line in text.splitlines():
+            for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                if line.startswith(name + "{") or line.startswith(name + " "):
+                    vals[name] = vals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        out.write(f"{time.time():.1f} {vals.get('vllm:num_requests_running', 0):.0f} "
+                  f"{vals.get('vllm:num_requests_waiting', 0):.0f}\n")
+        out.flush()
+        time.sleep(1)
+EOF
+    echo $!
+}
+
+case $phase in
+sweep)
+    start_gateway 256 --backend-url "$VLLM_URL"
+    "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
+        --sweep "${SWEEP:-64,100,256}" --num-requests "${NUM:-512}" --rounds 1 --out "$out/sweep"
+    ;;
+seed)
+    start_gateway 100 --backend-url "$VLLM_URL"
+    sampler=$(sample_running "$out/vllm-running.txt" "$VLLM_URL")
+    "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
+        --concurrency "${USERS:-1000}" --num-requests "${NUM:-2000}" --rounds 1 --timeout 900 \
+        --out "$out/seed1000"
+    kill "$sampler" || true
+    ;;
+vllm)
+    start_gateway 256 --backend-url "$VLLM_URL"
+    for target in direct gateway; do
+        url=$VLLM_URL; [ $target = gateway ] && url=$GW_URL
+        "$PY" -m vllm.entrypoints.cli.main bench serve --backend openai-chat \
+            --endpoint /v1/chat/completions --base-url "$url" --model m --tokenizer "$TOKENIZER" \
+            --dataset-name random --random-input-len 256 --random-output-len 256 \
+            --num-prompts 768 --max-concurrency 256 --ignore-eos --save-result \
+            --result-dir "$out" --result-filename "vllm-bench-$target.json" 2>&1 \
+            | grep -vE "^\s*$|it/s\]$" | tail -40
+    done
+    ;;
+embedded)
+    stop_gateway
+    pkill -f "vllm.entrypoints.openai.api_server" || true
+    sleep 5
+    export VLLM_USE_EMBEDDED_ENGINE=true VLLM_BACKEND_URL="" VLLM_MODEL="${EMBED_MODEL:?}"
+    export VLLM_ENGINE_ARGS="${ENGINE_ARGS:-}"
+    start_gateway 100
+    "${BENCH[@]}" --targets "embedded=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
+        --concurrency 100 --num-requests 400 --rounds 1 --out "$out/embedded100"
+    stop_gateway
+    ;;
+*)
+    echo "unknown phase $phase" >&2; exit 2 ;;
+esac
