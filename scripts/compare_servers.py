@@ -14,6 +14,11 @@ simulator, with the candidates alternated in rounds; the median over rounds is r
     python scripts/compare_servers.py --rounds 3
     python scripts/compare_servers.py --check-disconnect   # does a client leaving abort upstream?
 
+As the bench rig's gateway (added TTFT of one stream, with either client):
+
+    python -m vllm_gateway.bench --scenario single --gateway-cmd \
+      "python scripts/compare_servers.py --serve uvicorn --client upstream --backend {backend} --port {port}"
+
 Internal modes (how this script starts the gateway): ``--serve uvicorn|granian --client ...``.
 """
 
@@ -190,6 +195,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--serve", choices=("uvicorn",), help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--backend", help=argparse.SUPPRESS)
+    p.add_argument("--client", choices=("aiohttp", "upstream"), help=argparse.SUPPRESS)
     p.add_argument("--servers", nargs="+", default=["uvicorn", "granian"])
     p.add_argument("--clients", nargs="+", default=["aiohttp", "upstream"])
     p.add_argument("--rounds", type=int, default=3)
@@ -208,6 +215,11 @@ def main() -> int:
     # A SIGTERM unwinds like Ctrl-C, so the gateway and simulator children are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.serve == "uvicorn":
+        # Also usable as the bench rig's --gateway-cmd (--backend {backend} --port {port}).
+        if args.backend:
+            os.environ["GW_BACKEND"] = args.backend
+        if args.client:
+            os.environ["GW_CLIENT"] = args.client
         return serve_uvicorn(args.port)
 
     sim_proc = subprocess.Popen(
