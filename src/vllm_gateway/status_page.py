@@ -41,6 +41,13 @@ def _quantile(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _task_count() -> int | None:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop (a snapshot taken outside the server)
+        return None
+
+
 class StatusBoard:
     def __init__(self, gateway: Gateway, seconds: int = 600, recent_errors: int = 50) -> None:
         self.gateway = gateway
@@ -135,7 +142,7 @@ class StatusBoard:
                 "errors_total": self.errors_total,
                 "active_calls": len(gw.active),
                 # Every task of this worker: a soak compares it before and after to find leaks.
-                "tasks": len(asyncio.all_tasks()),
+                "tasks": _task_count(),
             },
             "series": series,
             "backends": self.backends(),
