@@ -46,6 +46,11 @@ def build_backend(settings: Settings) -> Backend:
         from .pool import PoolBackend
 
         return PoolBackend(settings)
+    if settings.http_client == "fast":
+        from .upstream import FastHTTPBackend
+
+        return FastHTTPBackend(settings.backend_urls[0], connect_timeout=settings.connect_timeout,
+                               api_key=settings.backend_api_key)
     return HTTPBackend(
         settings.backend_urls[0],
         connect_timeout=settings.connect_timeout,

@@ -123,6 +123,11 @@ class HTTPBackend(Backend):
         idle = sum(len(v) for v in getattr(connector, "_conns", {}).values())
         return acquired + idle
 
+    def busy_connections(self) -> int:
+        """Connections carrying a request now (for leak checks)."""
+        connector = self._session.connector if self._session else None
+        return len(getattr(connector, "_acquired", ())) if connector is not None else 0
+
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         headers = self._base_headers
         if request.request_id:

@@ -39,6 +39,7 @@ class Settings:
     engine_args: tuple[str, ...] = ()
     model_aliases: Mapping[str, str] = field(default_factory=dict)
     backend_api_key: str | None = None
+    http_client: str = "fast"
     # Admission.
     max_concurrent_requests: int = 100
     max_queued_requests: int = 1000
@@ -258,6 +259,8 @@ FIELDS: tuple[FieldSpec, ...] = (
               "comma-separated alias=model pairs, e.g. gpt-oss-20b=openai/gpt-oss-20b"),
     FieldSpec("backend_api_key", "VLLM_BACKEND_API_KEY", "--backend-api-key", _optional_str,
               "key the gateway sends to a backend started with --api-key"),
+    FieldSpec("http_client", "VLLM_HTTP_CLIENT", "--http-client", _choice("fast", "aiohttp"),
+              "client for the backend: the gateway's own lean HTTP/1.1 client, or aiohttp's"),
     FieldSpec("max_concurrent_requests", "VLLM_MAX_CONCURRENT_REQUESTS", "--max-concurrent-requests",
               _int_range(1, 1_000_000), "in-flight requests (the semaphore)"),
     FieldSpec("max_queued_requests", "VLLM_MAX_QUEUED_REQUESTS", "--max-queued-requests",

@@ -59,8 +59,7 @@ async def _gateway_for(url: str, **settings: Any) -> AsyncIterator[RunningGatewa
 
 
 def _acquired(gw: RunningGateway) -> int:
-    connector = gw.gateway.backend.session.connector  # type: ignore[attr-defined]
-    return len(connector._acquired)
+    return int(gw.gateway.backend.busy_connections())  # type: ignore[attr-defined]
 
 
 async def _settled(gw: RunningGateway, sim: Simulator | None = None, timeout: float = 5.0) -> None:
