@@ -14,11 +14,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
+from tests.conftest import chat_body, run_gateway, sse_events
 from vllm_gateway.backend import UpstreamRequest
 from vllm_gateway.errors import BackendUnavailable
+from vllm_gateway.settings import Settings
 from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
 from vllm_gateway.upstream import HIGH_WATER, FastHTTPBackend, UpstreamHTTPResponse
 
@@ -206,3 +209,46 @@ async def test_a_thousand_concurrent_streams_complete(sim: Simulator,
     assert all(b.endswith(b"data: [DONE]\n\n") and b.count(b"data: ") == 7 for b in bodies)
     assert sim.stats()["completed"] == 1000
     assert backend.open_connections() == backend.pool.idle_connections() == 1000
+
+
+async def test_error_status_body_is_read_and_the_connection_kept(
+        sim: Simulator, backend: FastHTTPBackend) -> None:
+    resp = await backend.send(chat(stream=False, status=500))
+    assert resp.status == 500 and "json" in resp.content_type
+    assert b"error" in await resp.read(1 << 20)
+    await resp.aclose()
+    assert backend.pool.idle_connections() == 1
+
+
+# --- through the gateway: the relay on FastHTTPBackend ------------------------------------------
+
+async def test_gateway_relays_a_stream_and_a_body_over_fast_backend(sim: Simulator) -> None:
+    backend = FastHTTPBackend(sim.url)
+    settings = Settings(backend_urls=(sim.url,))
+    async with run_gateway(settings, backend=backend) as gw, httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("POST", gw.url + "/v1/chat/completions",
+                                 json=chat_body(stream=True, max_tokens=6)) as r:
+            text = (await r.aread()).decode()
+        assert r.status_code == 200
+        events = sse_events(text)
+        assert events[-1] == "[DONE]" and len(events) == 6 + 2
+        r2 = await client.post(gw.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
+        assert r2.status_code == 200 and r2.json()["usage"]["completion_tokens"] == 3
+        await wait_for(lambda: backend.busy_connections() == 0)
+        assert backend.open_connections() == 1  # both went over one kept-alive connection
+
+
+async def test_gateway_client_leaving_aborts_upstream_over_fast_backend(sim: Simulator) -> None:
+    backend = FastHTTPBackend(sim.url)
+    settings = Settings(backend_urls=(sim.url,))
+    async with run_gateway(settings, backend=backend) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        body = orjson.dumps(chat_body(stream=True, max_tokens=500, vllm_sim={"itl": 0.02}))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        assert b" 200 " in await reader.readline()
+        await reader.readuntil(b"data: ")
+        writer.close()
+        await wait_for(lambda: sim.stats()["aborted"] == 1)
+        await wait_for(lambda: backend.open_connections() == 0)
