@@ -71,7 +71,9 @@ class PoolBackend(Backend):
         self.config = config if config is not None else PoolConfig.from_settings(settings, **overrides)
         connect_timeout = float(getattr(settings, "connect_timeout", 5.0))
         api_key = getattr(settings, "backend_api_key", None)
-        self.members = [Member(s, self.config, connect_timeout=connect_timeout, api_key=api_key)
+        http_client = str(getattr(settings, "http_client", "fast"))
+        self.members = [Member(s, self.config, connect_timeout=connect_timeout, api_key=api_key,
+                               http_client=http_client)
                         for s in specs]
         cfg = self.config
         self.budget = RetryBudget(cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window)

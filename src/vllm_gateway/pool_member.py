@@ -26,6 +26,7 @@ from typing import Any
 
 from .http_backend import HTTPBackend
 from .pool_config import BackendSpec, PoolConfig
+from .upstream import FastHTTPBackend
 
 __all__ = ["Member", "RetryBudget", "affinity_key", "choose"]
 
@@ -38,15 +39,17 @@ class Member:
     )
 
     def __init__(self, spec: BackendSpec, config: PoolConfig, *, connect_timeout: float,
-                 api_key: str | None) -> None:
+                 api_key: str | None, http_client: str = "fast") -> None:
         self.url = spec.url
         self.name = spec.name or spec.url
         self.weight = spec.weight
         self.limit = spec.max_outstanding if spec.max_outstanding is not None else config.max_outstanding
         self.declared_models = spec.models
         self.models: frozenset[str] | None = frozenset(spec.models) if spec.models else None
-        self.backend = HTTPBackend(spec.url, connect_timeout=connect_timeout, api_key=api_key,
-                                   name=self.name)
+        backend_class: type[HTTPBackend] | type[FastHTTPBackend] = (
+            FastHTTPBackend if http_client == "fast" else HTTPBackend)
+        self.backend = backend_class(spec.url, connect_timeout=connect_timeout, api_key=api_key,
+                                     name=self.name)
         self.in_flight = 0
         self.last_progress = time.monotonic()
         self.up = True
