@@ -26,7 +26,7 @@ check:          ## lint and types
 	$(PY) -m mypy
 
 bench:          ## the standard benchmark scenarios; report in bench-results/
-	$(PY) -m vllm_gateway.bench --scenario all --out bench-results/latest
+	./scripts/bench_all.sh bench-results/latest
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache test-artifacts
