@@ -89,26 +89,9 @@ class _Connection(asyncio.Protocol):
 class UpstreamHTTPResponse(UpstreamResponse):
     """The status, headers and body of one answer; its own async iterator over the body."""
 
-    __slots__ = (
-        "_buffered",
-        "_chunks",
-        "_conn",
-        "_content_length",
-        "_done",
-        "_error",
-        "_extra",
-        "_got_bytes",
-        "_head",
-        "_keep_alive",
-        "_loop",
-        "_parser",
-        "_paused",
-        "_until_eof",
-        "_waiter",
-        "content_type",
-        "headers",
-        "status",
-    )
+    __slots__ = ("_buffered", "_chunks", "_conn", "_content_length", "_done", "_error", "_extra",
+                 "_got_bytes", "_head", "_keep_alive", "_loop", "_parser", "_paused",
+                 "_until_eof", "_waiter", "content_type", "headers", "status")
 
     def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._conn: _Connection | None = conn
