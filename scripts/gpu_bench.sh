@@ -49,7 +49,9 @@ stop_gateway() {
 }
 
 sample_running() {  # sample_running FILE URL: vLLM's running/waiting gauges once a second
-    "$PY" - "$1" "$2" <<'EOF' &
+    # Its output goes to /dev/null: a background child holding the $(...) pipe would make the
+    # caller's command substitution wait for it forever.
+    "$PY" - "$1" "$2" > /dev/null 2>&1 <<'EOF' &
 import sys, time, urllib.request
 path, url = sys.argv[1], sys.argv[2]
 with open(path, "w") as out:
