@@ -51,8 +51,10 @@ class GatewayApp:
             from starlette.middleware.cors import CORSMiddleware
 
             self._entry = CORSMiddleware(
-                self._dispatch, allow_origins=list(gateway.settings.cors_origins),
-                allow_methods=["GET", "POST"], allow_headers=["*"],
+                self._dispatch,  # type: ignore[arg-type]
+                allow_origins=list(gateway.settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
             )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -99,8 +101,12 @@ def _error_response(err: GatewayError, request: Request) -> Response:
     headers = {k.decode(): v.decode() for k, v in err.headers()}
     if request_id:
         headers["x-request-id"] = request_id
-    return Response(errors.json_body(err, request_id), status_code=err.status,
-                    media_type="application/json", headers=headers)
+    return Response(
+        errors.json_body(err, request_id),
+        status_code=err.status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def create_api(gateway: Gateway) -> FastAPI:
@@ -113,8 +119,13 @@ def create_api(gateway: Gateway) -> FastAPI:
             # The server has already drained in-flight requests (see server.py); close the client.
             await gateway.aclose()
 
-    api = FastAPI(title="vllm-gateway", version=__version__, lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+    api = FastAPI(
+        title="vllm-gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
     api.state.gateway = gateway
 
     @api.exception_handler(GatewayError)
@@ -150,8 +161,9 @@ def create_api(gateway: Gateway) -> FastAPI:
         if gateway.draining:
             return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
         if not await gateway.backend.check_health(min(2.0, gateway.settings.connect_timeout)):
-            return JSONResponse({"status": "not_ready", "reason": "backend_unhealthy"},
-                                status_code=503)
+            return JSONResponse(
+                {"status": "not_ready", "reason": "backend_unhealthy"}, status_code=503
+            )
         return JSONResponse({"status": "ready"})
 
     @api.get("/v1/models")
@@ -171,7 +183,9 @@ async def _backend_models(backend: Backend, request_id: str, settings: Settings)
 
     try:
         async with asyncio.timeout(settings.first_token_timeout):
-            upstream = await backend.send(UpstreamRequest("GET", "/v1/models", request_id=request_id))
+            upstream = await backend.send(
+                UpstreamRequest("GET", "/v1/models", request_id=request_id)
+            )
             try:
                 body = await upstream.read(8 << 20)
             finally:

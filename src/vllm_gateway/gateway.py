@@ -17,6 +17,7 @@ from .backend import Backend
 from .settings import Settings
 
 if TYPE_CHECKING:
+    from .observe import RejectedCall
     from .ratelimit import RateLimiter
     from .relay import ProxyCall
 
@@ -31,7 +32,7 @@ _MODELS_TTL = 10.0
 class RequestObserver(Protocol):
     """Told about every proxied request when it ends (metrics, logs)."""
 
-    def request_ended(self, call: ProxyCall) -> None: ...
+    def request_ended(self, call: ProxyCall | RejectedCall) -> None: ...
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -39,7 +40,9 @@ def build_backend(settings: Settings) -> Backend:
         from .embedded import EmbeddedBackend  # vLLM is imported only when asked for
 
         model = settings.model or _default_model()
-        return EmbeddedBackend(model=model, served_model_names=None, extra_args=settings.engine_args)
+        return EmbeddedBackend(
+            model=model, served_model_names=None, extra_args=settings.engine_args
+        )
     from .http_backend import HTTPBackend
 
     if len(settings.backend_urls) > 1 or settings.backends_file:
@@ -49,8 +52,11 @@ def build_backend(settings: Settings) -> Backend:
     if settings.http_client == "fast":
         from .upstream import FastHTTPBackend
 
-        return FastHTTPBackend(settings.backend_urls[0], connect_timeout=settings.connect_timeout,
-                               api_key=settings.backend_api_key)
+        return FastHTTPBackend(
+            settings.backend_urls[0],
+            connect_timeout=settings.connect_timeout,
+            api_key=settings.backend_api_key,
+        )
     return HTTPBackend(
         settings.backend_urls[0],
         connect_timeout=settings.connect_timeout,
@@ -77,8 +83,9 @@ class Gateway:
         if settings.rate_limit_rpm or settings.rate_limit_tpm:
             from .ratelimit import RateLimiter
 
-            self.ratelimiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm,
-                                           redis_url=settings.redis_url)
+            self.ratelimiter = RateLimiter(
+                settings.rate_limit_rpm, settings.rate_limit_tpm, redis_url=settings.redis_url
+            )
         self.draining = False
         self.active: set[ProxyCall] = set()
         self.observers: list[RequestObserver] = []
@@ -144,8 +151,10 @@ class Gateway:
         if self._models_lock is None:
             self._models_lock = asyncio.Lock()
         async with self._models_lock:  # one refresh at a time; the rest reuse its answer
-            if self._models is None or now - self._models_at >= _MODELS_TTL or (
-                refresh and now - self._models_at > 1.0
+            if (
+                self._models is None
+                or now - self._models_at >= _MODELS_TTL
+                or (refresh and now - self._models_at > 1.0)
             ):
                 ids = await self.backend.model_ids(min(2.0, self.settings.connect_timeout))
                 if ids is not None:
@@ -162,7 +171,7 @@ class Gateway:
 
     # --- observation -----------------------------------------------------------------------
 
-    def request_ended(self, call: ProxyCall) -> None:
+    def request_ended(self, call: ProxyCall | RejectedCall) -> None:
         for observer in self.observers:
             try:
                 observer.request_ended(call)

@@ -65,6 +65,7 @@ _EOF_GRACE = 0.5
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
+
 def _is_json_object(body: bytes) -> bool:
     """A 200 is relayed only if it is whole: a truncated or garbled body must not look complete."""
     try:
@@ -98,7 +99,7 @@ def new_request_id(scope: dict[str, Any]) -> str:
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
-            return value  # type: ignore[no-any-return]
+            return value
     return None
 
 
@@ -182,8 +183,9 @@ class ProxyCall:
         "usage",
     )
 
-    def __init__(self, gw: Gateway, scope: dict[str, Any], receive: Receive, send: Send,
-                 request_id: str) -> None:
+    def __init__(
+        self, gw: Gateway, scope: dict[str, Any], receive: Receive, send: Send, request_id: str
+    ) -> None:
         self._gw = gw
         self.scope = scope
         self._receive = receive
@@ -214,8 +216,11 @@ class ProxyCall:
         self.priority: int = identity.priority
         # Rate limits count per tenant; without keys, per client address.
         client = scope.get("client")
-        self.rate_key = (f"ip:{client[0]}" if client else "anonymous") \
-            if identity is ANONYMOUS else identity.tenant
+        self.rate_key = (
+            (f"ip:{client[0]}" if client else "anonymous")
+            if identity is ANONYMOUS
+            else identity.tenant
+        )
 
     # --- cancellation from outside ---------------------------------------------------------
 
@@ -239,7 +244,8 @@ class ProxyCall:
     # --- the request's life ----------------------------------------------------------------
 
     async def run(self) -> None:
-        self._task = asyncio.current_task()
+        task = self._task = asyncio.current_task()
+        assert task is not None  # always run as a task by the server
         gw = self._gw
         gw.active.add(self)
         try:
@@ -250,10 +256,12 @@ class ProxyCall:
                     # Not ours (the server is cancelling the task): let it propagate.
                     self.outcome = "cancelled"
                     raise
-                if self._task.uncancel() > 0:
+                if task.uncancel() > 0:
                     raise
                 if self.cancel_reason == "shutdown":
-                    await self._fail(ShuttingDown("The gateway shut down before the request finished."))
+                    await self._fail(
+                        ShuttingDown("The gateway shut down before the request finished.")
+                    )
                 else:
                     self.outcome = "client_disconnected"
                     self.status = 499
@@ -284,17 +292,26 @@ class ProxyCall:
     async def _fail(self, err: GatewayError) -> None:
         self.outcome = err.type
         if isinstance(err, (BadBackendResponse, BackendUnavailable)) or err.status >= 500:
-            log.warning("request %s: %s: %s (caused by %r)", self.request_id, err.type, err.message,
-                        err.__cause__)
+            log.warning(
+                "request %s: %s: %s (caused by %r)",
+                self.request_id,
+                err.type,
+                err.message,
+                err.__cause__,
+            )
         try:
             if not self.response_started:
                 self.status = err.status
                 self.response_started = True
                 await send_error(self._send, err, self.request_id)
             else:
-                await self._send({"type": "http.response.body",
-                                  "body": errors.sse_event(err, self.request_id),
-                                  "more_body": False})
+                await self._send(
+                    {
+                        "type": "http.response.body",
+                        "body": errors.sse_event(err, self.request_id),
+                        "more_body": False,
+                    }
+                )
         except OSError:
             pass  # the client is gone too; nothing left to tell it
 
@@ -317,9 +334,16 @@ class ProxyCall:
         self.queue_wait = self.permit.queue_wait
         deadline = loop.time() + settings.request_timeout
         session = header(self.scope, b"x-session-id")
-        request = UpstreamRequest("POST", self.path, valid.body, valid.json, valid.stream,
-                                  self.request_id, valid.model,
-                                  {"x-session-id": session.decode("latin-1")} if session else {})
+        request = UpstreamRequest(
+            "POST",
+            self.path,
+            valid.body,
+            valid.json,
+            valid.stream,
+            self.request_id,
+            valid.model,
+            {"x-session-id": session.decode("latin-1")} if session else {},
+        )
         first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
         try:
             async with asyncio.timeout_at(first_deadline):
@@ -347,11 +371,14 @@ class ProxyCall:
             self.outcome = "client_error"
             await self._respond(upstream.status, body, upstream.content_type or "application/json")
             return
-        log.warning("request %s: backend answered %d: %.300r", self.request_id, upstream.status, body)
+        log.warning(
+            "request %s: backend answered %d: %.300r", self.request_id, upstream.status, body
+        )
         raise BadBackendResponse(f"The backend failed with status {upstream.status}.")
 
-    async def _relay_body(self, upstream: UpstreamResponse, first_deadline: float,
-                          deadline: float) -> None:
+    async def _relay_body(
+        self, upstream: UpstreamResponse, first_deadline: float, deadline: float
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(deadline):
@@ -368,22 +395,27 @@ class ProxyCall:
     async def _respond(self, status: int, body: bytes, content_type: str) -> None:
         self.status = status
         self.response_started = True
-        await self._send({
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode("latin-1")),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", self.request_id.encode()),
-            ],
-        })
+        await self._send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", content_type.encode("latin-1")),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", self.request_id.encode()),
+                ],
+            }
+        )
         await self._send({"type": "http.response.body", "body": body})
         self.ended_at = time.perf_counter()
 
-    async def _relay_stream(self, upstream: UpstreamResponse, first_deadline: float,
-                            deadline: float) -> None:
+    async def _relay_stream(
+        self, upstream: UpstreamResponse, first_deadline: float, deadline: float
+    ) -> None:
         if not upstream.content_type.startswith("text/event-stream"):
-            raise BadBackendResponse("The backend answered a stream request without an event stream.")
+            raise BadBackendResponse(
+                "The backend answered a stream request without an event stream."
+            )
         loop = asyncio.get_running_loop()
         idle = self._gw.settings.stream_idle_timeout
         send = self._send
@@ -409,7 +441,9 @@ class ProxyCall:
                         if kind == DONE:
                             done = True
                         elif kind == ERROR:
-                            log.warning("request %s: bad backend event: %.300r", self.request_id, event)
+                            log.warning(
+                                "request %s: bad backend event: %.300r", self.request_id, event
+                            )
                             raise BadBackendResponse("The backend reported an error mid-stream.")
                         else:
                             self.chunks += 1
@@ -417,9 +451,16 @@ class ProxyCall:
                         self.first_byte_at = time.perf_counter()
                         self.response_started = True
                         self.status = 200
-                        await send({"type": "http.response.start", "status": 200,
-                                    "headers": [*_SSE_HEADERS,
-                                                (b"x-request-id", self.request_id.encode())]})
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": 200,
+                                "headers": [
+                                    *_SSE_HEADERS,
+                                    (b"x-request-id", self.request_id.encode()),
+                                ],
+                            }
+                        )
                     await send({"type": "http.response.body", "body": block, "more_body": not done})
                     if done:
                         # The usage chunk, when asked for, is the last event before [DONE].
