@@ -38,12 +38,19 @@ async def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
     sims = [await start_simulator(sim_cfg) for _ in range(n)]
     pool = PoolBackend(
         specs=[BackendSpec(url=s.url) for s in sims],
-        config=PoolConfig(max_outstanding=args.capacity, admission_wait=60.0, health_interval=1.0,
-                          watchdog_stall=30.0),
+        config=PoolConfig(
+            max_outstanding=args.capacity,
+            admission_wait=60.0,
+            health_interval=1.0,
+            watchdog_stall=30.0,
+        ),
     )
     await pool.start()
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": args.tokens}
+    body = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": args.tokens,
+    }
     raw = orjson.dumps(body)
     done = 0
     errors = 0
@@ -101,9 +108,12 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         base = results[0]["requests_per_s"] / results[0]["members"] if results else None
         result["scaling"] = round(result["requests_per_s"] / base, 2) if base else 1.0
         results.append(result)
-        print(f"{n} member(s): {result['requests_per_s']:8.1f} req/s "
-              f"(ideal {result['ideal_requests_per_s']:.1f}, scaling x{result['scaling']:.2f}), "
-              f"errors {result['errors']}, per member {result['per_member_requests']}", flush=True)
+        print(
+            f"{n} member(s): {result['requests_per_s']:8.1f} req/s "
+            f"(ideal {result['ideal_requests_per_s']:.1f}, scaling x{result['scaling']:.2f}), "
+            f"errors {result['errors']}, per member {result['per_member_requests']}",
+            flush=True,
+        )
     return results
 
 

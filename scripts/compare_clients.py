@@ -71,16 +71,23 @@ class AiohttpClient(Client):
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5),
-            auto_decompress=False, trust_env=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"))
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
         self.headers = {"Content-Type": "application/json", "X-Request-ID": "bench"}
 
     async def close(self) -> None:
         await self.session.close()
 
     async def _send(self, body: bytes) -> Any:
-        return await self.session.request("POST", self.url + "/v1/completions", data=body,
-                                          headers=self.headers, allow_redirects=False)
+        return await self.session.request(
+            "POST",
+            self.url + "/v1/completions",
+            data=body,
+            headers=self.headers,
+            allow_redirects=False,
+        )
 
     async def stream(self, body: bytes) -> int:
         resp = await self._send(body)
@@ -116,8 +123,11 @@ class HttpxClient(Client):
         import httpx
 
         self.client = httpx.AsyncClient(
-            base_url=self.url, timeout=httpx.Timeout(None, connect=5), trust_env=False,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+            base_url=self.url,
+            timeout=httpx.Timeout(None, connect=5),
+            trust_env=False,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+        )
         self.headers = {"Content-Type": "application/json", "X-Request-ID": "bench"}
 
     async def close(self) -> None:
@@ -125,8 +135,9 @@ class HttpxClient(Client):
 
     async def stream(self, body: bytes) -> int:
         n = 0
-        async with self.client.stream("POST", "/v1/completions", content=body,
-                                      headers=self.headers) as resp:
+        async with self.client.stream(
+            "POST", "/v1/completions", content=body, headers=self.headers
+        ) as resp:
             async for data in resp.aiter_raw():
                 n += len(data)
         return n
@@ -137,8 +148,9 @@ class HttpxClient(Client):
 
     async def head(self, body: bytes) -> float:
         t0 = time.perf_counter()
-        async with self.client.stream("POST", "/v1/completions", content=body,
-                                      headers=self.headers) as resp:
+        async with self.client.stream(
+            "POST", "/v1/completions", content=body, headers=self.headers
+        ) as resp:
             t = time.perf_counter() - t0
             await resp.aread()
         return t
@@ -183,8 +195,15 @@ CLIENTS: dict[str, type[Client]] = {c.name: c for c in (AiohttpClient, HttpxClie
 
 
 def body(stream: bool, tokens: int, itl: float) -> bytes:
-    return orjson.dumps({"model": "sim-model", "prompt": "hello", "max_tokens": tokens,
-                         "stream": stream, "vllm_sim": {"ttft": 0, "itl": itl}})
+    return orjson.dumps(
+        {
+            "model": "sim-model",
+            "prompt": "hello",
+            "max_tokens": tokens,
+            "stream": stream,
+            "vllm_sim": {"ttft": 0, "itl": itl},
+        }
+    )
 
 
 def cpu() -> float:
@@ -209,8 +228,13 @@ async def run_streams(client: Client, n: int, tokens: int, itl: float) -> dict[s
 
     c, w, sizes = await measure(go)
     events = n * (tokens + 1)
-    return {"cpu_us_per_chunk": c / events * 1e6, "wall_s": w, "chunks": events,
-            "bytes": sum(sizes), "cpu_s": c}
+    return {
+        "cpu_us_per_chunk": c / events * 1e6,
+        "wall_s": w,
+        "chunks": events,
+        "bytes": sum(sizes),
+        "cpu_s": c,
+    }
 
 
 async def run_calls(client: Client, total: int, concurrency: int) -> dict[str, float]:
@@ -235,13 +259,26 @@ async def run_heads(client: Client, count: int) -> dict[str, float]:
     req = body(False, 1, 0)
     await client.head(req)
     times = sorted([await client.head(req) for _ in range(count)])
-    return {"head_us_p50": times[len(times) // 2] * 1e6,
-            "head_us_p90": times[int(len(times) * 0.9)] * 1e6}
+    return {
+        "head_us_p50": times[len(times) // 2] * 1e6,
+        "head_us_p90": times[int(len(times) * 0.9)] * 1e6,
+    }
 
 
 def start_simulator(core: str | None) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "vllm_gateway.simulator", "--host", "127.0.0.1", "--port", "0",
-           "--ttft", "0", "--itl", "0.01"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_gateway.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--ttft",
+        "0",
+        "--itl",
+        "0.01",
+    ]
     if core is not None:
         cmd = ["taskset", "-c", core, *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -283,7 +320,8 @@ def summarise(results: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]
         for name, runs in per.items():
             keys = runs[0].keys()
             out.setdefault(scenario, {})[name] = {
-                k: statistics.median(r[k] for r in runs) for k in keys}
+                k: statistics.median(r[k] for r in runs) for k in keys
+            }
     return out
 
 

@@ -49,8 +49,9 @@ def make_app() -> Any:
     from vllm_gateway.settings import Settings
 
     url = os.environ["GW_BACKEND"]
-    settings = Settings().replace(backend_urls=(url,), max_concurrent_requests=2000,
-                                  max_queued_requests=2000)
+    settings = Settings().replace(
+        backend_urls=(url,), max_concurrent_requests=2000, max_queued_requests=2000
+    )
     backend = None
     if os.environ.get("GW_CLIENT") == "upstream":
         from vllm_gateway.upstream import FastHTTPBackend
@@ -93,16 +94,41 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def start_gateway(server: str, client: str, backend: str, core: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(
+    server: str, client: str, backend: str, core: str
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "GW_BACKEND": backend, "GW_CLIENT": client}
     if server == "uvicorn":
         cmd = [PY, str(HERE / "compare_servers.py"), "--serve", "uvicorn", "--port", str(port)]
     else:
-        cmd = [PY, "-m", "granian", "--interface", "asgi", "--factory", "--working-dir", str(HERE),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--loop", "uvloop",
-               "--runtime-mode", "st", "--runtime-threads", "1", "--no-ws", "--no-access-log",
-               "--log-level", "warning", "compare_servers:make_app"]
+        cmd = [
+            PY,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--factory",
+            "--working-dir",
+            str(HERE),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--loop",
+            "uvloop",
+            "--runtime-mode",
+            "st",
+            "--runtime-threads",
+            "1",
+            "--no-ws",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+            "compare_servers:make_app",
+        ]
     proc = subprocess.Popen(["taskset", "-c", core, *cmd], env=env, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -135,10 +161,28 @@ def sim_call(sim: str, path: str, method: str = "GET", body: bytes = b"{}") -> d
 def bench(url: str, core: str, stream: bool, args: argparse.Namespace) -> None:
     n = args.num_requests if stream else args.nonstream_requests
     conc = args.concurrency if stream else args.nonstream_concurrency
-    cmd = ["taskset", "-c", core, PY, "-m", "vllm_gateway.bench", "--targets", f"gw={url}",
-           "--concurrency", str(conc), "--num-requests", str(n), "--max-tokens",
-           str(args.max_tokens if stream else 16), "--rounds", "1", "--no-warmup",
-           "--stream" if stream else "--no-stream", "--out", str(args.out / "bench")]
+    cmd = [
+        "taskset",
+        "-c",
+        core,
+        PY,
+        "-m",
+        "vllm_gateway.bench",
+        "--targets",
+        f"gw={url}",
+        "--concurrency",
+        str(conc),
+        "--num-requests",
+        str(n),
+        "--max-tokens",
+        str(args.max_tokens if stream else 16),
+        "--rounds",
+        "1",
+        "--no-warmup",
+        "--stream" if stream else "--no-stream",
+        "--out",
+        str(args.out / "bench"),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -174,11 +218,19 @@ def check_disconnect(server: str, client: str, sim: str, args: argparse.Namespac
     try:
         sim_call(sim, "/sim/reset", "POST")
         port = int(url.rsplit(":", 1)[1])
-        body = json.dumps({"model": "sim-model", "stream": True, "max_tokens": 500,
-                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        body = json.dumps(
+            {
+                "model": "sim-model",
+                "stream": True,
+                "max_tokens": 500,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        ).encode()
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             got = s.recv(65536)
             assert b"200" in got.split(b"\r\n")[0], got[:200]
         t0 = time.monotonic()
@@ -223,9 +275,25 @@ def main() -> int:
         return serve_uvicorn(args.port)
 
     sim_proc = subprocess.Popen(
-        ["taskset", "-c", args.load_core, PY, "-m", "vllm_gateway.simulator", "--host",
-         "127.0.0.1", "--port", "0", "--ttft", "0", "--itl", args.itl], stdout=subprocess.PIPE,
-        text=True)
+        [
+            "taskset",
+            "-c",
+            args.load_core,
+            PY,
+            "-m",
+            "vllm_gateway.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--ttft",
+            "0",
+            "--itl",
+            args.itl,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert sim_proc.stdout is not None
     m = re.search(r"(http://\S+)", sim_proc.stdout.readline())
     assert m, "simulator did not start"
@@ -241,8 +309,11 @@ def main() -> int:
             for s, c in combos:
                 r = measure(s, c, sim, args)
                 runs.setdefault(f"{s}+{c}", []).append(r)
-                print(f"round {rnd + 1} {s}+{c}: " + "  ".join(f"{k}={v:.1f}" for k, v in r.items()),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {rnd + 1} {s}+{c}: " + "  ".join(f"{k}={v:.1f}" for k, v in r.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
             combos = combos[1:] + combos[:1]
     finally:
         sim_proc.terminate()

@@ -1,6 +1,6 @@
 """Run the soak (reliability case R14); the same as ``python -m vllm_gateway.soak``.
 
-    python scripts/soak.py --duration 180 --out soak-report.json
+python scripts/soak.py --duration 180 --out soak-report.json
 """
 
 import sys

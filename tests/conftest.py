@@ -81,8 +81,12 @@ async def simulator() -> AsyncIterator[Simulator]:
 
 @pytest.fixture
 async def gateway(simulator: Simulator) -> AsyncIterator[RunningGateway]:
-    settings = Settings(backend_urls=(simulator.url,), max_concurrent_requests=4,
-                        max_queued_requests=8, queue_wait_timeout=1.0)
+    settings = Settings(
+        backend_urls=(simulator.url,),
+        max_concurrent_requests=4,
+        max_queued_requests=8,
+        queue_wait_timeout=1.0,
+    )
     async with run_gateway(settings) as gw:
         yield gw
 
@@ -93,15 +97,21 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-def chat_body(stream: bool = False, max_tokens: int = 8, model: str = "sim-model",
-              **extra: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hello"}],
-            "stream": stream, "max_tokens": max_tokens, **extra}
+def chat_body(
+    stream: bool = False, max_tokens: int = 8, model: str = "sim-model", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": stream,
+        "max_tokens": max_tokens,
+        **extra,
+    }
 
 
 def sse_events(text: str) -> list[str]:
     """The data payloads of an SSE body, in order."""
-    return [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
+    return [block[len("data: ") :] for block in text.split("\n\n") if block.startswith("data: ")]
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
@@ -132,7 +142,9 @@ class GatewayProcess:
 
 
 @contextlib.contextmanager
-def spawn_gateway(env: dict[str, str], *args: str, name: str = "gateway") -> Iterator[GatewayProcess]:
+def spawn_gateway(
+    env: dict[str, str], *args: str, name: str = "gateway"
+) -> Iterator[GatewayProcess]:
     """``vllm-gateway serve`` as a child process on a free port; waits until it listens."""
     ARTIFACTS.mkdir(exist_ok=True)
     port = free_port()
@@ -141,9 +153,20 @@ def spawn_gateway(env: dict[str, str], *args: str, name: str = "gateway") -> Ite
     full_env.update(env)
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_gateway", "serve", "--host", "127.0.0.1",
-             "--port", str(port), *args],
-            env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "vllm_gateway",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *args,
+            ],
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
     running = GatewayProcess(proc, f"http://127.0.0.1:{port}", log_path)
     try:

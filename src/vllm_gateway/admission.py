@@ -111,8 +111,9 @@ class Admission:
 
     # --- acquiring -------------------------------------------------------------------------
 
-    async def acquire(self, timeout: float | None = None, tenant: str = "",
-                      priority: int = 0) -> Permit:
+    async def acquire(
+        self, timeout: float | None = None, tenant: str = "", priority: int = 0
+    ) -> Permit:
         """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
         if self._closed:
             raise ShuttingDown(retry_after=self._estimate_wait(1))
@@ -185,9 +186,12 @@ class Admission:
             fut = victim.waiters.pop()
             if not fut.done():
                 self.rejected_full_total += 1
-                fut.set_exception(Overloaded(
-                    "The queue is full and this tenant holds the largest share of it; retry later.",
-                    retry_after=self._estimate_wait(self._queued)))
+                fut.set_exception(
+                    Overloaded(
+                        "The queue is full and this tenant holds the largest share of it; retry later.",
+                        retry_after=self._estimate_wait(self._queued),
+                    )
+                )
                 self._forget(victim_key, victim)
                 return True
         return False

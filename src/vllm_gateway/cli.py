@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     entry = COMMANDS.get(argv[0])
     if entry is None:
-        print(f"vllm-gateway: unknown command {argv[0]!r}; try: {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(
+            f"vllm-gateway: unknown command {argv[0]!r}; try: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return entry[0](argv[1:])

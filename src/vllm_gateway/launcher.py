@@ -53,8 +53,17 @@ from vllm_gateway.settings import (
 
 __all__ = ["VllmChild", "build_vllm_command", "child_environment", "main", "served_names"]
 
-GPU_ARGS = ("--gpu-memory-utilization", "0.90", "--max-num-seqs", "256",
-            "--tensor-parallel-size", "1", "--dtype", "bfloat16", "--trust-remote-code")
+GPU_ARGS = (
+    "--gpu-memory-utilization",
+    "0.90",
+    "--max-num-seqs",
+    "256",
+    "--tensor-parallel-size",
+    "1",
+    "--dtype",
+    "bfloat16",
+    "--trust-remote-code",
+)
 # CPU equivalents: bf16 runs well with AVX-512; a short context keeps the KV cache small.
 CPU_ARGS = ("--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "256")
 CPU_KVCACHE_GIB = "2"
@@ -79,10 +88,19 @@ def build_vllm_command(
 ) -> list[str]:
     """The child's argv; ``extra`` comes last so that it overrides a default (vLLM keeps the last)."""
     return [
-        python, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model, "--served-model-name", *served_names(model),
-        "--host", "127.0.0.1", "--port", str(port),
-        *(GPU_ARGS if gpu else CPU_ARGS), *extra,
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        *served_names(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *(GPU_ARGS if gpu else CPU_ARGS),
+        *extra,
     ]
 
 
@@ -158,14 +176,20 @@ class VllmChild:
     model: str
 
     @classmethod
-    def start(cls, command: Sequence[str], env: Mapping[str, str], log_path: Path,
-              model: str, port: int) -> VllmChild:
+    def start(
+        cls, command: Sequence[str], env: Mapping[str, str], log_path: Path, model: str, port: int
+    ) -> VllmChild:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handle: IO[bytes] = log_path.open("ab")
         try:
             process = subprocess.Popen(
-                list(command), stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                env=dict(env), start_new_session=True, preexec_fn=_die_with_parent,
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             handle.close()  # the child holds its own descriptor
@@ -257,17 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # settings.add_arguments supplies --model (env VLLM_MODEL): here it names vLLM's model.
     add_arguments(parser)
-    parser.add_argument("--vllm-port", type=int, default=None,
-                        help="vLLM's loopback port (default: a free port)")
-    parser.add_argument("--vllm-arg", action="append", default=[], metavar="ARGS",
-                        help="extra vLLM arguments, shell-split, repeatable "
-                             "(e.g. --vllm-arg='--enforce-eager')")
-    parser.add_argument("--log-file", default=None,
-                        help="vLLM's log (default: <cache>/logs/vllm-<time>-<port>.log)")
-    parser.add_argument("--vllm-startup-timeout", type=float, default=1200.0,
-                        help="seconds to wait for vLLM's /health (first start compiles: minutes)")
-    parser.add_argument("--vllm-stop-timeout", type=float, default=30.0,
-                        help="seconds between SIGTERM and SIGKILL when stopping vLLM")
+    parser.add_argument(
+        "--vllm-port", type=int, default=None, help="vLLM's loopback port (default: a free port)"
+    )
+    parser.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="extra vLLM arguments, shell-split, repeatable (e.g. --vllm-arg='--enforce-eager')",
+    )
+    parser.add_argument(
+        "--log-file", default=None, help="vLLM's log (default: <cache>/logs/vllm-<time>-<port>.log)"
+    )
+    parser.add_argument(
+        "--vllm-startup-timeout",
+        type=float,
+        default=1200.0,
+        help="seconds to wait for vLLM's /health (first start compiles: minutes)",
+    )
+    parser.add_argument(
+        "--vllm-stop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds between SIGTERM and SIGKILL when stopping vLLM",
+    )
     return parser
 
 
@@ -285,9 +323,18 @@ def _print_ready(settings: Settings, model: str) -> None:
         host = f"[{host}]"
     auth = " -H 'Authorization: Bearer YOUR_KEY'" if settings.api_keys else ""
     # temperature 0: a sampled answer from a 135M model is a poor first impression.
-    body = json.dumps({"model": model, "stream": True, "temperature": 0, "max_tokens": 64, "messages": [
-        {"role": "user", "content": "What is the capital of France? Answer in one word."}]},
-        separators=(",", ":"))
+    body = json.dumps(
+        {
+            "model": model,
+            "stream": True,
+            "temperature": 0,
+            "max_tokens": 64,
+            "messages": [
+                {"role": "user", "content": "What is the capital of France? Answer in one word."}
+            ],
+        },
+        separators=(",", ":"),
+    )
     print(
         f"\nvllm-gateway is ready on http://{host}:{settings.port} (model {model}). Try:\n\n"
         f"  curl -N http://{host}:{settings.port}/v1/chat/completions "
@@ -313,8 +360,12 @@ def _watch_child(child: VllmChild, stopping: threading.Event, died: list[int]) -
     died.append(code)
     bar = "!" * 72
     lines = "\n".join(f"    {line}" for line in tail_lines(child.log_path, 15))
-    print(f"\n{bar}\n[up] vLLM (pid {child.pid}) DIED with exit code {describe_exit(code)}; stopping the gateway.\n"
-          f"[up] last lines of {child.log_path}:\n{lines}\n{bar}", file=sys.stderr, flush=True)
+    print(
+        f"\n{bar}\n[up] vLLM (pid {child.pid}) DIED with exit code {describe_exit(code)}; stopping the gateway.\n"
+        f"[up] last lines of {child.log_path}:\n{lines}\n{bar}",
+        file=sys.stderr,
+        flush=True,
+    )
     # The gateway drains on SIGTERM like on a user's stop; serve() then returns.
     os.kill(os.getpid(), signal.SIGTERM)
 
@@ -351,8 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     extra = [part for chunk in args.vllm_arg for part in shlex.split(chunk)]
     command = build_vllm_command(sys.executable, model, port, gpu=gpu, extra=extra)
-    log_path = Path(args.log_file) if args.log_file else (
-        model_prep.default_cache_dir(env) / "logs" / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
+    log_path = (
+        Path(args.log_file)
+        if args.log_file
+        else (
+            model_prep.default_cache_dir(env)
+            / "logs"
+            / f"vllm-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
+        )
     )
     short = served_names(model)[0]
 
@@ -368,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             took = child.wait_healthy(args.vllm_startup_timeout, sys.stderr)
         except ChildDied as exc:
-            log(f"vLLM exited with code {describe_exit(exc.code)} before it became healthy; last lines of {log_path}:")
+            log(
+                f"vLLM exited with code {describe_exit(exc.code)} before it became healthy; last lines of {log_path}:"
+            )
             for line in tail_lines(log_path, 25):
                 print(f"    {line}", file=sys.stderr)
             return 1
@@ -386,10 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_gateway.server import serve
 
         configure_logging(settings)
-        threading.Thread(target=_watch_child, args=(child, stopping, died),
-                         name="vllm-watch", daemon=True).start()
-        threading.Thread(target=_announce_when_ready, args=(settings, short, stopping),
-                         name="ready-banner", daemon=True).start()
+        threading.Thread(
+            target=_watch_child, args=(child, stopping, died), name="vllm-watch", daemon=True
+        ).start()
+        threading.Thread(
+            target=_announce_when_ready,
+            args=(settings, short, stopping),
+            name="ready-banner",
+            daemon=True,
+        ).start()
         # serve() drains on SIGINT/SIGTERM. uvicorn re-raises a captured signal once it has
         # stopped, and a server that installs no handlers would see it directly: either way the
         # signal surfaces here as an exception, and means "stopped on request".

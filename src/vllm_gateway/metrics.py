@@ -115,8 +115,9 @@ class Counter(_Metric):
     def render(self) -> list[str]:
         out = self._header()
         for values, child in self._children.items():
-            out.append(f"{self.name}{_label_text(self.labelnames, values)} "
-                       f"{format_value(child.value)}")
+            out.append(
+                f"{self.name}{_label_text(self.labelnames, values)} {format_value(child.value)}"
+            )
         return out
 
 
@@ -125,8 +126,13 @@ class Gauge(_Metric):
 
     kind = "gauge"
 
-    def __init__(self, name: str, help: str, read: Callable[[], Iterable[Sample]],
-                 labelnames: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        read: Callable[[], Iterable[Sample]],
+        labelnames: Sequence[str] = (),
+    ) -> None:
         super().__init__(name, help, labelnames)
         self._read = read
 
@@ -158,8 +164,9 @@ class Histogram(_Metric):
 
     kind = "histogram"
 
-    def __init__(self, name: str, help: str, buckets: Sequence[float],
-                 labelnames: Sequence[str] = ()) -> None:
+    def __init__(
+        self, name: str, help: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
+    ) -> None:
         super().__init__(name, help, labelnames)
         bounds = tuple(sorted(float(b) for b in buckets if b != math.inf))
         if not bounds:

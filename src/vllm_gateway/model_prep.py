@@ -167,8 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m vllm_gateway.model_prep",
         description=f"Convert the packaged {DEFAULT_MODEL_NAME} GGUF into a folder vLLM loads.",
     )
-    parser.add_argument("--cache-dir", default=None,
-                        help="cache root (env VLLM_GATEWAY_CACHE, default ~/.cache/vllm-gateway)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache root (env VLLM_GATEWAY_CACHE, default ~/.cache/vllm-gateway)",
+    )
     args = parser.parse_args(argv)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir(os.environ)
     try:

@@ -69,12 +69,23 @@ def _error_types() -> set[str]:
 
 
 # Outcomes of the relay plus every error ``type`` of the error tree; anything else is "other".
-OUTCOMES = frozenset({"completed", "client_disconnected", "client_error", "cancelled", "other",
-                      *_error_types()})
+OUTCOMES = frozenset(
+    {"completed", "client_disconnected", "client_error", "cancelled", "other", *_error_types()}
+)
 # Outcomes that say the backend failed us: counted per backend as well.
-BACKEND_ERROR_TYPES = frozenset({cls.type for cls in (
-    errors.BackendUnavailable, errors.BadBackendResponse, errors.FirstTokenTimeout,
-    errors.StreamIdleTimeout, errors.RequestTimeout, errors.UpstreamError)})
+BACKEND_ERROR_TYPES = frozenset(
+    {
+        cls.type
+        for cls in (
+            errors.BackendUnavailable,
+            errors.BadBackendResponse,
+            errors.FirstTokenTimeout,
+            errors.StreamIdleTimeout,
+            errors.RequestTimeout,
+            errors.UpstreamError,
+        )
+    }
+)
 
 # Bucket bounds in seconds. Latencies of an LLM span milliseconds (queue, TTFT) to minutes (whole
 # requests); the gateway's own overhead is sub-millisecond.
@@ -96,7 +107,7 @@ def _int_after(data: bytes, key: bytes) -> int | None:
     at = data.rfind(key)
     if at < 0:
         return None
-    rest = data[at + len(key):at + len(key) + 32].lstrip(_WHITESPACE)
+    rest = data[at + len(key) : at + len(key) + 32].lstrip(_WHITESPACE)
     if not rest.startswith(b":"):
         return None
     rest = rest[1:].lstrip(_WHITESPACE)
@@ -147,8 +158,9 @@ class RejectedCall:
         "usage",
     )
 
-    def __init__(self, request_id: str, path: str, err: errors.GatewayError,
-                 started_at: float | None = None) -> None:
+    def __init__(
+        self, request_id: str, path: str, err: errors.GatewayError, started_at: float | None = None
+    ) -> None:
         self.request_id = request_id
         self.path = path
         self.status = err.status
@@ -170,51 +182,118 @@ class GatewayMetrics:
         self.gateway = gateway
         self._observer = observer
         r = self.registry = Registry()
-        self.requests = r.register(Counter(
-            "vllm_gateway_requests_total",
-            "Inference requests that ended, by route, HTTP status and outcome.",
-            ("route", "status", "outcome")))
-        r.register(Gauge("vllm_gateway_requests_in_flight",
-                         "Requests holding an admission slot now.",
-                         lambda: [((), gateway.admission.in_flight)]))
-        r.register(Gauge("vllm_gateway_queue_depth", "Requests waiting for an admission slot now.",
-                         lambda: [((), gateway.admission.queued)]))
-        r.register(Gauge("vllm_gateway_draining", "1 while the gateway drains for shutdown.",
-                         lambda: [((), 1.0 if gateway.draining else 0.0)]))
-        r.register(Gauge("vllm_gateway_admission_limit", "Most requests allowed in flight at once.",
-                         lambda: [((), gateway.admission.limit)]))
-        self.queue_wait = r.register(Histogram(
-            "vllm_gateway_queue_wait_seconds",
-            "Time an admitted request waited for its slot.", LATENCY_BUCKETS))
-        self.ttft = r.register(Histogram(
-            "vllm_gateway_time_to_first_token_seconds",
-            "From the request's arrival to its first byte to the client (queue wait included).",
-            LATENCY_BUCKETS))
-        self.itl = r.register(Histogram(
-            "vllm_gateway_inter_token_latency_seconds",
-            "Mean gap between content events of one stream, (end - first byte) / (events - 1), "
-            "observed once per stream.", ITL_BUCKETS))
-        self.duration = r.register(Histogram(
-            "vllm_gateway_request_duration_seconds",
-            "From the request's arrival to its end, by route.", DURATION_BUCKETS, ("route",)))
-        self.overhead = r.register(Histogram(
-            "vllm_gateway_overhead_seconds",
-            "The gateway's own time before the upstream send: arrival to upstream send, "
-            "minus the queue wait.", OVERHEAD_BUCKETS))
-        self.tokens = r.register(Counter(
-            "vllm_gateway_tokens_total", "Tokens reported by the backend's usage, by kind.",
-            ("kind",)))
-        r.register(Gauge("vllm_gateway_backend_in_flight", "Requests in flight on each backend.",
-                         lambda: self._backend_values("in_flight"), ("backend",)))
-        r.register(_CounterView("vllm_gateway_backend_errors_total",
-                                "Backend failures by backend and error type.",
-                                self._backend_errors, ("backend", "type")))
-        r.register(Gauge("vllm_gateway_backend_healthy",
-                         "1 if the backend passed its last health check, else 0.",
-                         lambda: self._backend_values("healthy"), ("backend",)))
-        r.register(_CounterView("vllm_gateway_backend_ejections_total",
-                                "Times a backend was taken out of the pool.",
-                                lambda: self._backend_values("ejections"), ("backend",)))
+        self.requests = r.register(
+            Counter(
+                "vllm_gateway_requests_total",
+                "Inference requests that ended, by route, HTTP status and outcome.",
+                ("route", "status", "outcome"),
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_requests_in_flight",
+                "Requests holding an admission slot now.",
+                lambda: [((), gateway.admission.in_flight)],
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_queue_depth",
+                "Requests waiting for an admission slot now.",
+                lambda: [((), gateway.admission.queued)],
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_draining",
+                "1 while the gateway drains for shutdown.",
+                lambda: [((), 1.0 if gateway.draining else 0.0)],
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_admission_limit",
+                "Most requests allowed in flight at once.",
+                lambda: [((), gateway.admission.limit)],
+            )
+        )
+        self.queue_wait = r.register(
+            Histogram(
+                "vllm_gateway_queue_wait_seconds",
+                "Time an admitted request waited for its slot.",
+                LATENCY_BUCKETS,
+            )
+        )
+        self.ttft = r.register(
+            Histogram(
+                "vllm_gateway_time_to_first_token_seconds",
+                "From the request's arrival to its first byte to the client (queue wait included).",
+                LATENCY_BUCKETS,
+            )
+        )
+        self.itl = r.register(
+            Histogram(
+                "vllm_gateway_inter_token_latency_seconds",
+                "Mean gap between content events of one stream, (end - first byte) / (events - 1), "
+                "observed once per stream.",
+                ITL_BUCKETS,
+            )
+        )
+        self.duration = r.register(
+            Histogram(
+                "vllm_gateway_request_duration_seconds",
+                "From the request's arrival to its end, by route.",
+                DURATION_BUCKETS,
+                ("route",),
+            )
+        )
+        self.overhead = r.register(
+            Histogram(
+                "vllm_gateway_overhead_seconds",
+                "The gateway's own time before the upstream send: arrival to upstream send, "
+                "minus the queue wait.",
+                OVERHEAD_BUCKETS,
+            )
+        )
+        self.tokens = r.register(
+            Counter(
+                "vllm_gateway_tokens_total",
+                "Tokens reported by the backend's usage, by kind.",
+                ("kind",),
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_backend_in_flight",
+                "Requests in flight on each backend.",
+                lambda: self._backend_values("in_flight"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_errors_total",
+                "Backend failures by backend and error type.",
+                self._backend_errors,
+                ("backend", "type"),
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_backend_healthy",
+                "1 if the backend passed its last health check, else 0.",
+                lambda: self._backend_values("healthy"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_ejections_total",
+                "Times a backend was taken out of the pool.",
+                lambda: self._backend_values("ejections"),
+                ("backend",),
+            )
+        )
 
     # --- per-backend state, from ``backend.stats()`` or the single-backend fallback ------------
 
@@ -227,13 +306,15 @@ class GatewayMetrics:
                 log.exception("backend stats() failed")
                 return []
         obs = self._observer
-        return [{
-            "name": backend_name(self.gateway),
-            "in_flight": self.gateway.admission.in_flight,
-            "healthy": None if obs is None else obs.backend_healthy,
-            "errors": {} if obs is None else dict(obs.backend_errors),
-            "ejections": 0,
-        }]
+        return [
+            {
+                "name": backend_name(self.gateway),
+                "in_flight": self.gateway.admission.in_flight,
+                "healthy": None if obs is None else obs.backend_healthy,
+                "errors": {} if obs is None else dict(obs.backend_errors),
+                "ejections": 0,
+            }
+        ]
 
     def _backend_values(self, key: str) -> Iterable[tuple[tuple[str, ...], float]]:
         for entry in self.backend_stats():
@@ -330,8 +411,16 @@ class Observer:
         if access_log.isEnabledFor(logging.INFO):
             self._log(call, route, outcome, duration, ttft, prompt, completion)
 
-    def _log(self, call: Any, route: str, outcome: str, duration: float, ttft: float | None,
-             prompt: int | None, completion: int | None) -> None:
+    def _log(
+        self,
+        call: Any,
+        route: str,
+        outcome: str,
+        duration: float,
+        ttft: float | None,
+        prompt: int | None,
+        completion: int | None,
+    ) -> None:
         backend = getattr(call, "backend", None)
         if backend is not None and not isinstance(backend, str):
             backend = getattr(backend, "name", None)
@@ -356,10 +445,19 @@ class Observer:
         access_log.info(
             "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
             "duration_ms=%.1f chunks=%d tokens=%s/%s",
-            call.request_id, route, call.status, outcome, call.model, fields["backend"],
-            fields["tenant"], call.queue_wait * 1000,
-            "-" if ttft is None else f"{ttft * 1000:.1f}", duration * 1000, call.chunks,
-            "-" if prompt is None else prompt, "-" if completion is None else completion,
+            call.request_id,
+            route,
+            call.status,
+            outcome,
+            call.model,
+            fields["backend"],
+            fields["tenant"],
+            call.queue_wait * 1000,
+            "-" if ttft is None else f"{ttft * 1000:.1f}",
+            duration * 1000,
+            call.chunks,
+            "-" if prompt is None else prompt,
+            "-" if completion is None else completion,
             extra=fields,
         )
 
@@ -433,4 +531,3 @@ def _tracing(gateway: Gateway) -> Any:
         log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry is not installed")
         return None
     return TracingObserver(backend_name(gateway))
-

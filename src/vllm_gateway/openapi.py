@@ -47,8 +47,14 @@ COMPLETION_SCHEMA: dict[str, Any] = {
     "properties": {**_COMMON, "prompt": {"type": "string", "minLength": 1}},
 }
 
-_ERROR = {"description": "An OpenAI-shaped error", "content": {"application/json": {"schema": {
-    "type": "object", "properties": {"error": {"type": "object"}}}}}}
+_ERROR = {
+    "description": "An OpenAI-shaped error",
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"error": {"type": "object"}}}
+        }
+    },
+}
 
 
 def _operation(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +62,14 @@ def _operation(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
         "responses": {
-            "200": {"description": "JSON, or an SSE stream when stream is true",
-                    "content": {"application/json": {}, "text/event-stream": {}}},
-            **{code: _ERROR for code in ("400", "401", "404", "413", "415", "429", "502", "503",
-                                         "504")},
+            "200": {
+                "description": "JSON, or an SSE stream when stream is true",
+                "content": {"application/json": {}, "text/event-stream": {}},
+            },
+            **{
+                code: _ERROR
+                for code in ("400", "401", "404", "413", "415", "429", "502", "503", "504")
+            },
         },
     }
 
@@ -70,7 +80,9 @@ def install_openapi(api: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
             doc = generate()
-            doc["paths"]["/v1/chat/completions"] = {"post": _operation("Chat completion", CHAT_SCHEMA)}
+            doc["paths"]["/v1/chat/completions"] = {
+                "post": _operation("Chat completion", CHAT_SCHEMA)
+            }
             doc["paths"]["/v1/completions"] = {"post": _operation("Completion", COMPLETION_SCHEMA)}
             api.openapi_schema = doc
         return api.openapi_schema

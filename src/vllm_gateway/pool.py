@@ -61,22 +61,39 @@ class _Ejected(Exception):
 class PoolBackend(Backend):
     name = "pool"
 
-    def __init__(self, settings: Any = None, *, specs: list[BackendSpec] | None = None,
-                 config: PoolConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        settings: Any = None,
+        *,
+        specs: list[BackendSpec] | None = None,
+        config: PoolConfig | None = None,
+        **overrides: Any,
+    ) -> None:
         if specs is None:
             path = getattr(settings, "backends_file", None)
             specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
         if not specs:
             raise ValueError("a pool needs at least one backend")
-        self.config = config if config is not None else PoolConfig.from_settings(settings, **overrides)
+        self.config = (
+            config if config is not None else PoolConfig.from_settings(settings, **overrides)
+        )
         connect_timeout = float(getattr(settings, "connect_timeout", 5.0))
         api_key = getattr(settings, "backend_api_key", None)
         http_client = str(getattr(settings, "http_client", "fast"))
-        self.members = [Member(s, self.config, connect_timeout=connect_timeout, api_key=api_key,
-                               http_client=http_client)
-                        for s in specs]
+        self.members = [
+            Member(
+                s,
+                self.config,
+                connect_timeout=connect_timeout,
+                api_key=api_key,
+                http_client=http_client,
+            )
+            for s in specs
+        ]
         cfg = self.config
-        self.budget = RetryBudget(cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window)
+        self.budget = RetryBudget(
+            cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window
+        )
         self.retries = 0
         self.affinity_yields = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -141,8 +158,10 @@ class PoolBackend(Backend):
                 m.models = frozenset(str(d["id"]) for d in data)
             else:  # a member lists what the file says it serves, no more, no less
                 listed = {str(d["id"]): d for d in data}
-                data = [listed.get(x) or {"id": x, "object": "model", "owned_by": "vllm"}
-                        for x in m.declared_models]
+                data = [
+                    listed.get(x) or {"id": x, "object": "model", "owned_by": "vllm"}
+                    for x in m.declared_models
+                ]
             for d in data:
                 merged.setdefault(str(d["id"]), d)
         if not any(a is not None for a in answers):
@@ -171,8 +190,12 @@ class PoolBackend(Backend):
         return [m.stats() for m in self.members]
 
     def pool_stats(self) -> dict[str, Any]:
-        return {"retries": self.retries, "retry_budget_exhausted": self.budget.exhausted,
-                "affinity_yields": self.affinity_yields, "routing": self.config.routing}
+        return {
+            "retries": self.retries,
+            "retry_budget_exhausted": self.budget.exhausted,
+            "affinity_yields": self.affinity_yields,
+            "routing": self.config.routing,
+        }
 
     # --- choosing and opening --------------------------------------------------------------
 
@@ -180,8 +203,9 @@ class PoolBackend(Backend):
         """A member for the request, its slot taken; waits briefly when all are full."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.admission_wait
-        key = affinity_key(self.config.routing, request.headers, request.json,
-                           self.config.affinity_prefix_chars)
+        key = affinity_key(
+            self.config.routing, request.headers, request.json, self.config.affinity_prefix_chars
+        )
         while True:
             eligible = [m for m in self.members if m.serves(request.model)]
             if not eligible:
@@ -197,8 +221,10 @@ class PoolBackend(Backend):
                 return member
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise NoHealthyBackend("Every backend that serves the model is at its limit; "
-                                       "retry later.", retry_after=1.0)
+                raise NoHealthyBackend(
+                    "Every backend that serves the model is at its limit; retry later.",
+                    retry_after=1.0,
+                )
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -217,8 +243,9 @@ class PoolBackend(Backend):
             if not w.done():
                 w.set_result(None)
 
-    async def _open(self, request: UpstreamRequest,
-                    tried: list[Member]) -> tuple[Member, UpstreamResponse]:
+    async def _open(
+        self, request: UpstreamRequest, tried: list[Member]
+    ) -> tuple[Member, UpstreamResponse]:
         """Send to a member, moving to another on a connect error or 5xx while the budget allows."""
         while True:
             member = await self._acquire(request, tried)
@@ -286,8 +313,15 @@ class PoolBackend(Backend):
             return
         member.eject(reason, self.config)
         left = sum(m.up for m in self.members)
-        log.warning("backend %s ejected (%s; errors %s); %d of %d backends left", member.name,
-                    reason, dict(member.errors), left, len(self.members))
+        log.warning(
+            "backend %s ejected (%s; errors %s); %d of %d backends left",
+            member.name,
+            reason,
+            dict(member.errors),
+            left,
+            len(self.members),
+        )
+
 
 def _close_orphan(task: asyncio.Future[Any]) -> None:
     """A send that finished after its caller was cancelled: close what it opened."""
@@ -321,8 +355,14 @@ class BytesResponse(UpstreamResponse):
 class PoolResponse(UpstreamResponse):
     """A member's response; before its first byte it may be swapped for another member's."""
 
-    def __init__(self, pool: PoolBackend, request: UpstreamRequest, member: Member,
-                 resp: UpstreamResponse, tried: list[Member]) -> None:
+    def __init__(
+        self,
+        pool: PoolBackend,
+        request: UpstreamRequest,
+        member: Member,
+        resp: UpstreamResponse,
+        tried: list[Member],
+    ) -> None:
         self._pool = pool
         self._request = request
         self._member: Member | None = member
@@ -396,7 +436,10 @@ class PoolResponse(UpstreamResponse):
         member, resp = await self._pool._open(self._request, self._tried)
         self._member, self._resp, self._iter = member, resp, resp.chunks()
         self._name = member.name
-        if resp.status != self.status or resp.content_type.split(";")[0] != self.content_type.split(";")[0]:
+        if (
+            resp.status != self.status
+            or resp.content_type.split(";")[0] != self.content_type.split(";")[0]
+        ):
             raise BadBackendResponse("The retried backend answered differently.")
 
     def _ended(self, member: Member) -> None:
@@ -419,8 +462,9 @@ class PoolResponse(UpstreamResponse):
                     return b"".join(parts)
             except UpstreamError:
                 member = self._member
-                if member is None or not self._pool._may_retry(self._request,
-                                                               [*self._tried, member]):
+                if member is None or not self._pool._may_retry(
+                    self._request, [*self._tried, member]
+                ):
                     raise
                 self._tried.append(member)
                 await self._swap()

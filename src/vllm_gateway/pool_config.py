@@ -67,7 +67,9 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
-            raise ValueError(f"pool routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}")
+            raise ValueError(
+                f"pool routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}"
+            )
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or f.name == "routing" or value is None:
@@ -76,9 +78,15 @@ class PoolConfig:
                 raise ValueError(f"pool {f.name} must be a non-negative number, not {value!r}")
         if self.max_outstanding is not None and self.max_outstanding < 1:
             raise ValueError("pool max_outstanding must be at least 1")
-        if self.health_interval <= 0 or self.health_fail_threshold < 1 or self.eject_after_failures < 1:
-            raise ValueError("pool health_interval, health_fail_threshold and eject_after_failures "
-                             "must be positive")
+        if (
+            self.health_interval <= 0
+            or self.health_fail_threshold < 1
+            or self.eject_after_failures < 1
+        ):
+            raise ValueError(
+                "pool health_interval, health_fail_threshold and eject_after_failures "
+                "must be positive"
+            )
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> PoolConfig:
@@ -147,16 +155,20 @@ def _parse_entry(entry: Any, where: str) -> BackendSpec:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{where}: 'url' must be an http:// or https:// URL with a host")
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not (
-        math.isfinite(weight) and weight > 0
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not (math.isfinite(weight) and weight > 0)
     ):
         raise ValueError(f"{where}: 'weight' must be a positive number")
     models = entry.get("models")
     if models is not None:
         if isinstance(models, str):
             models = [models]
-        if not isinstance(models, list) or not models or not all(
-            isinstance(m, str) and m for m in models
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m for m in models)
         ):
             raise ValueError(f"{where}: 'models' must be a non-empty list of model names")
         models = tuple(models)
@@ -166,5 +178,6 @@ def _parse_entry(entry: Any, where: str) -> BackendSpec:
     name = entry.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"{where}: 'name' must be a non-empty string")
-    return BackendSpec(url=url.rstrip("/"), weight=float(weight), models=models, name=name,
-                       max_outstanding=limit)
+    return BackendSpec(
+        url=url.rstrip("/"), weight=float(weight), models=models, name=name, max_outstanding=limit
+    )

@@ -34,8 +34,9 @@ log = logging.getLogger("vllm_gateway.pool")
 
 
 class PoolHealth:
-    def __init__(self, members: list[Member], config: PoolConfig,
-                 on_eject: Callable[[Member, str], None]) -> None:
+    def __init__(
+        self, members: list[Member], config: PoolConfig, on_eject: Callable[[Member, str], None]
+    ) -> None:
         self.members = members
         self.config = config
         self._on_eject = on_eject
@@ -115,8 +116,12 @@ class PoolHealth:
     def _watchdog(self) -> None:
         now = time.monotonic()
         for m in self.members:
-            if (m.up and m.in_flight > 0 and now - m.last_progress > self.config.watchdog_stall
-                    and m not in self._canaries):
+            if (
+                m.up
+                and m.in_flight > 0
+                and now - m.last_progress > self.config.watchdog_stall
+                and m not in self._canaries
+            ):
                 task = asyncio.get_running_loop().create_task(self._watch(m))
                 self._canaries[m] = task
                 task.add_done_callback(self._canary_done)
@@ -135,8 +140,12 @@ class PoolHealth:
             m.progress()
             return
         m.errors["canary"] += 1
-        log.warning("backend %s: no byte for %.1fs with %d in flight and the canary failed",
-                    m.name, stalled, m.in_flight)
+        log.warning(
+            "backend %s: no byte for %.1fs with %d in flight and the canary failed",
+            m.name,
+            stalled,
+            m.in_flight,
+        )
         self._on_eject(m, "watchdog")
 
     async def canary(self, m: Member) -> bool:
@@ -145,8 +154,15 @@ class PoolHealth:
         body: dict[str, Any] = {"prompt": "ping", "max_tokens": 1, "stream": False}
         if model is not None:
             body["model"] = model
-        req = UpstreamRequest("POST", "/v1/completions", orjson.dumps(body), body, False,
-                              "canary-" + os.urandom(6).hex(), model)
+        req = UpstreamRequest(
+            "POST",
+            "/v1/completions",
+            orjson.dumps(body),
+            body,
+            False,
+            "canary-" + os.urandom(6).hex(),
+            model,
+        )
         resp: UpstreamResponse | None = None
         try:
             async with asyncio.timeout(self.config.canary_timeout):

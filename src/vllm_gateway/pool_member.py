@@ -33,23 +33,51 @@ __all__ = ["Member", "RetryBudget", "affinity_key", "choose"]
 
 class Member:
     __slots__ = (
-        "backend", "consecutive_failures", "declared_models", "down_reason", "ejection_streak",
-        "ejections", "errors", "health_failures", "in_flight", "last_progress", "limit", "models",
-        "name", "pending", "readmit_at", "requests", "retries", "up", "url", "weight",
+        "backend",
+        "consecutive_failures",
+        "declared_models",
+        "down_reason",
+        "ejection_streak",
+        "ejections",
+        "errors",
+        "health_failures",
+        "in_flight",
+        "last_progress",
+        "limit",
+        "models",
+        "name",
+        "pending",
+        "readmit_at",
+        "requests",
+        "retries",
+        "up",
+        "url",
+        "weight",
     )
 
-    def __init__(self, spec: BackendSpec, config: PoolConfig, *, connect_timeout: float,
-                 api_key: str | None, http_client: str = "fast") -> None:
+    def __init__(
+        self,
+        spec: BackendSpec,
+        config: PoolConfig,
+        *,
+        connect_timeout: float,
+        api_key: str | None,
+        http_client: str = "fast",
+    ) -> None:
         self.url = spec.url
         self.name = spec.name or spec.url
         self.weight = spec.weight
-        self.limit = spec.max_outstanding if spec.max_outstanding is not None else config.max_outstanding
+        self.limit = (
+            spec.max_outstanding if spec.max_outstanding is not None else config.max_outstanding
+        )
         self.declared_models = spec.models
         self.models: frozenset[str] | None = frozenset(spec.models) if spec.models else None
         backend_class: type[HTTPBackend] | type[FastHTTPBackend] = (
-            FastHTTPBackend if http_client == "fast" else HTTPBackend)
-        self.backend = backend_class(spec.url, connect_timeout=connect_timeout, api_key=api_key,
-                                     name=self.name)
+            FastHTTPBackend if http_client == "fast" else HTTPBackend
+        )
+        self.backend = backend_class(
+            spec.url, connect_timeout=connect_timeout, api_key=api_key, name=self.name
+        )
         self.in_flight = 0
         self.last_progress = time.monotonic()
         self.up = True
@@ -173,7 +201,9 @@ class RetryBudget:
 _rr = 0
 
 
-def choose(candidates: Sequence[Member], key: str | None, config: PoolConfig) -> tuple[Member, bool]:
+def choose(
+    candidates: Sequence[Member], key: str | None, config: PoolConfig
+) -> tuple[Member, bool]:
     """Pick a member among ``candidates`` (up, eligible, with room). Returns (member, yielded)."""
     global _rr
     if key is not None and len(candidates) > 1:
@@ -200,8 +230,9 @@ def _score(key: str, member: Member) -> float:
     return -member.weight / math.log(u)
 
 
-def affinity_key(routing: str, headers: Mapping[str, str], body: Mapping[str, Any] | None,
-                 prefix_chars: int) -> str | None:
+def affinity_key(
+    routing: str, headers: Mapping[str, str], body: Mapping[str, Any] | None, prefix_chars: int
+) -> str | None:
     """The key affinity routing hashes, or None (no affinity for this request)."""
     if routing == "session":
         for name, value in headers.items():
@@ -226,7 +257,9 @@ def _prompt_text(body: Mapping[str, Any], limit: int) -> str:
             content = msg.get("content")
             if isinstance(content, list):  # content parts: only the text ones count
                 content = "".join(
-                    p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"
+                    p.get("text", "")
+                    for p in content
+                    if isinstance(p, Mapping) and p.get("type") == "text"
                 )
             piece = f"{msg.get('role', '')}:{content if isinstance(content, str) else ''}\n"
             parts.append(piece)

@@ -114,7 +114,9 @@ class _LocalStore:
             return 0.0
         rtat = max(tats[0], now) + req_iv
         ttat = max(tats[1], now) + min(cost, math.floor(_WINDOW / tok_iv) if tok_iv else 0) * tok_iv
-        wait = max(0.0, rtat - now - _WINDOW if req_iv else 0.0, ttat - now - _WINDOW if tok_iv else 0.0)
+        wait = max(
+            0.0, rtat - now - _WINDOW if req_iv else 0.0, ttat - now - _WINDOW if tok_iv else 0.0
+        )
         if wait > 0:
             return wait
         tats[0], tats[1] = rtat, ttat
@@ -198,7 +200,9 @@ class RateLimiter:
         if tok_iv and tokens:
             await self._apply(key, 0.0, tok_iv, int(tokens), False)
 
-    async def _apply(self, key: str, req_iv: float, tok_iv: float, cost: int, acquire: bool) -> float:
+    async def _apply(
+        self, key: str, req_iv: float, tok_iv: float, cost: int, acquire: bool
+    ) -> float:
         if self._redis is None or not self._redis_usable():
             return self.local.apply(key, req_iv, tok_iv, cost, acquire)
         digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
@@ -212,8 +216,10 @@ class RateLimiter:
             return self.local.apply(key, req_iv, tok_iv, cost, acquire)
         if self._redis_down_until is not None:
             self._redis_down_until = None
-            log.warning("rate limiter: Redis at %s is back; limits are shared across replicas again",
-                        self._safe_url())
+            log.warning(
+                "rate limiter: Redis at %s is back; limits are shared across replicas again",
+                self._safe_url(),
+            )
         return 0.0 if int(allowed) else int(wait_us) / 1e6
 
     def _redis_usable(self) -> bool:
@@ -225,8 +231,12 @@ class RateLimiter:
         self._redis_down_until = time.monotonic() + self.redis_retry_interval
         if first:
             self.fallbacks += 1
-            log.warning("rate limiter: Redis at %s failed (%s); falling back to per-replica limits "
-                        "until it answers again", self._safe_url(), type(exc).__name__ or "timeout")
+            log.warning(
+                "rate limiter: Redis at %s failed (%s); falling back to per-replica limits "
+                "until it answers again",
+                self._safe_url(),
+                type(exc).__name__ or "timeout",
+            )
 
     def _safe_url(self) -> str:
         """The Redis URL without its password, for logs."""

@@ -31,7 +31,9 @@ log = logging.getLogger("vllm_gateway")
 
 
 class GatewayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: GatewayApp, *, handle_signals: bool = True) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: GatewayApp, *, handle_signals: bool = True
+    ) -> None:
         super().__init__(config)
         self.app = app
         self._handle_signals = handle_signals

@@ -166,7 +166,9 @@ def _check_key_entries(entries: frozenset[str], var: str) -> None:
         try:
             parse_key_entry(entry)
         except ValueError as exc:
-            raise SettingsError(var, "<hidden>", f"has an entry KEY:TENANT:PRIORITY where {exc}") from None
+            raise SettingsError(
+                var, "<hidden>", f"has an entry KEY:TENANT:PRIORITY where {exc}"
+            ) from None
 
 
 def _optional_rate(raw: str, var: str) -> float | None:
@@ -247,95 +249,287 @@ class FieldSpec:
 
 
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("backend_urls", "VLLM_BACKEND_URL", "--backend-url", _url_list,
-              "vLLM OpenAI server URL; several, comma-separated, form a pool; empty with --embedded"),
-    FieldSpec("use_embedded_engine", "VLLM_USE_EMBEDDED_ENGINE", "--embedded", _bool,
-              "run an in-process vLLM AsyncLLM engine instead of calling a server"),
-    FieldSpec("model", "VLLM_MODEL", "--model", _optional_str,
-              "model for the embedded engine (a folder or a model name)"),
-    FieldSpec("engine_args", "VLLM_ENGINE_ARGS", "--engine-args", _shell_words,
-              "extra 'vllm serve' arguments for the embedded engine, e.g. '--max-model-len 4096'"),
-    FieldSpec("model_aliases", "VLLM_MODEL_ALIASES", "--model-aliases", _aliases,
-              "comma-separated alias=model pairs, e.g. gpt-oss-20b=openai/gpt-oss-20b"),
-    FieldSpec("backend_api_key", "VLLM_BACKEND_API_KEY", "--backend-api-key", _optional_str,
-              "key the gateway sends to a backend started with --api-key"),
-    FieldSpec("http_client", "VLLM_HTTP_CLIENT", "--http-client", _choice("fast", "aiohttp"),
-              "client for the backend: the gateway's own lean HTTP/1.1 client, or aiohttp's"),
-    FieldSpec("max_concurrent_requests", "VLLM_MAX_CONCURRENT_REQUESTS", "--max-concurrent-requests",
-              _int_range(1, 1_000_000), "in-flight requests (the semaphore)"),
-    FieldSpec("max_queued_requests", "VLLM_MAX_QUEUED_REQUESTS", "--max-queued-requests",
-              _int_range(0, 10_000_000), "requests that may wait for a slot; beyond it, 503 at once"),
-    FieldSpec("queue_wait_timeout", "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS", "--queue-wait-timeout",
-              _positive_float, "max wait for a slot, then 503"),
-    FieldSpec("request_timeout", "VLLM_REQUEST_TIMEOUT_SECONDS", "--request-timeout", _positive_float,
-              "bound on one inference, first byte to last"),
-    FieldSpec("first_token_timeout", "VLLM_FIRST_TOKEN_TIMEOUT_SECONDS", "--first-token-timeout",
-              _positive_float, "bound on the wait for the backend's first byte"),
-    FieldSpec("stream_idle_timeout", "VLLM_STREAM_IDLE_TIMEOUT_SECONDS", "--stream-idle-timeout",
-              _positive_float, "bound on the gap between two chunks of a stream"),
-    FieldSpec("connect_timeout", "VLLM_CONNECT_TIMEOUT_SECONDS", "--connect-timeout", _positive_float,
-              "bound on opening a connection to the backend"),
+    FieldSpec(
+        "backend_urls",
+        "VLLM_BACKEND_URL",
+        "--backend-url",
+        _url_list,
+        "vLLM OpenAI server URL; several, comma-separated, form a pool; empty with --embedded",
+    ),
+    FieldSpec(
+        "use_embedded_engine",
+        "VLLM_USE_EMBEDDED_ENGINE",
+        "--embedded",
+        _bool,
+        "run an in-process vLLM AsyncLLM engine instead of calling a server",
+    ),
+    FieldSpec(
+        "model",
+        "VLLM_MODEL",
+        "--model",
+        _optional_str,
+        "model for the embedded engine (a folder or a model name)",
+    ),
+    FieldSpec(
+        "engine_args",
+        "VLLM_ENGINE_ARGS",
+        "--engine-args",
+        _shell_words,
+        "extra 'vllm serve' arguments for the embedded engine, e.g. '--max-model-len 4096'",
+    ),
+    FieldSpec(
+        "model_aliases",
+        "VLLM_MODEL_ALIASES",
+        "--model-aliases",
+        _aliases,
+        "comma-separated alias=model pairs, e.g. gpt-oss-20b=openai/gpt-oss-20b",
+    ),
+    FieldSpec(
+        "backend_api_key",
+        "VLLM_BACKEND_API_KEY",
+        "--backend-api-key",
+        _optional_str,
+        "key the gateway sends to a backend started with --api-key",
+    ),
+    FieldSpec(
+        "http_client",
+        "VLLM_HTTP_CLIENT",
+        "--http-client",
+        _choice("fast", "aiohttp"),
+        "client for the backend: the gateway's own lean HTTP/1.1 client, or aiohttp's",
+    ),
+    FieldSpec(
+        "max_concurrent_requests",
+        "VLLM_MAX_CONCURRENT_REQUESTS",
+        "--max-concurrent-requests",
+        _int_range(1, 1_000_000),
+        "in-flight requests (the semaphore)",
+    ),
+    FieldSpec(
+        "max_queued_requests",
+        "VLLM_MAX_QUEUED_REQUESTS",
+        "--max-queued-requests",
+        _int_range(0, 10_000_000),
+        "requests that may wait for a slot; beyond it, 503 at once",
+    ),
+    FieldSpec(
+        "queue_wait_timeout",
+        "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS",
+        "--queue-wait-timeout",
+        _positive_float,
+        "max wait for a slot, then 503",
+    ),
+    FieldSpec(
+        "request_timeout",
+        "VLLM_REQUEST_TIMEOUT_SECONDS",
+        "--request-timeout",
+        _positive_float,
+        "bound on one inference, first byte to last",
+    ),
+    FieldSpec(
+        "first_token_timeout",
+        "VLLM_FIRST_TOKEN_TIMEOUT_SECONDS",
+        "--first-token-timeout",
+        _positive_float,
+        "bound on the wait for the backend's first byte",
+    ),
+    FieldSpec(
+        "stream_idle_timeout",
+        "VLLM_STREAM_IDLE_TIMEOUT_SECONDS",
+        "--stream-idle-timeout",
+        _positive_float,
+        "bound on the gap between two chunks of a stream",
+    ),
+    FieldSpec(
+        "connect_timeout",
+        "VLLM_CONNECT_TIMEOUT_SECONDS",
+        "--connect-timeout",
+        _positive_float,
+        "bound on opening a connection to the backend",
+    ),
     FieldSpec("host", "VLLM_HOST", "--host", _host, "gateway bind address"),
     FieldSpec("port", "VLLM_PORT", "--port", _int_range(1, 65535), "gateway bind port"),
-    FieldSpec("shutdown_timeout", "VLLM_SHUTDOWN_TIMEOUT_SECONDS", "--shutdown-timeout",
-              _positive_float, "drain deadline for in-flight requests on SIGTERM/SIGINT"),
-    FieldSpec("workers", "VLLM_WORKERS", "--workers", _int_range(1, 256),
-              "gateway worker processes"),
-    FieldSpec("api_keys", "VLLM_API_KEYS", "--api-keys", _key_set,
-              "comma-separated client API keys, each KEY[:TENANT[:PRIORITY]]; empty: no key needed"),
-    FieldSpec("rate_limit_rpm", "VLLM_RATE_LIMIT_RPM", "--rate-limit-rpm", _optional_rate,
-              "requests per minute allowed to each tenant (429 beyond); empty means no limit"),
-    FieldSpec("rate_limit_tpm", "VLLM_RATE_LIMIT_TPM", "--rate-limit-tpm", _optional_rate,
-              "tokens per minute allowed to each tenant (429 beyond); empty means no limit"),
-    FieldSpec("redis_url", "VLLM_REDIS_URL", "--redis-url", _redis_url,
-              "Redis shared by gateway replicas for rate limits; per-replica limits without it"),
-    FieldSpec("backends_file", "VLLM_BACKENDS_FILE", "--backends-file", _optional_str,
-              "YAML or JSON file listing backends with weights and models (a pool)"),
-    FieldSpec("pool_routing", "VLLM_POOL_ROUTING", "--pool-routing",
-              _choice("least_outstanding", "session", "prefix"), "how a pool picks a backend"),
-    FieldSpec("pool_affinity_prefix_chars", "VLLM_POOL_AFFINITY_PREFIX_CHARS",
-              "--pool-affinity-prefix-chars", _int_range(1, 1_000_000),
-              "prompt characters hashed for prefix affinity"),
-    FieldSpec("pool_affinity_yield_factor", "VLLM_POOL_AFFINITY_YIELD_FACTOR",
-              "--pool-affinity-yield-factor", _positive_float,
-              "affinity yields when its backend is this many times busier than the least busy"),
-    FieldSpec("pool_max_outstanding", "VLLM_POOL_MAX_OUTSTANDING", "--pool-max-outstanding",
-              _optional_int, "in-flight limit per backend of a pool; empty means none"),
-    FieldSpec("pool_admission_wait", "VLLM_POOL_ADMISSION_WAIT_SECONDS", "--pool-admission-wait",
-              _positive_float, "wait for a pool backend with room, then 503"),
-    FieldSpec("pool_health_interval", "VLLM_POOL_HEALTH_INTERVAL_SECONDS",
-              "--pool-health-interval", _positive_float, "seconds between active health checks"),
-    FieldSpec("pool_health_timeout", "VLLM_POOL_HEALTH_TIMEOUT_SECONDS", "--pool-health-timeout",
-              _positive_float, "bound on one health check"),
-    FieldSpec("pool_health_fail_threshold", "VLLM_POOL_HEALTH_FAIL_THRESHOLD",
-              "--pool-health-fail-threshold", _int_range(1, 1000),
-              "failed health checks before a backend is taken out"),
-    FieldSpec("pool_models_refresh_interval", "VLLM_POOL_MODELS_REFRESH_SECONDS",
-              "--pool-models-refresh-interval", _positive_float,
-              "seconds between refreshes of each backend's model list"),
-    FieldSpec("pool_watchdog_stall", "VLLM_POOL_WATCHDOG_STALL_SECONDS", "--pool-watchdog-stall",
-              _positive_float, "a busy backend silent this long gets a canary generation"),
-    FieldSpec("pool_canary_timeout", "VLLM_POOL_CANARY_TIMEOUT_SECONDS", "--pool-canary-timeout",
-              _positive_float, "bound on the watchdog's canary generation"),
-    FieldSpec("pool_eject_after_failures", "VLLM_POOL_EJECT_AFTER_FAILURES",
-              "--pool-eject-after-failures", _int_range(1, 1000),
-              "consecutive request failures before a backend is ejected"),
-    FieldSpec("pool_readmit_backoff", "VLLM_POOL_READMIT_BACKOFF_SECONDS",
-              "--pool-readmit-backoff", _positive_float, "first wait before re-admitting"),
-    FieldSpec("pool_readmit_backoff_max", "VLLM_POOL_READMIT_BACKOFF_MAX_SECONDS",
-              "--pool-readmit-backoff-max", _positive_float, "longest wait before re-admitting"),
-    FieldSpec("pool_retry_budget_ratio", "VLLM_POOL_RETRY_BUDGET_RATIO", "--pool-retry-budget-ratio",
-              _ratio, "retries allowed as a share of recent requests"),
-    FieldSpec("pool_max_retries", "VLLM_POOL_MAX_RETRIES", "--pool-max-retries",
-              _int_range(0, 10), "retries of one request on other backends, before its first byte"),
-    FieldSpec("max_body_bytes", "VLLM_MAX_BODY_BYTES", "--max-body-bytes",
-              _int_range(1024, 1 << 30), "largest request body accepted"),
-    FieldSpec("cors_origins", "VLLM_CORS_ORIGINS", "--cors-origins", _str_list,
-              "comma-separated origins allowed by CORS; empty means CORS is off"),
-    FieldSpec("log_level", "VLLM_LOG_LEVEL", "--log-level",
-              _choice("debug", "info", "warning", "error"), "log level"),
-    FieldSpec("log_format", "VLLM_LOG_FORMAT", "--log-format", _choice("text", "json"),
-              "log format"),
+    FieldSpec(
+        "shutdown_timeout",
+        "VLLM_SHUTDOWN_TIMEOUT_SECONDS",
+        "--shutdown-timeout",
+        _positive_float,
+        "drain deadline for in-flight requests on SIGTERM/SIGINT",
+    ),
+    FieldSpec(
+        "workers", "VLLM_WORKERS", "--workers", _int_range(1, 256), "gateway worker processes"
+    ),
+    FieldSpec(
+        "api_keys",
+        "VLLM_API_KEYS",
+        "--api-keys",
+        _key_set,
+        "comma-separated client API keys, each KEY[:TENANT[:PRIORITY]]; empty: no key needed",
+    ),
+    FieldSpec(
+        "rate_limit_rpm",
+        "VLLM_RATE_LIMIT_RPM",
+        "--rate-limit-rpm",
+        _optional_rate,
+        "requests per minute allowed to each tenant (429 beyond); empty means no limit",
+    ),
+    FieldSpec(
+        "rate_limit_tpm",
+        "VLLM_RATE_LIMIT_TPM",
+        "--rate-limit-tpm",
+        _optional_rate,
+        "tokens per minute allowed to each tenant (429 beyond); empty means no limit",
+    ),
+    FieldSpec(
+        "redis_url",
+        "VLLM_REDIS_URL",
+        "--redis-url",
+        _redis_url,
+        "Redis shared by gateway replicas for rate limits; per-replica limits without it",
+    ),
+    FieldSpec(
+        "backends_file",
+        "VLLM_BACKENDS_FILE",
+        "--backends-file",
+        _optional_str,
+        "YAML or JSON file listing backends with weights and models (a pool)",
+    ),
+    FieldSpec(
+        "pool_routing",
+        "VLLM_POOL_ROUTING",
+        "--pool-routing",
+        _choice("least_outstanding", "session", "prefix"),
+        "how a pool picks a backend",
+    ),
+    FieldSpec(
+        "pool_affinity_prefix_chars",
+        "VLLM_POOL_AFFINITY_PREFIX_CHARS",
+        "--pool-affinity-prefix-chars",
+        _int_range(1, 1_000_000),
+        "prompt characters hashed for prefix affinity",
+    ),
+    FieldSpec(
+        "pool_affinity_yield_factor",
+        "VLLM_POOL_AFFINITY_YIELD_FACTOR",
+        "--pool-affinity-yield-factor",
+        _positive_float,
+        "affinity yields when its backend is this many times busier than the least busy",
+    ),
+    FieldSpec(
+        "pool_max_outstanding",
+        "VLLM_POOL_MAX_OUTSTANDING",
+        "--pool-max-outstanding",
+        _optional_int,
+        "in-flight limit per backend of a pool; empty means none",
+    ),
+    FieldSpec(
+        "pool_admission_wait",
+        "VLLM_POOL_ADMISSION_WAIT_SECONDS",
+        "--pool-admission-wait",
+        _positive_float,
+        "wait for a pool backend with room, then 503",
+    ),
+    FieldSpec(
+        "pool_health_interval",
+        "VLLM_POOL_HEALTH_INTERVAL_SECONDS",
+        "--pool-health-interval",
+        _positive_float,
+        "seconds between active health checks",
+    ),
+    FieldSpec(
+        "pool_health_timeout",
+        "VLLM_POOL_HEALTH_TIMEOUT_SECONDS",
+        "--pool-health-timeout",
+        _positive_float,
+        "bound on one health check",
+    ),
+    FieldSpec(
+        "pool_health_fail_threshold",
+        "VLLM_POOL_HEALTH_FAIL_THRESHOLD",
+        "--pool-health-fail-threshold",
+        _int_range(1, 1000),
+        "failed health checks before a backend is taken out",
+    ),
+    FieldSpec(
+        "pool_models_refresh_interval",
+        "VLLM_POOL_MODELS_REFRESH_SECONDS",
+        "--pool-models-refresh-interval",
+        _positive_float,
+        "seconds between refreshes of each backend's model list",
+    ),
+    FieldSpec(
+        "pool_watchdog_stall",
+        "VLLM_POOL_WATCHDOG_STALL_SECONDS",
+        "--pool-watchdog-stall",
+        _positive_float,
+        "a busy backend silent this long gets a canary generation",
+    ),
+    FieldSpec(
+        "pool_canary_timeout",
+        "VLLM_POOL_CANARY_TIMEOUT_SECONDS",
+        "--pool-canary-timeout",
+        _positive_float,
+        "bound on the watchdog's canary generation",
+    ),
+    FieldSpec(
+        "pool_eject_after_failures",
+        "VLLM_POOL_EJECT_AFTER_FAILURES",
+        "--pool-eject-after-failures",
+        _int_range(1, 1000),
+        "consecutive request failures before a backend is ejected",
+    ),
+    FieldSpec(
+        "pool_readmit_backoff",
+        "VLLM_POOL_READMIT_BACKOFF_SECONDS",
+        "--pool-readmit-backoff",
+        _positive_float,
+        "first wait before re-admitting",
+    ),
+    FieldSpec(
+        "pool_readmit_backoff_max",
+        "VLLM_POOL_READMIT_BACKOFF_MAX_SECONDS",
+        "--pool-readmit-backoff-max",
+        _positive_float,
+        "longest wait before re-admitting",
+    ),
+    FieldSpec(
+        "pool_retry_budget_ratio",
+        "VLLM_POOL_RETRY_BUDGET_RATIO",
+        "--pool-retry-budget-ratio",
+        _ratio,
+        "retries allowed as a share of recent requests",
+    ),
+    FieldSpec(
+        "pool_max_retries",
+        "VLLM_POOL_MAX_RETRIES",
+        "--pool-max-retries",
+        _int_range(0, 10),
+        "retries of one request on other backends, before its first byte",
+    ),
+    FieldSpec(
+        "max_body_bytes",
+        "VLLM_MAX_BODY_BYTES",
+        "--max-body-bytes",
+        _int_range(1024, 1 << 30),
+        "largest request body accepted",
+    ),
+    FieldSpec(
+        "cors_origins",
+        "VLLM_CORS_ORIGINS",
+        "--cors-origins",
+        _str_list,
+        "comma-separated origins allowed by CORS; empty means CORS is off",
+    ),
+    FieldSpec(
+        "log_level",
+        "VLLM_LOG_LEVEL",
+        "--log-level",
+        _choice("debug", "info", "warning", "error"),
+        "log level",
+    ),
+    FieldSpec(
+        "log_format", "VLLM_LOG_FORMAT", "--log-format", _choice("text", "json"), "log format"
+    ),
 )
 
 _BY_NAME = {spec.name: spec for spec in FIELDS}
@@ -344,10 +538,19 @@ _BY_NAME = {spec.name: spec for spec in FIELDS}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; every flag defaults to None so that 'not given' is visible."""
     for spec in FIELDS:
-        parser.add_argument(spec.flag, dest=spec.name, default=None, metavar=spec.env,
-                            help=f"{spec.help} (env {spec.env})")
-    parser.add_argument("--api-keys-file", dest="api_keys_file", default=None,
-                        help="file of client API keys, one per line (env VLLM_API_KEYS_FILE)")
+        parser.add_argument(
+            spec.flag,
+            dest=spec.name,
+            default=None,
+            metavar=spec.env,
+            help=f"{spec.help} (env {spec.env})",
+        )
+    parser.add_argument(
+        "--api-keys-file",
+        dest="api_keys_file",
+        default=None,
+        help="file of client API keys, one per line (env VLLM_API_KEYS_FILE)",
+    )
 
 
 def load_settings(
@@ -367,7 +570,9 @@ def load_settings(
 
     keys_file = (flags or {}).get("api_keys_file") or env.get("VLLM_API_KEYS_FILE")
     if keys_file:
-        values["api_keys"] = frozenset(values.get("api_keys", frozenset())) | _read_keys_file(keys_file)
+        values["api_keys"] = frozenset(values.get("api_keys", frozenset())) | _read_keys_file(
+            keys_file
+        )
 
     if values.get("use_embedded_engine") and "backend_urls" not in values:
         values["backend_urls"] = ()
@@ -381,7 +586,9 @@ def _read_keys_file(path: str) -> frozenset[str]:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except OSError as exc:
-        raise SettingsError("VLLM_API_KEYS_FILE", path, f"cannot be read ({exc.strerror})") from None
+        raise SettingsError(
+            "VLLM_API_KEYS_FILE", path, f"cannot be read ({exc.strerror})"
+        ) from None
     entries = frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
     _check_key_entries(entries, "VLLM_API_KEYS_FILE")
     return entries
@@ -390,16 +597,27 @@ def _read_keys_file(path: str) -> frozenset[str]:
 def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | None]) -> None:
     if s.use_embedded_engine:
         if s.workers > 1:
-            raise SettingsError(_name_of("workers", flags), s.workers,
-                                "must be 1 with the embedded engine (each worker would load the model)")
+            raise SettingsError(
+                _name_of("workers", flags),
+                s.workers,
+                "must be 1 with the embedded engine (each worker would load the model)",
+            )
         if s.backend_urls:
-            raise SettingsError(_name_of("backend_urls", flags), ",".join(s.backend_urls),
-                                "must be empty when the embedded engine is on")
+            raise SettingsError(
+                _name_of("backend_urls", flags),
+                ",".join(s.backend_urls),
+                "must be empty when the embedded engine is on",
+            )
     elif not s.backend_urls:
-        raise SettingsError("VLLM_BACKEND_URL", "", "is empty; set it, or set VLLM_USE_EMBEDDED_ENGINE=true")
+        raise SettingsError(
+            "VLLM_BACKEND_URL", "", "is empty; set it, or set VLLM_USE_EMBEDDED_ENGINE=true"
+        )
     if s.first_token_timeout > s.request_timeout:
-        raise SettingsError(_name_of("first_token_timeout", flags), s.first_token_timeout,
-                            f"must not exceed VLLM_REQUEST_TIMEOUT_SECONDS ({s.request_timeout:g})")
+        raise SettingsError(
+            _name_of("first_token_timeout", flags),
+            s.first_token_timeout,
+            f"must not exceed VLLM_REQUEST_TIMEOUT_SECONDS ({s.request_timeout:g})",
+        )
     if not s.use_embedded_engine:
         _check_port_clash(s, flags)
 
@@ -419,7 +637,8 @@ def _check_port_clash(s: Settings, flags: Mapping[str, str | None]) -> None:
         if backend_port == s.port and (host in _LOCAL_HOSTS or host == s.host):
             var = "--port" if flags.get("port") else "VLLM_PORT"
             raise SettingsError(
-                var, s.port,
+                var,
+                s.port,
                 f"the gateway would bind the backend's own port ({url}). VLLM_PORT is read both by "
                 "scripts/start_vllm_h100.sh (vLLM's port) and by the gateway (its bind port): unset it "
                 "for the gateway or pass 'vllm-gateway serve --port 7000'",

@@ -82,8 +82,11 @@ def judge(status: int, headers: dict[str, str], body: bytes) -> tuple[str, str |
             if errors or parsed.count("[DONE]") != 1:
                 return "defect", "[DONE] after an error or more than once"
             finishes = [
-                c.get("finish_reason") for p in parsed[:-1] if isinstance(p, dict)
-                for c in p.get("choices") or [] if isinstance(c, dict)
+                c.get("finish_reason")
+                for p in parsed[:-1]
+                if isinstance(p, dict)
+                for c in p.get("choices") or []
+                if isinstance(c, dict)
             ]
             if not finishes or finishes[-1] is None:
                 return "defect", "[DONE] without a finish_reason before it"
@@ -136,9 +139,20 @@ class SimulatorProcess:
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm_gateway.simulator", "--host", "127.0.0.1",
-             "--port", str(self.port), "--loop", "asyncio", *self.args],
-            stdout=subprocess.PIPE, stderr=log,
+            [
+                sys.executable,
+                "-m",
+                "vllm_gateway.simulator",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--loop",
+                "asyncio",
+                *self.args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
         )
         assert self.process.stdout is not None
         deadline = time.monotonic() + timeout
@@ -150,8 +164,9 @@ class SimulatorProcess:
                 if time.monotonic() + 0.5 < deadline:
                     self._close_pipe()
                     time.sleep(0.2)
-                    self.process = subprocess.Popen(self.process.args, stdout=subprocess.PIPE,
-                                                    stderr=log)
+                    self.process = subprocess.Popen(
+                        self.process.args, stdout=subprocess.PIPE, stderr=log
+                    )
                     assert self.process.stdout is not None
                     continue
                 break
@@ -232,9 +247,12 @@ async def one_request(http: Any, url: str, rng: random.Random, tally: Tally, bou
 
     stream = rng.random() < 0.7
     fault = rng.choices([f for _, f in FAULTS], [w for w, _ in FAULTS])[0]
-    body: dict[str, Any] = {"model": "sim-model", "stream": stream,
-                            "max_tokens": rng.randint(4, 40),
-                            "messages": [{"role": "user", "content": "soak"}]}
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "stream": stream,
+        "max_tokens": rng.randint(4, 40),
+        "messages": [{"role": "user", "content": "soak"}],
+    }
     if fault:
         body["vllm_sim"] = fault
     path = "/v1/chat/completions"
@@ -250,8 +268,12 @@ async def one_request(http: Any, url: str, rng: random.Random, tally: Tally, bou
             tally.statuses[resp.status_code] += 1
             ending, reason = judge(resp.status_code, dict(resp.headers), data)
             if reason:
-                tally.defect(reason, status=resp.status_code, fault=fault, body=data[-300:].decode(
-                    "utf-8", "replace"))
+                tally.defect(
+                    reason,
+                    status=resp.status_code,
+                    fault=fault,
+                    body=data[-300:].decode("utf-8", "replace"),
+                )
             else:
                 tally.endings[ending] += 1
 
@@ -295,9 +317,12 @@ async def _tasks(http: Any, url: str) -> int | None:
 
 
 def _start_gateway(port: int, env: dict[str, str], verbose: bool) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "vllm_gateway", "serve", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=None if verbose else subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "vllm_gateway", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=None if verbose else subprocess.DEVNULL,
+    )
 
 
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
@@ -311,24 +336,36 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     sim.start()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    env.update({
-        "VLLM_BACKEND_URL": sim.url, "VLLM_MAX_CONCURRENT_REQUESTS": str(c),
-        "VLLM_MAX_QUEUED_REQUESTS": str(c), "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": str(timeouts["queue"]),
-        "VLLM_FIRST_TOKEN_TIMEOUT_SECONDS": str(timeouts["first"]),
-        "VLLM_STREAM_IDLE_TIMEOUT_SECONDS": str(timeouts["idle"]),
-        "VLLM_REQUEST_TIMEOUT_SECONDS": str(timeouts["request"]),
-        "VLLM_CONNECT_TIMEOUT_SECONDS": str(timeouts["connect"]),
-        "VLLM_SHUTDOWN_TIMEOUT_SECONDS": "5", "VLLM_LOG_LEVEL": "error",
-    })
+    env.update(
+        {
+            "VLLM_BACKEND_URL": sim.url,
+            "VLLM_MAX_CONCURRENT_REQUESTS": str(c),
+            "VLLM_MAX_QUEUED_REQUESTS": str(c),
+            "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": str(timeouts["queue"]),
+            "VLLM_FIRST_TOKEN_TIMEOUT_SECONDS": str(timeouts["first"]),
+            "VLLM_STREAM_IDLE_TIMEOUT_SECONDS": str(timeouts["idle"]),
+            "VLLM_REQUEST_TIMEOUT_SECONDS": str(timeouts["request"]),
+            "VLLM_CONNECT_TIMEOUT_SECONDS": str(timeouts["connect"]),
+            "VLLM_SHUTDOWN_TIMEOUT_SECONDS": "5",
+            "VLLM_LOG_LEVEL": "error",
+        }
+    )
     gw = _start_gateway(port, env, args.verbose)
     url = f"http://127.0.0.1:{port}"
     tally = Tally()
-    report: dict[str, Any] = {"duration_s": args.duration, "concurrency": c,
-                              "clients": max(1, round(c * args.load)), "seed": args.seed,
-                              "timeouts": timeouts, "restarts": 0}
+    report: dict[str, Any] = {
+        "duration_s": args.duration,
+        "concurrency": c,
+        "clients": max(1, round(c * args.load)),
+        "seed": args.seed,
+        "timeouts": timeouts,
+        "restarts": 0,
+    }
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=c * 2)
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(bound, connect=5), limits=limits) as http:
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(bound, connect=5), limits=limits
+        ) as http:
             for _ in range(200):
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(url + "/health/live")).status_code == 200:
@@ -368,13 +405,22 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     settled = True
                     break
                 await asyncio.sleep(0.1)
-            after = await http.post(url + "/v1/chat/completions", json={
-                "model": "sim-model", "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 4})
+            after = await http.post(
+                url + "/v1/chat/completions",
+                json={
+                    "model": "sim-model",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": 4,
+                },
+            )
             report.update(
-                settled=settled, in_flight=in_flight, queued=queued, backend_running=running,
+                settled=settled,
+                in_flight=in_flight,
+                queued=queued,
+                backend_running=running,
                 after_status=after.status_code,
-                start=start_sample, end={**proc_sample(gw.pid), "tasks": await _tasks(http, url)},
+                start=start_sample,
+                end={**proc_sample(gw.pid), "tasks": await _tasks(http, url)},
             )
     finally:
         if gw.poll() is None:
@@ -385,33 +431,49 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 gw.kill()
                 report["gateway_exit"] = gw.wait(5)
         sim.stop()
-    report.update(endings=dict(tally.endings), disconnects=tally.disconnects,
-                  statuses={str(k): v for k, v in sorted(tally.statuses.items())},
-                  requests=sum(tally.endings.values()) + tally.disconnects,
-                  broken_promises=tally.endings.get("defect", 0), defects=tally.defects[:50])
+    report.update(
+        endings=dict(tally.endings),
+        disconnects=tally.disconnects,
+        statuses={str(k): v for k, v in sorted(tally.statuses.items())},
+        requests=sum(tally.endings.values()) + tally.disconnects,
+        broken_promises=tally.endings.get("defect", 0),
+        defects=tally.defects[:50],
+    )
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vllm_gateway.soak", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m vllm_gateway.soak", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--duration", type=float, default=180.0, help="seconds of traffic (default 180)")
     p.add_argument("--concurrency", type=int, default=16, help="the gateway's concurrency limit C")
     p.add_argument("--load", type=float, default=0.9, help="clients as a fraction of C")
-    p.add_argument("--restart-every", type=float, default=40.0, help="seconds between backend kills")
+    p.add_argument(
+        "--restart-every", type=float, default=40.0, help="seconds between backend kills"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="soak-report.json", help="where the JSON report goes")
     p.add_argument("--verbose", action="store_true", help="show the gateway's log")
     args = p.parse_args(argv)
     report = asyncio.run(soak(args))
     Path(args.out).write_text(json.dumps(report, indent=2))
-    ok = report["broken_promises"] == 0 and report.get("settled") and report.get("after_status") == 200
+    ok = (
+        report["broken_promises"] == 0
+        and report.get("settled")
+        and report.get("after_status") == 200
+    )
     s, e = report.get("start", {}), report.get("end", {})
-    print(f"soak: {report['requests']} requests in {args.duration:.0f} s, "
-          f"{report['disconnects']} abandoned by the client, {report['restarts']} backend restarts")
+    print(
+        f"soak: {report['requests']} requests in {args.duration:.0f} s, "
+        f"{report['disconnects']} abandoned by the client, {report['restarts']} backend restarts"
+    )
     print(f"endings: {report['endings']}  statuses: {report['statuses']}")
     print(f"settled: {report.get('settled')}  broken promises: {report['broken_promises']}")
-    print(f"gateway RSS {s.get('rss_kib')} -> {e.get('rss_kib')} KiB, fds {s.get('fds')} -> "
-          f"{e.get('fds')}, tasks {s.get('tasks')} -> {e.get('tasks')}; exit {report.get('gateway_exit')}")
+    print(
+        f"gateway RSS {s.get('rss_kib')} -> {e.get('rss_kib')} KiB, fds {s.get('fds')} -> "
+        f"{e.get('fds')}, tasks {s.get('tasks')} -> {e.get('tasks')}; exit {report.get('gateway_exit')}"
+    )
     print(f"report: {args.out}  verdict: {'OK' if ok else 'BROKEN'}")
     return 0 if ok else 1
 

@@ -30,8 +30,19 @@ if TYPE_CHECKING:
 
 __all__ = ["StatusBoard", "install_status_routes"]
 
-SERIES = ("t", "requests", "errors", "events", "in_flight", "queued", "queue_wait_p95",
-          "ttft_p50", "ttft_p95", "itl_p50", "itl_p95")
+SERIES = (
+    "t",
+    "requests",
+    "errors",
+    "events",
+    "in_flight",
+    "queued",
+    "queue_wait_p95",
+    "ttft_p50",
+    "ttft_p95",
+    "itl_p50",
+    "itl_p95",
+)
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -82,10 +93,16 @@ class StatusBoard:
         if outcome != "completed":
             self._errors += 1
             self.errors_total += 1
-            self.errors.append({
-                "request_id": call.request_id, "outcome": outcome, "status": call.status,
-                "route": call.path, "model": call.model, "time": time.time(),
-            })
+            self.errors.append(
+                {
+                    "request_id": call.request_id,
+                    "outcome": outcome,
+                    "status": call.status,
+                    "route": call.path,
+                    "model": call.model,
+                    "time": time.time(),
+                }
+            )
 
     def tick(self) -> None:
         """Close the current second: one point in the ring."""
@@ -96,19 +113,21 @@ class StatusBoard:
         delta = events - self._last_events
         self._last_events = events
         adm = self.gateway.admission
-        self.points.append((
-            round(time.time(), 3),
-            round(self._requests / span, 3),
-            round(self._errors / span, 3),
-            round(max(0, delta) / span, 3),
-            adm.in_flight,
-            adm.queued,
-            _quantile(self._qwait, 0.95),
-            _quantile(self._ttft, 0.5),
-            _quantile(self._ttft, 0.95),
-            _quantile(self._itl, 0.5),
-            _quantile(self._itl, 0.95),
-        ))
+        self.points.append(
+            (
+                round(time.time(), 3),
+                round(self._requests / span, 3),
+                round(self._errors / span, 3),
+                round(max(0, delta) / span, 3),
+                adm.in_flight,
+                adm.queued,
+                _quantile(self._qwait, 0.95),
+                _quantile(self._ttft, 0.5),
+                _quantile(self._ttft, 0.95),
+                _quantile(self._itl, 0.5),
+                _quantile(self._itl, 0.95),
+            )
+        )
         self._reset_second()
 
     async def run_ticker(self, interval: float = 1.0) -> None:

@@ -38,8 +38,9 @@ def _default_provider() -> Any:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[assignment]
             OTLPSpanExporter,
         )
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME",
-                                                               "vllm-gateway")})
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", "vllm-gateway")}
+    )
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return provider
@@ -64,8 +65,11 @@ class TracingObserver:
         scope = getattr(call, "scope", None)
         parent = None
         if scope is not None:
-            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-                       if k in (b"traceparent", b"tracestate")}
+            carrier = {
+                k.decode("latin-1"): v.decode("latin-1")
+                for k, v in scope["headers"]
+                if k in (b"traceparent", b"tracestate")
+            }
             if carrier:
                 parent = propagate.extract(carrier)
         attrs = {
@@ -83,9 +87,13 @@ class TracingObserver:
         tenant = getattr(call, "tenant", None)
         if tenant:
             attrs["vllm_gateway.tenant"] = str(tenant)
-        root = self._tracer.start_span("gateway.request", context=parent,
-                                       kind=trace.SpanKind.SERVER,
-                                       start_time=self._ns(call.started_at), attributes=attrs)
+        root = self._tracer.start_span(
+            "gateway.request",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            start_time=self._ns(call.started_at),
+            attributes=attrs,
+        )
         if call.outcome != "completed":
             root.set_status(Status(StatusCode.ERROR, call.outcome))
         ctx = trace.set_span_in_context(root)

@@ -89,9 +89,26 @@ class _Connection(asyncio.Protocol):
 class UpstreamHTTPResponse(UpstreamResponse):
     """The status, headers and body of one answer; its own async iterator over the body."""
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_content_length", "_done", "_error", "_extra",
-                 "_got_bytes", "_head", "_keep_alive", "_loop", "_parser", "_paused",
-                 "_until_eof", "_waiter", "content_type", "headers", "status")
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_conn",
+        "_content_length",
+        "_done",
+        "_error",
+        "_extra",
+        "_got_bytes",
+        "_head",
+        "_keep_alive",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_until_eof",
+        "_waiter",
+        "content_type",
+        "headers",
+        "status",
+    )
 
     def __init__(self, conn: _Connection, loop: asyncio.AbstractEventLoop) -> None:
         self._conn: _Connection | None = conn
@@ -149,7 +166,9 @@ class UpstreamHTTPResponse(UpstreamResponse):
         if head is not None:
             self._head = None
             if not head.done():
-                head.set_exception(_with_cause(err, cause) if err is not None else (cause or _Stale()))
+                head.set_exception(
+                    _with_cause(err, cause) if err is not None else (cause or _Stale())
+                )
             return
         if self._error is None and not self._done:
             self._error = _with_cause(err or BackendUnavailable(), cause)
@@ -205,8 +224,12 @@ class UpstreamHTTPResponse(UpstreamResponse):
             self.headers = []
             self._content_length = None
             return
-        if (self._content_length is None and status >= 200 and status not in _NO_BODY_STATUS
-                and not any(n.lower() == b"transfer-encoding" for n, _ in self.headers)):
+        if (
+            self._content_length is None
+            and status >= 200
+            and status not in _NO_BODY_STATUS
+            and not any(n.lower() == b"transfer-encoding" for n, _ in self.headers)
+        ):
             self._until_eof = True
         head = self._head
         if head is not None:
@@ -341,8 +364,9 @@ class UpstreamPool:
 
     # --- requests -------------------------------------------------------------------------
 
-    async def request(self, method: str, path: str, head_lines: bytes = b"",
-                      body: bytes | None = None) -> UpstreamHTTPResponse:
+    async def request(
+        self, method: str, path: str, head_lines: bytes = b"", body: bytes | None = None
+    ) -> UpstreamHTTPResponse:
         """Send one request; return once the answer's status and headers are parsed.
 
         ``head_lines`` are extra header lines, each ending in CRLF, already checked by the caller.
@@ -351,8 +375,11 @@ class UpstreamPool:
         if self._closed:
             raise BackendUnavailable("The backend client is closed.")
         start = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n" % (
-            method.encode("ascii"), self.base_path.encode("ascii"), path.encode("ascii"),
-            self.host_header)
+            method.encode("ascii"),
+            self.base_path.encode("ascii"),
+            path.encode("ascii"),
+            self.host_header,
+        )
         if body is None:
             data = start + head_lines + b"\r\n"
         else:
@@ -372,8 +399,9 @@ class UpstreamPool:
             except _Stale:
                 if reused:
                     continue  # the server closed it while idle; our request never reached it
-                raise BackendUnavailable("The backend closed the connection before answering.") \
-                    from None
+                raise BackendUnavailable(
+                    "The backend closed the connection before answering."
+                ) from None
             except BaseException:
                 await response.aclose()  # cancelled or failed: never reuse this connection
                 raise
@@ -402,8 +430,12 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl,
-                    server_hostname=self.host if self._ssl is not None else None)
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
         except (OSError, TimeoutError) as exc:
             raise BackendUnavailable() from exc
         if self._closed:
@@ -484,7 +516,9 @@ class FastHTTPBackend(Backend):
         self._pool: UpstreamPool | None = None
         lines = b"Content-Type: application/json\r\n"
         if api_key:
-            lines += b"Authorization: Bearer %s\r\n" % _check_header_value(api_key).encode("latin-1")
+            lines += b"Authorization: Bearer %s\r\n" % _check_header_value(api_key).encode(
+                "latin-1"
+            )
         self._base_lines = lines
         UpstreamPool(self.url)  # check the URL now, as the constructor of HTTPBackend's peers would
 
@@ -514,7 +548,8 @@ class FastHTTPBackend(Backend):
         lines = self._base_lines
         if request.request_id:
             lines += b"X-Request-ID: %s\r\n" % _check_header_value(request.request_id).encode(
-                "latin-1")
+                "latin-1"
+            )
         body = request.body if request.method != "GET" else None
         return await self.pool.request(request.method, request.path, lines, body)
 

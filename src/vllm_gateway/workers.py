@@ -42,8 +42,9 @@ def split_limit(total: int, workers: int, index: int, minimum: int = 0) -> int:
 def worker_settings(settings: Settings, index: int) -> Settings:
     return settings.replace(
         workers=1,
-        max_concurrent_requests=split_limit(settings.max_concurrent_requests, settings.workers,
-                                            index, minimum=1),
+        max_concurrent_requests=split_limit(
+            settings.max_concurrent_requests, settings.workers, index, minimum=1
+        ),
         max_queued_requests=split_limit(settings.max_queued_requests, settings.workers, index),
     )
 
@@ -89,11 +90,18 @@ def serve_workers(settings: Settings) -> int:
     stopping = threading.Event()
 
     def start(index: int) -> SpawnProcess:
-        proc = ctx.Process(target=_worker_main, args=(worker_settings(settings, index), sock),
-                           name=f"vllm-gateway-worker-{index}")
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(worker_settings(settings, index), sock),
+            name=f"vllm-gateway-worker-{index}",
+        )
         proc.start()
-        log.info("worker %d started (pid %s, limit %d)", index, proc.pid,
-                 split_limit(settings.max_concurrent_requests, settings.workers, index, minimum=1))
+        log.info(
+            "worker %d started (pid %s, limit %d)",
+            index,
+            proc.pid,
+            split_limit(settings.max_concurrent_requests, settings.workers, index, minimum=1),
+        )
         return proc
 
     procs = [start(i) for i in range(settings.workers)]
@@ -114,8 +122,12 @@ def serve_workers(settings: Settings) -> int:
         while not stopping.is_set():
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stopping.is_set():
-                    log.error("worker %d (pid %s) exited with %s; restarting it", i, proc.pid,
-                              proc.exitcode)
+                    log.error(
+                        "worker %d (pid %s) exited with %s; restarting it",
+                        i,
+                        proc.pid,
+                        proc.exitcode,
+                    )
                     procs[i] = start(i)
             stopping.wait(0.5)
         deadline = time.monotonic() + settings.shutdown_timeout + _EXIT_MARGIN

@@ -22,14 +22,25 @@ from websockets.asyncio.client import ClientConnection, connect
 
 __all__ = ["CHROMIUM", "Page", "open_page"]
 
-CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser",
-                                                        "google-chrome")) if p), None)
+CHROMIUM = next(
+    (p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p),
+    None,
+)
 
 _FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--disable-extensions", "--mute-audio",
-    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-extensions",
+    "--mute-audio",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
     "--window-size=1280,1200",
 )
 _LISTENING = re.compile(r"DevTools listening on (ws://\S+)")
@@ -62,8 +73,14 @@ class Page:
                 else:
                     fut.set_result(msg.get("result", {}))
 
-    async def call(self, method: str, params: dict[str, Any] | None = None, *,
-                   browser: bool = False, timeout: float = 15.0) -> dict[str, Any]:
+    async def call(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        browser: bool = False,
+        timeout: float = 15.0,
+    ) -> dict[str, Any]:
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
         if not browser:
@@ -75,14 +92,14 @@ class Page:
             return await fut  # type: ignore[no-any-return]
 
     async def eval(self, expression: str) -> Any:
-        result = await self.call("Runtime.evaluate", {"expression": expression,
-                                                      "returnByValue": True})
+        result = await self.call(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True}
+        )
         if "exceptionDetails" in result:
             raise CDPError(str(result["exceptionDetails"]))
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, timeout: float = 10.0,
-                       interval: float = 0.1) -> Any:
+    async def wait_for(self, expression: str, timeout: float = 10.0, interval: float = 0.1) -> Any:
         """Poll a JS expression until it is truthy; its last value in the error if it never is."""
         value: Any = None
         try:
@@ -97,12 +114,14 @@ class Page:
                             return value
                     await asyncio.sleep(interval)
         except TimeoutError:
-            raise AssertionError(f"not true within {timeout} s: {expression} (last: {value!r})") \
-                from None
+            raise AssertionError(
+                f"not true within {timeout} s: {expression} (last: {value!r})"
+            ) from None
 
     async def screenshot(self, path: Path) -> None:
-        shot = await self.call("Page.captureScreenshot",
-                               {"format": "png", "captureBeyondViewport": True}, timeout=30)
+        shot = await self.call(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, timeout=30
+        )
         data = base64.b64decode(shot["data"])
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         await asyncio.to_thread(path.write_bytes, data)
@@ -119,25 +138,35 @@ async def open_page(url: str, start_timeout: float = 30.0) -> AsyncIterator[Page
         log_path = Path(tmp) / "chromium.log"
         with open(log_path, "wb") as log_file:  # noqa: ASYNC230 - a local file, opened once
             proc = await asyncio.create_subprocess_exec(
-                CHROMIUM, *_FLAGS, f"--user-data-dir={tmp}/profile", "about:blank",
-                stdin=asyncio.subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+                CHROMIUM,
+                *_FLAGS,
+                f"--user-data-dir={tmp}/profile",
+                "about:blank",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+            )
         try:
             ws_url = await _wait_listening(proc, log_path, start_timeout)
             async with connect(ws_url, max_size=64 << 20, open_timeout=start_timeout) as ws:
                 page = Page(ws, "")
                 page._reader = asyncio.create_task(page._read())
                 try:
-                    target = await page.call("Target.createTarget", {"url": "about:blank"},
-                                             browser=True)
-                    attached = await page.call("Target.attachToTarget",
-                                               {"targetId": target["targetId"], "flatten": True},
-                                               browser=True)
+                    target = await page.call(
+                        "Target.createTarget", {"url": "about:blank"}, browser=True
+                    )
+                    attached = await page.call(
+                        "Target.attachToTarget",
+                        {"targetId": target["targetId"], "flatten": True},
+                        browser=True,
+                    )
                     page._session = attached["sessionId"]
                     await page.call("Runtime.enable")
                     await page.call("Page.enable")
-                    await page.call("Emulation.setDeviceMetricsOverride",
-                                    {"width": 1280, "height": 1200, "deviceScaleFactor": 1,
-                                     "mobile": False})
+                    await page.call(
+                        "Emulation.setDeviceMetricsOverride",
+                        {"width": 1280, "height": 1200, "deviceScaleFactor": 1, "mobile": False},
+                    )
                     await page.call("Page.navigate", {"url": url})
                     yield page
                 finally:
@@ -155,8 +184,7 @@ async def open_page(url: str, start_timeout: float = 30.0) -> AsyncIterator[Page
                     await proc.wait()
 
 
-async def _wait_listening(proc: asyncio.subprocess.Process, log_path: Path,
-                          timeout: float) -> str:
+async def _wait_listening(proc: asyncio.subprocess.Process, log_path: Path, timeout: float) -> str:
     async with asyncio.timeout(timeout):
         while True:
             text = await asyncio.to_thread(log_path.read_text, errors="replace")

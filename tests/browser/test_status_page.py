@@ -45,7 +45,8 @@ async def test_status_page_shows_live_in_flight_errors_and_backend(
         async with contextlib.AsyncExitStack() as stack:
             for _ in range(3):
                 resp = await stack.enter_async_context(
-                    client.stream("POST", gw.url + CHAT, json=slow))
+                    client.stream("POST", gw.url + CHAT, json=slow)
+                )
                 assert resp.status_code == 200
             await page.wait_for(f"{text_of('in-flight')} === '3'", timeout=10)
             # While they stream, the events/s tile shows a rate above zero.
@@ -53,13 +54,18 @@ async def test_status_page_shows_live_in_flight_errors_and_backend(
         await page.wait_for(f"{text_of('in-flight')} === '0'", timeout=10)
 
         # A failed request appears in the error list with its id, outcome and status.
-        r = await client.post(gw.url + CHAT, json=chat_body(vllm_sim={"status": 500}),
-                              headers={"x-request-id": "browser-failed-1"})
+        r = await client.post(
+            gw.url + CHAT,
+            json=chat_body(vllm_sim={"status": 500}),
+            headers={"x-request-id": "browser-failed-1"},
+        )
         assert r.status_code == 502
         row = "document.querySelector('#errors tr[data-request-id=\"browser-failed-1\"]')"
         await page.wait_for(f"{row} !== null", timeout=10)
-        assert await page.eval(f"{row}.querySelector('.outcome').textContent") \
+        assert (
+            await page.eval(f"{row}.querySelector('.outcome').textContent")
             == "bad_backend_response"
+        )
         assert await page.eval(f"{row}.querySelector('.status').textContent") == "502"
 
         # Some completed traffic for the charts, then the totals match the gateway's count.
@@ -72,10 +78,12 @@ async def test_status_page_shows_live_in_flight_errors_and_backend(
         await page.wait_for(f"{text_of('errors-total')} === '4'", timeout=10)
         # The backend is listed, healthy, with the failure counted against it.
         backend_row = "document.querySelector('#backends tr')"
-        await page.wait_for(f"{backend_row} && {backend_row}.children[1].textContent === 'up'",
-                            timeout=10)
+        await page.wait_for(
+            f"{backend_row} && {backend_row}.children[1].textContent === 'up'", timeout=10
+        )
         assert "bad_backend_response: 1" in await page.eval(
-            f"{backend_row}.children[3].textContent")
+            f"{backend_row}.children[3].textContent"
+        )
         # Charts are drawn: at least one line in the TTFT chart.
         await page.wait_for("document.querySelectorAll('#c-ttft path').length > 0", timeout=10)
 

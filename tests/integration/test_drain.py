@@ -31,7 +31,9 @@ async def _metric(client: httpx.AsyncClient, url: str, name: str) -> float | Non
     return None
 
 
-async def _request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, dict, bytes, float]:
+async def _request(
+    client: httpx.AsyncClient, url: str, body: dict
+) -> tuple[int, dict, bytes, float]:
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         data = b"".join([c async for c in resp.aiter_raw()])
         return resp.status_code, dict(resp.headers), data, time.monotonic()
@@ -39,15 +41,24 @@ async def _request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_r12_signal_during_traffic_drains_within_the_deadline(
-        client: httpx.AsyncClient, sig: int) -> None:
+    client: httpx.AsyncClient, sig: int
+) -> None:
     async with run_simulator(SimulatorConfig(ttft=0.01, itl=0.05)) as sim:
-        env = {"VLLM_BACKEND_URL": sim.url, "VLLM_MAX_CONCURRENT_REQUESTS": "2",
-               "VLLM_MAX_QUEUED_REQUESTS": "4", "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "30",
-               "VLLM_SHUTDOWN_TIMEOUT_SECONDS": str(TD)}
+        env = {
+            "VLLM_BACKEND_URL": sim.url,
+            "VLLM_MAX_CONCURRENT_REQUESTS": "2",
+            "VLLM_MAX_QUEUED_REQUESTS": "4",
+            "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "30",
+            "VLLM_SHUTDOWN_TIMEOUT_SECONDS": str(TD),
+        }
         with spawn_gateway(env, name="drain") as gw:
             url = gw.url
-            short = asyncio.create_task(_request(client, url, chat_body(stream=True, max_tokens=24)))
-            long = asyncio.create_task(_request(client, url, chat_body(stream=True, max_tokens=1000)))
+            short = asyncio.create_task(
+                _request(client, url, chat_body(stream=True, max_tokens=24))
+            )
+            long = asyncio.create_task(
+                _request(client, url, chat_body(stream=True, max_tokens=1000))
+            )
             await wait_for(lambda: sim.stats()["running"] == 2)
             queued = asyncio.create_task(_request(client, url, chat_body(stream=True)))
             for _ in range(100):
@@ -86,8 +97,9 @@ async def test_r12_signal_during_traffic_drains_within_the_deadline(
 
 async def test_r12_idle_gateway_exits_at_once_on_sigterm() -> None:
     async with run_simulator(SimulatorConfig()) as sim:
-        with spawn_gateway({"VLLM_BACKEND_URL": sim.url, "VLLM_SHUTDOWN_TIMEOUT_SECONDS": "30"},
-                           name="drain-idle") as gw:
+        with spawn_gateway(
+            {"VLLM_BACKEND_URL": sim.url, "VLLM_SHUTDOWN_TIMEOUT_SECONDS": "30"}, name="drain-idle"
+        ) as gw:
             t0 = time.monotonic()
             gw.terminate()
             assert await asyncio.to_thread(gw.process.wait, 5) == 0

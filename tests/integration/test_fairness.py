@@ -11,17 +11,25 @@ from vllm_gateway.settings import Settings
 from vllm_gateway.simulator import Simulator
 
 
-async def test_a_flooding_tenant_does_not_starve_another(simulator: Simulator,
-                                                         client: httpx.AsyncClient) -> None:
+async def test_a_flooding_tenant_does_not_starve_another(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
     simulator.configure(ttft=0.0, itl=0.01)
-    settings = Settings(backend_urls=(simulator.url,), max_concurrent_requests=2,
-                        max_queued_requests=100, queue_wait_timeout=30,
-                        api_keys=frozenset({"key-a:team-a", "key-b:team-b"}))
+    settings = Settings(
+        backend_urls=(simulator.url,),
+        max_concurrent_requests=2,
+        max_queued_requests=100,
+        queue_wait_timeout=30,
+        api_keys=frozenset({"key-a:team-a", "key-b:team-b"}),
+    )
     finished: list[str] = []
 
     async def one(key: str, tag: str) -> None:
-        resp = await client.post(gw.url + "/v1/chat/completions", json=chat_body(max_tokens=10),
-                                 headers={"Authorization": f"Bearer {key}"})
+        resp = await client.post(
+            gw.url + "/v1/chat/completions",
+            json=chat_body(max_tokens=10),
+            headers={"Authorization": f"Bearer {key}"},
+        )
         assert resp.status_code == 200
         finished.append(tag)
 

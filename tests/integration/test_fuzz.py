@@ -25,17 +25,46 @@ ST = shutil.which("st", path=str(Path(sys.executable).parent))
 
 @pytest.mark.skipif(ST is None, reason="schemathesis is not installed (pip install schemathesis)")
 def test_s8_fuzzing_the_openapi_document_finds_no_5xx_and_invalid_input_gets_4xx(
-        tmp_path: Path) -> None:
-    with SimulatorProcess("--ttft", "0.005", "--itl", "0.001") as sim, \
-            spawn_gateway({"VLLM_BACKEND_URL": sim.url, "VLLM_API_KEYS": "fuzz-key",
-                           "VLLM_LOG_LEVEL": "warning"}, name="fuzz") as gw:
+    tmp_path: Path,
+) -> None:
+    with (
+        SimulatorProcess("--ttft", "0.005", "--itl", "0.001") as sim,
+        spawn_gateway(
+            {"VLLM_BACKEND_URL": sim.url, "VLLM_API_KEYS": "fuzz-key", "VLLM_LOG_LEVEL": "warning"},
+            name="fuzz",
+        ) as gw,
+    ):
         result = subprocess.run(
-            [str(ST), "run", gw.url + "/openapi.json", "-H", "Authorization: Bearer fuzz-key",
-             "--checks", "not_a_server_error,negative_data_rejection",
-             "--max-examples", "50", "--no-shrink", "--seed", "8", "--generation-database", "none",
-             "--workers", "1", "--request-timeout", "20", "--no-color", "--max-failures", "5",
-             "--report-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=220, cwd=tmp_path, check=False,
+            [
+                str(ST),
+                "run",
+                gw.url + "/openapi.json",
+                "-H",
+                "Authorization: Bearer fuzz-key",
+                "--checks",
+                "not_a_server_error,negative_data_rejection",
+                "--max-examples",
+                "50",
+                "--no-shrink",
+                "--seed",
+                "8",
+                "--generation-database",
+                "none",
+                "--workers",
+                "1",
+                "--request-timeout",
+                "20",
+                "--no-color",
+                "--max-failures",
+                "5",
+                "--report-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=220,
+            cwd=tmp_path,
+            check=False,
         )
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "schemathesis.txt").write_text(result.stdout + result.stderr)

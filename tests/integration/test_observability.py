@@ -45,13 +45,17 @@ async def test_completed_stream_and_body_are_counted(
     obs_gateway: RunningGateway, client: httpx.AsyncClient
 ) -> None:
     gw = obs_gateway
-    r = await client.post(gw.url + CHAT, json=chat_body(
-        stream=True, max_tokens=6, stream_options={"include_usage": True}))
+    r = await client.post(
+        gw.url + CHAT,
+        json=chat_body(stream=True, max_tokens=6, stream_options={"include_usage": True}),
+    )
     assert r.status_code == 200
     r = await client.post(gw.url + CHAT, json=chat_body(max_tokens=5))
     assert r.status_code == 200
     got = await scrape(client, gw)
-    assert got[f'vllm_gateway_requests_total{{route="{CHAT}",status="200",outcome="completed"}}'] == 2
+    assert (
+        got[f'vllm_gateway_requests_total{{route="{CHAT}",status="200",outcome="completed"}}'] == 2
+    )
     assert got["vllm_gateway_time_to_first_token_seconds_count"] == 2
     assert got["vllm_gateway_inter_token_latency_seconds_count"] == 1  # the stream only
     assert got["vllm_gateway_queue_wait_seconds_count"] == 2
@@ -84,7 +88,9 @@ async def test_in_flight_follows_open_streams_then_returns_to_zero(
     await wait_for(lambda: gw.gateway.admission.in_flight == 0)
     got = await scrape(client, gw)
     assert got["vllm_gateway_requests_in_flight"] == 0
-    key = f'vllm_gateway_requests_total{{route="{CHAT}",status="200",outcome="client_disconnected"}}'
+    key = (
+        f'vllm_gateway_requests_total{{route="{CHAT}",status="200",outcome="client_disconnected"}}'
+    )
     key_499 = key.replace('status="200"', 'status="499"')
     assert got.get(key, 0) + got.get(key_499, 0) == 3
 
@@ -93,15 +99,25 @@ async def test_backend_failure_is_counted_and_listed_with_its_request_id(
     obs_gateway: RunningGateway, client: httpx.AsyncClient
 ) -> None:
     gw = obs_gateway
-    r = await client.post(gw.url + CHAT, json=chat_body(vllm_sim={"status": 500}),
-                          headers={"x-request-id": "obs-failed-1"})
+    r = await client.post(
+        gw.url + CHAT,
+        json=chat_body(vllm_sim={"status": 500}),
+        headers={"x-request-id": "obs-failed-1"},
+    )
     assert r.status_code == 502
     got = await scrape(client, gw)
     name = gw.gateway.backend.name
-    assert got[f'vllm_gateway_requests_total{{route="{CHAT}",status="502",'
-               f'outcome="bad_backend_response"}}'] == 1
-    assert got[f'vllm_gateway_backend_errors_total{{backend="{name}",'
-               f'type="bad_backend_response"}}'] == 1
+    assert (
+        got[
+            f'vllm_gateway_requests_total{{route="{CHAT}",status="502",'
+            f'outcome="bad_backend_response"}}'
+        ]
+        == 1
+    )
+    assert (
+        got[f'vllm_gateway_backend_errors_total{{backend="{name}",type="bad_backend_response"}}']
+        == 1
+    )
     data = (await client.get(gw.url + "/status/data")).json()
     first = data["errors"][0]
     assert first["request_id"] == "obs-failed-1"
@@ -129,14 +145,23 @@ async def test_access_log_has_one_line_per_request_with_its_fields(
 ) -> None:
     gw = obs_gateway
     with caplog.at_level(logging.INFO, logger="vllm_gateway.access"):
-        r = await client.post(gw.url + CHAT, json=chat_body(stream=True, max_tokens=4),
-                              headers={"x-request-id": "obs-log-1"})
+        r = await client.post(
+            gw.url + CHAT,
+            json=chat_body(stream=True, max_tokens=4),
+            headers={"x-request-id": "obs-log-1"},
+        )
         assert r.status_code == 200
-        r = await client.post(gw.url + CHAT, json=chat_body(model="no-such-model"),
-                              headers={"x-request-id": "obs-log-2"})
+        r = await client.post(
+            gw.url + CHAT,
+            json=chat_body(model="no-such-model"),
+            headers={"x-request-id": "obs-log-2"},
+        )
         assert r.status_code == 404
-    lines = {getattr(rec, "request_id", None): rec for rec in caplog.records
-             if rec.name == "vllm_gateway.access"}
+    lines = {
+        getattr(rec, "request_id", None): rec
+        for rec in caplog.records
+        if rec.name == "vllm_gateway.access"
+    }
     ok, missing = lines["obs-log-1"], lines["obs-log-2"]
     assert (ok.route, ok.status, ok.outcome, ok.model) == (CHAT, 200, "completed", "sim-model")  # type: ignore[attr-defined]
     assert ok.chunks >= 4 and ok.ttft_ms > 0 and ok.duration_ms >= ok.ttft_ms  # type: ignore[attr-defined]
@@ -185,8 +210,10 @@ async def test_overhead_is_observed_once_the_relay_records_the_send_time(
         pytest.xfail("the relay does not record upstream_sent_at yet")
     assert got["vllm_gateway_overhead_seconds_count"] == 1
     # The gateway's own time before the send is well under the whole request's.
-    assert got["vllm_gateway_overhead_seconds_sum"] < got[
-        f'vllm_gateway_request_duration_seconds_sum{{route="{CHAT}"}}']
+    assert (
+        got["vllm_gateway_overhead_seconds_sum"]
+        < got[f'vllm_gateway_request_duration_seconds_sum{{route="{CHAT}"}}']
+    )
 
 
 async def test_front_door_rejections_are_counted_once_the_hook_is_in(
@@ -198,8 +225,10 @@ async def test_front_door_rejections_are_counted_once_the_hook_is_in(
         assert r.status_code == 401
         r = await client.get(gw.url + "/metrics", headers={"authorization": "Bearer k1"})
         got = samples(r.text)
-        key = (f'vllm_gateway_requests_total{{route="{CHAT}",status="401",'
-               f'outcome="authentication_error"}}')
+        key = (
+            f'vllm_gateway_requests_total{{route="{CHAT}",status="401",'
+            f'outcome="authentication_error"}}'
+        )
         if key not in got:
             pytest.xfail("the front door does not report its own rejections yet")
         assert got[key] == 1
@@ -210,8 +239,11 @@ async def test_json_log_format_gives_one_json_access_line_per_request(
 ) -> None:
     env = {"VLLM_BACKEND_URL": simulator.url, "VLLM_LOG_FORMAT": "json"}
     with spawn_gateway(env, name="access-json") as gw:
-        r = await client.post(gw.url + CHAT, json=chat_body(stream=True, max_tokens=3),
-                              headers={"x-request-id": "obs-json-1"})
+        r = await client.post(
+            gw.url + CHAT,
+            json=chat_body(stream=True, max_tokens=3),
+            headers={"x-request-id": "obs-json-1"},
+        )
         assert r.status_code == 200
 
         def access_lines() -> list[dict[str, object]]:
@@ -230,8 +262,17 @@ async def test_json_log_format_gives_one_json_access_line_per_request(
     assert line["request_id"] == "obs-json-1"
     assert line["level"] == "info"
     assert line["route"] == CHAT
-    for field in ("tenant", "model", "backend", "queue_wait_ms", "ttft_ms", "duration_ms",
-                  "chunks", "prompt_tokens", "completion_tokens"):
+    for field in (
+        "tenant",
+        "model",
+        "backend",
+        "queue_wait_ms",
+        "ttft_ms",
+        "duration_ms",
+        "chunks",
+        "prompt_tokens",
+        "completion_tokens",
+    ):
         assert field in line, field
     if line["outcome"] == "client_disconnected":
         # uvicorn answers receive() with http.disconnect as soon as a response is complete; the

@@ -25,8 +25,13 @@ EXPECTED = "".join(f" tok{i}" for i in range(6))
 
 @pytest.fixture
 async def keyed(simulator: Simulator) -> AsyncIterator[RunningGateway]:
-    settings = Settings(backend_urls=(simulator.url,), api_keys=frozenset({"sdk-key"}),
-                        max_concurrent_requests=1, max_queued_requests=0, stream_idle_timeout=0.5)
+    settings = Settings(
+        backend_urls=(simulator.url,),
+        api_keys=frozenset({"sdk-key"}),
+        max_concurrent_requests=1,
+        max_queued_requests=0,
+        stream_idle_timeout=0.5,
+    )
     async with run_gateway(settings) as gw:
         yield gw
 
@@ -41,8 +46,13 @@ async def test_chat_and_completions_streamed_and_not(keyed: RunningGateway) -> N
         assert chat.choices[0].message.content == EXPECTED
         assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
 
-        stream = await sdk.chat.completions.create(model="sim-model", messages=MESSAGES, max_tokens=6,
-                                                   stream=True, stream_options={"include_usage": True})
+        stream = await sdk.chat.completions.create(
+            model="sim-model",
+            messages=MESSAGES,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         parts, finish, usage = [], None, None
         async for chunk in stream:
             for choice in chunk.choices:
@@ -53,15 +63,18 @@ async def test_chat_and_completions_streamed_and_not(keyed: RunningGateway) -> N
 
         comp = await sdk.completions.create(model="sim-model", prompt="hi", max_tokens=6)
         assert comp.choices[0].text == EXPECTED
-        stream = await sdk.completions.create(model="sim-model", prompt="hi", max_tokens=6, stream=True)
+        stream = await sdk.completions.create(
+            model="sim-model", prompt="hi", max_tokens=6, stream=True
+        )
         assert "".join([c.choices[0].text async for c in stream]) == EXPECTED
 
         models = await sdk.models.list()
         assert "sim-model" in [m.id for m in models.data]
 
 
-async def test_gateway_statuses_surface_as_sdk_errors(keyed: RunningGateway,
-                                                      simulator: Simulator) -> None:
+async def test_gateway_statuses_surface_as_sdk_errors(
+    keyed: RunningGateway, simulator: Simulator
+) -> None:
     async with _sdk(keyed, key="wrong") as bad:
         with pytest.raises(openai.AuthenticationError) as auth:
             await bad.chat.completions.create(model="sim-model", messages=MESSAGES)
@@ -74,8 +87,9 @@ async def test_gateway_statuses_surface_as_sdk_errors(keyed: RunningGateway,
             await sdk.chat.completions.create(model="no-such-model", messages=MESSAGES)
 
         # The only slot is held and the queue is 0 deep: the next request is refused with 503.
-        holder = await sdk.chat.completions.create(model="sim-model", messages=MESSAGES,
-                                                   max_tokens=2000, stream=True)
+        holder = await sdk.chat.completions.create(
+            model="sim-model", messages=MESSAGES, max_tokens=2000, stream=True
+        )
         first = await anext(aiter(holder))
         assert first.choices
         with pytest.raises(openai.APIStatusError) as over:
@@ -88,14 +102,25 @@ async def test_gateway_statuses_surface_as_sdk_errors(keyed: RunningGateway,
         await wait_for(lambda: simulator.stats()["running"] == 0)
 
 
-@pytest.mark.parametrize(("knobs", "kind"), [({"drop_after": 4}, "backend_unavailable"),
-                                             ({"stall_after": 4}, "stream_idle_timeout"),
-                                             ({"malformed": "bad_json"}, "bad_backend_response")])
-async def test_a_mid_stream_error_raises_in_the_sdk_consumer(keyed: RunningGateway,
-                                                             knobs: dict, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("knobs", "kind"),
+    [
+        ({"drop_after": 4}, "backend_unavailable"),
+        ({"stall_after": 4}, "stream_idle_timeout"),
+        ({"malformed": "bad_json"}, "bad_backend_response"),
+    ],
+)
+async def test_a_mid_stream_error_raises_in_the_sdk_consumer(
+    keyed: RunningGateway, knobs: dict, kind: str
+) -> None:
     async with _sdk(keyed) as sdk:
-        stream = await sdk.chat.completions.create(model="sim-model", messages=MESSAGES, max_tokens=20,
-                                                   stream=True, extra_body={"vllm_sim": knobs})
+        stream = await sdk.chat.completions.create(
+            model="sim-model",
+            messages=MESSAGES,
+            max_tokens=20,
+            stream=True,
+            extra_body={"vllm_sim": knobs},
+        )
         received: list[str] = []
         with pytest.raises(openai.APIError) as err:
             async for chunk in stream:

@@ -21,8 +21,15 @@ from vllm_gateway.pool_config import BackendSpec, PoolConfig
 from vllm_gateway.settings import Settings
 from vllm_gateway.simulator import Simulator, SimulatorConfig, start_simulator
 
-FAST = dict(health_interval=0.1, health_timeout=0.5, watchdog_stall=0.3, canary_timeout=0.3,
-            readmit_backoff=0.2, admission_wait=1.0, retry_budget_min=100)
+FAST = dict(
+    health_interval=0.1,
+    health_timeout=0.5,
+    watchdog_stall=0.3,
+    canary_timeout=0.3,
+    readmit_backoff=0.2,
+    admission_wait=1.0,
+    retry_budget_min=100,
+)
 
 
 @contextlib.asynccontextmanager
@@ -37,10 +44,15 @@ async def sims(n: int, **cfg: Any) -> AsyncIterator[list[Simulator]]:
 
 
 @contextlib.asynccontextmanager
-async def pool_of(members: list[Simulator] | list[BackendSpec], **knobs: Any) -> AsyncIterator[PoolBackend]:
+async def pool_of(
+    members: list[Simulator] | list[BackendSpec], **knobs: Any
+) -> AsyncIterator[PoolBackend]:
     specs = [m if isinstance(m, BackendSpec) else BackendSpec(url=m.url) for m in members]
-    pool = PoolBackend(Settings(backend_urls=tuple(s.url for s in specs)), specs=specs,
-                       config=PoolConfig(**{**FAST, **knobs}))
+    pool = PoolBackend(
+        Settings(backend_urls=tuple(s.url for s in specs)),
+        specs=specs,
+        config=PoolConfig(**{**FAST, **knobs}),
+    )
     await pool.start()
     try:
         yield pool
@@ -48,11 +60,16 @@ async def pool_of(members: list[Simulator] | list[BackendSpec], **knobs: Any) ->
         await pool.aclose()
 
 
-def request(stream: bool = False, model: str = "sim-model", headers: dict[str, str] | None = None,
-            **extra: Any) -> UpstreamRequest:
+def request(
+    stream: bool = False,
+    model: str = "sim-model",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> UpstreamRequest:
     body = chat_body(stream=stream, max_tokens=4, model=model, **extra)
-    return UpstreamRequest("POST", "/v1/chat/completions", orjson.dumps(body), body, stream,
-                           "t", model, headers or {})
+    return UpstreamRequest(
+        "POST", "/v1/chat/completions", orjson.dumps(body), body, stream, "t", model, headers or {}
+    )
 
 
 async def call(pool: PoolBackend, req: UpstreamRequest) -> tuple[int, bytes]:
@@ -77,8 +94,11 @@ async def test_least_outstanding_spreads_concurrent_load() -> None:
 
 
 async def test_requests_go_only_to_members_serving_the_model() -> None:
-    async with (sims(1, models=("alpha",)) as a, sims(2, models=("beta", "gamma")) as b,
-                pool_of([*a, *b]) as pool):
+    async with (
+        sims(1, models=("alpha",)) as a,
+        sims(2, models=("beta", "gamma")) as b,
+        pool_of([*a, *b]) as pool,
+    ):
         assert await pool.model_ids(1.0) == ["alpha", "beta", "gamma"]
         results = await asyncio.gather(*(call(pool, request(model="beta")) for _ in range(10)))
         assert [s for s, _ in results] == [200] * 10
@@ -93,8 +113,10 @@ async def test_requests_go_only_to_members_serving_the_model() -> None:
 
 async def test_declared_models_from_specs_are_trusted() -> None:
     async with sims(2) as members:
-        specs = [BackendSpec(url=members[0].url, models=("sim-model",)),
-                 BackendSpec(url=members[1].url, models=("other",))]
+        specs = [
+            BackendSpec(url=members[0].url, models=("sim-model",)),
+            BackendSpec(url=members[1].url, models=("other",)),
+        ]
         async with pool_of(specs) as pool:
             for _ in range(6):
                 assert (await call(pool, request()))[0] == 200
@@ -107,11 +129,17 @@ async def test_declared_models_from_specs_are_trusted() -> None:
 async def test_pool_from_a_backends_file(tmp_path: Path) -> None:
     async with sims(2, ttft=0.2) as members:
         path = tmp_path / "backends.yaml"
-        path.write_text("backends:\n"
-                        f"  - url: {members[0].url}\n    name: big\n    weight: 3\n"
-                        f"  - url: {members[1].url}\n    name: small\n    max_outstanding: 1\n")
-        settings = SimpleNamespace(backends_file=str(path), connect_timeout=1.0,
-                                   pool_health_interval=0.1, pool_admission_wait=5.0)
+        path.write_text(
+            "backends:\n"
+            f"  - url: {members[0].url}\n    name: big\n    weight: 3\n"
+            f"  - url: {members[1].url}\n    name: small\n    max_outstanding: 1\n"
+        )
+        settings = SimpleNamespace(
+            backends_file=str(path),
+            connect_timeout=1.0,
+            pool_health_interval=0.1,
+            pool_admission_wait=5.0,
+        )
         pool = PoolBackend(settings)
         await pool.start()
         try:
@@ -145,7 +173,10 @@ async def test_affinity_yields_when_its_member_is_a_hot_spot() -> None:
 
 
 async def test_prefix_affinity_routes_a_shared_prefix_together() -> None:
-    async with sims(3) as members, pool_of(members, routing="prefix", affinity_prefix_chars=40) as pool:
+    async with (
+        sims(3) as members,
+        pool_of(members, routing="prefix", affinity_prefix_chars=40) as pool,
+    ):
         system = {"role": "system", "content": "You are a careful assistant. " * 4}
         for i in range(8):
             body = {"messages": [system, {"role": "user", "content": f"question {i}"}]}
@@ -167,8 +198,10 @@ async def test_stopped_member_is_ejected_and_no_request_is_lost() -> None:
 
 
 async def test_5xx_is_retried_elsewhere_and_the_member_ejected() -> None:
-    async with sims(2) as members, pool_of(members, eject_after_failures=3,
-                                           readmit_backoff=1.0) as pool:
+    async with (
+        sims(2) as members,
+        pool_of(members, eject_after_failures=3, readmit_backoff=1.0) as pool,
+    ):
         members[0].configure(status=500)
         results = [await call(pool, request()) for _ in range(10)]
         assert [s for s, _ in results] == [200] * 10
@@ -180,7 +213,10 @@ async def test_5xx_is_retried_elsewhere_and_the_member_ejected() -> None:
 
 
 async def test_all_members_failing_gives_the_last_error_within_the_retry_limit() -> None:
-    async with sims(4) as members, pool_of(members, max_retries=2, eject_after_failures=100) as pool:
+    async with (
+        sims(4) as members,
+        pool_of(members, max_retries=2, eject_after_failures=100) as pool,
+    ):
         for s in members:
             s.configure(status=503)
         status, _ = await call(pool, request())
@@ -189,8 +225,12 @@ async def test_all_members_failing_gives_the_last_error_within_the_retry_limit()
 
 
 async def test_retry_budget_bounds_retries() -> None:
-    async with sims(2) as members, pool_of(members, retry_budget_min=2, retry_budget_ratio=0.0,
-                                           eject_after_failures=100) as pool:
+    async with (
+        sims(2) as members,
+        pool_of(
+            members, retry_budget_min=2, retry_budget_ratio=0.0, eject_after_failures=100
+        ) as pool,
+    ):
         members[0].configure(status=500)
         members[1].configure(status=500)
         for _ in range(6):
@@ -243,7 +283,8 @@ async def test_hung_member_is_caught_by_the_watchdog_and_its_requests_move() -> 
     async with sims(2) as members, pool_of(members) as pool:
         members[0].configure(hang=True)
         results = await asyncio.wait_for(
-            asyncio.gather(*(call(pool, request()) for _ in range(8))), timeout=10)
+            asyncio.gather(*(call(pool, request()) for _ in range(8))), timeout=10
+        )
         assert [s for s, _ in results] == [200] * 8
         hung = pool.stats()[0]
         assert not hung["healthy"] and hung["down_reason"] == "watchdog"
@@ -292,8 +333,10 @@ async def test_unhealthy_member_leaves_and_comes_back() -> None:
 
 
 async def test_per_member_limit_holds_and_full_pool_answers_503() -> None:
-    async with sims(2, ttft=0.2) as members, pool_of(members, max_outstanding=2,
-                                                      admission_wait=5.0) as pool:
+    async with (
+        sims(2, ttft=0.2) as members,
+        pool_of(members, max_outstanding=2, admission_wait=5.0) as pool,
+    ):
         peak = 0
 
         async def watch() -> None:
@@ -309,10 +352,13 @@ async def test_per_member_limit_holds_and_full_pool_answers_503() -> None:
             watcher.cancel()
         assert [s for s, _ in results] == [200] * 12
         assert 1 <= peak <= 2
-    async with sims(1, ttft=0.5) as members, pool_of(members, max_outstanding=1,
-                                                      admission_wait=0.05) as pool:
-        outcomes = await asyncio.gather(*(call(pool, request()) for _ in range(3)),
-                                        return_exceptions=True)
+    async with (
+        sims(1, ttft=0.5) as members,
+        pool_of(members, max_outstanding=1, admission_wait=0.05) as pool,
+    ):
+        outcomes = await asyncio.gather(
+            *(call(pool, request()) for _ in range(3)), return_exceptions=True
+        )
         assert sum(isinstance(o, NoHealthyBackend) for o in outcomes) == 2
         assert NoHealthyBackend().status == 503
 
@@ -325,8 +371,9 @@ async def test_gateway_builds_a_pool_and_spreads_load(client: httpx.AsyncClient)
         settings = Settings(backend_urls=tuple(s.url for s in members), max_concurrent_requests=32)
         async with run_gateway(settings) as gw:
             assert isinstance(gw.gateway.backend, PoolBackend)
-            resps = await asyncio.gather(*(
-                client.post(gw.url + "/v1/chat/completions", json=chat_body()) for _ in range(15)))
+            resps = await asyncio.gather(
+                *(client.post(gw.url + "/v1/chat/completions", json=chat_body()) for _ in range(15))
+            )
             assert [r.status_code for r in resps] == [200] * 15
             assert all(t > 0 for t in totals(members))
             models = (await client.get(gw.url + "/v1/models")).json()
@@ -337,12 +384,16 @@ async def test_gateway_loses_no_request_when_a_member_stops(client: httpx.AsyncC
     async with sims(3, ttft=0.02) as members:
         urls = tuple(s.url for s in members)
         pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST))
-        async with run_gateway(Settings(backend_urls=urls, max_concurrent_requests=32),
-                               backend=pool) as gw:
+        async with run_gateway(
+            Settings(backend_urls=urls, max_concurrent_requests=32), backend=pool
+        ) as gw:
             await members[2].close()
-            resps = await asyncio.gather(*(
-                client.post(gw.url + "/v1/chat/completions", json=chat_body(stream=s % 2 == 0))
-                for s in range(20)))
+            resps = await asyncio.gather(
+                *(
+                    client.post(gw.url + "/v1/chat/completions", json=chat_body(stream=s % 2 == 0))
+                    for s in range(20)
+                )
+            )
             assert [r.status_code for r in resps] == [200] * 20
             assert (await client.get(gw.url + "/health/ready")).status_code == 200
 
@@ -354,8 +405,9 @@ async def test_gateway_mid_stream_drop_is_an_error_event(client: httpx.AsyncClie
         urls = tuple(s.url for s in members)
         pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST))
         async with run_gateway(Settings(backend_urls=urls), backend=pool) as gw:
-            async with client.stream("POST", gw.url + "/v1/chat/completions",
-                                     json=chat_body(stream=True)) as resp:
+            async with client.stream(
+                "POST", gw.url + "/v1/chat/completions", json=chat_body(stream=True)
+            ) as resp:
                 text = (await resp.aread()).decode()
             assert resp.status_code == 200
             events = sse_events(text)
@@ -381,11 +433,15 @@ async def test_gateway_hung_member_is_ejected_and_requests_move(client: httpx.As
         members[0].configure(hang=True)
         urls = tuple(s.url for s in members)
         pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST))
-        async with run_gateway(Settings(backend_urls=urls, max_concurrent_requests=16),
-                               backend=pool) as gw:
-            resps = await asyncio.gather(*(
-                client.post(gw.url + "/v1/chat/completions", json=chat_body(stream=i % 2 == 0))
-                for i in range(10)))
+        async with run_gateway(
+            Settings(backend_urls=urls, max_concurrent_requests=16), backend=pool
+        ) as gw:
+            resps = await asyncio.gather(
+                *(
+                    client.post(gw.url + "/v1/chat/completions", json=chat_body(stream=i % 2 == 0))
+                    for i in range(10)
+                )
+            )
             assert [r.status_code for r in resps] == [200] * 10
             assert pool.stats()[0]["down_reason"] == "watchdog"
             assert members[1].stats()["completed"] == 10
@@ -394,10 +450,13 @@ async def test_gateway_hung_member_is_ejected_and_requests_move(client: httpx.As
 async def test_gateway_session_affinity_by_user_field(client: httpx.AsyncClient) -> None:
     async with sims(3) as members:
         urls = tuple(s.url for s in members)
-        pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST, routing="session"))
+        pool = PoolBackend(
+            Settings(backend_urls=urls), config=PoolConfig(**FAST, routing="session")
+        )
         async with run_gateway(Settings(backend_urls=urls), backend=pool) as gw:
             for _ in range(6):
-                resp = await client.post(gw.url + "/v1/chat/completions",
-                                         json=chat_body(user="alice"))
+                resp = await client.post(
+                    gw.url + "/v1/chat/completions", json=chat_body(user="alice")
+                )
                 assert resp.status_code == 200
             assert sorted(totals(members)) == [0, 0, 6]

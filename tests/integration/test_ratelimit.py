@@ -28,9 +28,23 @@ def redis_server(port: int | None = None, tmp: Path | None = None) -> Iterator[s
     port = port or free_port()
     assert REDIS is not None
     proc = subprocess.Popen(
-        [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp or "/tmp"), "--enable-debug-command", "local"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            REDIS,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp or "/tmp"),
+            "--enable-debug-command",
+            "local",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10
@@ -102,8 +116,12 @@ async def test_redis_killed_falls_back_with_a_warning_and_comes_back(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_gateway.ratelimit")
     port = free_port()
-    rl = RateLimiter(requests_per_minute=1000, redis_url=f"redis://127.0.0.1:{port}/0",
-                     redis_timeout=0.5, redis_retry_interval=0.2)
+    rl = RateLimiter(
+        requests_per_minute=1000,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_timeout=0.5,
+        redis_retry_interval=0.2,
+    )
     await rl.start()
     try:
         with redis_server(port, tmp_path):
@@ -125,8 +143,9 @@ async def test_redis_killed_falls_back_with_a_warning_and_comes_back(
 
 async def test_unreachable_redis_at_start_is_per_replica(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="vllm_gateway.ratelimit")
-    rl = RateLimiter(requests_per_minute=2, redis_url=f"redis://127.0.0.1:{free_port()}/0",
-                     redis_timeout=0.2)
+    rl = RateLimiter(
+        requests_per_minute=2, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout=0.2
+    )
     await rl.start()
     try:
         await rl.acquire("k")
@@ -143,8 +162,15 @@ async def test_a_slow_redis_does_not_stall_the_request(tmp_path: Path) -> None:
         rl = RateLimiter(requests_per_minute=100, redis_url=url, redis_timeout=0.1)
         await rl.start()
         blocker = await asyncio.create_subprocess_exec(
-            "redis-cli", "-u", url, "DEBUG", "SLEEP", "2",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            "redis-cli",
+            "-u",
+            url,
+            "DEBUG",
+            "SLEEP",
+            "2",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         try:
             await asyncio.sleep(0.2)  # the server is asleep now
             await asyncio.wait_for(rl.acquire("k"), timeout=1.5)  # answered well before Redis wakes

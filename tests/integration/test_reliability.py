@@ -39,8 +39,9 @@ def _contents(events: list[str]) -> list[str]:
     return out
 
 
-async def _request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                   path: str = CHAT) -> tuple[int, dict[str, str], bytes]:
+async def _request(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], path: str = CHAT
+) -> tuple[int, dict[str, str], bytes]:
     async with client.stream("POST", url + path, json=body) as resp:
         data = b"".join([c async for c in resp.aiter_raw()])
         return resp.status_code, dict(resp.headers), data
@@ -64,8 +65,15 @@ def _acquired(gw: RunningGateway) -> int:
 
 async def _settled(gw: RunningGateway, sim: Simulator | None = None, timeout: float = 5.0) -> None:
     g = gw.gateway
-    await wait_for(lambda: g.admission.in_flight == 0 and g.admission.queued == 0
-                   and not g.active and _acquired(gw) == 0, timeout=timeout)
+    await wait_for(
+        lambda: (
+            g.admission.in_flight == 0
+            and g.admission.queued == 0
+            and not g.active
+            and _acquired(gw) == 0
+        ),
+        timeout=timeout,
+    )
     if sim is not None:
         await wait_for(lambda: sim.stats()["running"] == 0, timeout=timeout)
 
@@ -73,17 +81,23 @@ async def _settled(gw: RunningGateway, sim: Simulator | None = None, timeout: fl
 # --- R1, R2: overload -----------------------------------------------------------------------
 
 
-async def test_r1_beyond_queue_gets_503_at_once_and_the_rest_complete(client: httpx.AsyncClient) -> None:
+async def test_r1_beyond_queue_gets_503_at_once_and_the_rest_complete(
+    client: httpx.AsyncClient,
+) -> None:
     c, q = 3, 3
-    async with run_simulator(SimulatorConfig(ttft=0.01, itl=0.02)) as sim, \
-            _gateway_for(sim.url, max_concurrent_requests=c, max_queued_requests=q,
-                         queue_wait_timeout=20) as gw:
+    async with (
+        run_simulator(SimulatorConfig(ttft=0.01, itl=0.02)) as sim,
+        _gateway_for(
+            sim.url, max_concurrent_requests=c, max_queued_requests=q, queue_wait_timeout=20
+        ) as gw,
+    ):
         loop = asyncio.get_running_loop()
 
         async def one() -> tuple[int, dict[str, str], bytes, float]:
             start = loop.time()
             status, headers, data = await _request(
-                client, gw.url, chat_body(stream=True, max_tokens=40))
+                client, gw.url, chat_body(stream=True, max_tokens=40)
+            )
             return status, headers, data, loop.time() - start
 
         results = await asyncio.gather(*[one() for _ in range(c + q + 5)])
@@ -101,10 +115,14 @@ async def test_r1_beyond_queue_gets_503_at_once_and_the_rest_complete(client: ht
 
 
 async def test_r2_a_queued_stream_request_times_out_as_json_503(client: httpx.AsyncClient) -> None:
-    async with run_simulator(SimulatorConfig(ttft=0.01, itl=0.05)) as sim, \
-            _gateway_for(sim.url, max_concurrent_requests=2, queue_wait_timeout=0.5) as gw:
-        holders = [asyncio.create_task(_request(client, gw.url, chat_body(stream=True, max_tokens=60)))
-                   for _ in range(2)]
+    async with (
+        run_simulator(SimulatorConfig(ttft=0.01, itl=0.05)) as sim,
+        _gateway_for(sim.url, max_concurrent_requests=2, queue_wait_timeout=0.5) as gw,
+    ):
+        holders = [
+            asyncio.create_task(_request(client, gw.url, chat_body(stream=True, max_tokens=60)))
+            for _ in range(2)
+        ]
         await wait_for(lambda: sim.stats()["running"] == 2)
         seen = sim.stats()["total"]
         loop = asyncio.get_running_loop()
@@ -122,11 +140,15 @@ async def test_r2_a_queued_stream_request_times_out_as_json_503(client: httpx.As
 # --- R4: many clients leaving at awkward moments ----------------------------------------------
 
 
-async def _raw_stream(port: int, body: bytes, leave: str | None, rng: random.Random) -> bytes | None:
+async def _raw_stream(
+    port: int, body: bytes, leave: str | None, rng: random.Random
+) -> bytes | None:
     """One streamed request on a raw socket; ``leave`` says when the client walks away."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+    )
     try:
         if leave == "before_headers":
             await asyncio.sleep(rng.uniform(0, 0.3))
@@ -143,22 +165,30 @@ async def _raw_stream(port: int, body: bytes, leave: str | None, rng: random.Ran
 
 
 async def test_r4_a_thousand_streams_half_abandoned_leave_nothing_behind(
-        client: httpx.AsyncClient) -> None:
+    client: httpx.AsyncClient,
+) -> None:
     c = 50
     rng = random.Random(4)
-    async with run_simulator(SimulatorConfig(ttft=0.01, itl=0.005)) as sim, \
-            _gateway_for(sim.url, max_concurrent_requests=c, max_queued_requests=1000,
-                         queue_wait_timeout=60) as gw:
+    async with (
+        run_simulator(SimulatorConfig(ttft=0.01, itl=0.005)) as sim,
+        _gateway_for(
+            sim.url, max_concurrent_requests=c, max_queued_requests=1000, queue_wait_timeout=60
+        ) as gw,
+    ):
         body = orjson.dumps(chat_body(stream=True, max_tokens=12))
-        plans = [rng.choice(["before_headers", "after_first", "mid"]) if i % 2 else None
-                 for i in range(1000)]
+        plans = [
+            rng.choice(["before_headers", "after_first", "mid"]) if i % 2 else None
+            for i in range(1000)
+        ]
         results = await asyncio.gather(*[_raw_stream(gw.port, body, p, rng) for p in plans])
         for plan, data in zip(plans, results, strict=True):
             if plan is None:
                 assert data is not None and data.startswith(b"HTTP/1.1 200")
                 assert b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")
         await _settled(gw, sim, timeout=10)
-        fresh = await asyncio.gather(*[client.post(gw.url + CHAT, json=chat_body()) for _ in range(c)])
+        fresh = await asyncio.gather(
+            *[client.post(gw.url + CHAT, json=chat_body()) for _ in range(c)]
+        )
         assert [r.status_code for r in fresh] == [200] * c
         await _settled(gw, sim)
         assert sim.stats()["aborted"] > 0  # some left mid-stream, and the backend saw them go
@@ -168,7 +198,8 @@ async def test_r4_a_thousand_streams_half_abandoned_leave_nothing_behind(
 
 
 async def test_r5_leaving_before_the_first_token_aborts_the_backend_request(
-        client: httpx.AsyncClient) -> None:
+    client: httpx.AsyncClient,
+) -> None:
     async with run_simulator(SimulatorConfig(ttft=30)) as sim, _gateway_for(sim.url) as gw:
         task = asyncio.create_task(_request(client, gw.url, chat_body(stream=True)))
         await wait_for(lambda: sim.stats()["running"] == 1)
@@ -186,8 +217,9 @@ async def test_r5_leaving_before_the_first_token_aborts_the_backend_request(
 async def test_r6_backend_process_killed_mid_stream(client: httpx.AsyncClient) -> None:
     with SimulatorProcess("--ttft", "0.01", "--itl", "0.02") as proc:
         async with _gateway_for(proc.url) as gw:
-            async with client.stream("POST", gw.url + CHAT,
-                                     json=chat_body(stream=True, max_tokens=500)) as resp:
+            async with client.stream(
+                "POST", gw.url + CHAT, json=chat_body(stream=True, max_tokens=500)
+            ) as resp:
                 assert resp.status_code == 200
                 data = b""
                 async for chunk in resp.aiter_raw():
@@ -216,7 +248,8 @@ async def test_r6_backend_process_killed_mid_stream(client: httpx.AsyncClient) -
 
 
 async def test_r7_refused_connections_are_502_within_the_connect_timeout(
-        client: httpx.AsyncClient) -> None:
+    client: httpx.AsyncClient,
+) -> None:
     async with _gateway_for(f"http://127.0.0.1:{free_port()}", connect_timeout=1.0) as gw:
         loop = asyncio.get_running_loop()
         for stream in (False, True):
@@ -231,8 +264,10 @@ async def test_r7_refused_connections_are_502_within_the_connect_timeout(
 
 
 async def test_r9_idle_timeout_fires_at_ti_after_the_last_byte(client: httpx.AsyncClient) -> None:
-    async with run_simulator(SimulatorConfig(ttft=0.01, itl=0.01, stall_after=4)) as sim, \
-            _gateway_for(sim.url, stream_idle_timeout=0.5) as gw:
+    async with (
+        run_simulator(SimulatorConfig(ttft=0.01, itl=0.01, stall_after=4)) as sim,
+        _gateway_for(sim.url, stream_idle_timeout=0.5) as gw,
+    ):
         loop = asyncio.get_running_loop()
         arrivals: list[tuple[float, bytes]] = []
         async with client.stream("POST", gw.url + CHAT, json=chat_body(stream=True)) as resp:
@@ -256,10 +291,15 @@ async def test_r9_idle_timeout_fires_at_ti_after_the_last_byte(client: httpx.Asy
     ],
 )
 async def test_r10_malformed_non_stream_answers_are_a_clear_error(
-        client: httpx.AsyncClient, knobs: dict[str, Any], status: int, kind: str) -> None:
-    async with run_simulator(SimulatorConfig(ttft=0.01, itl=0.01)) as sim, \
-            _gateway_for(sim.url, request_timeout=1.0) as gw:
-        got, headers, data = await _request(client, gw.url, chat_body(max_tokens=20, vllm_sim=knobs))
+    client: httpx.AsyncClient, knobs: dict[str, Any], status: int, kind: str
+) -> None:
+    async with (
+        run_simulator(SimulatorConfig(ttft=0.01, itl=0.01)) as sim,
+        _gateway_for(sim.url, request_timeout=1.0) as gw,
+    ):
+        got, headers, data = await _request(
+            client, gw.url, chat_body(max_tokens=20, vllm_sim=knobs)
+        )
         assert (got, orjson.loads(data)["error"]["type"]) == (status, kind)
         _kept(got, headers, data)
         await _settled(gw, sim)
@@ -275,13 +315,23 @@ def _rss_kib(field: str) -> int:
 
 async def test_r10_an_enormous_line_keeps_memory_bounded(client: httpx.AsyncClient) -> None:
     huge = 64 << 20  # 16 times the gateway's event cap
-    with SimulatorProcess("--ttft", "0.01", "--itl", "0.01", "--malformed", "huge_line",
-                          "--huge-line-bytes", str(huge)) as proc:
+    with SimulatorProcess(
+        "--ttft",
+        "0.01",
+        "--itl",
+        "0.01",
+        "--malformed",
+        "huge_line",
+        "--huge-line-bytes",
+        str(huge),
+    ) as proc:
         async with _gateway_for(proc.url) as gw:
             with open("/proc/self/clear_refs", "w") as f:  # noqa: ASYNC230 - a 1-byte /proc write
                 f.write("5")  # reset this process's peak RSS
             before = _rss_kib("VmRSS")
-            status, headers, data = await _request(client, gw.url, chat_body(stream=True, max_tokens=10))
+            status, headers, data = await _request(
+                client, gw.url, chat_body(stream=True, max_tokens=10)
+            )
             peak = _rss_kib("VmHWM")
             assert _kept(status, headers, data) in ("stream_error", "error_json")
             assert b"bad_backend_response" in data
@@ -293,14 +343,19 @@ async def test_r10_an_enormous_line_keeps_memory_bounded(client: httpx.AsyncClie
 
 
 async def test_r11_each_chunk_arrives_when_the_backend_sends_it(client: httpx.AsyncClient) -> None:
-    async with run_simulator(SimulatorConfig(ttft=0.2, itl=0.2)) as sim, _gateway_for(sim.url) as gw:
+    async with (
+        run_simulator(SimulatorConfig(ttft=0.2, itl=0.2)) as sim,
+        _gateway_for(sim.url) as gw,
+    ):
         loop = asyncio.get_running_loop()
 
         async def arrivals(url: str) -> list[float]:
             start = loop.time()
             times: list[float] = []
             buf = b""
-            async with client.stream("POST", url + CHAT, json=chat_body(stream=True, max_tokens=8)) as r:
+            async with client.stream(
+                "POST", url + CHAT, json=chat_body(stream=True, max_tokens=8)
+            ) as r:
                 async for chunk in r.aiter_raw():
                     buf += chunk
                     while b"\n\n" in buf:
@@ -319,10 +374,13 @@ async def test_r11_each_chunk_arrives_when_the_backend_sends_it(client: httpx.As
 # --- R13: the backend restarts under load ------------------------------------------------------
 
 
-async def test_r13_backend_restart_under_load_keeps_every_promise(client: httpx.AsyncClient) -> None:
+async def test_r13_backend_restart_under_load_keeps_every_promise(
+    client: httpx.AsyncClient,
+) -> None:
     with SimulatorProcess("--ttft", "0.01", "--itl", "0.01") as proc:
-        async with _gateway_for(proc.url, max_concurrent_requests=8, connect_timeout=1.0,
-                                first_token_timeout=2.0) as gw:
+        async with _gateway_for(
+            proc.url, max_concurrent_requests=8, connect_timeout=1.0, first_token_timeout=2.0
+        ) as gw:
             loop = asyncio.get_running_loop()
             stop = loop.time() + 5.0
             endings: list[str] = []
@@ -343,6 +401,8 @@ async def test_r13_backend_restart_under_load_keeps_every_promise(client: httpx.
             assert (await client.get(gw.url + "/health/ready")).status_code == 200
             # Traffic resumed: the last request of every worker was served.
             assert endings.count("json_200") + endings.count("stream_done") > 16
-            ok = await asyncio.gather(*[client.post(gw.url + CHAT, json=chat_body()) for _ in range(8)])
+            ok = await asyncio.gather(
+                *[client.post(gw.url + CHAT, json=chat_body()) for _ in range(8)]
+            )
             assert [r.status_code for r in ok] == [200] * 8
             await _settled(gw)

@@ -18,9 +18,23 @@ pytestmark = pytest.mark.timeout(120)
 def test_r14_short_soak_breaks_no_promise_and_settles(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     result = subprocess.run(
-        [sys.executable, "-m", "vllm_gateway.soak", "--duration", "20", "--concurrency", "10",
-         "--restart-every", "8", "--out", str(out)],
-        capture_output=True, text=True, timeout=100, check=False,
+        [
+            sys.executable,
+            "-m",
+            "vllm_gateway.soak",
+            "--duration",
+            "20",
+            "--concurrency",
+            "10",
+            "--restart-every",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
     )
     report = json.loads(out.read_text())
     assert result.returncode == 0, result.stdout + result.stderr + json.dumps(report["defects"][:5])

@@ -15,17 +15,25 @@ from vllm_gateway.simulator import Simulator
 pytestmark = needs_redis
 
 
-async def test_two_gateways_hold_one_combined_limit(simulator: Simulator, client: httpx.AsyncClient,
-                                                    tmp_path: Path) -> None:
+async def test_two_gateways_hold_one_combined_limit(
+    simulator: Simulator, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
     with redis_server(tmp=tmp_path) as redis_url:
-        settings = Settings(backend_urls=(simulator.url,), api_keys=frozenset({"k1:team"}),
-                            rate_limit_rpm=6, redis_url=redis_url)
+        settings = Settings(
+            backend_urls=(simulator.url,),
+            api_keys=frozenset({"k1:team"}),
+            rate_limit_rpm=6,
+            redis_url=redis_url,
+        )
         async with run_gateway(settings) as one, run_gateway(settings) as two:
             statuses = []
             for i in range(10):
                 gw = (one, two)[i % 2]
-                resp = await client.post(gw.url + "/v1/chat/completions", json=chat_body(),
-                                         headers={"Authorization": "Bearer k1"})
+                resp = await client.post(
+                    gw.url + "/v1/chat/completions",
+                    json=chat_body(),
+                    headers={"Authorization": "Bearer k1"},
+                )
                 statuses.append(resp.status_code)
                 if resp.status_code == 429:
                     assert resp.json()["error"]["type"] == "rate_limited"

@@ -31,8 +31,11 @@ FAST = SimulatorConfig(ttft=0.005, itl=0.002, tokens=8)
 
 
 def chat(stream: bool = True, rid: str = "r1", **sim: Any) -> UpstreamRequest:
-    body: dict[str, Any] = {"model": "sim-model", "stream": stream,
-                            "messages": [{"role": "user", "content": "hello"}]}
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hello"}],
+    }
     if sim:
         body["vllm_sim"] = sim
     return UpstreamRequest("POST", "/v1/chat/completions", orjson.dumps(body), None, stream, rid)
@@ -62,10 +65,11 @@ async def backend(sim: Simulator) -> AsyncIterator[FastHTTPBackend]:
 async def raw_body(port: int, request: UpstreamRequest) -> bytes:
     """The body as sent, de-chunked by hand from a plain socket (the reference)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"X-Request-ID: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                 % (request.path.encode(), request.request_id.encode(), len(request.body),
-                    request.body))
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-ID: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (request.path.encode(), request.request_id.encode(), len(request.body), request.body)
+    )
     await writer.drain()
     raw = await reader.read()
     writer.close()
@@ -78,7 +82,7 @@ async def raw_body(port: int, request: UpstreamRequest) -> bytes:
         if size == 0:
             return out
         out += rest[:size]
-        rest = rest[size + 2:]
+        rest = rest[size + 2 :]
 
 
 def same_second(body: bytes) -> bytes:
@@ -86,12 +90,12 @@ def same_second(body: bytes) -> bytes:
 
 
 async def test_stream_is_byte_identical_to_what_the_simulator_sent(
-        sim: Simulator, backend: FastHTTPBackend) -> None:
+    sim: Simulator, backend: FastHTTPBackend
+) -> None:
     request = chat(rid="same-id")
     resp = await backend.send(request)
     assert resp.status == 200 and resp.content_type.startswith("text/event-stream")
-    ours, reference = await asyncio.gather(
-        _collect(resp), raw_body(sim.port, request))
+    ours, reference = await asyncio.gather(_collect(resp), raw_body(sim.port, request))
     assert same_second(ours) == same_second(reference)
     assert ours.endswith(b"data: [DONE]\n\n") and ours.count(b"data: ") == 8 + 2
     await resp.aclose()
@@ -102,7 +106,8 @@ async def _collect(resp: Any) -> bytes:
 
 
 async def test_non_streamed_body_and_keep_alive_reuse(
-        sim: Simulator, backend: FastHTTPBackend) -> None:
+    sim: Simulator, backend: FastHTTPBackend
+) -> None:
     for i in range(5):
         resp = await backend.send(chat(stream=i % 2 == 0))
         body = await resp.read(1 << 20)
@@ -154,7 +159,8 @@ async def test_refused_connection_is_backend_unavailable_within_the_connect_time
 
 
 async def test_drop_mid_stream_is_an_error_after_the_delivered_chunks(
-        sim: Simulator, backend: FastHTTPBackend) -> None:
+    sim: Simulator, backend: FastHTTPBackend
+) -> None:
     resp = await backend.send(chat(drop_after=3, tokens=20))
     received = b""
     with pytest.raises(BackendUnavailable):
@@ -166,7 +172,8 @@ async def test_drop_mid_stream_is_an_error_after_the_delivered_chunks(
 
 
 async def test_hang_with_an_outer_timeout_cancels_cleanly(
-        sim: Simulator, backend: FastHTTPBackend) -> None:
+    sim: Simulator, backend: FastHTTPBackend
+) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
             await backend.send(chat(hang=True))
@@ -194,8 +201,9 @@ async def test_stalled_consumer_pauses_reading(sim: Simulator, backend: FastHTTP
     await resp.aclose()
 
 
-async def test_a_thousand_concurrent_streams_complete(sim: Simulator,
-                                                      backend: FastHTTPBackend) -> None:
+async def test_a_thousand_concurrent_streams_complete(
+    sim: Simulator, backend: FastHTTPBackend
+) -> None:
     sim.configure(ttft=0.01, itl=0.02, tokens=5)
 
     async def one(i: int) -> bytes:
@@ -212,7 +220,8 @@ async def test_a_thousand_concurrent_streams_complete(sim: Simulator,
 
 
 async def test_error_status_body_is_read_and_the_connection_kept(
-        sim: Simulator, backend: FastHTTPBackend) -> None:
+    sim: Simulator, backend: FastHTTPBackend
+) -> None:
     resp = await backend.send(chat(stream=False, status=500))
     assert resp.status == 500 and "json" in resp.content_type
     assert b"error" in await resp.read(1 << 20)
@@ -222,12 +231,17 @@ async def test_error_status_body_is_read_and_the_connection_kept(
 
 # --- through the gateway: the relay on FastHTTPBackend ------------------------------------------
 
+
 async def test_gateway_relays_a_stream_and_a_body_over_fast_backend(sim: Simulator) -> None:
     backend = FastHTTPBackend(sim.url)
     settings = Settings(backend_urls=(sim.url,))
-    async with run_gateway(settings, backend=backend) as gw, httpx.AsyncClient(timeout=10) as client:
-        async with client.stream("POST", gw.url + "/v1/chat/completions",
-                                 json=chat_body(stream=True, max_tokens=6)) as r:
+    async with (
+        run_gateway(settings, backend=backend) as gw,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        async with client.stream(
+            "POST", gw.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=6)
+        ) as r:
             text = (await r.aread()).decode()
         assert r.status_code == 200
         events = sse_events(text)
@@ -244,8 +258,10 @@ async def test_gateway_client_leaving_aborts_upstream_over_fast_backend(sim: Sim
     async with run_gateway(settings, backend=backend) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         body = orjson.dumps(chat_body(stream=True, max_tokens=500, vllm_sim={"itl": 0.02}))
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         await writer.drain()
         assert b" 200 " in await reader.readline()
         await reader.readuntil(b"data: ")

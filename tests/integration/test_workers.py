@@ -11,11 +11,13 @@ from tests.conftest import chat_body, spawn_gateway, sse_events, wait_for
 from vllm_gateway.simulator import Simulator
 
 
-async def test_two_workers_serve_and_drain_together(simulator: Simulator,
-                                                    client: httpx.AsyncClient) -> None:
+async def test_two_workers_serve_and_drain_together(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
     simulator.configure(itl=0.01)
     env = {"VLLM_BACKEND_URL": simulator.url}
     with spawn_gateway(env, "--workers", "2", "--shutdown-timeout", "10", name="workers") as gw:
+
         async def ready() -> None:
             while True:
                 try:
@@ -26,15 +28,18 @@ async def test_two_workers_serve_and_drain_together(simulator: Simulator,
                 await asyncio.sleep(0.1)
 
         await asyncio.wait_for(ready(), 30)
-        results = await asyncio.gather(*[
-            client.post(gw.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
-            for _ in range(8)
-        ])
+        results = await asyncio.gather(
+            *[
+                client.post(gw.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
+                for _ in range(8)
+            ]
+        )
         assert all(r.status_code == 200 for r in results)
 
         async def long_stream() -> list[str]:
-            async with client.stream("POST", gw.url + "/v1/chat/completions",
-                                     json=chat_body(stream=True, max_tokens=100)) as resp:
+            async with client.stream(
+                "POST", gw.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=100)
+            ) as resp:
                 return sse_events((await resp.aread()).decode())
 
         stream = asyncio.create_task(long_stream())

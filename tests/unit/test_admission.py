@@ -185,8 +185,9 @@ async def test_retry_after_follows_the_release_rate() -> None:
     assert adm.estimate_wait(1) == 1.0  # never below one second
 
 
-async def _queue_up(adm: Admission, tenant: str, n: int, served: list[str],
-                    priority: int = 0) -> list[asyncio.Task[None]]:
+async def _queue_up(
+    adm: Admission, tenant: str, n: int, served: list[str], priority: int = 0
+) -> list[asyncio.Task[None]]:
     async def waiter() -> None:
         permit = await adm.acquire(tenant=tenant, priority=priority)
         served.append(tenant)

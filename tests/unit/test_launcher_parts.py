@@ -13,14 +13,17 @@ from vllm_gateway.settings import env_names
 
 def test_served_names_short_first_then_path() -> None:
     assert launcher.served_names("/m/SmolLM2-135M-Instruct/") == [
-        "SmolLM2-135M-Instruct", "/m/SmolLM2-135M-Instruct/"]
+        "SmolLM2-135M-Instruct",
+        "/m/SmolLM2-135M-Instruct/",
+    ]
     assert launcher.served_names("openai/gpt-oss-20b") == ["gpt-oss-20b", "openai/gpt-oss-20b"]
     assert launcher.served_names("gpt2") == ["gpt2"]
 
 
 def test_command_uses_module_path_and_extra_args_come_last() -> None:
-    cmd = launcher.build_vllm_command("py", "/m/x", 1234, gpu=False,
-                                      extra=["--max-model-len", "512"])
+    cmd = launcher.build_vllm_command(
+        "py", "/m/x", 1234, gpu=False, extra=["--max-model-len", "512"]
+    )
     assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--port") + 1] == "1234"
@@ -31,8 +34,13 @@ def test_command_uses_module_path_and_extra_args_come_last() -> None:
 def test_gpu_command_has_the_seed_parameters() -> None:
     cmd = launcher.build_vllm_command("py", "org/m", 1, gpu=True)
     joined = " ".join(cmd)
-    for part in ("--gpu-memory-utilization 0.90", "--max-num-seqs 256",
-                 "--tensor-parallel-size 1", "--dtype bfloat16", "--trust-remote-code"):
+    for part in (
+        "--gpu-memory-utilization 0.90",
+        "--max-num-seqs 256",
+        "--tensor-parallel-size 1",
+        "--dtype bfloat16",
+        "--trust-remote-code",
+    ):
         assert part in joined
 
 

@@ -55,8 +55,13 @@ class IdleBackend(Backend):
 class PoolLike(IdleBackend):
     def stats(self) -> list[dict[str, Any]]:
         return [
-            {"name": "a", "in_flight": 2, "healthy": True, "errors": {"backend_unavailable": 3},
-             "ejections": 1},
+            {
+                "name": "a",
+                "in_flight": 2,
+                "healthy": True,
+                "errors": {"backend_unavailable": 3},
+                "ejections": 1,
+            },
             {"name": "b", "in_flight": 0, "healthy": False, "errors": {}, "ejections": 4},
         ]
 
@@ -123,15 +128,23 @@ def test_exposition_parses_with_the_reference_parser() -> None:
     obs.request_ended(FakeCall(first_byte_at=time.perf_counter(), chunks=3))
     families = {f.name: f for f in parser.text_string_to_metric_families(obs.metrics.render())}
     # The reference parser strips _total from counter family names.
-    for name in ("vllm_gateway_requests", "vllm_gateway_requests_in_flight",
-                 "vllm_gateway_queue_depth", "vllm_gateway_draining",
-                 "vllm_gateway_admission_limit", "vllm_gateway_queue_wait_seconds",
-                 "vllm_gateway_time_to_first_token_seconds",
-                 "vllm_gateway_inter_token_latency_seconds",
-                 "vllm_gateway_request_duration_seconds", "vllm_gateway_overhead_seconds",
-                 "vllm_gateway_tokens", "vllm_gateway_backend_in_flight",
-                 "vllm_gateway_backend_errors", "vllm_gateway_backend_healthy",
-                 "vllm_gateway_backend_ejections"):
+    for name in (
+        "vllm_gateway_requests",
+        "vllm_gateway_requests_in_flight",
+        "vllm_gateway_queue_depth",
+        "vllm_gateway_draining",
+        "vllm_gateway_admission_limit",
+        "vllm_gateway_queue_wait_seconds",
+        "vllm_gateway_time_to_first_token_seconds",
+        "vllm_gateway_inter_token_latency_seconds",
+        "vllm_gateway_request_duration_seconds",
+        "vllm_gateway_overhead_seconds",
+        "vllm_gateway_tokens",
+        "vllm_gateway_backend_in_flight",
+        "vllm_gateway_backend_errors",
+        "vllm_gateway_backend_healthy",
+        "vllm_gateway_backend_ejections",
+    ):
         assert name in families, name
     assert families["vllm_gateway_queue_wait_seconds"].type == "histogram"
     assert families["vllm_gateway_backend_errors"].type == "counter"
@@ -141,11 +154,17 @@ def test_exposition_parses_with_the_reference_parser() -> None:
 
 
 def test_parse_usage_from_last_stream_event_body_and_dict() -> None:
-    event = (b'data: {"choices":[],"usage":{"prompt_tokens":12,"total_tokens":112,'
-             b'"completion_tokens":100,"prompt_tokens_details":null}}\n\n')
+    event = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":12,"total_tokens":112,'
+        b'"completion_tokens":100,"prompt_tokens_details":null}}\n\n'
+    )
     assert parse_usage(event) == (12, 100)
-    body = orjson.dumps({"choices": [{"message": {"content": "x"}}],
-                         "usage": {"prompt_tokens": 5, "completion_tokens": 7}})
+    body = orjson.dumps(
+        {
+            "choices": [{"message": {"content": "x"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 7},
+        }
+    )
     assert parse_usage(body) == (5, 7)
     assert parse_usage({"usage": {"prompt_tokens": 1, "completion_tokens": 2}}) == (1, 2)
     assert parse_usage({"prompt_tokens": 3}) == (3, None)
@@ -160,9 +179,15 @@ def test_parse_usage_from_last_stream_event_body_and_dict() -> None:
 def test_observer_counts_a_completed_stream_with_ttft_itl_tokens_and_overhead() -> None:
     obs = make_observer()
     start = time.perf_counter() - 2.0
-    call = FakeCall(started_at=start, first_byte_at=start + 0.5, ended_at=start + 1.5, chunks=11,
-                    queue_wait=0.2, upstream_sent_at=start + 0.201,
-                    usage=b'data: {"usage":{"prompt_tokens":4,"completion_tokens":10}}\n\n')
+    call = FakeCall(
+        started_at=start,
+        first_byte_at=start + 0.5,
+        ended_at=start + 1.5,
+        chunks=11,
+        queue_wait=0.2,
+        upstream_sent_at=start + 0.201,
+        usage=b'data: {"usage":{"prompt_tokens":4,"completion_tokens":10}}\n\n',
+    )
     obs.request_ended(call)
     m = obs.metrics
     assert m.requests.value(CHAT, "200", "completed") == 1
@@ -184,9 +209,19 @@ def test_observer_maps_unknown_outcome_and_route_to_fixed_labels() -> None:
     obs = make_observer()
     obs.request_ended(FakeCall(outcome="something_new", path="/v1/other", status=500))
     assert obs.metrics.requests.value("other", "500", "other") == 1
-    assert {"completed", "queue_timeout", "overloaded", "shutting_down", "first_token_timeout",
-            "stream_idle_timeout", "request_timeout", "backend_unavailable",
-            "bad_backend_response", "client_disconnected", "client_error"} <= OUTCOMES
+    assert {
+        "completed",
+        "queue_timeout",
+        "overloaded",
+        "shutting_down",
+        "first_token_timeout",
+        "stream_idle_timeout",
+        "request_timeout",
+        "backend_unavailable",
+        "bad_backend_response",
+        "client_disconnected",
+        "client_error",
+    } <= OUTCOMES
 
 
 def test_observer_skips_queue_wait_without_permit_and_itl_without_two_events() -> None:
@@ -247,9 +282,16 @@ def test_rejected_call_from_the_front_door_is_counted() -> None:
 def test_access_log_line_carries_every_field_in_json(caplog: pytest.LogCaptureFixture) -> None:
     obs = make_observer()
     start = time.perf_counter() - 1.0
-    call = FakeCall(request_id="abc123", started_at=start, first_byte_at=start + 0.25,
-                    ended_at=start + 1.0, chunks=4, queue_wait=0.125, tenant="team-a",
-                    usage=b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}')
+    call = FakeCall(
+        request_id="abc123",
+        started_at=start,
+        first_byte_at=start + 0.25,
+        ended_at=start + 1.0,
+        chunks=4,
+        queue_wait=0.125,
+        tenant="team-a",
+        usage=b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}',
+    )
     with caplog.at_level(logging.INFO, logger="vllm_gateway.access"):
         obs.request_ended(call)
     (record,) = [r for r in caplog.records if r.name == "vllm_gateway.access"]
@@ -307,8 +349,15 @@ def test_status_board_counts_events_of_open_and_ended_streams() -> None:
     gw.active.add(open_call)  # type: ignore[arg-type]
     board.tick()  # baseline: 30 events so far
     open_call.chunks = 50
-    obs.request_ended(FakeCall(chunks=7, outcome="stream_idle_timeout", status=200,
-                               request_id="bad-1", first_byte_at=time.perf_counter()))
+    obs.request_ended(
+        FakeCall(
+            chunks=7,
+            outcome="stream_idle_timeout",
+            status=200,
+            request_id="bad-1",
+            first_byte_at=time.perf_counter(),
+        )
+    )
     board._last_tick = time.monotonic() - 1.0
     board.tick()
     snap = board.snapshot(10)

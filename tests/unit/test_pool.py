@@ -14,8 +14,12 @@ from vllm_gateway.settings import Settings
 
 
 def member(name: str, weight: float = 1.0, in_flight: int = 0, limit: int | None = None) -> Member:
-    m = Member(BackendSpec(url=f"http://{name}:8000", weight=weight, max_outstanding=limit),
-               PoolConfig(), connect_timeout=1.0, api_key=None)
+    m = Member(
+        BackendSpec(url=f"http://{name}:8000", weight=weight, max_outstanding=limit),
+        PoolConfig(),
+        connect_timeout=1.0,
+        api_key=None,
+    )
     m.in_flight = in_flight
     return m
 
@@ -43,17 +47,20 @@ def test_json_backends_file_as_a_bare_list(tmp_path: Path) -> None:
     assert [s.url for s in specs] == ["http://a:1", "http://b:2"] and specs[1].models == ("m",)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("backends: []", "non-empty list"),
-    ("backends:\n  - url: ftp://a", "'url'"),
-    ("backends:\n  - url: http://a\n    weight: 0", "'weight'"),
-    ("backends:\n  - url: http://a\n    weight: true", "'weight'"),
-    ("backends:\n  - url: http://a\n    models: []", "'models'"),
-    ("backends:\n  - url: http://a\n    max_outstanding: 0", "'max_outstanding'"),
-    ("backends:\n  - url: http://a\n    colour: red", "unknown key"),
-    ("backends:\n  - http://a\n  - http://a", "unique"),
-    ("backends: [", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("backends: []", "non-empty list"),
+        ("backends:\n  - url: ftp://a", "'url'"),
+        ("backends:\n  - url: http://a\n    weight: 0", "'weight'"),
+        ("backends:\n  - url: http://a\n    weight: true", "'weight'"),
+        ("backends:\n  - url: http://a\n    models: []", "'models'"),
+        ("backends:\n  - url: http://a\n    max_outstanding: 0", "'max_outstanding'"),
+        ("backends:\n  - url: http://a\n    colour: red", "unknown key"),
+        ("backends:\n  - http://a\n  - http://a", "unique"),
+        ("backends: [", "invalid YAML"),
+    ],
+)
 def test_bad_backends_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "b.yaml"
     path.write_text(text)
@@ -123,8 +130,12 @@ def test_affinity_keys() -> None:
     assert affinity_key("session", {}, {"user": "u"}, 10) == "u:u"
     assert affinity_key("session", {}, {}, 10) is None
     assert affinity_key("least_outstanding", {"x-session-id": "s1"}, None, 10) is None
-    chat = {"messages": [{"role": "system", "content": "abcdefghij"},
-                         {"role": "user", "content": [{"type": "text", "text": "xyz"}]}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "abcdefghij"},
+            {"role": "user", "content": [{"type": "text", "text": "xyz"}]},
+        ]
+    }
     assert affinity_key("prefix", {}, chat, 8) == "p:system:a"
     assert affinity_key("prefix", {}, chat, 100) == "p:system:abcdefghij\nuser:xyz\n"
     assert affinity_key("prefix", {}, {"prompt": "hello world"}, 5) == "p:hello"

@@ -20,7 +20,11 @@ def test_defaults_are_the_seeds() -> None:
 
 
 def test_environment_then_flags() -> None:
-    env = {"VLLM_MAX_CONCURRENT_REQUESTS": "7", "VLLM_PORT": "7100", "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "2.5"}
+    env = {
+        "VLLM_MAX_CONCURRENT_REQUESTS": "7",
+        "VLLM_PORT": "7100",
+        "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "2.5",
+    }
     s = load_settings(env)
     assert (s.max_concurrent_requests, s.port, s.queue_wait_timeout) == (7, 7100, 2.5)
     s = load_settings(env, {"port": "7200", "max_concurrent_requests": None})

@@ -51,8 +51,18 @@ def test_garbage_raises_only_framing_errors_and_holds_at_most_the_cap(parts: lis
             classify(event)  # never raises, whatever the bytes
 
 
-_LINE = st.sampled_from([b"data: {\"a\": 1}", b"data: [DONE]", b": ping", b"event: x", b"id: 7",
-                         b"data: {\"error\": {}}", b"data:{}", b"retry: 10"])
+_LINE = st.sampled_from(
+    [
+        b'data: {"a": 1}',
+        b"data: [DONE]",
+        b": ping",
+        b"event: x",
+        b"id: 7",
+        b'data: {"error": {}}',
+        b"data:{}",
+        b"retry: 10",
+    ]
+)
 
 
 @st.composite
@@ -72,8 +82,10 @@ def test_crlf_events_do_not_depend_on_where_reads_are_cut(data: bytes, cuts: lis
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300).filter(lambda b: b"\r" not in b),
-       st.lists(st.integers(min_value=0, max_value=300), max_size=10))
+@given(
+    st.binary(max_size=300).filter(lambda b: b"\r" not in b),
+    st.lists(st.integers(min_value=0, max_value=300), max_size=10),
+)
 def test_nothing_is_lost_or_invented(data: bytes, cuts: list[int]) -> None:
     out, pending = _feed_all(_cut(data, cuts), cap=1 << 20)
     assert out + pending == _normalise(data)

@@ -62,8 +62,10 @@ async def scripted(handler: Handler) -> AsyncIterator[tuple[str, list[bytes]]]:
 
 
 def answer(body: bytes, extra: bytes = b"") -> bytes:
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-            % (len(body), extra, body))
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+        % (len(body), extra, body)
+    )
 
 
 async def body_of(resp: object) -> bytes:
@@ -82,8 +84,10 @@ async def test_request_head_is_one_write_with_host_length_and_lines() -> None:
         assert (resp.status, resp.content_type) == (200, "application/json")
         assert await resp.read(100) == b"{}"
         port = url.rsplit(":", 1)[1]
-        assert heads[0] == (b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nX-A: b\r\n"
-                            b"Content-Length: 7\r\n\r\n" % port.encode())
+        assert heads[0] == (
+            b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:%s\r\nX-A: b\r\n"
+            b"Content-Length: 7\r\n\r\n" % port.encode()
+        )
         await pool.aclose()
 
 
@@ -267,18 +271,29 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cert_path, key_path
 
 

@@ -96,8 +96,13 @@ def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
     log_path = ARTIFACTS / "vllm-server.log"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)
-    child = VllmChild.start(command, child_environment(os.environ, gpu=gpu), log_path,
-                            served_names(str(vllm_model_dir))[0], port)
+    child = VllmChild.start(
+        command,
+        child_environment(os.environ, gpu=gpu),
+        log_path,
+        served_names(str(vllm_model_dir))[0],
+        port,
+    )
     try:
         try:
             child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)

@@ -353,17 +353,21 @@ async def test_gateway_in_embedded_mode_streams_queues_and_aborts(backend: Embed
     from tests.conftest import sse_events as parse_sse
     from vllm_gateway.settings import Settings
 
-    settings = Settings(backend_urls=(), use_embedded_engine=True, max_concurrent_requests=1,
-                        queue_wait_timeout=1.0)
-    async with run_gateway(settings, backend=_Borrowed(backend)) as gw, \
-            httpx.AsyncClient(timeout=120) as client:
+    settings = Settings(
+        backend_urls=(), use_embedded_engine=True, max_concurrent_requests=1, queue_wait_timeout=1.0
+    )
+    async with (
+        run_gateway(settings, backend=_Borrowed(backend)) as gw,
+        httpx.AsyncClient(timeout=120) as client,
+    ):
         reply = await client.post(gw.url + "/v1/chat/completions", json=chat())
         assert reply.status_code == 200
         assert "paris" in reply.json()["choices"][0]["message"]["content"].lower()
         assert reply.json()["usage"]["completion_tokens"] > 0
 
-        async with client.stream("POST", gw.url + "/v1/chat/completions",
-                                 json=chat(stream=True)) as resp:
+        async with client.stream(
+            "POST", gw.url + "/v1/chat/completions", json=chat(stream=True)
+        ) as resp:
             events = parse_sse((await resp.aread()).decode())
         assert events[-1] == "[DONE]"
 

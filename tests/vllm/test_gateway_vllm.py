@@ -34,8 +34,14 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 def _body(model: str, stream: bool, max_tokens: int = 16, **extra: object) -> dict[str, object]:
-    return {"model": model, "messages": QUESTION, "stream": stream, "max_tokens": max_tokens,
-            "temperature": 0, **extra}
+    return {
+        "model": model,
+        "messages": QUESTION,
+        "stream": stream,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def _shape(value: object) -> object:
@@ -49,19 +55,28 @@ def _shape(value: object) -> object:
 
 @pytest.fixture
 async def gateway(vllm_server: VllmServer) -> AsyncIterator[RunningGateway]:
-    settings = Settings(backend_urls=(vllm_server.url,), max_concurrent_requests=8,
-                        queue_wait_timeout=30, request_timeout=120)
+    settings = Settings(
+        backend_urls=(vllm_server.url,),
+        max_concurrent_requests=8,
+        queue_wait_timeout=30,
+        request_timeout=120,
+    )
     async with run_gateway(settings) as gw:
         yield gw
 
 
-async def test_chat_completion_through_the_gateway_matches_vllm(vllm_server: VllmServer,
-                                                                gateway: RunningGateway) -> None:
+async def test_chat_completion_through_the_gateway_matches_vllm(
+    vllm_server: VllmServer, gateway: RunningGateway
+) -> None:
     async with httpx.AsyncClient(timeout=120) as client:
-        direct = (await client.post(vllm_server.url + "/v1/chat/completions",
-                                    json=_body(vllm_server.model, False))).json()
-        via = await client.post(gateway.url + "/v1/chat/completions",
-                                json=_body(vllm_server.model, False))
+        direct = (
+            await client.post(
+                vllm_server.url + "/v1/chat/completions", json=_body(vllm_server.model, False)
+            )
+        ).json()
+        via = await client.post(
+            gateway.url + "/v1/chat/completions", json=_body(vllm_server.model, False)
+        )
     assert via.status_code == 200
     body = via.json()
     assert "paris" in body["choices"][0]["message"]["content"].lower()
@@ -69,8 +84,9 @@ async def test_chat_completion_through_the_gateway_matches_vllm(vllm_server: Vll
     assert body["usage"]["completion_tokens"] > 0
 
 
-async def test_stream_through_the_gateway_matches_vllm(vllm_server: VllmServer,
-                                                       gateway: RunningGateway) -> None:
+async def test_stream_through_the_gateway_matches_vllm(
+    vllm_server: VllmServer, gateway: RunningGateway
+) -> None:
     body = _body(vllm_server.model, True, stream_options={"include_usage": True})
     async with httpx.AsyncClient(timeout=120) as client:
         async with client.stream("POST", vllm_server.url + "/v1/chat/completions", json=body) as r:
@@ -88,15 +104,19 @@ async def test_stream_through_the_gateway_matches_vllm(vllm_server: VllmServer,
     assert finish[-1] in ("stop", "length")
 
 
-async def test_openai_sdk_through_the_gateway(vllm_server: VllmServer, gateway: RunningGateway) -> None:
+async def test_openai_sdk_through_the_gateway(
+    vllm_server: VllmServer, gateway: RunningGateway
+) -> None:
     client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
     try:
-        reply = await client.chat.completions.create(model=vllm_server.model, messages=QUESTION,
-                                                     max_tokens=16, temperature=0)
+        reply = await client.chat.completions.create(
+            model=vllm_server.model, messages=QUESTION, max_tokens=16, temperature=0
+        )
         assert "paris" in (reply.choices[0].message.content or "").lower()
         assert reply.usage is not None and reply.usage.total_tokens > 0
-        stream = await client.chat.completions.create(model=vllm_server.model, messages=QUESTION,
-                                                      max_tokens=16, temperature=0, stream=True)
+        stream = await client.chat.completions.create(
+            model=vllm_server.model, messages=QUESTION, max_tokens=16, temperature=0, stream=True
+        )
         parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "paris" in "".join(parts).lower()
     finally:
@@ -119,8 +139,10 @@ async def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(
     vllm_server: VllmServer, gateway: RunningGateway
 ) -> None:
     body = _body(vllm_server.model, True, max_tokens=1000, ignore_eos=True)
-    async with (httpx.AsyncClient(timeout=120) as client,
-                client.stream("POST", gateway.url + "/v1/chat/completions", json=body) as r):
+    async with (
+        httpx.AsyncClient(timeout=120) as client,
+        client.stream("POST", gateway.url + "/v1/chat/completions", json=body) as r,
+    ):
         seen = 0
         async for _ in r.aiter_raw():
             seen += 1
@@ -131,14 +153,22 @@ async def test_client_disconnect_mid_stream_aborts_the_request_in_vllm(
     assert gateway.gateway.admission.in_flight == 0
 
 
-async def test_excess_waits_then_gets_503_and_admitted_ones_complete(vllm_server: VllmServer) -> None:
-    settings = Settings(backend_urls=(vllm_server.url,), max_concurrent_requests=1,
-                        queue_wait_timeout=1.0, request_timeout=120)
+async def test_excess_waits_then_gets_503_and_admitted_ones_complete(
+    vllm_server: VllmServer,
+) -> None:
+    settings = Settings(
+        backend_urls=(vllm_server.url,),
+        max_concurrent_requests=1,
+        queue_wait_timeout=1.0,
+        request_timeout=120,
+    )
     async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=120) as client:
+
         async def ask() -> httpx.Response:
-            return await client.post(gw.url + "/v1/chat/completions",
-                                     json=_body(vllm_server.model, False, max_tokens=150,
-                                                ignore_eos=True))
+            return await client.post(
+                gw.url + "/v1/chat/completions",
+                json=_body(vllm_server.model, False, max_tokens=150, ignore_eos=True),
+            )
 
         first = asyncio.create_task(ask())
         await wait_for(lambda: gw.gateway.admission.in_flight == 1)
@@ -150,7 +180,9 @@ async def test_excess_waits_then_gets_503_and_admitted_ones_complete(vllm_server
         assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 150
 
 
-async def test_sigterm_to_the_gateway_mid_stream_lets_the_stream_finish(vllm_server: VllmServer) -> None:
+async def test_sigterm_to_the_gateway_mid_stream_lets_the_stream_finish(
+    vllm_server: VllmServer,
+) -> None:
     env = {"VLLM_BACKEND_URL": vllm_server.url, "VLLM_SHUTDOWN_TIMEOUT_SECONDS": "60"}
     with spawn_gateway(env, name="gateway-vllm-drain") as gw:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -175,9 +207,13 @@ def victim_vllm(vllm_model_dir: Path) -> Iterator[VllmServer]:
     gpu = has_nvidia_gpu()
     log_path = ARTIFACTS / "vllm-victim.log"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    child = VllmChild.start(build_vllm_command(sys.executable, str(vllm_model_dir), port, gpu=gpu),
-                            child_environment(os.environ, gpu=gpu), log_path,
-                            served_names(str(vllm_model_dir))[0], port)
+    child = VllmChild.start(
+        build_vllm_command(sys.executable, str(vllm_model_dir), port, gpu=gpu),
+        child_environment(os.environ, gpu=gpu),
+        log_path,
+        served_names(str(vllm_model_dir))[0],
+        port,
+    )
     try:
         child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)
         yield VllmServer(child.url, child.model, child)
@@ -203,5 +239,7 @@ async def test_vllm_killed_mid_stream_gives_an_error_event_and_readiness_503(
         assert "[DONE]" not in events
         assert "error" in orjson.loads(events[-1])
         assert (await client.get(gw.url + "/health/ready")).status_code == 503
-        resp = await client.post(gw.url + "/v1/chat/completions", json=_body(victim_vllm.model, False))
+        resp = await client.post(
+            gw.url + "/v1/chat/completions", json=_body(victim_vllm.model, False)
+        )
         assert resp.status_code == 502 and resp.json()["error"]["type"] == "backend_unavailable"

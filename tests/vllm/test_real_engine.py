@@ -29,8 +29,12 @@ async def test_models_lists_short_name(vllm_server: VllmServer) -> None:
 
 
 async def test_capital_of_france_is_paris(vllm_server: VllmServer) -> None:
-    body = {"model": vllm_server.model, "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 24, "temperature": 0}
+    body = {
+        "model": vllm_server.model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
     async with httpx.AsyncClient(timeout=60) as client:
         response = await client.post(f"{vllm_server.url}/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
@@ -39,17 +43,23 @@ async def test_capital_of_france_is_paris(vllm_server: VllmServer) -> None:
 
 
 async def test_stream_ends_with_done(vllm_server: VllmServer) -> None:
-    body = {"model": vllm_server.model, "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": 24, "temperature": 0, "stream": True}
+    body = {
+        "model": vllm_server.model,
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+    }
     events: list[str] = []
-    async with httpx.AsyncClient(timeout=60) as client, client.stream(
-        "POST", f"{vllm_server.url}/v1/chat/completions", json=body
-    ) as response:
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", f"{vllm_server.url}/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         async for line in response.aiter_lines():
             if line.startswith("data: "):
-                events.append(line[len("data: "):])
+                events.append(line[len("data: ") :])
     assert events[-1] == "[DONE]"
     text = "".join(
         choice["delta"].get("content") or ""
@@ -66,7 +76,7 @@ async def test_metrics_gauges_idle(vllm_server: VllmServer) -> None:
 
 def test_metric_value_skips_longer_names() -> None:
     text = (
-        '# HELP vllm:num_requests_waiting Number of requests waiting.\n'
+        "# HELP vllm:num_requests_waiting Number of requests waiting.\n"
         'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
         'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 7.0\n'
         'vllm:num_requests_running{engine="0",model_name="m"} 2.0\n'

@@ -88,9 +88,23 @@ def up(request: pytest.FixtureRequest) -> Iterator[Up]:
     env["VLLM_PORT"] = str(gateway_port)
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
-        [sys.executable, "-m", "vllm_gateway.cli", "up", "--host", "127.0.0.1",
-         "--log-file", str(vllm_log), "--shutdown-timeout", "5"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "vllm_gateway.cli",
+            "up",
+            "--host",
+            "127.0.0.1",
+            "--log-file",
+            str(vllm_log),
+            "--shutdown-timeout",
+            "5",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     running = Up(process, f"http://127.0.0.1:{gateway_port}", vllm_log)
@@ -133,11 +147,17 @@ def test_up_serves_real_model_and_stops_cleanly_on_sigterm(up: Up) -> None:
     assert json.loads(curl.group(2))["model"] == "SmolLM2-135M-Instruct"
     assert "Ctrl-C to stop" in up.output()
 
-    body = {"model": "SmolLM2-135M-Instruct", "stream": True, "max_tokens": 24, "temperature": 0,
-            "messages": [{"role": "user", "content": QUESTION}]}
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "stream": True,
+        "max_tokens": 24,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": QUESTION}],
+    }
     text = ""
-    with httpx.stream("POST", f"{up.gateway_url}/v1/chat/completions", json=body,
-                      timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{up.gateway_url}/v1/chat/completions", json=body, timeout=60
+    ) as response:
         assert response.status_code == 200
         data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
