@@ -63,8 +63,6 @@ async def test_completed_stream_and_body_are_counted(
     assert got["vllm_gateway_requests_in_flight"] == 0
     assert got["vllm_gateway_admission_limit"] == 8
     assert got["vllm_gateway_draining"] == 0
-    if got['vllm_gateway_tokens_total{kind="completion"}'] == 0:
-        pytest.xfail("the relay does not hand the response's usage to the call yet")
     assert got['vllm_gateway_tokens_total{kind="completion"}'] == 11
     assert got['vllm_gateway_tokens_total{kind="prompt"}'] > 0
 
@@ -206,8 +204,6 @@ async def test_overhead_is_observed_once_the_relay_records_the_send_time(
     r = await client.post(gw.url + CHAT, json=chat_body(max_tokens=2))
     assert r.status_code == 200
     got = await scrape(client, gw)
-    if got["vllm_gateway_overhead_seconds_count"] == 0:
-        pytest.xfail("the relay does not record upstream_sent_at yet")
     assert got["vllm_gateway_overhead_seconds_count"] == 1
     # The gateway's own time before the send is well under the whole request's.
     assert (
@@ -229,8 +225,6 @@ async def test_front_door_rejections_are_counted_once_the_hook_is_in(
             f'vllm_gateway_requests_total{{route="{CHAT}",status="401",'
             f'outcome="authentication_error"}}'
         )
-        if key not in got:
-            pytest.xfail("the front door does not report its own rejections yet")
         assert got[key] == 1
 
 
@@ -274,8 +268,6 @@ async def test_json_log_format_gives_one_json_access_line_per_request(
         "completion_tokens",
     ):
         assert field in line, field
-    if line["outcome"] == "client_disconnected":
-        # uvicorn answers receive() with http.disconnect as soon as a response is complete; the
-        # relay's disconnect watcher then cancels the call while it reads the backend's EOF.
-        pytest.xfail("the relay records a whole stream as client_disconnected (499)")
+    # Regression: uvicorn answers receive() with http.disconnect as soon as a response is
+    # complete, and the disconnect watcher used to record a whole stream as a 499.
     assert (line["status"], line["outcome"]) == (200, "completed")

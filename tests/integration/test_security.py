@@ -385,15 +385,6 @@ async def test_s6_streamed_request_to_a_failing_backend_shows_no_traceback(
 # --- S7: one key floods --------------------------------------------------------------------------
 
 
-def _rate_limit_wired() -> bool:
-    return "rate_limit_rpm" in Settings.__dataclass_fields__
-
-
-@pytest.mark.xfail(
-    not _rate_limit_wired(),
-    strict=True,
-    reason="per-key rate limiting (VLLM_RATE_LIMIT_RPM) is not wired into the gateway yet",
-)
 async def test_s7_a_flooding_key_gets_429_and_other_keys_keep_their_latency(
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
