@@ -56,6 +56,7 @@ def build_backend(settings: Settings) -> Backend:
             settings.backend_urls[0],
             connect_timeout=settings.connect_timeout,
             api_key=settings.backend_api_key,
+            idle_timeout=settings.upstream_idle_timeout,
         )
     return HTTPBackend(
         settings.backend_urls[0],

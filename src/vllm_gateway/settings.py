@@ -49,6 +49,7 @@ class Settings:
     first_token_timeout: float = 60.0
     stream_idle_timeout: float = 30.0
     connect_timeout: float = 5.0
+    upstream_idle_timeout: float = 4.0
     # Process.
     host: str = "0.0.0.0"
     port: int = 7000
@@ -346,6 +347,14 @@ FIELDS: tuple[FieldSpec, ...] = (
         "--connect-timeout",
         _positive_float,
         "bound on opening a connection to the backend",
+    ),
+    FieldSpec(
+        "upstream_idle_timeout",
+        "VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS",
+        "--upstream-idle-timeout",
+        _positive_float,
+        "how long an idle connection to the backend is kept; keep it below the backend's "
+        "own keep-alive (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s by default)",
     ),
     FieldSpec("host", "VLLM_HOST", "--host", _host, "gateway bind address"),
     FieldSpec("port", "VLLM_PORT", "--port", _int_range(1, 65535), "gateway bind port"),

@@ -509,10 +509,12 @@ class FastHTTPBackend(Backend):
         connect_timeout: float = 5.0,
         api_key: str | None = None,
         name: str | None = None,
+        idle_timeout: float = 4.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name or self.url
         self._connect_timeout = connect_timeout
+        self._idle_timeout = idle_timeout
         self._pool: UpstreamPool | None = None
         lines = b"Content-Type: application/json\r\n"
         if api_key:
@@ -523,7 +525,9 @@ class FastHTTPBackend(Backend):
         UpstreamPool(self.url)  # check the URL now, as the constructor of HTTPBackend's peers would
 
     async def start(self) -> None:
-        self._pool = UpstreamPool(self.url, connect_timeout=self._connect_timeout)
+        self._pool = UpstreamPool(
+            self.url, connect_timeout=self._connect_timeout, idle_timeout=self._idle_timeout
+        )
 
     async def aclose(self) -> None:
         if self._pool is not None:

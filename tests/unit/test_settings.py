@@ -98,3 +98,16 @@ def test_cli_reports_one_line_and_exits_non_zero(capsys, monkeypatch) -> None:
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "VLLM_REQUEST_TIMEOUT_SECONDS" in err
+
+
+async def test_upstream_idle_timeout_reaches_the_connection_pool() -> None:
+    from vllm_gateway.gateway import build_backend
+    from vllm_gateway.upstream import FastHTTPBackend
+
+    backend = build_backend(load_settings({"VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS": "30"}))
+    assert isinstance(backend, FastHTTPBackend)
+    await backend.start()
+    try:
+        assert backend.pool.idle_timeout == 30
+    finally:
+        await backend.aclose()
