@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Backend", "UpstreamRequest", "UpstreamResponse"]
+__all__ = ["Backend", "UpstreamRequest", "UpstreamResponse", "read_capped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,25 @@ class UpstreamRequest:
     request_id: str = ""
     model: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+async def read_capped(
+    chunks: AsyncIterator[bytes], limit: int, declared_length: int | None = None
+) -> bytes:
+    """A whole body from its pieces; ``BadBackendResponse`` as soon as it exceeds ``limit`` bytes
+    (at once when a declared length already does), so a broken backend cannot make us hold more."""
+    from .errors import BadBackendResponse
+
+    if declared_length is not None and declared_length > limit:
+        raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for data in chunks:
+        size += len(data)
+        if size > limit:
+            raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+        parts.append(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class UpstreamResponse(abc.ABC):

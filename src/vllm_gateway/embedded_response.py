@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from . import errors
-from .backend import UpstreamResponse
+from .backend import UpstreamResponse, read_capped
 
 __all__ = ["JSONUpstreamResponse", "SSEUpstreamResponse", "is_engine_dead"]
 
@@ -99,16 +99,7 @@ class SSEUpstreamResponse(UpstreamResponse):
         self._ended = True
 
     async def read(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        async for piece in self.chunks():
-            size += len(piece)
-            if size > limit:
-                raise errors.BadBackendResponse(
-                    f"The backend response is larger than {limit} bytes."
-                )
-            parts.append(piece)
-        return b"".join(parts)
+        return await read_capped(self.chunks(), limit)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
-from .backend import Backend, UpstreamRequest, UpstreamResponse
-from .errors import BackendUnavailable, BadBackendResponse
+from .backend import Backend, UpstreamRequest, UpstreamResponse, read_capped
+from .errors import BackendUnavailable
 
 __all__ = ["HTTPBackend"]
 
@@ -51,17 +51,7 @@ class HTTPResponse(UpstreamResponse):
         return data
 
     async def read(self, limit: int) -> bytes:
-        length = self._resp.content_length
-        if length is not None and length > limit:
-            raise BadBackendResponse("The backend's response is too large.")
-        parts: list[bytes] = []
-        size = 0
-        async for data in self:
-            size += len(data)
-            if size > limit:
-                raise BadBackendResponse("The backend's response is too large.")
-            parts.append(data)
-        return b"".join(parts)
+        return await read_capped(self, limit, self._resp.content_length)
 
     async def aclose(self) -> None:
         if self._done:

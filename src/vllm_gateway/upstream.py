@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from .backend import Backend, UpstreamRequest, UpstreamResponse
+from .backend import Backend, UpstreamRequest, UpstreamResponse, read_capped
 from .errors import BackendUnavailable, BadBackendResponse, UpstreamError
 
 __all__ = ["FastHTTPBackend", "UpstreamHTTPResponse", "UpstreamPool"]
@@ -286,16 +286,7 @@ class UpstreamHTTPResponse(UpstreamResponse):
                 self._waiter = None
 
     async def read(self, limit: int) -> bytes:
-        if self._content_length is not None and self._content_length > limit:
-            raise BadBackendResponse("The backend's response is too large.")
-        parts: list[bytes] = []
-        size = 0
-        async for data in self:
-            size += len(data)
-            if size > limit:
-                raise BadBackendResponse("The backend's response is too large.")
-            parts.append(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return await read_capped(self, limit, self._content_length)
 
     async def aclose(self) -> None:
         conn = self._conn
