@@ -25,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import time
@@ -83,6 +84,37 @@ def scrub_gateway_env(environ: MutableMapping[str, str]) -> dict[str, str]:
         if name in environ:
             removed[name] = environ.pop(name)
     return removed
+
+
+_MISSING = object()
+
+
+def _first_of(*paths: str, default: Any = _MISSING) -> Any:
+    """The attribute at the first ``module:name`` path that imports; vLLM moves modules often.
+
+    Raises the ImportError of the first path when none imports and no default is given.
+    """
+    first_error: ImportError | None = None
+    for path in paths:
+        module_name, _, attr = path.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except ModuleNotFoundError as exc:
+            # Only a missing module means "another layout"; a module that exists and fails
+            # to import is a broken install and is raised as it is.
+            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+                raise
+            first_error = first_error or exc
+        except AttributeError as exc:
+            first_error = first_error or ImportError(f"{path}: {exc}")
+    if default is not _MISSING:
+        return default
+    assert first_error is not None
+    raise first_error
+
+
+def _no_keep_alive(generator: Any, interval: float) -> Any:
+    return generator
 
 
 def _import_error_message(exc: ImportError) -> str:
@@ -196,19 +228,12 @@ class EmbeddedBackend(Backend):
 
     @staticmethod
     def _import_vllm() -> SimpleNamespace:
-        # One place that knows vLLM's module layout (0.32); everything else goes through this.
+        # The one place that knows vLLM's module layout; everything else goes through this.
+        # Each name lists where vLLM 0.32 keeps it first, then where 0.26 (the GPU image's) does.
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-        from vllm.entrypoints.serve.exception_handling.handlers.validation import (
-            validation_exception_handler,
-        )
-        from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
         from vllm.platforms import current_platform
         from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -218,14 +243,34 @@ class EmbeddedBackend(Backend):
             State=State,
             AsyncEngineArgs=AsyncEngineArgs,
             AsyncLLM=AsyncLLM,
-            init_app_state=init_app_state,
-            make_arg_parser=make_arg_parser,
+            init_app_state=_first_of(
+                "vllm.entrypoints.launchers.api_server.app_state:init_app_state",
+                "vllm.entrypoints.openai.api_server:init_app_state",
+            ),
+            make_arg_parser=_first_of(
+                "vllm.entrypoints.launchers.cli_args:make_arg_parser",
+                "vllm.entrypoints.openai.cli_args:make_arg_parser",
+            ),
             FlexibleArgumentParser=FlexibleArgumentParser,
             requests={"chat": ChatCompletionRequest, "completion": CompletionRequest},
-            ErrorResponse=ErrorResponse,
-            create_error_response=create_error_response,
-            validation_exception_handler=validation_exception_handler,
-            with_sse_keep_alive=with_sse_keep_alive,
+            ErrorResponse=_first_of(
+                "vllm.entrypoints.serve.engine.protocol:ErrorResponse",
+                "vllm.entrypoints.openai.engine.protocol:ErrorResponse",
+            ),
+            create_error_response=_first_of(
+                "vllm.entrypoints.serve.exception_handling.error_response:create_error_response",
+                "vllm.entrypoints.serve.utils.error_response:create_error_response",
+            ),
+            validation_exception_handler=_first_of(
+                "vllm.entrypoints.serve.exception_handling.handlers.validation"
+                ":validation_exception_handler",
+                "vllm.entrypoints.serve.utils.server_utils:validation_exception_handler",
+            ),
+            # 0.26 has no SSE keep-alive comments: its streams pass through unchanged.
+            with_sse_keep_alive=_first_of(
+                "vllm.entrypoints.serve.utils.sse_keep_alive:with_sse_keep_alive",
+                default=_no_keep_alive,
+            ),
             is_cpu=current_platform.is_cpu(),
             usage_context=UsageContext.OPENAI_API_SERVER,
         )
@@ -258,7 +303,13 @@ class EmbeddedBackend(Backend):
 
     def num_unfinished_requests(self) -> int:
         """Requests the engine's front end still tracks (running or waiting); 0 when stopped."""
-        return 0 if self._engine is None else int(self._engine.get_num_unfinished_requests())
+        engine = self._engine
+        if engine is None:
+            return 0
+        count = getattr(engine, "get_num_unfinished_requests", None)  # 0.26 has no such method
+        if count is None:
+            count = engine.output_processor.get_num_unfinished_requests
+        return int(count())
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         engine, vllm = self._engine, self._vllm
