@@ -18,7 +18,8 @@ It reads a call duck-typed, so anything with ProxyCall's fields can be observed:
 is the record for requests the front door answers itself (401, 503 while draining).
 Optional fields a later change may add to ``ProxyCall`` are read with ``getattr``: ``tenant``,
 ``backend`` (the backend that served it; else the pool response's ``member_name``),
-``upstream_sent_at`` (perf_counter just before the upstream send) and ``ended_at``
+``upstream_sent_at`` (perf_counter just before the upstream send), ``upstream_answered_at`` (when
+the backend's status and headers arrived) and ``ended_at``
 (perf_counter when the last byte went to the client; else the time the observer runs, which
 also counts closing the upstream response).
 """
@@ -115,6 +116,10 @@ def _int_after(data: bytes, key: bytes) -> int | None:
     while n < len(rest) and 48 <= rest[n] <= 57:
         n += 1
     return int(rest[:n]) if n else None
+
+
+def _span_ms(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round((end - start) * 1000, 3)
 
 
 def parse_usage(usage: Any) -> tuple[int | None, int | None]:
@@ -287,6 +292,23 @@ class GatewayMetrics:
             )
         )
         r.register(
+            Gauge(
+                "vllm_gateway_backend_connections",
+                "HTTP connections held to the backend now, idle or busy.",
+                lambda: self._connection_counts("open_connections"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_connections_opened_total",
+                "HTTP connections opened to the backend (each a TCP handshake; a cold pool "
+                "shows as a jump).",
+                lambda: self._connection_counts("connections_opened"),
+                ("backend",),
+            )
+        )
+        r.register(
             _CounterView(
                 "vllm_gateway_backend_ejections_total",
                 "Times a backend was taken out of the pool.",
@@ -322,6 +344,12 @@ class GatewayMetrics:
             if value is None:
                 continue  # unknown (no health check yet): no sample rather than a wrong one
             yield (str(entry.get("name", "backend")),), float(value)
+
+    def _connection_counts(self, method: str) -> Iterable[tuple[tuple[str, ...], float]]:
+        # The gateway's own HTTP client keeps these; other backends have no samples.
+        count = getattr(self.gateway.backend, method, None)
+        if callable(count):
+            yield (backend_name(self.gateway),), float(count())
 
     def _backend_errors(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for entry in self.backend_stats():
@@ -437,6 +465,9 @@ class Observer:
             "outcome": outcome,
             "queue_wait_ms": round(call.queue_wait * 1000, 3),
             "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
+            "backend_ms": _span_ms(
+                getattr(call, "upstream_sent_at", None), getattr(call, "upstream_answered_at", None)
+            ),
             "duration_ms": round(duration * 1000, 3),
             "chunks": call.chunks,
             "prompt_tokens": prompt,
@@ -444,7 +475,7 @@ class Observer:
         }
         access_log.info(
             "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
-            "duration_ms=%.1f chunks=%d tokens=%s/%s",
+            "backend_ms=%s duration_ms=%.1f chunks=%d tokens=%s/%s",
             call.request_id,
             route,
             call.status,
@@ -454,6 +485,7 @@ class Observer:
             fields["tenant"],
             call.queue_wait * 1000,
             "-" if ttft is None else f"{ttft * 1000:.1f}",
+            "-" if fields["backend_ms"] is None else f"{fields['backend_ms']:.1f}",
             duration * 1000,
             call.chunks,
             "-" if prompt is None else prompt,

@@ -179,6 +179,7 @@ class ProxyCall:
         "stream",
         "tenant",
         "upstream",
+        "upstream_answered_at",
         "upstream_sent_at",
         "usage",
     )
@@ -210,6 +211,7 @@ class ProxyCall:
         self.requested_tokens = 0
         self.usage: bytes | None = None
         self.upstream_sent_at: float | None = None
+        self.upstream_answered_at: float | None = None
         self.ended_at: float | None = None
         identity = scope.get("state", {}).get("identity", ANONYMOUS)
         self.tenant: str = identity.tenant
@@ -349,6 +351,7 @@ class ProxyCall:
             async with asyncio.timeout_at(first_deadline):
                 self.upstream_sent_at = time.perf_counter()
                 self.upstream = await gw.backend.send(request)
+                self.upstream_answered_at = time.perf_counter()
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
 

@@ -339,6 +339,7 @@ class UpstreamPool:
         self._open: set[_Connection] = set()
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
+        self.connections_opened = 0  # since start: a cold pool shows as a jump here
 
     # --- counts (for leak checks and metrics) -------------------------------------------------
 
@@ -433,6 +434,7 @@ class UpstreamPool:
             conn.close()
             raise BackendUnavailable("The backend client is closed.")
         self._open.add(conn)
+        self.connections_opened += 1
         return conn
 
     # --- the pool's bookkeeping -----------------------------------------------------------------
@@ -538,6 +540,10 @@ class FastHTTPBackend(Backend):
     def busy_connections(self) -> int:
         """Connections carrying a request now."""
         return self._pool.busy_connections() if self._pool is not None else 0
+
+    def connections_opened(self) -> int:
+        """Connections opened to the backend since start (each one a TCP handshake)."""
+        return self._pool.connections_opened if self._pool is not None else 0
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         lines = self._base_lines

@@ -163,7 +163,9 @@ async def test_access_log_has_one_line_per_request_with_its_fields(
     ok, missing = lines["obs-log-1"], lines["obs-log-2"]
     assert (ok.route, ok.status, ok.outcome, ok.model) == (CHAT, 200, "completed", "sim-model")  # type: ignore[attr-defined]
     assert ok.chunks >= 4 and ok.ttft_ms > 0 and ok.duration_ms >= ok.ttft_ms  # type: ignore[attr-defined]
+    assert 0 < ok.backend_ms <= ok.ttft_ms  # type: ignore[attr-defined]
     assert (missing.status, missing.outcome, missing.ttft_ms) == (404, "model_not_found", None)  # type: ignore[attr-defined]
+    assert missing.backend_ms is None  # type: ignore[attr-defined]
     assert "obs-log-1" in ok.getMessage()
 
 
@@ -210,6 +212,32 @@ async def test_overhead_is_observed_once_the_relay_records_the_send_time(
         got["vllm_gateway_overhead_seconds_sum"]
         < got[f'vllm_gateway_request_duration_seconds_sum{{route="{CHAT}"}}']
     )
+
+
+async def test_backend_connections_are_counted_and_reused(
+    obs_gateway: RunningGateway, client: httpx.AsyncClient
+) -> None:
+    gw = obs_gateway
+    name = gw.gateway.settings.backend_urls[0]
+    opened = f'vllm_gateway_backend_connections_opened_total{{backend="{name}"}}'
+    held = f'vllm_gateway_backend_connections{{backend="{name}"}}'
+    before = (await scrape(client, gw)).get(opened, 0.0)
+    for _ in range(3):  # one after the other: one connection, kept alive and reused
+        r = await client.post(gw.url + CHAT, json=chat_body(max_tokens=2))
+        assert r.status_code == 200
+    got = await scrape(client, gw)
+    assert got[opened] - before <= 1 and got[opened] >= 1
+    assert got[held] >= 1
+    # Three at once need three connections.
+    results = await asyncio.gather(
+        *(
+            client.post(gw.url + CHAT, json=chat_body(max_tokens=20, stream=True))
+            for _ in range(3)
+        )
+    )
+    assert [r.status_code for r in results] == [200] * 3
+    got = await scrape(client, gw)
+    assert got[held] >= 3 and got[opened] >= 3
 
 
 async def test_front_door_rejections_are_counted_once_the_hook_is_in(
