@@ -148,3 +148,17 @@ async def test_cli_writes_json_markdown_and_plot(two_sims, tmp_path: Path) -> No
     assert "| figure | direct | gateway | added | ratio |" in md
     if (out / "plot.png").exists():
         assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_time_to_headers_is_measured_apart_from_the_first_token() -> None:
+    # The simulator answers its status and headers at once and its first token after `ttft`,
+    # as vLLM does: the two times must come out apart.
+    async with run_simulator(SimulatorConfig(ttft=0.3, itl=0.001)) as sim:
+        session = Session([Target("direct", sim.url)], rounds=1, pace=0.001, warmup=False)
+        spec = LoadSpec(model="sim-model", max_tokens=2, concurrency=2, num_requests=4)
+        level = await session.run_level(spec)
+    s = level.summaries["direct"]
+    assert s["completed"] == 4
+    assert s["headers_ms"]["n"] == 4
+    assert 0 < s["headers_ms"]["max"] < 300
+    assert s["ttft_ms"]["mean"] >= 300

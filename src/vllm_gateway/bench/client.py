@@ -64,6 +64,9 @@ class RequestResult:
     status: int = 0
     start: float = 0.0
     ttft: float = 0.0
+    # Send to the response's status and headers (a server that answers headers before the first
+    # token shows its own preprocessing here; the gateway sends its headers with the first event).
+    headers: float = 0.0
     e2el: float = 0.0
     chunks: int = 0
     tokens: int = 0
@@ -260,6 +263,7 @@ class Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
         self._status = 0
+        self._headers_at = 0.0
         self._lost = None
         self._body = bytearray()
         scanner = self._scanner = SSEScanner() if self._stream else None
@@ -276,6 +280,8 @@ class Connection(asyncio.Protocol):
         self._waiter = None
         res.status = self._status
         res.e2el = end - sent
+        if self._headers_at:
+            res.headers = self._headers_at - sent
         if not self._keep_alive:
             self.close()
         if scanner is not None:

@@ -149,6 +149,7 @@ def summarise(
         "chunks": chunks,
         "output_tokens": tokens,
         "ttft_ms": summary_stats([r.ttft for r in ok]),
+        "headers_ms": summary_stats([r.headers for r in ok]),
         "tpot_ms": summary_stats(tpots),
         "itl_ms": summary_stats(itl),
         "e2el_ms": summary_stats([r.e2el for r in ok]),
