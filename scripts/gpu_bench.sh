@@ -6,11 +6,16 @@
 #   scripts/gpu_bench.sh sweep OUT      # 64, 100, 256 users; gateway limit 256 (the relay's cost)
 #   scripts/gpu_bench.sh seed OUT       # 1,000 users against the seed's limit of 100
 #   scripts/gpu_bench.sh vllm OUT       # vLLM's own client, direct and through the gateway
-#   scripts/gpu_bench.sh embedded OUT   # the embedded engine (vLLM server stopped first)
+#   scripts/gpu_bench.sh embedded OUT   # 100 users: two processes, then the embedded engine
+#                                       # (the vLLM server is stopped in between)
 #
 # Environment: TOKENIZER (folder with the model's tokenizer, for `vllm bench serve`),
 # CLIENT_PROCS (load generator processes, default 4), ENGINE_ARGS (embedded engine arguments),
-# VLLM_URL, GW_PORT, SWEEP, USERS, NUM (to try the script against the simulator first).
+# GW_ARGS (more `vllm-gateway serve` flags, e.g. --upstream-idle-timeout 240 --log-level info),
+# ROUNDS (alternating rounds per level, default 1), PROFILE (seconds of py-spy sampling of the
+# gateway during the first level, when py-spy is installed), VLLM_URL, GW_PORT, SWEEP, USERS,
+# NUM (to try the script against the simulator first). Every phase also leaves the gateway's
+# /metrics and the kernel's listen-queue counters (before and after) in OUT.
 set -euo pipefail
 phase=${1:?phase}
 out=${2:?output folder}
@@ -20,6 +25,8 @@ VLLM_URL=${VLLM_URL:-http://127.0.0.1:8001}
 GW_PORT=${GW_PORT:-7000}
 GW_URL=http://127.0.0.1:$GW_PORT
 CLIENT_PROCS=${CLIENT_PROCS:-4}
+ROUNDS=${ROUNDS:-1}
+read -r -a GW_EXTRA <<< "${GW_ARGS:-}"
 BENCH=("$PY" -m vllm_gateway.bench --model m --max-tokens 256 --prompt-len 200 --ignore-eos
        --client-procs "$CLIENT_PROCS" --goodput itl:200)
 
@@ -29,7 +36,8 @@ start_gateway() {  # start_gateway LIMIT [extra serve args]: in its own session,
     setsid "$PY" -m vllm_gateway serve --host 127.0.0.1 --port "$GW_PORT" \
         --max-concurrent-requests "$limit" --max-queued-requests 5000 \
         --queue-wait-timeout 60 --first-token-timeout 300 --request-timeout 600 \
-        --stream-idle-timeout 120 --log-level warning "$@" > "$out/gateway-$limit.log" 2>&1 &
+        --stream-idle-timeout 120 --log-level warning "$@" ${GW_EXTRA[@]+"${GW_EXTRA[@]}"} \
+        > "$out/gateway-$limit.log" 2>&1 &
     echo $! > /root/gateway.pid
     local t=0
     until curl -sf "$GW_URL/health/ready" > /dev/null; do
@@ -42,6 +50,7 @@ start_gateway() {  # start_gateway LIMIT [extra serve args]: in its own session,
 
 stop_gateway() {
     if [ -f /root/gateway.pid ]; then
+        curl -sf "$GW_URL/metrics" > "$out/gateway-metrics-$(date +%s).txt" || true
         kill -TERM "$(cat /root/gateway.pid)" 2>/dev/null || true
         for _ in $(seq 60); do kill -0 "$(cat /root/gateway.pid)" 2>/dev/null || break; sleep 1; done
         rm -f /root/gateway.pid
@@ -74,19 +83,40 @@ EOF
     echo $!
 }
 
+net_counters() {  # net_counters LABEL: listen queue size and overflow counters of the kernel
+    {
+        echo "somaxconn $(cat /proc/sys/net/core/somaxconn 2>/dev/null || echo '?')"
+        awk '/^TcpExt:/ { if (!h) { split($0, k); h = 1 } else { for (i = 2; i <= NF; i++)
+             if (k[i] ~ /^Listen(Overflows|Drops)$|^TCPReqQFullDrop$/) print k[i], $i } }' \
+            /proc/net/netstat 2>/dev/null
+    } > "$out/net-$1.txt"
+}
+
+start_profile() {  # start_profile: py-spy samples the gateway for $PROFILE seconds, if asked
+    [ -n "${PROFILE:-}" ] && command -v py-spy > /dev/null || return 0
+    py-spy record --pid "$(cat /root/gateway.pid)" --duration "$PROFILE" --rate 200 \
+        --nonblocking --format raw --output "$out/gateway-profile.txt" \
+        > "$out/py-spy.log" 2>&1 &
+}
+
 case $phase in
 sweep)
     start_gateway 256 --backend-url "$VLLM_URL"
+    net_counters before
+    start_profile
     "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
-        --sweep "${SWEEP:-64,100,256}" --num-requests "${NUM:-512}" --rounds 1 --out "$out/sweep"
+        --sweep "${SWEEP:-64,100,256}" --num-requests "${NUM:-512}" --rounds "$ROUNDS" --out "$out/sweep"
+    net_counters after
+    stop_gateway
     ;;
 seed)
     start_gateway 100 --backend-url "$VLLM_URL"
     sampler=$(sample_running "$out/vllm-running.txt" "$VLLM_URL")
     "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
-        --concurrency "${USERS:-1000}" --num-requests "${NUM:-2000}" --rounds 1 --timeout 900 \
+        --concurrency "${USERS:-1000}" --num-requests "${NUM:-2000}" --rounds "$ROUNDS" --timeout 900 \
         --out "$out/seed1000"
     kill "$sampler" || true
+    stop_gateway
     ;;
 vllm)
     start_gateway 256 --backend-url "$VLLM_URL"
@@ -101,14 +131,18 @@ vllm)
     done
     ;;
 embedded)
+    # The two-process setup first, at the same load, for the comparison.
+    start_gateway 100 --backend-url "$VLLM_URL"
+    "${BENCH[@]}" --targets "two-process=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
+        --concurrency 100 --num-requests 400 --rounds "$ROUNDS" --out "$out/two-process100"
     stop_gateway
     pkill -f "vllm.entrypoints.openai.api_server" || true
-    sleep 5
+    for _ in $(seq 60); do pgrep -f "vllm.entrypoints.openai.api_server" > /dev/null || break; sleep 1; done
     export VLLM_USE_EMBEDDED_ENGINE=true VLLM_BACKEND_URL="" VLLM_MODEL="${EMBED_MODEL:?}"
     export VLLM_ENGINE_ARGS="${ENGINE_ARGS:-}"
     start_gateway 100
     "${BENCH[@]}" --targets "embedded=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
-        --concurrency 100 --num-requests 400 --rounds 1 --out "$out/embedded100"
+        --concurrency 100 --num-requests 400 --rounds "$ROUNDS" --out "$out/embedded100"
     stop_gateway
     ;;
 *)
