@@ -57,28 +57,43 @@ stop_gateway() {
     fi
 }
 
-sample_running() {  # sample_running FILE URL: vLLM's running/waiting gauges once a second
-    # Its output goes to /dev/null: a background child holding the $(...) pipe would make the
-    # caller's command substitution wait for it forever.
+sample_vllm() {  # sample_vllm FILE URL: vLLM's gauges and TTFT/queue histograms twice a second
+    # One JSON line per sample (scripts/round_breakdown.py splits them by round). Its output goes
+    # to /dev/null: a background child holding the $(...) pipe would make the caller's command
+    # substitution wait for it forever.
     "$PY" - "$1" "$2" > /dev/null 2>&1 <<'EOF' &
-import sys, time, urllib.request
+import json, sys, time, urllib.request
 path, url = sys.argv[1], sys.argv[2]
+GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
+HISTS = {"vllm:time_to_first_token_seconds": "ttft", "vllm:request_queue_time_seconds": "queue"}
 with open(path, "w") as out:
     while True:
+        t = time.time()
         try:
             text = urllib.request.urlopen(url + "/metrics", timeout=2).read().decode()
         except Exception:
-            time.sleep(1)
+            time.sleep(0.5)
             continue
-        vals = {}
+        row = {"t": round(t, 3)}
         for line in text.splitlines():
-            for name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                if line.startswith(name + "{") or line.startswith(name + " "):
-                    vals[name] = vals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        out.write(f"{time.time():.1f} {vals.get('vllm:num_requests_running', 0):.0f} "
-                  f"{vals.get('vllm:num_requests_waiting', 0):.0f}\n")
+            if line.startswith("#") or " " not in line:
+                continue
+            name_labels, value = line.rsplit(" ", 1)
+            name = name_labels.split("{", 1)[0]
+            if name in GAUGES:
+                row[GAUGES[name]] = row.get(GAUGES[name], 0.0) + float(value)
+                continue
+            for base, key in HISTS.items():
+                if name == base + "_bucket":
+                    le = name_labels.split('le="', 1)[1].split('"', 1)[0]
+                    buckets = row.setdefault(key + "_buckets", {})
+                    buckets[le] = buckets.get(le, 0.0) + float(value)
+                elif name in (base + "_sum", base + "_count"):
+                    k = key + name[len(base):]
+                    row[k] = row.get(k, 0.0) + float(value)
+        out.write(json.dumps(row) + "\n")
         out.flush()
-        time.sleep(1)
+        time.sleep(max(0.0, 0.5 - (time.time() - t)))
 EOF
     echo $!
 }
@@ -103,15 +118,17 @@ case $phase in
 sweep)
     start_gateway 256 --backend-url "$VLLM_URL"
     net_counters before
+    sampler=$(sample_vllm "$out/vllm-metrics.jsonl" "$VLLM_URL")
     start_profile
     "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
         --sweep "${SWEEP:-64,100,256}" --num-requests "${NUM:-512}" --rounds "$ROUNDS" --out "$out/sweep"
+    kill "$sampler" || true
     net_counters after
     stop_gateway
     ;;
 seed)
     start_gateway 100 --backend-url "$VLLM_URL"
-    sampler=$(sample_running "$out/vllm-running.txt" "$VLLM_URL")
+    sampler=$(sample_vllm "$out/vllm-metrics.jsonl" "$VLLM_URL")
     "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
         --concurrency "${USERS:-1000}" --num-requests "${NUM:-2000}" --rounds "$ROUNDS" --timeout 900 \
         --out "$out/seed1000"

@@ -47,6 +47,10 @@ async def test_closed_loop_counts_requests_and_chunks(two_sims, endpoint: str) -
         assert s["output_tokens"] == 14 * 5
         assert s["itl_ms"]["n"] == 14 * 4
         assert s["rounds"] == 2
+        rounds = s["per_round"]
+        assert [r["completed"] for r in rounds] == [7, 7]
+        assert rounds[0]["wall_start"] < rounds[1]["wall_start"]
+        assert all(r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] > 0 for r in rounds)
     assert sorted(r.idx for r in level.results("direct")) == sorted(list(range(7)) * 2)
 
 

@@ -158,6 +158,7 @@ class Session:
             duration = sum(p.duration for p, _ in phases)
             summary = metrics.summarise(results, duration, self.limits, self.pace)
             summary["rounds"] = len(phases)
+            summary["per_round"] = [_round_figures(p) for p, _ in phases]
             summary["resources"] = _resources(phases, summary, duration)
             level.summaries[name] = summary
         base = self.targets[0].name
@@ -236,3 +237,23 @@ def _resources(
             out[f"{name}_rss_peak_mib"] = max(peak) / 2**20
             out[f"{name}_rss_growth_mib"] = (after[-1] - before[0]) / 2**20
     return out
+
+
+def _round_figures(phase: PhaseResult) -> dict[str, Any]:
+    """One round's own figures: on a noisy machine the spread between rounds is the error bar."""
+    ok = [r for r in phase.results if r.ok]
+
+    def stats(values: list[float]) -> dict[str, float]:
+        s = metrics.summary_stats(values)
+        return {"p50": s["p50"], "p99": s["p99"]}
+
+    return {
+        "wall_start": phase.wall_start,
+        "duration_s": phase.duration,
+        "completed": len(ok),
+        "failed": len(phase.results) - len(ok),
+        "tokens_per_s": sum(r.tokens for r in ok) / phase.duration,
+        "ttft_ms": stats([r.ttft for r in ok]),
+        "headers_ms": stats([r.headers for r in ok]),
+        "itl_ms": stats([g for r in ok for g in r.itl]),
+    }
