@@ -8,6 +8,7 @@ fail the queue, let in-flight requests finish until the deadline, then end the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -94,6 +95,7 @@ class Gateway:
         self._models: list[str] | None = None
         self._models_at = 0.0
         self._models_lock: asyncio.Lock | None = None
+        self._models_refresh: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -103,6 +105,11 @@ class Gateway:
             await self.ratelimiter.start()
 
     async def aclose(self) -> None:
+        refresh, self._models_refresh = self._models_refresh, None
+        if refresh is not None:
+            refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresh
         await self.backend.aclose()
         if self.ratelimiter is not None:
             await self.ratelimiter.aclose()
@@ -145,23 +152,36 @@ class Gateway:
         return await self.backend.check_health(min(2.0, self.settings.connect_timeout))
 
     async def known_models(self, refresh: bool = False) -> list[str] | None:
-        """The backend's model ids, cached; None when the backend cannot tell."""
+        """The backend's model ids, cached; None when the backend cannot tell.
+
+        A stale list is answered at once and refreshed in the background: no request waits on
+        the backend's /v1/models (slow while the backend is busy) for a model it already knew.
+        Only the first lookup and ``refresh=True`` (a model not in the list) wait for the answer.
+        """
         now = time.monotonic()
-        if self._models is not None and not refresh and now - self._models_at < _MODELS_TTL:
+        if self._models is not None and not refresh:
+            if now - self._models_at >= _MODELS_TTL and self._models_refresh is None:
+                self._models_refresh = asyncio.get_running_loop().create_task(
+                    self._refresh_models(), name="models-refresh"
+                )
             return self._models
+        await self._refresh_models(min_age=1.0 if refresh else _MODELS_TTL)
+        return self._models
+
+    async def _refresh_models(self, min_age: float = 0.0) -> None:
         if self._models_lock is None:
             self._models_lock = asyncio.Lock()
-        async with self._models_lock:  # one refresh at a time; the rest reuse its answer
-            if (
-                self._models is None
-                or now - self._models_at >= _MODELS_TTL
-                or (refresh and now - self._models_at > 1.0)
-            ):
+        try:
+            async with self._models_lock:  # one refresh at a time; the rest reuse its answer
+                if self._models is not None and time.monotonic() - self._models_at < min_age:
+                    return
                 ids = await self.backend.model_ids(min(2.0, self.settings.connect_timeout))
                 if ids is not None:
                     self._models = ids
                 self._models_at = time.monotonic()
-        return self._models
+        finally:
+            if self._models_refresh is asyncio.current_task():
+                self._models_refresh = None
 
     async def model_exists(self, model: str) -> bool:
         ids = await self.known_models()
