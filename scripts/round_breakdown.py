@@ -1,6 +1,9 @@
 """Where the time to first token goes, round by round, in a `scripts/gpu_bench.sh sweep` folder.
 
     python scripts/round_breakdown.py OUT [--json FILE]
+    python scripts/round_breakdown.py --results R.json --samples S.jsonl.gz --access A.log.gz
+
+The second form reads the files as kept in docs/results/gpu/ (gzipped where large).
 
 For every level, target and round of ``OUT/sweep/results.json`` it prints what the client saw
 (TTFT and time to headers, p50/p99), what vLLM's engine saw in the same window (its own TTFT
@@ -16,6 +19,7 @@ Engine percentiles are interpolated inside the histogram's buckets (as PromQL's
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 from datetime import datetime
@@ -51,11 +55,17 @@ def bucket_quantile(buckets: dict[str, float], q: float) -> float:
     return prev_le
 
 
-def load_samples(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+def read_text(path: Path) -> str:
+    if path.suffix == ".gz":
+        return gzip.decompress(path.read_bytes()).decode(errors="replace")
+    return path.read_text(errors="replace")
+
+
+def load_samples(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path).splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -90,11 +100,11 @@ def engine_window(samples: list[dict[str, Any]], start: float, end: float) -> di
     return out
 
 
-def load_access(folder: Path) -> list[dict[str, Any]]:
+def load_access(logs: list[Path]) -> list[dict[str, Any]]:
     """The gateway's access lines, each with ``t0``: its arrival, as epoch seconds."""
     lines = []
-    for log in sorted(folder.glob("gateway-*.log")):
-        for text in log.read_text(errors="replace").splitlines():
+    for log in logs:
+        for text in read_text(log).splitlines():
             if not text.startswith("{"):
                 continue
             try:
@@ -127,10 +137,10 @@ def gateway_window(access: list[dict[str, Any]], start: float, end: float) -> di
     }
 
 
-def breakdown(folder: Path) -> list[dict[str, Any]]:
-    doc = json.loads((folder / "sweep" / "results.json").read_text())
-    samples = load_samples(folder / "vllm-metrics.jsonl")
-    access = load_access(folder)
+def breakdown(results: Path, samples_path: Path | None, logs: list[Path]) -> list[dict[str, Any]]:
+    doc = json.loads(read_text(results))
+    samples = load_samples(samples_path)
+    access = load_access(logs)
     rows = []
     for position, level in enumerate(doc["levels"]):
         for target, summary in level["targets"].items():
@@ -179,10 +189,21 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("folder", type=Path, help="a `gpu_bench.sh sweep` output folder")
+    parser.add_argument("folder", type=Path, nargs="?", help="a `gpu_bench.sh sweep` output folder")
+    parser.add_argument("--results", type=Path, help="the bench's results.json")
+    parser.add_argument("--samples", type=Path, help="vLLM's metric samples (jsonl, may be .gz)")
+    parser.add_argument("--access", type=Path, action="append", default=[], help="access log")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
-    rows = breakdown(args.folder)
+    if args.folder is not None:
+        results = args.results or args.folder / "sweep" / "results.json"
+        samples = args.samples or args.folder / "vllm-metrics.jsonl"
+        logs = args.access or sorted(args.folder.glob("gateway-*.log"))
+    elif args.results is not None:
+        results, samples, logs = args.results, args.samples, args.access
+    else:
+        parser.error("give a folder or --results")
+    rows = breakdown(results, samples, logs)
     print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
