@@ -183,7 +183,24 @@ class Gateway:
             if self._models_refresh is asyncio.current_task():
                 self._models_refresh = None
 
+    def model_known(self, model: str) -> bool:
+        """True when the cached list has ``model`` (no await: the hot path's check).
+
+        A stale list still counts, and starts its refresh in the background, as in
+        ``known_models``; False means "ask ``model_exists``", not "unknown".
+        """
+        ids = self._models
+        if ids is None or model not in ids:
+            return False
+        if time.monotonic() - self._models_at >= _MODELS_TTL and self._models_refresh is None:
+            self._models_refresh = asyncio.get_running_loop().create_task(
+                self._refresh_models(), name="models-refresh"
+            )
+        return True
+
     async def model_exists(self, model: str) -> bool:
+        if self.model_known(model):
+            return True
         ids = await self.known_models()
         if ids is None or model in ids:
             return True  # unknown list: let the backend judge

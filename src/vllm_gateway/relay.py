@@ -19,6 +19,7 @@ hand, so a first-token timeout is still a 504.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import re
@@ -85,6 +86,24 @@ _SSE_HEADERS = [
 ]
 
 
+# Fresh request ids: 8 random bytes per process, then a counter. Unique across processes and
+# replicas (vLLM uses the id forwarded to it as its own request id), 24 hex digits like the ids of
+# before, and no system call per request as os.urandom would make.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    """A forked worker must not repeat its parent's ids."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = os.urandom(8).hex()
+    _id_counter = itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def new_request_id(scope: dict[str, Any]) -> str:
     """The client's X-Request-ID if it is sane, else a fresh one."""
     for name, value in scope["headers"]:
@@ -93,7 +112,7 @@ def new_request_id(scope: dict[str, Any]) -> str:
             if _REQUEST_ID.match(text):
                 return text
             break
-    return os.urandom(12).hex()
+    return f"{_ID_PREFIX}{next(_id_counter):08x}"
 
 
 def header(scope: dict[str, Any], name: bytes) -> bytes | None:
@@ -326,7 +345,11 @@ class ProxyCall:
         self.stream = valid.stream
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch_disconnect())
-        if valid.model is not None and not await gw.model_exists(valid.model):
+        if (
+            valid.model is not None
+            and not gw.model_known(valid.model)
+            and not await gw.model_exists(valid.model)
+        ):
             raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
         if gw.ratelimiter is not None:
             self.requested_tokens = valid.requested_tokens

@@ -85,3 +85,18 @@ async def test_close_cancels_a_pending_refresh() -> None:
     assert task is not None and not task.done()
     await gw.aclose()
     assert task.cancelled()
+
+
+async def test_model_known_answers_from_the_cache_without_waiting() -> None:
+    gw, backend = _gateway()
+    assert not gw.model_known("a")  # nothing cached yet: the caller must ask
+    assert await gw.model_exists("a")
+    assert gw.model_known("a") and not gw.model_known("b")
+    gw._models_at -= gateway_module._MODELS_TTL + 1
+    backend.release.clear()
+    assert gw.model_known("a")  # stale but known: answered, refreshed behind
+    assert gw._models_refresh is not None
+    await asyncio.sleep(0)  # the refresh task starts and asks the (held) backend
+    assert backend.calls == 2
+    backend.release.set()
+    await gw.aclose()

@@ -1,0 +1,42 @@
+"""Request ids: the client's when sane, else fresh ones that never repeat, across forks too."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from vllm_gateway.relay import new_request_id
+
+
+def _scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
+    return {"headers": list(headers)}
+
+
+def test_a_sane_client_id_is_kept_and_a_bad_one_replaced() -> None:
+    assert new_request_id(_scope((b"x-request-id", b"abc-123"))) == "abc-123"
+    bad = new_request_id(_scope((b"x-request-id", b"has space\r\n")))
+    assert bad != "has space\r\n" and re.fullmatch(r"[0-9a-f]{24,}", bad)
+
+
+def test_fresh_ids_do_not_repeat() -> None:
+    ids = {new_request_id(_scope()) for _ in range(100_000)}
+    assert len(ids) == 100_000
+    assert all(re.fullmatch(r"[0-9a-f]{24,}", i) for i in list(ids)[:100])
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        try:
+            os.write(write_end, " ".join(new_request_id(_scope()) for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_ids = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent_ids = {new_request_id(_scope()) for _ in range(5)}
+    assert len(child_ids) == 5
+    assert not child_ids & parent_ids
+    assert {i[:16] for i in child_ids}.isdisjoint({i[:16] for i in parent_ids})
