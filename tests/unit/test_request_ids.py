@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 from vllm_gateway.relay import new_request_id
 
@@ -26,7 +27,10 @@ def test_fresh_ids_do_not_repeat() -> None:
 
 def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when a process with threads forks; the child only computes ids.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: its next ids, to the parent
         try:
             os.write(write_end, " ".join(new_request_id(_scope()) for _ in range(5)).encode())
