@@ -11,8 +11,10 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -134,7 +136,12 @@ class Page:
 async def open_page(url: str, start_timeout: float = 30.0) -> AsyncIterator[Page]:
     if CHROMIUM is None:
         raise RuntimeError("chromium is not installed")
-    with tempfile.TemporaryDirectory(prefix="status-page-chromium-") as tmp:
+    # Chromium's helper processes (renderer, GPU, crashpad) can still be writing to the profile
+    # for a moment after the browser process exits: they are killed as a group below, and a
+    # file one of them left behind must not fail the test that used the page.
+    with tempfile.TemporaryDirectory(
+        prefix="status-page-chromium-", ignore_cleanup_errors=True
+    ) as tmp:
         log_path = Path(tmp) / "chromium.log"
         with open(log_path, "wb") as log_file:  # noqa: ASYNC230 - a local file, opened once
             proc = await asyncio.create_subprocess_exec(
@@ -145,6 +152,7 @@ async def open_page(url: str, start_timeout: float = 30.0) -> AsyncIterator[Page
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
+                start_new_session=True,  # its own process group, helpers included
             )
         try:
             ws_url = await _wait_listening(proc, log_path, start_timeout)
@@ -182,6 +190,9 @@ async def open_page(url: str, start_timeout: float = 30.0) -> AsyncIterator[Page
                 except TimeoutError:
                     proc.kill()
                     await proc.wait()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers that outlived the browser
+            await asyncio.sleep(0.1)
 
 
 async def _wait_listening(proc: asyncio.subprocess.Process, log_path: Path, timeout: float) -> str:
