@@ -67,6 +67,10 @@ GPU_ARGS = (
 # CPU equivalents: bf16 runs well with AVX-512; a short context keeps the KV cache small.
 CPU_ARGS = ("--dtype", "bfloat16", "--max-model-len", "2048", "--max-num-seqs", "256")
 CPU_KVCACHE_GIB = "2"
+# vLLM's keep-alive for the child, and the gateway's idle timeout below it: the gateway's pool to
+# its own vLLM stays warm across quiet spells instead of reconnecting after 4 s (docs/deployment.md).
+VLLM_KEEP_ALIVE_S = "300"
+IDLE_SHARE_OF_KEEP_ALIVE = 0.8
 PR_SET_PDEATHSIG = 1
 
 
@@ -110,6 +114,7 @@ def child_environment(env: Mapping[str, str], *, gpu: bool) -> dict[str, str]:
     child = {k: v for k, v in env.items() if k not in own}
     if not gpu:
         child.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+    child.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", VLLM_KEEP_ALIVE_S)
     child["PYTHONUNBUFFERED"] = "1"  # so the log's last line is current during warm-up
     return child
 
@@ -309,12 +314,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gateway_flags(args: argparse.Namespace, backend_url: str) -> dict[str, str | None]:
+def _gateway_flags(
+    args: argparse.Namespace, backend_url: str, env: Mapping[str, str]
+) -> dict[str, str | None]:
     flags: dict[str, str | None] = {spec.name: getattr(args, spec.name) for spec in FIELDS}
     flags["api_keys_file"] = args.api_keys_file
     flags["backend_urls"] = backend_url
     flags["use_embedded_engine"] = "false"
+    if flags.get("upstream_idle_timeout") is None and not env.get(
+        "VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS"
+    ):
+        flags["upstream_idle_timeout"] = upstream_idle_for(env)
     return flags
+
+
+def upstream_idle_for(env: Mapping[str, str]) -> str:
+    """The gateway's idle timeout for its own vLLM child: below the child's keep-alive."""
+    try:
+        keep_alive = float(env.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE") or VLLM_KEEP_ALIVE_S)
+    except ValueError:
+        keep_alive = float(VLLM_KEEP_ALIVE_S)  # vLLM itself will refuse the value, loudly
+    return f"{max(0.5, keep_alive * IDLE_SHARE_OF_KEEP_ALIVE):g}"
 
 
 def _print_ready(settings: Settings, model: str) -> None:
@@ -385,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = has_nvidia_gpu()
     port = args.vllm_port or free_port()
     try:  # validate the gateway's settings before minutes of warm-up, not after
-        settings = load_settings(env, _gateway_flags(args, f"http://127.0.0.1:{port}"))
+        settings = load_settings(env, _gateway_flags(args, f"http://127.0.0.1:{port}", env))
     except SettingsError as exc:
         log(f"error: {exc}")
         return 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vllm_gateway import launcher, model_prep
-from vllm_gateway.settings import env_names
+from vllm_gateway.settings import env_names, load_settings
 
 
 def test_served_names_short_first_then_path() -> None:
@@ -86,3 +86,23 @@ def test_unprepared_folder_is_not_reused(tmp_path: Path) -> None:
 def test_cache_dir_from_env_only_when_given() -> None:
     assert model_prep.default_cache_dir({"VLLM_GATEWAY_CACHE": "/c"}) == Path("/c")
     assert model_prep.default_cache_dir({}) == Path.home() / ".cache" / "vllm-gateway"
+
+
+def test_up_keeps_the_pool_to_its_own_vllm_warm() -> None:
+    # vLLM's keep-alive is raised for the child, and the gateway's idle timeout sits below it.
+    assert launcher.child_environment({}, gpu=True)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "300"
+    args = launcher.build_parser().parse_args([])
+    settings = load_settings({}, launcher._gateway_flags(args, "http://127.0.0.1:9", {}))
+    assert settings.upstream_idle_timeout == 240.0
+    # A keep-alive chosen by the user is kept, and the gateway follows it.
+    env = {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "10"}
+    assert launcher.child_environment(env, gpu=True)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "10"
+    settings = load_settings(env, launcher._gateway_flags(args, "http://127.0.0.1:9", env))
+    assert settings.upstream_idle_timeout == 8.0
+    # An idle timeout the user set wins, from the environment or the command line.
+    env = {"VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3"}
+    settings = load_settings(env, launcher._gateway_flags(args, "http://127.0.0.1:9", env))
+    assert settings.upstream_idle_timeout == 3.0
+    args = launcher.build_parser().parse_args(["--upstream-idle-timeout", "7"])
+    settings = load_settings({}, launcher._gateway_flags(args, "http://127.0.0.1:9", {}))
+    assert settings.upstream_idle_timeout == 7.0
