@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from multiprocessing.context import SpawnProcess
+from typing import Any
 
 from .settings import Settings
 
@@ -62,7 +63,16 @@ def _detach_from_terminal_group() -> None:
         pass  # not Linux: the parent's finally still stops the workers
 
 
-def _worker_main(settings: Settings, sock: socket.socket) -> None:
+def _exit_before_serving(signum: int, _frame: object) -> None:
+    # Stopped while still starting: nothing was accepted, so nothing is lost.
+    raise SystemExit(0)
+
+
+def _worker_main(settings: Settings, sock: socket.socket, started: Any) -> None:
+    # Until the server installs its drain-first handlers, a SIGTERM (the supervisor stopping
+    # soon after start) ends a worker that has accepted nothing with status 0, not -SIGTERM.
+    signal.signal(signal.SIGTERM, _exit_before_serving)
+    started.set()
     _detach_from_terminal_group()
     from .app import create_app
     from .logs import configure_logging
@@ -89,13 +99,17 @@ def serve_workers(settings: Settings) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 
+    started: dict[int, Any] = {}  # pid -> Event the worker sets once its SIGTERM handler is in
+
     def start(index: int) -> SpawnProcess:
+        event = ctx.Event()
         proc = ctx.Process(
             target=_worker_main,
-            args=(worker_settings(settings, index), sock),
+            args=(worker_settings(settings, index), sock, event),
             name=f"vllm-gateway-worker-{index}",
         )
         proc.start()
+        started[proc.pid or 0] = event
         log.info(
             "worker %d started (pid %s, limit %d)",
             index,
@@ -139,7 +153,10 @@ def serve_workers(settings: Settings) -> int:
                 log.error("worker pid %s did not exit by the drain deadline; killing it", proc.pid)
                 proc.kill()
                 proc.join(2)
-            codes.append(proc.exitcode)
+            code = proc.exitcode
+            if code == -signal.SIGTERM and not started[proc.pid or 0].is_set():
+                code = 0  # stopped while the interpreter was still starting: it held nothing
+            codes.append(code)
         return 0 if all(code == 0 for code in codes) else 1
     finally:
         for sig, handler in previous.items():

@@ -49,3 +49,14 @@ async def test_two_workers_serve_and_drain_together(
         assert events[-1] == "[DONE]"  # the in-flight stream finished during the drain
         code = await asyncio.to_thread(gw.process.wait, 20)
         assert code == 0, gw.log()
+
+
+async def test_stopped_while_workers_start_exits_zero(simulator: Simulator) -> None:
+    # The socket is bound before the workers exist, so this SIGTERM reaches workers that are
+    # still importing: they hold nothing, and the gateway must still exit 0, not 1.
+    env = {"VLLM_BACKEND_URL": simulator.url}
+    for attempt in range(3):  # three starts, each stopped at once
+        with spawn_gateway(env, "--workers", "2", name=f"workers-early-{attempt}") as gw:
+            gw.terminate(signal.SIGTERM)
+            code = await asyncio.to_thread(gw.process.wait, 30)
+            assert code == 0, gw.log()
