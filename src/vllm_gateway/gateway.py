@@ -158,15 +158,18 @@ class Gateway:
         the backend's /v1/models (slow while the backend is busy) for a model it already knew.
         Only the first lookup and ``refresh=True`` (a model not in the list) wait for the answer.
         """
-        now = time.monotonic()
         if self._models is not None and not refresh:
-            if now - self._models_at >= _MODELS_TTL and self._models_refresh is None:
-                self._models_refresh = asyncio.get_running_loop().create_task(
-                    self._refresh_models(), name="models-refresh"
-                )
+            self._refresh_behind_if_stale()
             return self._models
         await self._refresh_models(min_age=1.0 if refresh else _MODELS_TTL)
         return self._models
+
+    def _refresh_behind_if_stale(self) -> None:
+        """Start one background refresh of a cached list older than the TTL."""
+        if time.monotonic() - self._models_at >= _MODELS_TTL and self._models_refresh is None:
+            self._models_refresh = asyncio.get_running_loop().create_task(
+                self._refresh_models(), name="models-refresh"
+            )
 
     async def _refresh_models(self, min_age: float = 0.0) -> None:
         if self._models_lock is None:
@@ -192,10 +195,7 @@ class Gateway:
         ids = self._models
         if ids is None or model not in ids:
             return False
-        if time.monotonic() - self._models_at >= _MODELS_TTL and self._models_refresh is None:
-            self._models_refresh = asyncio.get_running_loop().create_task(
-                self._refresh_models(), name="models-refresh"
-            )
+        self._refresh_behind_if_stale()
         return True
 
     async def model_exists(self, model: str) -> bool:
