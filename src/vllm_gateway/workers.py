@@ -99,7 +99,7 @@ def serve_workers(settings: Settings) -> int:
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 
-    started: dict[int, Any] = {}  # pid -> Event the worker sets once its SIGTERM handler is in
+    started: dict[SpawnProcess, Any] = {}  # the Event each worker sets once its handler is in
 
     def start(index: int) -> SpawnProcess:
         event = ctx.Event()
@@ -109,7 +109,7 @@ def serve_workers(settings: Settings) -> int:
             name=f"vllm-gateway-worker-{index}",
         )
         proc.start()
-        started[proc.pid or 0] = event
+        started[proc] = event
         log.info(
             "worker %d started (pid %s, limit %d)",
             index,
@@ -154,7 +154,7 @@ def serve_workers(settings: Settings) -> int:
                 proc.kill()
                 proc.join(2)
             code = proc.exitcode
-            if code == -signal.SIGTERM and not started[proc.pid or 0].is_set():
+            if code == -signal.SIGTERM and not started[proc].is_set():
                 code = 0  # stopped while the interpreter was still starting: it held nothing
             codes.append(code)
         return 0 if all(code == 0 for code in codes) else 1
