@@ -36,6 +36,8 @@ from typing import Any
 
 import orjson
 
+from vllm_gateway.simulator import loopback_command
+
 CANDIDATES = ("aiohttp", "httpx", "upstream")
 
 
@@ -266,19 +268,7 @@ async def run_heads(client: Client, count: int) -> dict[str, float]:
 
 
 def start_simulator(core: str | None) -> tuple[subprocess.Popen[str], str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm_gateway.simulator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--ttft",
-        "0",
-        "--itl",
-        "0.01",
-    ]
+    cmd = loopback_command(0, "--ttft", "0", "--itl", "0.01")
     if core is not None:
         cmd = ["taskset", "-c", core, *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -38,6 +38,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from vllm_gateway.simulator import loopback_command
+
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -279,17 +281,7 @@ def main() -> int:
             "taskset",
             "-c",
             args.load_core,
-            PY,
-            "-m",
-            "vllm_gateway.simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--ttft",
-            "0",
-            "--itl",
-            args.itl,
+            *loopback_command(0, "--ttft", "0", "--itl", args.itl, python=PY),
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -83,6 +83,21 @@ class Simulator:
         await asyncio.sleep(0)
 
 
+def loopback_command(port: int | str = 0, *args: str, python: str = sys.executable) -> list[str]:
+    """The command that runs the simulator as its own process on 127.0.0.1 (port 0: any free
+    one, printed in its first line); ``args`` are more of its command-line options."""
+    return [
+        python,
+        "-m",
+        "vllm_gateway.simulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+
+
 async def start_simulator(
     config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
 ) -> Simulator:

@@ -37,6 +37,8 @@ from typing import Any
 
 import orjson
 
+from vllm_gateway.simulator import loopback_command
+
 __all__ = ["ENDINGS", "SimulatorProcess", "judge", "main"]
 
 # The four ways a request may end; anything else is a defect.
@@ -139,18 +141,7 @@ class SimulatorProcess:
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm_gateway.simulator",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--loop",
-                "asyncio",
-                *self.args,
-            ],
+            loopback_command(self.port, "--loop", "asyncio", *self.args),
             stdout=subprocess.PIPE,
             stderr=log,
         )

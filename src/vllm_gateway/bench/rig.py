@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_gateway.simulator import loopback_command
+
 __all__ = ["Rig", "RigConfig", "RigError"]
 
 _LISTENING = re.compile(rb"listening on (http://\S+)")
@@ -108,21 +110,9 @@ class Rig:
 
     async def _start(self) -> None:
         c = self.config
-        sim = [
-            sys.executable,
-            "-m",
-            "vllm_gateway.simulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--ttft",
-            str(c.ttft),
-            "--itl",
-            str(c.itl),
-            "--tokens",
-            str(c.tokens),
-        ]
+        sim = loopback_command(
+            0, "--ttft", str(c.ttft), "--itl", str(c.itl), "--tokens", str(c.tokens)
+        )
         self.backend_proc = await asyncio.create_subprocess_exec(
             *_pin(sim, c.rig_core), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
         )
