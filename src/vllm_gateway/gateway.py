@@ -199,8 +199,6 @@ class Gateway:
         return True
 
     async def model_exists(self, model: str) -> bool:
-        if self.model_known(model):
-            return True
         ids = await self.known_models()
         if ids is None or model in ids:
             return True  # unknown list: let the backend judge
