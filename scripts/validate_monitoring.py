@@ -55,6 +55,12 @@ ALLOWED_METRICS = (
 OUTCOMES = {
     "completed",
     "client_disconnected",
+    "client_too_slow",
+    "client_timeout",
+    "malformed_request",
+    "backend_rejected",
+    "headers_too_large",
+    "too_many_connections",
     "client_error",
     "cancelled",
     "other",
@@ -95,6 +101,7 @@ SERVER_SIDE_OUTCOMES = {
     "request_timeout",
     "shutting_down",
     "stream_idle_timeout",
+    "too_many_connections",
     "unavailable",
 }
 

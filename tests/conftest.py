@@ -1,4 +1,4 @@
-"""Shared fixtures: the real gateway under uvicorn on loopback, in front of real servers.
+"""Shared fixtures: the real gateway (its own HTTP server) on loopback, in front of real servers.
 
 ``run_gateway`` runs the gateway in this process's event loop (port 0); ``spawn_gateway`` runs
 it as a separate process, for signal and crash tests. ``simulator`` is the project's vLLM
@@ -26,7 +26,7 @@ import pytest
 from vllm_gateway.app import GatewayApp, create_app
 from vllm_gateway.backend import Backend
 from vllm_gateway.gateway import Gateway
-from vllm_gateway.server import GatewayServer, uvicorn_config
+from vllm_gateway.server import GatewayRunner
 from vllm_gateway.settings import Settings
 from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
 
@@ -39,7 +39,7 @@ class RunningGateway:
     url: str
     port: int
     app: GatewayApp
-    server: GatewayServer
+    runner: GatewayRunner
 
     @property
     def gateway(self) -> Gateway:
@@ -53,21 +53,19 @@ async def run_gateway(
     """The real gateway on 127.0.0.1, port 0, in this event loop, for the ``async with`` block."""
     settings = (settings or Settings()).replace(host="127.0.0.1", port=0, **changes)
     app = create_app(settings, backend)
-    config = uvicorn_config(app, settings)
-    server = GatewayServer(config, app, handle_signals=False)
-    config.load()
-    task = asyncio.get_running_loop().create_task(server.serve())
+    runner = GatewayRunner(app, handle_signals=False)
+    task = asyncio.get_running_loop().create_task(runner.serve())
     try:
         async with asyncio.timeout(10):
-            while not server.started:
+            while not runner.started:
                 if task.done():
                     task.result()
                     raise RuntimeError("gateway stopped during startup")
                 await asyncio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield RunningGateway(f"http://127.0.0.1:{port}", port, app, server)
+        port = runner.port
+        yield RunningGateway(f"http://127.0.0.1:{port}", port, app, runner)
     finally:
-        server.should_exit = True
+        runner.request_exit()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             async with asyncio.timeout(10):
                 await task

@@ -1,9 +1,11 @@
-"""The app factory: a thin ASGI front door over a FastAPI app.
+"""The app factory and the front door: the handler the HTTP server calls for every request.
 
-The two inference routes are the hot path: the front door hands them straight to a ``ProxyCall``,
-with no middleware, no dependency injection and no re-serialisation. Everything else (health,
-models, metrics, the OpenAPI document) is an ordinary FastAPI route behind it. API keys and the
-request id are handled in the front door, so they cover both.
+The inference routes are the hot path: the front door hands them straight to a ``ProxyCall`` on
+the server's ``Exchange``, with no ASGI, no middleware and no re-serialisation. Everything else
+(health, models, metrics, the OpenAPI document) is an ordinary FastAPI route, served through the
+ASGI bridge. What can be decided from the headers alone (API key, method, media type, draining,
+the body's declared length) is decided in ``admit`` before the body is read, so a refused client
+never gets to send it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -20,15 +21,20 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__, errors
+from .asgi import serve_asgi
 from .auth import ANONYMOUS, KeyRing
 from .backend import Backend, UpstreamRequest
+from .clients import ClientResolver
+from .cors import Cors
 from .errors import GatewayError, MethodNotAllowed, NotFound, ShuttingDown, Unauthorized
 from .gateway import Gateway
+from .http_server import BufferBudget, Exchange, ServerStats
+from .ids import new_request_id
 from .observe import RejectedCall, install_observability
 from .openapi import install_openapi
-from .relay import ProxyCall, new_request_id, send_error
+from .relay import ProxyCall
 from .settings import Settings
-from .validation import CHAT, COMPLETIONS
+from .validation import CHAT, COMPLETIONS, is_json_media_type
 
 __all__ = ["GatewayApp", "create_app"]
 
@@ -37,63 +43,81 @@ log = logging.getLogger("vllm_gateway")
 PROXY_ROUTES = frozenset({CHAT, COMPLETIONS})
 # Probes must answer without a key: orchestrators do not carry one.
 OPEN_ROUTES = frozenset({"/health/live", "/health/ready", "/v1/health"})
+# The FastAPI routes take no body worth the name.
+_SMALL_BODY = 64 * 1024
 
 
 class GatewayApp:
-    """The ASGI application a server runs."""
+    """The front door: ``admit`` and ``handle`` for the HTTP server (``http_server.Handler``)."""
 
     def __init__(self, gateway: Gateway, api: FastAPI) -> None:
         self.gateway = gateway
         self.api = api
-        self._keys = KeyRing(gateway.settings.api_keys)
-        self._entry: Any = self._dispatch
-        if gateway.settings.cors_origins:
-            from starlette.middleware.cors import CORSMiddleware
+        settings = gateway.settings
+        self._keys = KeyRing(settings.api_keys)
+        self._cors = Cors(settings.cors_origins) if settings.cors_origins else None
+        self._clients = ClientResolver(settings.trusted_proxies)
+        self._max_body = settings.max_body_bytes
+        # Shared with the HTTP server the runner builds on this app.
+        self.budget = BufferBudget(settings.buffer_budget_bytes)
+        self.server_stats = ServerStats()
+        api.state.server_stats = self.server_stats
+        api.state.budget = self.budget
 
-            self._entry = CORSMiddleware(
-                self._dispatch,  # type: ignore[arg-type]
-                allow_origins=list(gateway.settings.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["*"],
-            )
+    def new_request_id(self, headers: list[tuple[bytes, bytes]]) -> str:
+        return new_request_id(headers)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self._entry(scope, receive, send)
-
-    async def _dispatch(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.api(scope, receive, send)
-            return
-        path = scope["path"]
-        request_id = new_request_id(scope)
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
+    def admit(self, ex: Exchange) -> GatewayError | None:
+        path = ex.path
+        cors = self._cors
+        preflight = cors is not None and Cors.is_preflight(ex.method, ex.headers)
+        if cors is not None:
+            ex.extra_headers = cors.response_headers(ex.header(b"origin"))
         identity = ANONYMOUS
-        if self._keys and path not in OPEN_ROUTES and scope["method"] != "OPTIONS":
-            found = self._keys.identify(scope)
+        if self._keys and path not in OPEN_ROUTES and not preflight:
+            found = self._keys.identify(ex.headers)
             if found is None:
-                err: GatewayError = Unauthorized()
-                await send_error(send, err, request_id, [(b"www-authenticate", b"Bearer")])
-                self.gateway.request_ended(RejectedCall(request_id, path, err))
-                return
+                return Unauthorized()
             identity = found
-        state["identity"] = identity
-        if path in PROXY_ROUTES:
-            await self._proxy(scope, receive, send, request_id)
-            return
-        await self.api(scope, receive, send)
+        ex.state["identity"] = identity
+        peer = ex.client[0] if ex.client else None
+        ex.state["client_address"] = self._clients.client(peer, ex.headers)
+        ex.body_limit = _SMALL_BODY
+        if path not in PROXY_ROUTES or preflight:
+            return None
+        if ex.method != "POST":
+            return MethodNotAllowed(allow="POST")
+        if self.gateway.draining:
+            return ShuttingDown(retry_after=self.gateway.admission.estimate_wait())
+        ctype = ex.header(b"content-type")
+        if ctype is not None and not is_json_media_type(ctype):
+            return errors.UnsupportedMediaType(
+                "The request body must be JSON: send 'Content-Type: application/json'."
+            )
+        ex.body_limit = self._max_body
+        return None
 
-    async def _proxy(self, scope: dict[str, Any], receive: Any, send: Any, request_id: str) -> None:
-        if scope["method"] != "POST":
-            err: GatewayError = MethodNotAllowed()
-            await send_error(send, err, request_id, [(b"allow", b"POST")])
-            self.gateway.request_ended(RejectedCall(request_id, scope["path"], err))
-        elif self.gateway.draining:
-            err = ShuttingDown(retry_after=self.gateway.admission.estimate_wait())
-            await send_error(send, err, request_id)
-            self.gateway.request_ended(RejectedCall(request_id, scope["path"], err))
-        else:
-            await ProxyCall(self.gateway, scope, receive, send, request_id).run()
+    async def handle(self, ex: Exchange) -> None:
+        if self._cors is not None and Cors.is_preflight(ex.method, ex.headers):
+            status, headers = self._cors.preflight(
+                ex.header(b"origin"), ex.header(b"access-control-request-headers")
+            )
+            ex.extra_headers = []
+            ex.respond(status, [*headers, (b"x-request-id", ex.request_id.encode())], b"")
+            return
+        if ex.path in PROXY_ROUTES:
+            await ProxyCall(self.gateway, ex).run()
+            return
+        state = {
+            "request_id": ex.request_id,
+            "identity": ex.state["identity"],
+            "client_address": ex.state["client_address"],
+        }
+        await serve_asgi(self.api, ex, state)
+
+    def refused(self, ex: Exchange, err: GatewayError) -> None:
+        """The server answered ``err`` itself: count it like any other ended request."""
+        self.gateway.request_ended(RejectedCall(ex.request_id, ex.path, err))
 
 
 def _error_response(err: GatewayError, request: Request) -> Response:

@@ -16,7 +16,6 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 __all__ = ["Identity", "KeyRing", "parse_key_entry"]
 
@@ -52,10 +51,11 @@ class KeyRing:
     def __bool__(self) -> bool:
         return bool(self._known)
 
-    def identify(self, scope: dict[str, Any]) -> Identity | None:
-        """The caller's identity, or None when the key is missing or unknown."""
+    def identify(self, headers: list[tuple[bytes, bytes]]) -> Identity | None:
+        """The caller's identity (``headers`` in lower case), or None when the key is missing or
+        unknown."""
         presented = b""
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() == b"bearer":

@@ -13,11 +13,11 @@ and nowhere else.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Backend", "UpstreamRequest", "UpstreamResponse", "read_capped"]
+__all__ = ["Backend", "Charge", "UpstreamRequest", "UpstreamResponse", "read_capped"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +32,18 @@ class UpstreamRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+Charge = Callable[[int], None]
+
+
 async def read_capped(
-    chunks: AsyncIterator[bytes], limit: int, declared_length: int | None = None
+    chunks: AsyncIterator[bytes],
+    limit: int,
+    declared_length: int | None = None,
+    charge: Charge | None = None,
 ) -> bytes:
     """A whole body from its pieces; ``BadBackendResponse`` as soon as it exceeds ``limit`` bytes
-    (at once when a declared length already does), so a broken backend cannot make us hold more."""
+    (at once when a declared length already does), so a broken backend cannot make us hold more.
+    ``charge(n)`` is called before each piece is kept (it raises to refuse: a memory budget)."""
     from .errors import BadBackendResponse
 
     if declared_length is not None and declared_length > limit:
@@ -47,6 +54,8 @@ async def read_capped(
         size += len(data)
         if size > limit:
             raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+        if charge is not None:
+            charge(len(data))
         parts.append(data)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -62,8 +71,10 @@ class UpstreamResponse(abc.ABC):
         """The body as it arrives, in pieces of any size. Raises ``UpstreamError`` on failure."""
 
     @abc.abstractmethod
-    async def read(self, limit: int) -> bytes:
-        """The whole body; raises ``BadBackendResponse`` if it is longer than ``limit`` bytes."""
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
+        """The whole body; raises ``BadBackendResponse`` if it is longer than ``limit`` bytes.
+        ``charge(n)``, when given, is called for each piece before it is kept (see
+        ``read_capped``)."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from . import errors
-from .backend import UpstreamResponse, read_capped
+from .backend import Charge, UpstreamResponse, read_capped
 
 __all__ = ["JSONUpstreamResponse", "SSEUpstreamResponse", "is_engine_dead"]
 
@@ -49,9 +49,11 @@ class JSONUpstreamResponse(UpstreamResponse):
         if not self._closed:
             yield self._body
 
-    async def read(self, limit: int) -> bytes:
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
         if len(self._body) > limit:
             raise errors.BadBackendResponse(f"The backend response is larger than {limit} bytes.")
+        if charge is not None:
+            charge(len(self._body))
         return self._body
 
     async def aclose(self) -> None:
@@ -98,8 +100,8 @@ class SSEUpstreamResponse(UpstreamResponse):
             ) from exc
         self._ended = True
 
-    async def read(self, limit: int) -> bytes:
-        return await read_capped(self.chunks(), limit)
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
+        return await read_capped(self.chunks(), limit, charge=charge)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -6,15 +6,20 @@ The tree::
     ├── ClientError                    4xx: the request itself is at fault
     │   ├── InvalidJSON                400 invalid_json
     │   ├── InvalidRequest             400 invalid_request (names the field in ``param``)
+    │   ├── MalformedRequest           400 malformed_request (not HTTP/1.1 the server can parse)
     │   ├── Unauthorized               401 authentication_error
     │   ├── NotFound                   404 not_found
     │   ├── ModelNotFound              404 model_not_found
     │   ├── MethodNotAllowed           405 method_not_allowed
+    │   ├── ClientTimeout              408 client_timeout (headers or body too slow to arrive)
     │   ├── BodyTooLarge               413 body_too_large
     │   ├── UnsupportedMediaType       415 unsupported_media_type
-    │   └── RateLimited                429 rate_limited (Retry-After)
+    │   ├── RateLimited                429 rate_limited (Retry-After)
+    │   ├── HeadersTooLarge            431 headers_too_large
+    │   └── BackendRejected            4xx backend_rejected (the backend's 4xx had no JSON body)
     ├── Unavailable                    503: the gateway will not take the request now (Retry-After)
-    │   ├── Overloaded                 503 overloaded (queue full)
+    │   ├── Overloaded                 503 overloaded (queue full, or the body memory budget)
+    │   ├── TooManyConnections         503 too_many_connections
     │   ├── QueueTimeout               503 queue_timeout
     │   ├── ShuttingDown               503 shutting_down
     │   └── NoHealthyBackend           503 no_healthy_backend
@@ -36,14 +41,18 @@ import math
 import orjson
 
 __all__ = [
+    "BackendRejected",
     "BackendUnavailable",
     "BadBackendResponse",
     "BodyTooLarge",
     "ClientError",
+    "ClientTimeout",
     "FirstTokenTimeout",
     "GatewayError",
+    "HeadersTooLarge",
     "InvalidJSON",
     "InvalidRequest",
+    "MalformedRequest",
     "MethodNotAllowed",
     "ModelNotFound",
     "NoHealthyBackend",
@@ -54,6 +63,7 @@ __all__ = [
     "RequestTimeout",
     "ShuttingDown",
     "StreamIdleTimeout",
+    "TooManyConnections",
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
@@ -67,6 +77,7 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "internal_error"
     default_message: str = "The gateway failed to handle the request."
+    default_retry_after: float | None = None
 
     def __init__(
         self,
@@ -77,7 +88,7 @@ class GatewayError(Exception):
     ) -> None:
         self.message = message or self.default_message
         self.param = param
-        self.retry_after = retry_after
+        self.retry_after = retry_after if retry_after is not None else self.default_retry_after
         super().__init__(self.message)
 
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -103,10 +114,18 @@ class InvalidRequest(ClientError):
     pass
 
 
+class MalformedRequest(ClientError):
+    type = "malformed_request"
+    default_message = "The request is not valid HTTP/1.1."
+
+
 class Unauthorized(ClientError):
     status = 401
     type = "authentication_error"
     default_message = "A valid API key is required (Authorization: Bearer <key>)."
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [*super().headers(), (b"www-authenticate", b"Bearer")]
 
 
 class NotFound(ClientError):
@@ -125,6 +144,20 @@ class MethodNotAllowed(ClientError):
     status = 405
     type = "method_not_allowed"
     default_message = "Method not allowed on this route."
+
+    def __init__(self, message: str | None = None, *, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        extra = [(b"allow", self.allow.encode("latin-1"))] if self.allow else []
+        return [*super().headers(), *extra]
+
+
+class ClientTimeout(ClientError):
+    status = 408
+    type = "client_timeout"
+    default_message = "The request did not arrive in time."
 
 
 class BodyTooLarge(ClientError):
@@ -145,6 +178,24 @@ class RateLimited(ClientError):
     default_message = "Too many requests for this API key; retry later."
 
 
+class HeadersTooLarge(ClientError):
+    status = 431
+    type = "headers_too_large"
+    default_message = "The request line and headers are too large."
+
+
+class BackendRejected(ClientError):
+    """The backend refused the request with a 4xx whose body is not the JSON error it should be
+    (an HTML page, a traceback): its status reaches the client, its text only the log."""
+
+    type = "backend_rejected"
+    default_message = "The backend refused the request."
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"The backend refused the request (status {status}).")
+        self.status = status
+
+
 class Unavailable(GatewayError):
     status = 503
     type = "unavailable"
@@ -154,6 +205,12 @@ class Unavailable(GatewayError):
 class Overloaded(Unavailable):
     type = "overloaded"
     default_message = "The gateway is at capacity and its queue is full; retry later."
+
+
+class TooManyConnections(Unavailable):
+    type = "too_many_connections"
+    default_message = "The gateway has as many client connections open as it allows; retry later."
+    default_retry_after = 1.0
 
 
 class QueueTimeout(Unavailable):

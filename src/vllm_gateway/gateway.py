@@ -7,14 +7,13 @@ fail the queue, let in-flight requests finish until the deadline, then end the r
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
 from .admission import Admission
 from .backend import Backend
+from .models import ModelCatalog
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -25,9 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["Gateway", "RequestObserver", "build_backend"]
 
 log = logging.getLogger("vllm_gateway")
-
-# How long a model list stays fresh before a request for an unknown model refreshes it.
-_MODELS_TTL = 10.0
 
 
 class RequestObserver(Protocol):
@@ -92,10 +88,11 @@ class Gateway:
         self.active: set[ProxyCall] = set()
         self.observers: list[RequestObserver] = []
         self.started_at = time.time()
-        self._models: list[str] | None = None
-        self._models_at = 0.0
-        self._models_lock: asyncio.Lock | None = None
-        self._models_refresh: asyncio.Task[None] | None = None
+        self.models = ModelCatalog(
+            self.backend.model_ids,
+            check_timeout=settings.model_check_timeout,
+            fetch_timeout=max(settings.model_check_timeout, settings.connect_timeout),
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -105,11 +102,7 @@ class Gateway:
             await self.ratelimiter.start()
 
     async def aclose(self) -> None:
-        refresh, self._models_refresh = self._models_refresh, None
-        if refresh is not None:
-            refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresh
+        await self.models.aclose()
         await self.backend.aclose()
         if self.ratelimiter is not None:
             await self.ratelimiter.aclose()
@@ -150,60 +143,6 @@ class Gateway:
         if self.draining:
             return False
         return await self.backend.check_health(min(2.0, self.settings.connect_timeout))
-
-    async def known_models(self, refresh: bool = False) -> list[str] | None:
-        """The backend's model ids, cached; None when the backend cannot tell.
-
-        A stale list is answered at once and refreshed in the background: no request waits on
-        the backend's /v1/models (slow while the backend is busy) for a model it already knew.
-        Only the first lookup and ``refresh=True`` (a model not in the list) wait for the answer.
-        """
-        if self._models is not None and not refresh:
-            self._refresh_behind_if_stale()
-            return self._models
-        await self._refresh_models(min_age=1.0 if refresh else _MODELS_TTL)
-        return self._models
-
-    def _refresh_behind_if_stale(self) -> None:
-        """Start one background refresh of a cached list older than the TTL."""
-        if time.monotonic() - self._models_at >= _MODELS_TTL and self._models_refresh is None:
-            self._models_refresh = asyncio.get_running_loop().create_task(
-                self._refresh_models(), name="models-refresh"
-            )
-
-    async def _refresh_models(self, min_age: float = 0.0) -> None:
-        if self._models_lock is None:
-            self._models_lock = asyncio.Lock()
-        try:
-            async with self._models_lock:  # one refresh at a time; the rest reuse its answer
-                if self._models is not None and time.monotonic() - self._models_at < min_age:
-                    return
-                ids = await self.backend.model_ids(min(2.0, self.settings.connect_timeout))
-                if ids is not None:
-                    self._models = ids
-                self._models_at = time.monotonic()
-        finally:
-            if self._models_refresh is asyncio.current_task():
-                self._models_refresh = None
-
-    def model_known(self, model: str) -> bool:
-        """True when the cached list has ``model`` (no await: the hot path's check).
-
-        A stale list still counts, and starts its refresh in the background, as in
-        ``known_models``; False means "ask ``model_exists``", not "unknown".
-        """
-        ids = self._models
-        if ids is None or model not in ids:
-            return False
-        self._refresh_behind_if_stale()
-        return True
-
-    async def model_exists(self, model: str) -> bool:
-        ids = await self.known_models()
-        if ids is None or model in ids:
-            return True  # unknown list: let the backend judge
-        ids = await self.known_models(refresh=True)
-        return ids is None or model in ids
 
     # --- observation -----------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 
-from .backend import Backend, UpstreamRequest, UpstreamResponse, read_capped
+from .backend import Backend, Charge, UpstreamRequest, UpstreamResponse, read_capped
 from .errors import BackendUnavailable
 
 __all__ = ["HTTPBackend"]
@@ -50,8 +50,8 @@ class HTTPResponse(UpstreamResponse):
             raise StopAsyncIteration
         return data
 
-    async def read(self, limit: int) -> bytes:
-        return await read_capped(self, limit, self._resp.content_length)
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
+        return await read_capped(self, limit, self._resp.content_length, charge)
 
     async def aclose(self) -> None:
         if self._done:

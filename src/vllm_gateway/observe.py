@@ -71,7 +71,15 @@ def _error_types() -> set[str]:
 
 # Outcomes of the relay plus every error ``type`` of the error tree; anything else is "other".
 OUTCOMES = frozenset(
-    {"completed", "client_disconnected", "client_error", "cancelled", "other", *_error_types()}
+    {
+        "completed",
+        "client_disconnected",
+        "client_too_slow",
+        "client_error",
+        "cancelled",
+        "other",
+        *_error_types(),
+    }
 )
 # Outcomes that say the backend failed us: counted per backend as well.
 BACKEND_ERROR_TYPES = frozenset(

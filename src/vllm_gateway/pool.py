@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .backend import Backend, UpstreamRequest, UpstreamResponse
+from .backend import Backend, Charge, UpstreamRequest, UpstreamResponse
 from .errors import (
     BackendUnavailable,
     BadBackendResponse,
@@ -343,9 +343,11 @@ class BytesResponse(UpstreamResponse):
     async def chunks(self) -> AsyncIterator[bytes]:
         yield self._body
 
-    async def read(self, limit: int) -> bytes:
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
         if len(self._body) > limit:
             raise BadBackendResponse("The backend's response is too large.")
+        if charge is not None:
+            charge(len(self._body))
         return self._body
 
     async def aclose(self) -> None:
@@ -446,9 +448,11 @@ class PoolResponse(UpstreamResponse):
         if self.status < 500:
             member.success()
 
-    async def read(self, limit: int) -> bytes:
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
         """The whole body. Nothing of it reaches the relay before it is complete, so a member that
-        drops mid-body is retried on another one, like a drop before the first byte."""
+        drops mid-body is retried on another one, like a drop before the first byte. (What a
+        dropped attempt was charged stays charged until the request ends: bounded by the
+        retries.)"""
         while True:
             parts: list[bytes] = []
             size = 0
@@ -457,6 +461,8 @@ class PoolResponse(UpstreamResponse):
                     size += len(data)
                     if size > limit:
                         break
+                    if charge is not None:
+                        charge(len(data))
                     parts.append(data)
                 else:
                     return b"".join(parts)

@@ -19,10 +19,7 @@ hand, so a first-token timeout is still a 504.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,17 +29,17 @@ from . import errors
 from .auth import ANONYMOUS
 from .backend import UpstreamRequest, UpstreamResponse
 from .errors import (
+    BackendRejected,
     BackendUnavailable,
     BadBackendResponse,
-    BodyTooLarge,
     FirstTokenTimeout,
     GatewayError,
     ModelNotFound,
     RequestTimeout,
     ShuttingDown,
     StreamIdleTimeout,
-    UnsupportedMediaType,
 )
+from .http_server import ClientGone, Exchange
 from .sse import DONE, ERROR, EventScanner, FramingError, classify, split_events
 from .validation import validate_body
 
@@ -50,21 +47,14 @@ if TYPE_CHECKING:
     from .admission import Permit
     from .gateway import Gateway
 
-__all__ = ["ClientGone", "ProxyCall", "new_request_id", "read_body", "send_error"]
+__all__ = ["ProxyCall"]
 
 log = logging.getLogger("vllm_gateway.relay")
 
-Send = Any
-Receive = Any
-
-# Cap on a non-streamed backend body, and on one SSE event: bounds what a broken backend can make
-# the gateway hold.
-MAX_BACKEND_BODY = 64 << 20
-MAX_EVENT_BYTES = 4 << 20
+# Cap on one SSE event: bounds what a broken backend can make a stream hold.
+MAX_EVENT_BYTES = 1 << 20
 # How long to wait for a backend's end of body after [DONE], to keep the connection pooled.
 _EOF_GRACE = 0.5
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 def _is_json_object(body: bytes) -> bool:
@@ -75,10 +65,6 @@ def _is_json_object(body: bytes) -> bool:
         return False
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request was read."""
-
-
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -86,97 +72,14 @@ _SSE_HEADERS = [
 ]
 
 
-# Fresh request ids: 8 random bytes per process, then a counter. Unique across processes and
-# replicas (vLLM uses the id forwarded to it as its own request id), 24 hex digits like the ids of
-# before, and no system call per request as os.urandom would make.
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count(1)
-
-
-def _reseed_ids() -> None:
-    """A forked worker must not repeat its parent's ids."""
-    global _ID_PREFIX, _id_counter
-    _ID_PREFIX = os.urandom(8).hex()
-    _id_counter = itertools.count(1)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_ids)
-
-
-def new_request_id(scope: dict[str, Any]) -> str:
-    """The client's X-Request-ID if it is sane, else a fresh one."""
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if _REQUEST_ID.match(text):
-                return text
-            break
-    return f"{_ID_PREFIX}{next(_id_counter):08x}"
-
-
-def header(scope: dict[str, Any], name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value
-    return None
-
-
-async def send_error(
-    send: Send, err: GatewayError, request_id: str, extra: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = errors.json_body(err, request_id)
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-        *err.headers(),
-        *(extra or ()),
-    ]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def read_body(scope: dict[str, Any], receive: Receive, limit: int) -> bytes:
-    """The whole request body; 415 for a non-JSON type, 413 as soon as it exceeds ``limit``."""
-    ctype = header(scope, b"content-type")
-    if ctype is not None and b"json" not in ctype.lower():
-        raise UnsupportedMediaType(
-            "The request body must be JSON: send 'Content-Type: application/json'."
-        )
-    length = header(scope, b"content-length")
-    if length is not None:
-        try:
-            if int(length) > limit:
-                raise BodyTooLarge(f"The request body exceeds {limit} bytes.")
-        except ValueError:
-            raise errors.InvalidRequest("Invalid Content-Length header.") from None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        data = message.get("body", b"")
-        if data:
-            size += len(data)
-            if size > limit:
-                raise BodyTooLarge(f"The request body exceeds {limit} bytes.")
-            chunks.append(data)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 class ProxyCall:
     """One request through the gateway; also the record that metrics and logs read at its end."""
 
     __slots__ = (
+        "_charged",
+        "_ex",
         "_gw",
-        "_receive",
-        "_send",
         "_task",
-        "_watcher",
         "cancel_reason",
         "chunks",
         "ended_at",
@@ -192,7 +95,6 @@ class ProxyCall:
         "request_id",
         "requested_tokens",
         "response_started",
-        "scope",
         "started_at",
         "status",
         "stream",
@@ -203,17 +105,13 @@ class ProxyCall:
         "usage",
     )
 
-    def __init__(
-        self, gw: Gateway, scope: dict[str, Any], receive: Receive, send: Send, request_id: str
-    ) -> None:
+    def __init__(self, gw: Gateway, exchange: Exchange) -> None:
         self._gw = gw
-        self.scope = scope
-        self._receive = receive
-        self._send = send
-        self.request_id = request_id
-        self.path: str = scope["path"]
+        self._ex = exchange
+        self.request_id = exchange.request_id
+        self.path: str = exchange.path
         self._task: asyncio.Task[Any] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._charged = 0  # bytes of a buffered backend body counted in the buffer budget
         self.cancel_reason: str | None = None
         self.permit: Permit | None = None
         self.upstream: UpstreamResponse | None = None
@@ -232,13 +130,14 @@ class ProxyCall:
         self.upstream_sent_at: float | None = None
         self.upstream_answered_at: float | None = None
         self.ended_at: float | None = None
-        identity = scope.get("state", {}).get("identity", ANONYMOUS)
+        identity = exchange.state.get("identity", ANONYMOUS)
         self.tenant: str = identity.tenant
         self.priority: int = identity.priority
-        # Rate limits count per tenant; without keys, per client address.
-        client = scope.get("client")
+        # Rate limits count per tenant; without keys, per client address (a proxy's word for it
+        # only when that proxy is trusted).
+        address = exchange.state.get("client_address")
         self.rate_key = (
-            (f"ip:{client[0]}" if client else "anonymous")
+            (f"ip:{address}" if address else "anonymous")
             if identity is ANONYMOUS
             else identity.tenant
         )
@@ -248,19 +147,11 @@ class ProxyCall:
     def cancel(self, reason: str) -> None:
         if self.finished or self.cancel_reason is not None or self._task is None:
             return
-        if reason == "client_gone" and self.ended_at is not None:
-            # uvicorn answers receive() with http.disconnect as soon as a response is complete:
-            # the client got everything, it did not leave.
-            return
         self.cancel_reason = reason
         self._task.cancel()
 
-    async def _watch_disconnect(self) -> None:
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.cancel("client_gone")
-                return
+    def _client_gone(self) -> None:
+        self.cancel("client_gone")
 
     # --- the request's life ----------------------------------------------------------------
 
@@ -269,6 +160,7 @@ class ProxyCall:
         assert task is not None  # always run as a task by the server
         gw = self._gw
         gw.active.add(self)
+        self._ex.on_gone = self._client_gone
         try:
             try:
                 await self._proxy()
@@ -280,29 +172,27 @@ class ProxyCall:
                 if task.uncancel() > 0:
                     raise
                 if self.cancel_reason == "shutdown":
-                    await self._fail(
-                        ShuttingDown("The gateway shut down before the request finished.")
-                    )
+                    self._fail(ShuttingDown("The gateway shut down before the request finished."))
                 else:
-                    self.outcome = "client_disconnected"
-                    self.status = 499
+                    self._client_left()
             except ClientGone:
-                self.outcome = "client_disconnected"
-                self.status = 499
+                self._client_left()
             except GatewayError as err:
-                await self._fail(err)
+                self._fail(err)
             except Exception:
                 log.exception("request %s failed", self.request_id)
-                await self._fail(GatewayError())
+                self._fail(GatewayError())
         finally:
             self.finished = True
-            if self._watcher is not None:
-                self._watcher.cancel()
+            self._ex.on_gone = None
             if self.upstream is not None:
                 try:
                     await self.upstream.aclose()
                 except Exception:
                     log.exception("closing the upstream response of %s failed", self.request_id)
+            if self._charged:
+                self._ex.conn.server.budget.give(self._charged)
+                self._charged = 0
             if self.permit is not None:
                 self.permit.release()
             gw.active.discard(self)
@@ -310,7 +200,12 @@ class ProxyCall:
             if gw.ratelimiter is not None and self.usage is not None:
                 await gw.charge_tokens(self)
 
-    async def _fail(self, err: GatewayError) -> None:
+    def _client_left(self) -> None:
+        # A client that stopped reading was dropped by the server's send timeout: say which.
+        self.outcome = "client_too_slow" if self._ex.conn.too_slow else "client_disconnected"
+        self.status = 499
+
+    def _fail(self, err: GatewayError) -> None:
         self.outcome = err.type
         if isinstance(err, (BadBackendResponse, BackendUnavailable)) or err.status >= 500:
             log.warning(
@@ -320,35 +215,38 @@ class ProxyCall:
                 err.message,
                 err.__cause__,
             )
-        try:
-            if not self.response_started:
-                self.status = err.status
-                self.response_started = True
-                await send_error(self._send, err, self.request_id)
-            else:
-                await self._send(
-                    {
-                        "type": "http.response.body",
-                        "body": errors.sse_event(err, self.request_id),
-                        "more_body": False,
-                    }
-                )
-        except OSError:
-            pass  # the client is gone too; nothing left to tell it
+        ex = self._ex
+        if ex.gone or ex.complete:
+            return  # the client is gone too; nothing left to tell it
+        if not self.response_started:
+            self.status = err.status
+            self.response_started = True
+            ex.respond(
+                err.status,
+                [
+                    (b"content-type", b"application/json"),
+                    (b"x-request-id", self.request_id.encode()),
+                    *err.headers(),
+                ],
+                errors.json_body(err, self.request_id),
+            )
+        else:
+            # The final event of a stream already started; no [DONE]. If the client does not take
+            # it, the server's send timeout closes the connection: nothing here waits for it.
+            ex.end(errors.sse_event(err, self.request_id))
 
     async def _proxy(self) -> None:
         gw = self._gw
         settings = gw.settings
-        body = await read_body(self.scope, self._receive, settings.max_body_bytes)
-        valid = validate_body(self.path, body, settings.model_aliases)
+        ex = self._ex
+        valid = validate_body(self.path, ex.body, settings.model_aliases)
         self.model = valid.model
         self.stream = valid.stream
         loop = asyncio.get_running_loop()
-        self._watcher = loop.create_task(self._watch_disconnect())
         if (
             valid.model is not None
-            and not gw.model_known(valid.model)
-            and not await gw.model_exists(valid.model)
+            and not gw.models.known(valid.model)
+            and await gw.models.check(valid.model) is False
         ):
             raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
         if gw.ratelimiter is not None:
@@ -358,7 +256,7 @@ class ProxyCall:
         self.permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
         self.queue_wait = self.permit.queue_wait
         deadline = loop.time() + settings.request_timeout
-        session = header(self.scope, b"x-session-id")
+        session = ex.header(b"x-session-id")
         request = UpstreamRequest(
             "POST",
             self.path,
@@ -386,16 +284,35 @@ class ProxyCall:
         else:
             await self._relay_body(upstream, first_deadline, deadline)
 
+    def _charge(self, n: int) -> None:
+        """Count ``n`` more bytes of a buffered backend body in the process's buffer budget, or
+        refuse (503) when the budget cannot take them."""
+        if not self._ex.conn.server.budget.take(n):
+            raise errors.Overloaded(
+                "The gateway holds as many buffered answers as its memory budget allows; "
+                "retry later.",
+                retry_after=1.0,
+            )
+        self._charged += n
+
     async def _relay_error_status(self, upstream: UpstreamResponse, deadline: float) -> None:
         try:
             async with asyncio.timeout_at(deadline):
-                body = await upstream.read(1 << 20)
+                body = await upstream.read(1 << 20, self._charge)
         except TimeoutError:
             raise RequestTimeout() from None
         if 400 <= upstream.status < 500:
+            if not _is_json_object(body):
+                log.warning(
+                    "request %s: backend answered %d without a JSON body: %.300r",
+                    self.request_id,
+                    upstream.status,
+                    body,
+                )
+                raise BackendRejected(upstream.status)
             # The backend judged the request: its status and body are the client's answer.
             self.outcome = "client_error"
-            await self._respond(upstream.status, body, upstream.content_type or "application/json")
+            self._respond(upstream.status, body, "application/json")
             return
         log.warning(
             "request %s: backend answered %d: %.300r", self.request_id, upstream.status, body
@@ -408,7 +325,7 @@ class ProxyCall:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout_at(deadline):
-                body = await upstream.read(MAX_BACKEND_BODY)
+                body = await upstream.read(self._gw.settings.max_backend_body_bytes, self._charge)
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
         self.first_byte_at = time.perf_counter()
@@ -416,23 +333,22 @@ class ProxyCall:
             raise BadBackendResponse("The backend's answer is not JSON.")
         self.outcome = "completed"
         self.usage = body
-        await self._respond(200, body, "application/json")
+        self._respond(200, body, "application/json")
+        ex = self._ex
+        if ex.paused:
+            await ex.drain()
 
-    async def _respond(self, status: int, body: bytes, content_type: str) -> None:
+    def _respond(self, status: int, body: bytes, content_type: str) -> None:
         self.status = status
         self.response_started = True
-        await self._send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", content_type.encode("latin-1")),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-request-id", self.request_id.encode()),
-                ],
-            }
+        self._ex.respond(
+            status,
+            [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"x-request-id", self.request_id.encode()),
+            ],
+            body,
         )
-        await self._send({"type": "http.response.body", "body": body})
         self.ended_at = time.perf_counter()
 
     async def _relay_stream(
@@ -444,7 +360,7 @@ class ProxyCall:
             )
         loop = asyncio.get_running_loop()
         idle = self._gw.settings.stream_idle_timeout
-        send = self._send
+        ex = self._ex
         scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
         done = False
@@ -477,20 +393,19 @@ class ProxyCall:
                         self.first_byte_at = time.perf_counter()
                         self.response_started = True
                         self.status = 200
-                        await send(
-                            {
-                                "type": "http.response.start",
-                                "status": 200,
-                                "headers": [
-                                    *_SSE_HEADERS,
-                                    (b"x-request-id", self.request_id.encode()),
-                                ],
-                            }
-                        )
-                    await send({"type": "http.response.body", "body": block, "more_body": not done})
+                        ex.start(200, [*_SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
                     if done:
+                        ex.end(block)
                         # The usage chunk, when asked for, is the last event before [DONE].
                         self.usage = previous + block
+                    else:
+                        ex.write(block)
+                        if ex.paused:
+                            # The client is behind: wait for it (bounded by the server's send
+                            # timeout) rather than read more from the backend. That wait is
+                            # the client's, not the backend's idle time.
+                            timer.reschedule(deadline)
+                            await ex.drain()
                     previous = block
                     timer.reschedule(min(deadline, loop.time() + idle))
         except TimeoutError:

@@ -80,6 +80,17 @@ class Settings:
     pool_max_retries: int = 2
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
+    # What a client or backend may make the gateway wait for or hold (docs/reliability.md).
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 30.0
+    client_idle_timeout: float = 30.0
+    client_send_timeout: float = 30.0
+    max_header_bytes: int = 32 * 1024
+    max_connections: int = 4096
+    buffer_budget_bytes: int = 256 * 1024 * 1024
+    max_backend_body_bytes: int = 16 * 1024 * 1024
+    model_check_timeout: float = 2.0
+    trusted_proxies: tuple[str, ...] = ()
     # Logs.
     log_level: str = "info"
     log_format: str = "text"
@@ -232,6 +243,18 @@ def _shell_words(raw: str, var: str) -> tuple[str, ...]:
         return tuple(shlex.split(raw))
     except ValueError as exc:
         raise SettingsError(var, raw, f"is not a valid argument list ({exc})") from None
+
+
+def _networks(raw: str, var: str) -> tuple[str, ...]:
+    import ipaddress
+
+    items = _str_list(raw, var)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(var, raw, f"{item!r} is not an address or CIDR network") from None
+    return items
 
 
 def _host(raw: str, var: str) -> str:
@@ -528,6 +551,81 @@ FIELDS: tuple[FieldSpec, ...] = (
         "--cors-origins",
         _str_list,
         "comma-separated origins allowed by CORS; empty means CORS is off",
+    ),
+    FieldSpec(
+        "client_header_timeout",
+        "VLLM_CLIENT_HEADER_TIMEOUT_SECONDS",
+        "--client-header-timeout",
+        _positive_float,
+        "bound on receiving a request's line and headers (from the connection's open or the "
+        "request's first byte); then 408",
+    ),
+    FieldSpec(
+        "client_body_timeout",
+        "VLLM_CLIENT_BODY_TIMEOUT_SECONDS",
+        "--client-body-timeout",
+        _positive_float,
+        "bound on receiving a request's body after its headers; then 408",
+    ),
+    FieldSpec(
+        "client_idle_timeout",
+        "VLLM_CLIENT_IDLE_TIMEOUT_SECONDS",
+        "--client-idle-timeout",
+        _positive_float,
+        "how long an idle keep-alive client connection is kept",
+    ),
+    FieldSpec(
+        "client_send_timeout",
+        "VLLM_CLIENT_SEND_TIMEOUT_SECONDS",
+        "--client-send-timeout",
+        _positive_float,
+        "a client that takes nothing of what it is sent for this long is dropped, its request "
+        "ended and its slot freed",
+    ),
+    FieldSpec(
+        "max_header_bytes",
+        "VLLM_MAX_HEADER_BYTES",
+        "--max-header-bytes",
+        _int_range(1024, 1 << 20),
+        "largest request line plus headers (431 beyond)",
+    ),
+    FieldSpec(
+        "max_connections",
+        "VLLM_MAX_CONNECTIONS",
+        "--max-connections",
+        _int_range(1, 1_000_000),
+        "open client connections; one more is answered 503 and closed at once",
+    ),
+    FieldSpec(
+        "buffer_budget_bytes",
+        "VLLM_BUFFER_BUDGET_BYTES",
+        "--buffer-budget-bytes",
+        _int_range(1 << 20, 1 << 40),
+        "bytes of request bodies and non-streamed backend bodies held at once, over all "
+        "requests (503 beyond)",
+    ),
+    FieldSpec(
+        "max_backend_body_bytes",
+        "VLLM_MAX_BACKEND_BODY_BYTES",
+        "--max-backend-body-bytes",
+        _int_range(1024, 1 << 32),
+        "largest non-streamed backend answer (502 beyond)",
+    ),
+    FieldSpec(
+        "model_check_timeout",
+        "VLLM_MODEL_CHECK_TIMEOUT_SECONDS",
+        "--model-check-timeout",
+        _positive_float,
+        "longest a request waits for the backend's model list; after it the request goes on "
+        "and the backend judges the model",
+    ),
+    FieldSpec(
+        "trusted_proxies",
+        "VLLM_TRUSTED_PROXIES",
+        "--trusted-proxies",
+        _networks,
+        "comma-separated addresses or CIDR networks whose X-Forwarded-For is believed; "
+        "empty: the peer's own address is the client's",
     ),
     FieldSpec(
         "log_level",

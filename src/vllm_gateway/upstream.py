@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-from .backend import Backend, UpstreamRequest, UpstreamResponse, read_capped
+from .backend import Backend, Charge, UpstreamRequest, UpstreamResponse, read_capped
 from .errors import BackendUnavailable, BadBackendResponse, UpstreamError
 
 __all__ = ["FastHTTPBackend", "UpstreamHTTPResponse", "UpstreamPool"]
@@ -285,8 +285,8 @@ class UpstreamHTTPResponse(UpstreamResponse):
             finally:
                 self._waiter = None
 
-    async def read(self, limit: int) -> bytes:
-        return await read_capped(self, limit, self._content_length)
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
+        return await read_capped(self, limit, self._content_length, charge)
 
     async def aclose(self) -> None:
         conn = self._conn

@@ -15,7 +15,7 @@ import orjson
 
 from .errors import InvalidJSON, InvalidRequest
 
-__all__ = ["ValidRequest", "validate_body"]
+__all__ = ["ValidRequest", "is_json_media_type", "validate_body"]
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -31,6 +31,15 @@ class ValidRequest:
     model: str | None
     stream: bool
     requested_tokens: int = 0  # max_tokens (or max_completion_tokens) when given
+
+
+def is_json_media_type(value: bytes) -> bool:
+    """``application/json`` or a ``+json`` type, parameters aside (not any type containing
+    "json")."""
+    media = value.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
 
 
 def _number(obj: Mapping[str, Any], key: str) -> float | None:

@@ -76,12 +76,10 @@ def _worker_main(settings: Settings, sock: socket.socket, started: Any) -> None:
     _detach_from_terminal_group()
     from .app import create_app
     from .logs import configure_logging
-    from .server import GatewayServer, uvicorn_config
+    from .server import run
 
     configure_logging(settings)
-    app = create_app(settings)
-    server = GatewayServer(uvicorn_config(app, settings), app)
-    server.run(sockets=[sock])
+    raise SystemExit(run(create_app(settings), sock))
 
 
 def _bind(settings: Settings) -> socket.socket:
@@ -95,9 +93,30 @@ def _bind(settings: Settings) -> socket.socket:
 
 
 def serve_workers(settings: Settings) -> int:
-    sock = _bind(settings)
     ctx = multiprocessing.get_context("spawn")
     stopping = threading.Event()
+    procs: list[SpawnProcess] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stopping.is_set():  # a second signal: stop waiting
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+            return
+        stopping.set()
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    # The handlers go in before the socket is bound and the workers are spawned: a SIGTERM in
+    # that window must stop the gateway cleanly, not kill the supervisor.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sock = _bind(settings)
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
 
     started: dict[SpawnProcess, Any] = {}  # the Event each worker sets once its handler is in
 
@@ -118,21 +137,15 @@ def serve_workers(settings: Settings) -> int:
         )
         return proc
 
-    procs = [start(i) for i in range(settings.workers)]
-
-    def on_signal(signum: int, _frame: object) -> None:
-        if stopping.is_set():  # a second signal: stop waiting
-            for proc in procs:
-                if proc.is_alive():
-                    proc.kill()
-            return
-        stopping.set()
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for i in range(settings.workers):
+            if stopping.is_set():
+                break
+            procs.append(start(i))
+        if stopping.is_set():  # a signal came while they were being spawned
+            for proc in procs:
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
         while not stopping.is_set():
             for i, proc in enumerate(procs):
                 if not proc.is_alive() and not stopping.is_set():

@@ -246,8 +246,10 @@ async def test_pace_is_roughly_kept(client: httpx.AsyncClient, sim: Any) -> None
             if '"content":" tok' in line:
                 arrivals.append(time.monotonic() - start)
     assert len(arrivals) == 4
-    assert arrivals[0] >= 0.15  # ttft is not skipped
-    assert arrivals[-1] - arrivals[0] >= 0.1  # three gaps of 50 ms, give or take
+    # Lower bounds only (a busy machine delays a read, never hastens a send): the first token
+    # comes after the ttft, and the last after the ttft plus three gaps of 50 ms.
+    assert arrivals[0] >= 0.2 - 0.01
+    assert arrivals[-1] >= 0.2 + 3 * 0.05 - 0.01
 
 
 # --- faults ---------------------------------------------------------------------------------------

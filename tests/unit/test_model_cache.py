@@ -1,102 +1,126 @@
-"""The gateway's cache of the backend's model ids: stale answers at once, refreshes behind.
+"""The cache of the backend's model ids (``ModelCatalog``): answers from the cache without a wait,
+one fetch in flight however many ask, and never a convoy when the backend's /v1/models hangs.
 
-The backend here is a small in-test implementation of the ``Backend`` seam whose /v1/models
-answer is held until the test releases it: the slow answer of a busy vLLM, on demand.
+The fetch here is a small in-test function whose answer is held until the test releases it: the
+slow /v1/models of a busy (or wedged) vLLM, on demand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
-from vllm_gateway import gateway as gateway_module
-from vllm_gateway.backend import Backend, UpstreamRequest, UpstreamResponse
-from vllm_gateway.gateway import Gateway
-from vllm_gateway.settings import Settings
+from vllm_gateway import models as models_module
+from vllm_gateway.models import ModelCatalog
 
 
-class HeldModels(Backend):
-    name = "held"
-
+class HeldFetch:
     def __init__(self) -> None:
-        self.models = ["a"]
+        self.models: list[str] | None = ["a"]
         self.calls = 0
         self.release = asyncio.Event()
         self.release.set()
 
-    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
-        raise NotImplementedError  # not used: only the model lookups are under test
-
-    async def check_health(self, timeout: float) -> bool:
-        return True
-
-    async def model_ids(self, timeout: float) -> list[str] | None:
+    async def __call__(self, timeout: float) -> list[str] | None:
         self.calls += 1
-        await self.release.wait()
-        return list(self.models)
+        async with asyncio.timeout(timeout):
+            await self.release.wait()
+        return None if self.models is None else list(self.models)
 
 
-def _gateway() -> tuple[Gateway, HeldModels]:
-    backend = HeldModels()
-    return Gateway(Settings(backend_urls=("http://127.0.0.1:9",)), backend=backend), backend
+def _catalog(check_timeout: float = 0.5, fetch_timeout: float = 5.0) -> tuple[ModelCatalog, HeldFetch]:
+    fetch = HeldFetch()
+    return ModelCatalog(fetch, check_timeout=check_timeout, fetch_timeout=fetch_timeout), fetch
+
+
+def _age(catalog: ModelCatalog, seconds: float) -> None:
+    catalog._fetched_at -= seconds
 
 
 async def test_stale_list_is_answered_at_once_and_refreshed_behind() -> None:
-    gw, backend = _gateway()
-    assert await gw.known_models() == ["a"]
-    assert backend.calls == 1
-    gw._models_at -= gateway_module._MODELS_TTL + 1  # the cached list is now stale
-    backend.release.clear()  # and the backend is slow to answer
-    backend.models = ["a", "b"]
-    # Requests for a known model do not wait for the backend: all answered while it is held.
-    results = await asyncio.wait_for(
-        asyncio.gather(*(gw.model_exists("a") for _ in range(50))), timeout=1.0
-    )
-    assert all(results)
-    assert backend.calls == 2  # one background refresh, not one per request
-    backend.release.set()
-    for _ in range(100):
-        if gw._models == ["a", "b"]:
-            break
-        await asyncio.sleep(0.01)
-    assert await gw.known_models() == ["a", "b"]
-    assert gw._models_refresh is None
-    await gw.aclose()
+    catalog, fetch = _catalog()
+    assert await catalog.check("a") is True
+    assert fetch.calls == 1
+    _age(catalog, models_module.TTL + 1)  # the cached list is now stale
+    fetch.release.clear()  # and the backend is slow to answer
+    fetch.models = ["a", "b"]
+    # Requests for a known model do not wait for the backend.
+    assert all(catalog.known("a") for _ in range(50))
+    await asyncio.sleep(0)
+    assert fetch.calls == 2  # one background refresh, not one per request
+    fetch.release.set()
+    async with asyncio.timeout(1):
+        while catalog.ids != frozenset({"a", "b"}):
+            await asyncio.sleep(0.01)
+    await catalog.aclose()
 
 
-async def test_unknown_model_waits_for_a_fresh_list() -> None:
-    gw, backend = _gateway()
-    assert await gw.model_exists("a")
-    backend.models = ["a", "new"]
-    gw._models_at -= 2.0  # older than the 1 s floor between forced refreshes
-    assert await gw.model_exists("new")
-    assert backend.calls == 2
-    assert not await gw.model_exists("never")  # refreshed again only after the floor
-    assert backend.calls == 2
-    await gw.aclose()
+async def test_unknown_model_waits_for_a_fresh_list_at_most_once_a_second() -> None:
+    catalog, fetch = _catalog()
+    assert await catalog.check("a") is True
+    fetch.models = ["a", "new"]
+    _age(catalog, models_module.MIN_INTERVAL + 0.1)
+    assert await catalog.check("new") is True
+    assert fetch.calls == 2
+    assert await catalog.check("never") is False  # the list is younger than the floor
+    assert fetch.calls == 2
+    assert catalog.checks["unknown"] == 1
+    await catalog.aclose()
 
 
-async def test_close_cancels_a_pending_refresh() -> None:
-    gw, backend = _gateway()
-    await gw.known_models()
-    gw._models_at -= gateway_module._MODELS_TTL + 1
-    backend.release.clear()
-    await gw.known_models()
-    task = gw._models_refresh
+async def test_a_hanging_model_list_is_no_convoy() -> None:
+    # Regression: with a cold cache and a /v1/models that hangs, 14 concurrent requests were
+    # answered one every 2 s, each waiting for the one before it.
+    catalog, fetch = _catalog(check_timeout=0.3)
+    fetch.release.clear()
+    started = time.monotonic()
+    results = await asyncio.gather(*(catalog.check("a") for _ in range(14)))
+    elapsed = time.monotonic() - started
+    assert results == [None] * 14  # could not tell in time: the backend will judge
+    assert elapsed < 0.3 + 0.25  # together, within one check timeout: nobody waited for another
+    assert fetch.calls == 1  # single flight
+    assert catalog.checks["timeout"] == 14
+    fetch.release.set()
+    async with asyncio.timeout(1):
+        while catalog.ids is None:
+            await asyncio.sleep(0.01)
+    assert catalog.known("a")
+    await catalog.aclose()
+
+
+async def test_a_failed_fetch_is_retried_at_most_once_a_second() -> None:
+    catalog, fetch = _catalog()
+    fetch.models = None  # the backend cannot tell
+    assert await catalog.check("a") is None
+    assert await catalog.check("a") is None
+    assert fetch.calls == 1
+    _age(catalog, models_module.MIN_INTERVAL + 0.1)
+    fetch.models = ["a"]
+    assert await catalog.check("a") is True
+    assert fetch.calls == 2
+    await catalog.aclose()
+
+
+async def test_close_cancels_a_pending_fetch() -> None:
+    catalog, fetch = _catalog()
+    fetch.release.clear()
+    catalog._refresh()
+    task = catalog._inflight
     assert task is not None and not task.done()
-    await gw.aclose()
+    await catalog.aclose()
     assert task.cancelled()
 
 
-async def test_model_known_answers_from_the_cache_without_waiting() -> None:
-    gw, backend = _gateway()
-    assert not gw.model_known("a")  # nothing cached yet: the caller must ask
-    assert await gw.model_exists("a")
-    assert gw.model_known("a") and not gw.model_known("b")
-    gw._models_at -= gateway_module._MODELS_TTL + 1
-    backend.release.clear()
-    assert gw.model_known("a")  # stale but known: answered, refreshed behind
-    assert gw._models_refresh is not None
-    await asyncio.sleep(0)  # the refresh task starts and asks the (held) backend
-    assert backend.calls == 2
-    backend.release.set()
-    await gw.aclose()
+async def test_known_answers_from_the_cache_without_waiting() -> None:
+    catalog, fetch = _catalog()
+    assert not catalog.known("a")  # nothing cached yet: the caller must check
+    assert await catalog.check("a") is True
+    assert catalog.known("a") and not catalog.known("b")
+    _age(catalog, models_module.TTL + 1)
+    fetch.release.clear()
+    assert catalog.known("a")  # stale but known: answered, refreshed behind
+    assert catalog._inflight is not None
+    await asyncio.sleep(0)
+    assert fetch.calls == 2
+    fetch.release.set()
+    await catalog.aclose()

@@ -6,11 +6,11 @@ import os
 import re
 import warnings
 
-from vllm_gateway.relay import new_request_id
+from vllm_gateway.ids import new_request_id
 
 
-def _scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
-    return {"headers": list(headers)}
+def _scope(*headers: tuple[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    return list(headers)
 
 
 def test_a_sane_client_id_is_kept_and_a_bad_one_replaced() -> None:
