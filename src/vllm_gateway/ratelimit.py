@@ -24,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +65,7 @@ local rtat = 0
 local ttat = 0
 if req_iv > 0 then
   rtat = tat_of(KEYS[1]) + req_iv
-  wait = math.max(wait, rtat - now - window)
+  wait = math.max(wait, rtat - now - math.max(window, req_iv))
 end
 if tok_iv > 0 then
   ttat = tat_of(KEYS[2])
@@ -94,35 +93,51 @@ class Limit:
         return (_WINDOW / rpm if rpm else 0.0, _WINDOW / tpm if tpm else 0.0)
 
 
-class _LocalStore:
-    """The same GCRA as the Lua script, on this process's monotonic clock."""
+_WINDOW_NS = 60_000_000_000
 
-    def __init__(self) -> None:
-        self._tats: dict[str, list[float]] = {}
+
+class _LocalStore:
+    """The same GCRA as the Lua script, on this process's monotonic clock, in integer
+    nanoseconds: the comparisons at the edge of the window are exact (a float ``tat - now - 60``
+    could come out a hair above 0 and refuse a key's very first request)."""
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self._tats: dict[str, list[int]] = {}
         self._ops = 0
+        self._clock = clock
 
     def apply(self, key: str, req_iv: float, tok_iv: float, cost: int, acquire: bool) -> float:
         """0.0 when allowed (and charged), else the seconds to wait."""
-        now = time.monotonic()
+        now = self._clock()
+        req_ns = round(req_iv * 1e9)
+        tok_ns = round(tok_iv * 1e9)
         tats = self._tats.get(key)
         if tats is None:
             tats = self._tats[key] = [now, now]
             self._prune(now)
         if not acquire:
-            if tok_iv:
-                tats[1] = max(max(tats[1], now) + cost * tok_iv, now)
+            if tok_ns:
+                tats[1] = max(max(tats[1], now) + cost * tok_ns, now)
             return 0.0
-        rtat = max(tats[0], now) + req_iv
-        ttat = max(tats[1], now) + min(cost, math.floor(_WINDOW / tok_iv) if tok_iv else 0) * tok_iv
-        wait = max(
-            0.0, rtat - now - _WINDOW if req_iv else 0.0, ttat - now - _WINDOW if tok_iv else 0.0
-        )
+        wait = 0
+        rtat = ttat = 0
+        if req_ns:
+            rtat = max(tats[0], now) + req_ns
+            # A request costlier than the whole window (under 1 a minute) still passes on a
+            # full bucket, as a token cost larger than the allowance does.
+            wait = max(wait, rtat - now - max(_WINDOW_NS, req_ns))
+        if tok_ns:
+            ttat = max(tats[1], now) + min(cost, _WINDOW_NS // tok_ns) * tok_ns
+            wait = max(wait, ttat - now - _WINDOW_NS)
         if wait > 0:
-            return wait
-        tats[0], tats[1] = rtat, ttat
+            return wait / 1e9
+        if req_ns:
+            tats[0] = rtat
+        if tok_ns:
+            tats[1] = ttat
         return 0.0
 
-    def _prune(self, now: float) -> None:
+    def _prune(self, now: int) -> None:
         # Bounded memory: every so often forget keys whose buckets are full again.
         self._ops += 1
         if self._ops % 1024 == 0:
@@ -207,7 +222,8 @@ class RateLimiter:
             return self.local.apply(key, req_iv, tok_iv, cost, acquire)
         digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         keys = [f"{self.key_prefix}{digest}:r", f"{self.key_prefix}{digest}:t"]
-        args = [f"{req_iv * 1e6:.3f}", f"{tok_iv * 1e6:.3f}", cost, 1 if acquire else 0]
+        # Whole microseconds: Redis's clock is in µs, and integers keep its arithmetic exact.
+        args = [round(req_iv * 1e6), round(tok_iv * 1e6), cost, 1 if acquire else 0]
         try:
             async with asyncio.timeout(self.redis_timeout):
                 allowed, wait_us = await self._script(keys=keys, args=args)

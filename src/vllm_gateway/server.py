@@ -63,7 +63,6 @@ class GatewayRunner:
         """Serve until a signal (or ``request_exit``) ends it, drain included."""
         loop = asyncio.get_running_loop()
         self._exit = asyncio.Event()
-        api = self.app.api
         if self._handle_signals:
             # Before anything else: a signal during startup drains (nothing) and exits 0.
             for sig in HANDLED_SIGNALS:

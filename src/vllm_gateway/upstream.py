@@ -41,6 +41,8 @@ from .errors import BackendUnavailable, BadBackendResponse, UpstreamError
 __all__ = ["FastHTTPBackend", "UpstreamHTTPResponse", "UpstreamPool"]
 
 HIGH_WATER = 256 << 10  # pause reading when this much body is buffered and unread
+# Bound on a response's status line and headers (httptools holds an unfinished header line whole).
+MAX_HEAD_BYTES = 64 << 10
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -99,6 +101,7 @@ class UpstreamHTTPResponse(UpstreamResponse):
         "_extra",
         "_got_bytes",
         "_head",
+        "_head_bytes",
         "_keep_alive",
         "_loop",
         "_parser",
@@ -124,6 +127,7 @@ class UpstreamHTTPResponse(UpstreamResponse):
         self._extra = False  # bytes after the end of the message: the connection is not reusable
         self._error: UpstreamError | None = None
         self._got_bytes = False
+        self._head_bytes = 0  # bytes received before the head was complete
         self._until_eof = False
         self._content_length: int | None = None
         self.status = 0
@@ -141,6 +145,14 @@ class UpstreamHTTPResponse(UpstreamResponse):
                 self._fail(BadBackendResponse("The backend sent a malformed HTTP response."), exc)
                 return
             self._extra = True
+        if self._head is not None:
+            # The head is not complete yet: all of these bytes were head bytes.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(
+                    BadBackendResponse("The backend's response headers are too large."), None
+                )
+                return
         if self._done and self._conn is not None:
             self._hand_back()
 

@@ -28,7 +28,9 @@ class HeldFetch:
         return None if self.models is None else list(self.models)
 
 
-def _catalog(check_timeout: float = 0.5, fetch_timeout: float = 5.0) -> tuple[ModelCatalog, HeldFetch]:
+def _catalog(
+    check_timeout: float = 0.5, fetch_timeout: float = 5.0
+) -> tuple[ModelCatalog, HeldFetch]:
     fetch = HeldFetch()
     return ModelCatalog(fetch, check_timeout=check_timeout, fetch_timeout=fetch_timeout), fetch
 
@@ -48,10 +50,11 @@ async def test_stale_list_is_answered_at_once_and_refreshed_behind() -> None:
     assert all(catalog.known("a") for _ in range(50))
     await asyncio.sleep(0)
     assert fetch.calls == 2  # one background refresh, not one per request
+    task = catalog._inflight
+    assert task is not None
     fetch.release.set()
-    async with asyncio.timeout(1):
-        while catalog.ids != frozenset({"a", "b"}):
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(task, 1)
+    assert catalog.ids == frozenset({"a", "b"})
     await catalog.aclose()
 
 
@@ -80,10 +83,10 @@ async def test_a_hanging_model_list_is_no_convoy() -> None:
     assert elapsed < 0.3 + 0.25  # together, within one check timeout: nobody waited for another
     assert fetch.calls == 1  # single flight
     assert catalog.checks["timeout"] == 14
+    task = catalog._inflight
+    assert task is not None
     fetch.release.set()
-    async with asyncio.timeout(1):
-        while catalog.ids is None:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(task, 1)
     assert catalog.known("a")
     await catalog.aclose()
 

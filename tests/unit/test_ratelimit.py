@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_gateway.errors import RateLimited
-from vllm_gateway.ratelimit import Limit, RateLimiter
+from vllm_gateway.ratelimit import Limit, RateLimiter, _LocalStore
 
 
 async def test_requests_per_minute_allows_the_burst_then_refuses_with_retry_after() -> None:
@@ -73,3 +73,38 @@ async def test_both_limits_are_charged_only_when_both_allow() -> None:
 async def test_password_is_hidden_in_logged_url() -> None:
     rl = RateLimiter(redis_url="redis://user:secret@redis.example:6379/0")
     assert "secret" not in rl._safe_url() and rl._safe_url().endswith("redis.example:6379/0")
+
+
+class _PinnedClock:
+    def __init__(self, seconds: float) -> None:
+        self.ns = round(seconds * 1e9)
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+@pytest.mark.parametrize("rpm", [1, 3, 7, 60, 0.5])
+def test_a_new_key_is_never_refused_its_first_request_whatever_the_clock(rpm: float) -> None:
+    # Regression: with floats, `tat - now - 60` came out a hair above 0 for about 2.6% of clock
+    # values (1000.07 s among them) and a new key's very first request was refused.
+    req_iv = 60.0 / rpm
+    for i in range(4000):
+        seconds = 100.0 + i * 0.4737 + (0.07 if i % 7 == 0 else 0.0)
+        store = _LocalStore(_PinnedClock(seconds))
+        assert store.apply("k", req_iv, 0.0, 0, True) == 0.0, (rpm, seconds)
+    store = _LocalStore(_PinnedClock(1000.07))
+    burst = max(1, int(rpm))
+    for _ in range(burst):
+        assert store.apply("k", req_iv, 0.0, 0, True) == 0.0
+    wait = store.apply("k", req_iv, 0.0, 0, True)
+    assert wait == pytest.approx(req_iv, rel=1e-9)
+
+
+def test_exactly_a_full_window_of_tokens_fits_and_one_more_does_not() -> None:
+    clock = _PinnedClock(1000.07)
+    store = _LocalStore(clock)
+    tok_iv = 60.0 / 7  # a rate whose interval is not a whole number of nanoseconds
+    assert store.apply("k", 0.0, tok_iv, 7, True) == 0.0
+    assert store.apply("k", 0.0, tok_iv, 1, True) > 0
+    clock.ns += round(tok_iv * 1e9)  # one token's worth later, one token fits again
+    assert store.apply("k", 0.0, tok_iv, 1, True) == 0.0
