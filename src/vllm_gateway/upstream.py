@@ -566,24 +566,24 @@ class FastHTTPBackend(Backend):
         body = request.body if request.method != "GET" else None
         return await self.pool.request(request.method, request.path, lines, body)
 
-    async def _get(self, path: str, timeout: float) -> tuple[int, bytes]:
+    async def _get(self, path: str, timeout: float, limit: int) -> tuple[int, bytes]:
         async with asyncio.timeout(timeout):
             response = await self.pool.request("GET", path, self._base_lines)
             try:
-                return response.status, await response.read(16 << 20)
+                return response.status, await response.read(limit)
             finally:
                 await response.aclose()
 
     async def check_health(self, timeout: float) -> bool:
         try:
-            status, _ = await self._get("/health", timeout)
+            status, _ = await self._get("/health", timeout, 64 << 10)
         except (UpstreamError, TimeoutError):
             return False
         return status == 200
 
     async def model_ids(self, timeout: float) -> list[str] | None:
         try:
-            status, raw = await self._get("/v1/models", timeout)
+            status, raw = await self._get("/v1/models", timeout, 4 << 20)
             if status != 200:
                 return None
             body = orjson.loads(raw)
