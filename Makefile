@@ -22,7 +22,7 @@ test-fast: install-gateway  ## unit and simulator-backed integration tests only
 
 check:          ## lint and types
 	$(PY) -m ruff check src tests scripts
-	$(PY) -m ruff format --check src
+	$(PY) -m ruff format --check src tools
 	$(PY) -m mypy
 
 bench:          ## the standard benchmark scenarios; report in bench-results/

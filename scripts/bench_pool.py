@@ -26,11 +26,11 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway.backend import UpstreamRequest
+from vllm_gateway.backends.base import UpstreamRequest
+from vllm_gateway.backends.pool.backend import PoolBackend
+from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig
 from vllm_gateway.errors import GatewayError
-from vllm_gateway.pool import PoolBackend
-from vllm_gateway.pool_config import BackendSpec, PoolConfig
-from vllm_gateway.simulator import SimulatorConfig, start_simulator
+from vllm_gateway_tools.simulator import SimulatorConfig, start_simulator
 
 
 async def run_size(n: int, args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,7 @@ The candidates, each used the way the gateway would use it:
 - ``aiohttp``: one ``ClientSession`` (no connection limit), ``content.readany()`` per piece, exactly
   as ``http_backend.py`` does;
 - ``httpx``: one ``AsyncClient`` (no pool limits), ``client.stream`` + ``aiter_raw``;
-- ``upstream``: ``vllm_gateway.upstream.UpstreamPool`` (asyncio.Protocol + httptools).
+- ``upstream``: ``vllm_gateway.backends.http.client.ConnectionPool`` (asyncio.Protocol + httptools).
 
 The simulator runs as a separate process pinned to one core (``taskset -c 1`` by default), this
 process pinned to the other, so this process's CPU time (user + sys) is the client's cost plus a
@@ -36,7 +36,7 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway.simulator import loopback_command
+from vllm_gateway_tools.simulator import loopback_command
 
 CANDIDATES = ("aiohttp", "httpx", "upstream")
 
@@ -162,9 +162,9 @@ class UpstreamClient(Client):
     name = "upstream"
 
     async def start(self) -> None:
-        from vllm_gateway.upstream import UpstreamPool
+        from vllm_gateway.backends.http.client import ConnectionPool
 
-        self.pool = UpstreamPool(self.url)
+        self.pool = ConnectionPool(self.url)
         self.lines = b"Content-Type: application/json\r\nX-Request-ID: bench\r\n"
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ VENV="${VLLM_GATEWAY_VENV:-$ROOT/.venv}"
 
 if [[ -z "${VLLM_MODEL:-}" ]]; then
     printf '[quickstart] default model: '
-    "$VENV/bin/python" -m vllm_gateway.model_prep
+    "$VENV/bin/python" -m vllm_gateway.backends.embedded.model
 fi
 
 # Loopback unless the caller chose a bind address: the quickstart serves no API key.

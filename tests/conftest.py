@@ -23,12 +23,13 @@ from typing import Any
 import httpx
 import pytest
 
-from vllm_gateway.app import GatewayApp, create_app
-from vllm_gateway.backend import Backend
-from vllm_gateway.gateway import Gateway
-from vllm_gateway.server import GatewayRunner
+from vllm_gateway.backends.base import Backend
+from vllm_gateway.compose import create_app
+from vllm_gateway.edge.frontdoor import GatewayApp
+from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.runtime.server import GatewayRunner
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
+from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

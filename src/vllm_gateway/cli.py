@@ -3,9 +3,10 @@ prints configuration errors and chooses an exit status.
 
     vllm-gateway serve      the gateway (settings from VLLM_* variables, flags override)
     vllm-gateway up         vLLM as a supervised child process, then the gateway in front of it
-    vllm-gateway simulate   the vLLM simulator, for tests and benchmarks
-    vllm-gateway bench      the load generator and its report
     vllm-gateway prepare-model   convert the default model (SmolLM2-135M-Instruct) once
+    vllm-gateway simulate   the vLLM simulator, for tests and benchmarks   (vllm-gateway-tools)
+    vllm-gateway bench      the load generator and its report             (vllm-gateway-tools)
+    vllm-gateway soak       a soak with faults, counting broken promises   (vllm-gateway-tools)
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import __version__
-from .settings import SettingsError, add_arguments, load_settings
+from vllm_gateway import __version__
+from vllm_gateway.settings import SettingsError, add_arguments, load_settings
 
 __all__ = ["main"]
 
@@ -34,10 +35,10 @@ def _serve(argv: list[str]) -> int:
     except SettingsError as exc:
         print(f"vllm-gateway: {exc}", file=sys.stderr)
         return 2
-    from .logs import configure_logging
+    from vllm_gateway.observability.logs import configure_logging
 
     configure_logging(settings)
-    from .server import serve
+    from vllm_gateway.runtime.serve import serve
 
     try:
         return serve(settings)
@@ -47,20 +48,50 @@ def _serve(argv: list[str]) -> int:
 
 
 def _lazy(module: str) -> Callable[[list[str]], int]:
+    """A command whose module is imported only when it runs. The tools (simulator, bench, soak)
+    are a separate distribution, ``vllm-gateway-tools``: named here, not imported."""
+
     def run(argv: list[str]) -> int:
         import importlib
 
-        return int(importlib.import_module(f"vllm_gateway.{module}").main(argv))
+        try:
+            entry = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and exc.name.startswith("vllm_gateway_tools"):
+                print(
+                    f"vllm-gateway: {(argv and argv[0]) or module}: the tools are not installed "
+                    "(pip install -e tools, or make install)",
+                    file=sys.stderr,
+                )
+                return 2
+            raise
+        return int(entry.main(argv))
 
     return run
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "run the gateway"),
-    "up": (_lazy("launcher"), "start vLLM as a supervised child, then the gateway in front of it"),
-    "simulate": (_lazy("simulator"), "run the vLLM simulator (tests and benchmarks)"),
-    "bench": (_lazy("bench.cli"), "benchmark a target, or the gateway against a direct connection"),
-    "prepare-model": (_lazy("model_prep"), "convert the default model once, print its folder"),
+    "up": (
+        _lazy("vllm_gateway.runtime.launcher"),
+        "start vLLM as a supervised child, then the gateway in front of it",
+    ),
+    "prepare-model": (
+        _lazy("vllm_gateway.backends.embedded.model"),
+        "convert the default model once, print its folder",
+    ),
+    "simulate": (
+        _lazy("vllm_gateway_tools.simulator"),
+        "run the vLLM simulator (tests and benchmarks; needs vllm-gateway-tools)",
+    ),
+    "bench": (
+        _lazy("vllm_gateway_tools.bench.cli"),
+        "benchmark a target, or the gateway against a direct connection (vllm-gateway-tools)",
+    ),
+    "soak": (
+        _lazy("vllm_gateway_tools.soak"),
+        "mixed traffic with faults and restarts, counting broken promises (vllm-gateway-tools)",
+    ),
 }
 
 

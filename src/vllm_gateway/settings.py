@@ -38,8 +38,12 @@ class Settings:
     model: str | None = None
     engine_args: tuple[str, ...] = ()
     model_aliases: Mapping[str, str] = field(default_factory=dict)
-    backend_api_key: str | None = None
-    http_client: str = "fast"
+    # Secrets stay out of repr (and so out of every log line that prints the settings).
+    backend_api_key: str | None = field(default=None, repr=False)
+    backend_ca_file: str | None = None
+    backend_client_cert: str | None = None
+    backend_client_key: str | None = None
+    backend_tls_verify: bool = True
     # Admission.
     max_concurrent_requests: int = 100
     max_queued_requests: int = 1000
@@ -56,10 +60,10 @@ class Settings:
     shutdown_timeout: float = 30.0
     workers: int = 1
     # Client-facing protection.
-    api_keys: frozenset[str] = frozenset()
+    api_keys: frozenset[str] = field(default=frozenset(), repr=False)
     rate_limit_rpm: float | None = None
     rate_limit_tpm: float | None = None
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
     # A pool of backends (several VLLM_BACKEND_URLs, or a backends file); see docs/pool.md.
     backends_file: str | None = None
     pool_routing: str = "least_outstanding"
@@ -172,7 +176,7 @@ def _key_set(raw: str, var: str) -> frozenset[str]:
 
 
 def _check_key_entries(entries: frozenset[str], var: str) -> None:
-    from .auth import parse_key_entry
+    from vllm_gateway.identity import parse_key_entry
 
     for entry in entries:
         try:
@@ -257,6 +261,17 @@ def _networks(raw: str, var: str) -> tuple[str, ...]:
     return items
 
 
+def _readable_file(raw: str, var: str) -> str | None:
+    import os
+
+    path = raw.strip()
+    if not path:
+        return None
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise SettingsError(var, raw, "is not a readable file")
+    return path
+
+
 def _host(raw: str, var: str) -> str:
     if not raw.strip() or any(c.isspace() for c in raw.strip()):
         raise SettingsError(var, raw, "must be a host name or address")
@@ -316,11 +331,33 @@ FIELDS: tuple[FieldSpec, ...] = (
         "key the gateway sends to a backend started with --api-key",
     ),
     FieldSpec(
-        "http_client",
-        "VLLM_HTTP_CLIENT",
-        "--http-client",
-        _choice("fast", "aiohttp"),
-        "client for the backend: the gateway's own lean HTTP/1.1 client, or aiohttp's",
+        "backend_ca_file",
+        "VLLM_BACKEND_CA_FILE",
+        "--backend-ca-file",
+        _readable_file,
+        "PEM bundle of CAs to trust for https:// backends (default: the system's)",
+    ),
+    FieldSpec(
+        "backend_client_cert",
+        "VLLM_BACKEND_CLIENT_CERT",
+        "--backend-client-cert",
+        _readable_file,
+        "client certificate (PEM) the gateway presents to https:// backends that ask for one",
+    ),
+    FieldSpec(
+        "backend_client_key",
+        "VLLM_BACKEND_CLIENT_KEY",
+        "--backend-client-key",
+        _readable_file,
+        "the client certificate's key, when it is not in the certificate file",
+    ),
+    FieldSpec(
+        "backend_tls_verify",
+        "VLLM_BACKEND_TLS_VERIFY",
+        "--backend-tls-verify",
+        _bool,
+        "verify https:// backends' certificates and names (turn off only for a self-signed "
+        "backend on a private network)",
     ),
     FieldSpec(
         "max_concurrent_requests",

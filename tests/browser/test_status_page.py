@@ -15,7 +15,7 @@ import pytest
 from tests.browser.cdp import CHROMIUM, open_page
 from tests.conftest import ARTIFACTS, chat_body, run_gateway
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),

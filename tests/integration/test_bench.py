@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway.bench.client import Target
-from vllm_gateway.bench.runner import LoadSpec
-from vllm_gateway.bench.session import Session
-from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
+from vllm_gateway_tools.bench.client import Target
+from vllm_gateway_tools.bench.runner import LoadSpec
+from vllm_gateway_tools.bench.session import Session
+from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,7 +72,7 @@ async def test_different_output_is_caught_by_fidelity(two_sims) -> None:
     first = await s.run_level(base)
     s2 = Session([Target("direct", b.url)], rounds=1)
     second = await s2.run_level(LoadSpec(**{**_fields(base), "max_tokens": 5}))
-    from vllm_gateway.bench.metrics import fidelity
+    from vllm_gateway_tools.bench.metrics import fidelity
 
     f = fidelity(first.results("direct"), second.results("direct"))
     assert f["compared"] == 3
@@ -119,7 +119,7 @@ async def test_cli_writes_json_markdown_and_plot(two_sims, tmp_path: Path) -> No
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "vllm_gateway.bench",
+        "vllm_gateway_tools.bench",
         "--targets",
         f"direct={a.url},gateway={b.url}",
         "--sweep",

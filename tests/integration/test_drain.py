@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from tests.conftest import chat_body, spawn_gateway, sse_events, wait_for
-from vllm_gateway.simulator import SimulatorConfig, run_simulator
-from vllm_gateway.soak import judge
+from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
+from vllm_gateway_tools.soak import judge
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,7 @@ import httpx
 
 from tests.conftest import chat_body, run_gateway, wait_for
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 
 async def test_a_flooding_tenant_does_not_starve_another(

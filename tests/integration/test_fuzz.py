@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ARTIFACTS, spawn_gateway
-from vllm_gateway.soak import SimulatorProcess
+from vllm_gateway_tools.soak import SimulatorProcess
 
 pytestmark = pytest.mark.timeout(240)
 

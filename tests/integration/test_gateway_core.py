@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import RunningGateway, chat_body, run_gateway, sse_events, wait_for
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 
 def _contents(events: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ from tests.integration.rogue import (
     sse_block,
 )
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -312,7 +312,11 @@ async def test_a_malformed_request_gets_a_json_400_with_a_request_id(
     simulator: Simulator,
 ) -> None:
     async with run_gateway(Settings(backend_urls=(simulator.url,))) as gw:
-        for junk in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"POST /x HTTP/1.1\r\nbad\r\n\r\n"):
+        for junk in (
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/9.9\r\n\r\n",
+            b"POST /x HTTP/1.1\r\nbad\r\n\r\n",
+        ):
             sock = await raw_connect(gw.port)
             await asyncio.get_running_loop().sock_sendall(sock, junk)
             data = await read_until_closed(sock, timeout=3)
@@ -323,21 +327,21 @@ async def test_a_malformed_request_gets_a_json_400_with_a_request_id(
 
 
 async def test_only_json_media_types_are_taken_as_json(simulator: Simulator) -> None:
-    async with run_gateway(Settings(backend_urls=(simulator.url,))) as gw:
-        async with httpx.AsyncClient() as client:
-            body = orjson.dumps(chat_body())
-            for ctype, status in (
-                ("text/notjson", 415),
-                ("application/jsonx", 415),
-                ("multipart/form-data", 415),
-                ("application/json", 200),
-                ("Application/JSON; charset=utf-8", 200),
-                ("application/vnd.api+json", 200),
-            ):
-                resp = await client.post(
-                    gw.url + CHAT, content=body, headers={"content-type": ctype}
-                )
-                assert resp.status_code == status, ctype
+    async with (
+        run_gateway(Settings(backend_urls=(simulator.url,))) as gw,
+        httpx.AsyncClient() as client,
+    ):
+        body = orjson.dumps(chat_body())
+        for ctype, status in (
+            ("text/notjson", 415),
+            ("application/jsonx", 415),
+            ("multipart/form-data", 415),
+            ("application/json", 200),
+            ("Application/JSON; charset=utf-8", 200),
+            ("application/vnd.api+json", 200),
+        ):
+            resp = await client.post(gw.url + CHAT, content=body, headers={"content-type": ctype})
+            assert resp.status_code == status, ctype
 
 
 async def test_forwarded_for_is_believed_only_from_a_trusted_proxy(simulator: Simulator) -> None:
@@ -505,10 +509,7 @@ def memory_budget_kib(
     per_connection = max_header_bytes + 64 * 1024 + 64 * 1024
     per_stream = 256 * 1024 + (1 << 20)
     total = (
-        max_connections * per_connection
-        + buffer_budget
-        + max_concurrent * per_stream
-        + (16 << 20)
+        max_connections * per_connection + buffer_budget + max_concurrent * per_stream + (16 << 20)
     )
     return total // 1024
 
@@ -607,6 +608,8 @@ async def test_rss_stays_within_the_stated_budget_whatever_peers_send() -> None:
             for sock in socks:
                 sock.close()
             budget = memory_budget_kib(**limits)
-            print(f"RSS: base {base} KiB, peak {peak} KiB, growth {peak - base} KiB, "
-                  f"budget {budget} KiB")
+            print(
+                f"RSS: base {base} KiB, peak {peak} KiB, growth {peak - base} KiB, "
+                f"budget {budget} KiB"
+            )
             assert peak - base <= budget

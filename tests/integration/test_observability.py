@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import RunningGateway, chat_body, run_gateway, spawn_gateway, wait_for
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 CHAT = "/v1/chat/completions"
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import RunningGateway, run_gateway, wait_for
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -14,12 +13,12 @@ import orjson
 import pytest
 
 from tests.conftest import chat_body, run_gateway, sse_events, wait_for
-from vllm_gateway.backend import UpstreamRequest
+from vllm_gateway.backends.base import UpstreamRequest
+from vllm_gateway.backends.pool.backend import PoolBackend
+from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig
 from vllm_gateway.errors import NoHealthyBackend, UpstreamError
-from vllm_gateway.pool import PoolBackend
-from vllm_gateway.pool_config import BackendSpec, PoolConfig
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator, SimulatorConfig, start_simulator
+from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, start_simulator
 
 FAST = dict(
     health_interval=0.1,
@@ -134,7 +133,7 @@ async def test_pool_from_a_backends_file(tmp_path: Path) -> None:
             f"  - url: {members[0].url}\n    name: big\n    weight: 3\n"
             f"  - url: {members[1].url}\n    name: small\n    max_outstanding: 1\n"
         )
-        settings = SimpleNamespace(
+        settings = Settings(
             backends_file=str(path),
             connect_timeout=1.0,
             pool_health_interval=0.1,
@@ -250,7 +249,7 @@ async def test_drop_before_first_byte_is_retried() -> None:
         resp = await pool.send(request(stream=True))
         await resp.read(1 << 20)
         await resp.aclose()
-        assert resp.member_name == members[1].url  # type: ignore[attr-defined]  # the retried one
+        assert resp.served_by == members[1].url  # the retried one
 
 
 async def test_drop_mid_body_of_a_non_streamed_answer_is_retried() -> None:
@@ -305,7 +304,7 @@ async def test_stalled_stream_trips_the_watchdog() -> None:
             first = await anext(resp.chunks())
             assert first
             stalled = pool.stats()
-            name = resp.member_name  # type: ignore[attr-defined]
+            name = resp.served_by
             idx = [m["name"] for m in stalled].index(name)
             await wait_for(lambda: not pool.stats()[idx]["healthy"], timeout=5)
             assert pool.stats()[idx]["down_reason"] == "watchdog"

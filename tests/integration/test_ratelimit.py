@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import free_port
 from vllm_gateway.errors import RateLimited
-from vllm_gateway.ratelimit import RateLimiter
+from vllm_gateway.proxy.ratelimit import RateLimiter
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed")
@@ -114,7 +114,7 @@ async def test_two_replicas_share_one_token_limit(tmp_path: Path) -> None:
 async def test_redis_killed_falls_back_with_a_warning_and_comes_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="vllm_gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="vllm_gateway.proxy.ratelimit")
     port = free_port()
     rl = RateLimiter(
         requests_per_minute=1000,
@@ -142,7 +142,7 @@ async def test_redis_killed_falls_back_with_a_warning_and_comes_back(
 
 
 async def test_unreachable_redis_at_start_is_per_replica(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="vllm_gateway.ratelimit")
+    caplog.set_level(logging.WARNING, logger="vllm_gateway.proxy.ratelimit")
     rl = RateLimiter(
         requests_per_minute=2, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout=0.2
     )

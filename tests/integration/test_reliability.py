@@ -2,7 +2,7 @@
 
 What tests/integration/test_gateway_core.py already proves is not repeated here (the table in
 docs/reliability.md says which test covers which case). Every response is judged by
-``vllm_gateway.soak.judge``: it must end in one of the four promised ways.
+``vllm_gateway_tools.soak.judge``: it must end in one of the four promised ways.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pytest
 
 from tests.conftest import RunningGateway, chat_body, free_port, run_gateway, sse_events, wait_for
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
-from vllm_gateway.soak import SimulatorProcess, judge
+from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
+from vllm_gateway_tools.soak import SimulatorProcess, judge
 
 pytestmark = pytest.mark.timeout(60)
 

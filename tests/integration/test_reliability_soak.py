@@ -1,6 +1,6 @@
 """R14, short: the soak tool for 20 s with faults, abandoned requests and two backend restarts.
 
-The full soak (3 minutes by default) is ``python -m vllm_gateway.soak``; see docs/reliability.md.
+The full soak (3 minutes by default) is ``python -m vllm_gateway_tools.soak``; see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_r14_short_soak_breaks_no_promise_and_settles(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "vllm_gateway.soak",
+            "vllm_gateway_tools.soak",
             "--duration",
             "20",
             "--concurrency",

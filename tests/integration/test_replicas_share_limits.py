@@ -10,7 +10,7 @@ from tests.conftest import chat_body, run_gateway
 from tests.integration.test_ratelimit import pytestmark as needs_redis
 from tests.integration.test_ratelimit import redis_server
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 pytestmark = needs_redis
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import RunningGateway, chat_body, run_gateway, spawn_gateway, wait_for
 from vllm_gateway.settings import Settings, load_settings
-from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
+from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.timeout(60)
 

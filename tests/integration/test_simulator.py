@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from vllm_gateway.simulator import SimulatorConfig, run_simulator
+from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 
 FAST = SimulatorConfig(ttft=0.01, itl=0.005, tokens=8)
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}]}
@@ -441,7 +441,7 @@ async def test_openai_sdk_streams(sim: Any) -> None:
 
 async def test_cli_prints_port_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vllm_gateway.simulator", "--port", "0", "--model", "m1,m2", "--tokens", "2",
+        sys.executable, "-m", "vllm_gateway_tools.simulator", "--port", "0", "--model", "m1,m2", "--tokens", "2",
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
     try:

@@ -1,4 +1,4 @@
-"""FastHTTPBackend / UpstreamPool against the real simulator on loopback.
+"""HTTPBackend / ConnectionPool against the real simulator on loopback.
 
 What the relay relies on: the body arrives byte for byte as sent, connections are reused, closing a
 response early aborts the request upstream, every failure is ``BackendUnavailable`` at the right
@@ -19,11 +19,12 @@ import orjson
 import pytest
 
 from tests.conftest import chat_body, run_gateway, sse_events
-from vllm_gateway.backend import UpstreamRequest
+from vllm_gateway.backends.base import UpstreamRequest
+from vllm_gateway.backends.http.backend import HTTPBackend
+from vllm_gateway.backends.http.connection import HIGH_WATER, HTTPResponse
 from vllm_gateway.errors import BackendUnavailable
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
-from vllm_gateway.upstream import HIGH_WATER, FastHTTPBackend, UpstreamHTTPResponse
+from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,8 +56,8 @@ async def sim() -> AsyncIterator[Simulator]:
 
 
 @pytest.fixture
-async def backend(sim: Simulator) -> AsyncIterator[FastHTTPBackend]:
-    b = FastHTTPBackend(sim.url, connect_timeout=2.0)
+async def backend(sim: Simulator) -> AsyncIterator[HTTPBackend]:
+    b = HTTPBackend(sim.url, connect_timeout=2.0)
     await b.start()
     yield b
     await b.aclose()
@@ -90,7 +91,7 @@ def same_second(body: bytes) -> bytes:
 
 
 async def test_stream_is_byte_identical_to_what_the_simulator_sent(
-    sim: Simulator, backend: FastHTTPBackend
+    sim: Simulator, backend: HTTPBackend
 ) -> None:
     request = chat(rid="same-id")
     resp = await backend.send(request)
@@ -106,7 +107,7 @@ async def _collect(resp: Any) -> bytes:
 
 
 async def test_non_streamed_body_and_keep_alive_reuse(
-    sim: Simulator, backend: FastHTTPBackend
+    sim: Simulator, backend: HTTPBackend
 ) -> None:
     for i in range(5):
         resp = await backend.send(chat(stream=i % 2 == 0))
@@ -119,7 +120,7 @@ async def test_non_streamed_body_and_keep_alive_reuse(
 
 
 async def test_health_models_and_headers_sent(sim: Simulator) -> None:
-    b = FastHTTPBackend(sim.url, api_key="k")
+    b = HTTPBackend(sim.url, api_key="k")
     await b.start()
     try:
         assert await b.check_health(2) is True
@@ -136,7 +137,7 @@ async def test_health_models_and_headers_sent(sim: Simulator) -> None:
         await b.aclose()
 
 
-async def test_closing_mid_stream_aborts_upstream(sim: Simulator, backend: FastHTTPBackend) -> None:
+async def test_closing_mid_stream_aborts_upstream(sim: Simulator, backend: HTTPBackend) -> None:
     resp = await backend.send(chat(itl=0.05, tokens=50))
     first = await anext(resp.chunks())
     assert first.startswith(b"data: ")
@@ -148,7 +149,7 @@ async def test_closing_mid_stream_aborts_upstream(sim: Simulator, backend: FastH
 async def test_refused_connection_is_backend_unavailable_within_the_connect_timeout() -> None:
     async with run_simulator(FAST, host="127.0.0.1", port=0) as s:
         url = s.url  # a port that was just free and is now closed
-    b = FastHTTPBackend(url, connect_timeout=1.0)
+    b = HTTPBackend(url, connect_timeout=1.0)
     await b.start()
     t0 = time.monotonic()
     with pytest.raises(BackendUnavailable):
@@ -159,7 +160,7 @@ async def test_refused_connection_is_backend_unavailable_within_the_connect_time
 
 
 async def test_drop_mid_stream_is_an_error_after_the_delivered_chunks(
-    sim: Simulator, backend: FastHTTPBackend
+    sim: Simulator, backend: HTTPBackend
 ) -> None:
     resp = await backend.send(chat(drop_after=3, tokens=20))
     received = b""
@@ -172,7 +173,7 @@ async def test_drop_mid_stream_is_an_error_after_the_delivered_chunks(
 
 
 async def test_hang_with_an_outer_timeout_cancels_cleanly(
-    sim: Simulator, backend: FastHTTPBackend
+    sim: Simulator, backend: HTTPBackend
 ) -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
@@ -185,9 +186,9 @@ async def test_hang_with_an_outer_timeout_cancels_cleanly(
     await resp.read(1 << 20)
 
 
-async def test_stalled_consumer_pauses_reading(sim: Simulator, backend: FastHTTPBackend) -> None:
+async def test_stalled_consumer_pauses_reading(sim: Simulator, backend: HTTPBackend) -> None:
     resp = await backend.send(chat(malformed="huge_line", huge_line_bytes=8 << 20, tokens=4))
-    assert isinstance(resp, UpstreamHTTPResponse)
+    assert isinstance(resp, HTTPResponse)
     await asyncio.sleep(0.5)  # the consumer reads nothing while the backend sends 8 MiB
     held = resp._buffered
     assert resp._paused
@@ -202,7 +203,7 @@ async def test_stalled_consumer_pauses_reading(sim: Simulator, backend: FastHTTP
 
 
 async def test_a_thousand_concurrent_streams_complete(
-    sim: Simulator, backend: FastHTTPBackend
+    sim: Simulator, backend: HTTPBackend
 ) -> None:
     sim.configure(ttft=0.01, itl=0.02, tokens=5)
 
@@ -220,7 +221,7 @@ async def test_a_thousand_concurrent_streams_complete(
 
 
 async def test_error_status_body_is_read_and_the_connection_kept(
-    sim: Simulator, backend: FastHTTPBackend
+    sim: Simulator, backend: HTTPBackend
 ) -> None:
     resp = await backend.send(chat(stream=False, status=500))
     assert resp.status == 500 and "json" in resp.content_type
@@ -229,11 +230,11 @@ async def test_error_status_body_is_read_and_the_connection_kept(
     assert backend.pool.idle_connections() == 1
 
 
-# --- through the gateway: the relay on FastHTTPBackend ------------------------------------------
+# --- through the gateway: the relay on HTTPBackend ------------------------------------------
 
 
 async def test_gateway_relays_a_stream_and_a_body_over_fast_backend(sim: Simulator) -> None:
-    backend = FastHTTPBackend(sim.url)
+    backend = HTTPBackend(sim.url)
     settings = Settings(backend_urls=(sim.url,))
     async with (
         run_gateway(settings, backend=backend) as gw,
@@ -253,7 +254,7 @@ async def test_gateway_relays_a_stream_and_a_body_over_fast_backend(sim: Simulat
 
 
 async def test_gateway_client_leaving_aborts_upstream_over_fast_backend(sim: Simulator) -> None:
-    backend = FastHTTPBackend(sim.url)
+    backend = HTTPBackend(sim.url)
     settings = Settings(backend_urls=(sim.url,))
     async with run_gateway(settings, backend=backend) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)

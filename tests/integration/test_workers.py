@@ -8,7 +8,7 @@ import signal
 import httpx
 
 from tests.conftest import chat_body, spawn_gateway, sse_events, wait_for
-from vllm_gateway.simulator import Simulator
+from vllm_gateway_tools.simulator import Simulator
 
 
 async def test_two_workers_serve_and_drain_together(

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from vllm_gateway.admission import Admission, Permit
 from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
+from vllm_gateway.proxy.admission import Admission, Permit
 
 
 async def test_admits_up_to_the_limit_at_once() -> None:

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from vllm_gateway.bench import metrics
-from vllm_gateway.bench.client import RequestResult
+from vllm_gateway_tools.bench import metrics
+from vllm_gateway_tools.bench.client import RequestResult
 
 
 def _req(

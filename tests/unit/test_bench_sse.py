@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_gateway.bench.client import SSEScanner, Target, build_request, normalise_events
+from vllm_gateway_tools.bench.client import SSEScanner, Target, build_request, normalise_events
 
 ROLE = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
 

@@ -458,7 +458,7 @@ def test_fallback_name_scan_without_a_parser() -> None:
 
 
 def test_outcomes_are_the_gateway_s_own() -> None:
-    observe = pytest.importorskip("vllm_gateway.observe")
+    observe = pytest.importorskip("vllm_gateway.observability.observer")
     assert set(observe.OUTCOMES) == vm.OUTCOMES
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway.embedded import _first_of
+from vllm_gateway.backends.embedded.engine import _first_of
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_a_broken_module_is_not_taken_for_another_layout(
 def test_an_unknown_layout_is_named_as_such_not_as_a_missing_vllm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from vllm_gateway import embedded
+    from vllm_gateway.backends.embedded import engine as embedded
 
     fake_vllm = types.ModuleType("vllm")
     fake_vllm.__version__ = "9.9.9"  # type: ignore[attr-defined]

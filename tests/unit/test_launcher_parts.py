@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway import launcher, model_prep
+from vllm_gateway.backends.embedded import model as model_prep
+from vllm_gateway.runtime import launcher
 from vllm_gateway.settings import env_names, load_settings
 
 

@@ -10,35 +10,43 @@ from typing import Any
 import orjson
 import pytest
 
-from vllm_gateway.backend import Backend, UpstreamRequest, UpstreamResponse
+from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.errors import Unauthorized
-from vllm_gateway.gateway import Gateway
-from vllm_gateway.logs import JSONFormatter
-from vllm_gateway.metrics import Counter, Gauge, Histogram, Registry, format_value
-from vllm_gateway.observe import OUTCOMES, Observer, RejectedCall, parse_usage
+from vllm_gateway.observability.logs import JSONFormatter
+from vllm_gateway.observability.observer import OUTCOMES, Observer
+from vllm_gateway.observability.prometheus import Counter, Gauge, Histogram, Registry, format_value
+from vllm_gateway.observability.status import StatusBoard
+from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.record import RejectedCall
+from vllm_gateway.proxy.usage import parse_usage
 from vllm_gateway.settings import Settings
-from vllm_gateway.status_page import StatusBoard
 
 CHAT = "/v1/chat/completions"
 
 
 class FakeCall:
-    """The fields a finished ProxyCall carries."""
+    """A ``CallRecord``: the fields a finished ProxyCall carries."""
 
     def __init__(self, **fields: Any) -> None:
         now = time.perf_counter()
         self.request_id = "req-1"
         self.path = CHAT
         self.model = "m"
+        self.tenant: str | None = None
         self.stream = True
         self.status = 200
         self.outcome = "completed"
         self.queue_wait = 0.0
         self.chunks = 0
-        self.permit: object | None = object()
+        self.admitted = True
         self.usage: Any = None
         self.started_at = now
         self.first_byte_at: float | None = None
+        self.ended_at: float | None = None
+        self.upstream_sent_at: float | None = None
+        self.upstream_answered_at: float | None = None
+        self.served_by: str | None = None
+        self.request_headers: list[tuple[bytes, bytes]] = []
         self.__dict__.update(fields)
 
 
@@ -226,7 +234,7 @@ def test_observer_maps_unknown_outcome_and_route_to_fixed_labels() -> None:
 
 def test_observer_skips_queue_wait_without_permit_and_itl_without_two_events() -> None:
     obs = make_observer()
-    obs.request_ended(FakeCall(permit=None, outcome="overloaded", status=503))
+    obs.request_ended(FakeCall(admitted=False, outcome="overloaded", status=503))
     obs.request_ended(FakeCall(first_byte_at=time.perf_counter(), chunks=1))
     obs.request_ended(FakeCall(first_byte_at=time.perf_counter(), chunks=5, stream=False))
     qw = obs.metrics.queue_wait.child()
@@ -314,9 +322,6 @@ def test_access_log_line_carries_every_field_in_json(caplog: pytest.LogCaptureFi
 
 
 def test_access_log_names_the_pool_member_that_served() -> None:
-    class Upstream:
-        member_name = "gpu-2"
-
     obs = make_observer()
     records: list[logging.LogRecord] = []
 
@@ -330,7 +335,7 @@ def test_access_log_names_the_pool_member_that_served() -> None:
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     try:
-        obs.request_ended(FakeCall(upstream=Upstream()))
+        obs.request_ended(FakeCall(served_by="gpu-2"))
     finally:
         access.removeHandler(handler)
         access.setLevel(old_level)

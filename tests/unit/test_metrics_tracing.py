@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
 
-from vllm_gateway.tracing import TracingObserver
+from vllm_gateway.observability.tracing import TracingObserver
 
 
 def traced() -> tuple[TracingObserver, InMemorySpanExporter]:
@@ -37,7 +37,7 @@ def test_spans_follow_the_call_timestamps_and_join_the_client_trace() -> None:
         first_byte_at=start + 1.5,
         ended_at=start + 2.5,
         chunks=9,
-        scope={"headers": [(b"traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode())]},
+        request_headers=[(b"traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode())],
     )
     tracer.request_ended(call)
     spans = {s.name: s for s in exporter.get_finished_spans()}
@@ -59,7 +59,7 @@ def test_spans_follow_the_call_timestamps_and_join_the_client_trace() -> None:
 
 def test_a_failed_call_marks_the_request_span_as_an_error() -> None:
     tracer, exporter = traced()
-    tracer.request_ended(FakeCall(outcome="queue_timeout", status=503, permit=None))
+    tracer.request_ended(FakeCall(outcome="queue_timeout", status=503, admitted=False))
     (span,) = exporter.get_finished_spans()
     assert span.status.status_code.name == "ERROR"
     assert span.status.description == "queue_timeout"
@@ -71,9 +71,9 @@ def test_tracing_is_off_and_unimported_without_an_endpoint() -> None:
 
     code = (
         "import os, sys; os.environ.pop('OTEL_EXPORTER_OTLP_ENDPOINT', None);"
-        "from vllm_gateway.app import create_app; from vllm_gateway.settings import Settings;"
+        "from vllm_gateway.compose import create_app; from vllm_gateway.settings import Settings;"
         "create_app(Settings());"
-        "print('vllm_gateway.tracing' in sys.modules, 'opentelemetry' in sys.modules)"
+        "print('vllm_gateway.observability.tracing' in sys.modules, 'opentelemetry' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from vllm_gateway import models as models_module
-from vllm_gateway.models import ModelCatalog
+from vllm_gateway.proxy import catalog as models_module
+from vllm_gateway.proxy.catalog import ModelCatalog
 
 
 class HeldFetch:

@@ -8,18 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway.pool_config import BackendSpec, PoolConfig, load_backends_file
-from vllm_gateway.pool_member import Member, RetryBudget, affinity_key, choose
+from vllm_gateway.backends.http.backend import HTTPBackend
+from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig, load_backends_file
+from vllm_gateway.backends.pool.member import Member, RetryBudget, affinity_key, choose
 from vllm_gateway.settings import Settings
 
 
 def member(name: str, weight: float = 1.0, in_flight: int = 0, limit: int | None = None) -> Member:
-    m = Member(
-        BackendSpec(url=f"http://{name}:8000", weight=weight, max_outstanding=limit),
-        PoolConfig(),
-        connect_timeout=1.0,
-        api_key=None,
-    )
+    spec = BackendSpec(url=f"http://{name}:8000", weight=weight, max_outstanding=limit)
+    m = Member(spec, PoolConfig(), HTTPBackend(spec.url, connect_timeout=1.0))
     m.in_flight = in_flight
     return m
 
@@ -82,11 +79,9 @@ def test_pool_config_validates_and_reads_settings() -> None:
         PoolConfig(watchdog_stall=-1)
     assert PoolConfig.from_settings(Settings()) == PoolConfig()  # works before the fields exist
 
-    class WithPool:
-        pool_routing = "prefix"
-        pool_max_outstanding = 8
-
-    cfg = PoolConfig.from_settings(WithPool(), max_retries=1)
+    cfg = PoolConfig.from_settings(
+        Settings(pool_routing="prefix", pool_max_outstanding=8), max_retries=1
+    )
     assert (cfg.routing, cfg.max_outstanding, cfg.max_retries) == ("prefix", 8, 1)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_gateway.errors import RateLimited
-from vllm_gateway.ratelimit import Limit, RateLimiter, _LocalStore
+from vllm_gateway.proxy.ratelimit import Limit, RateLimiter, _LocalStore
 
 
 async def test_requests_per_minute_allows_the_burst_then_refuses_with_retry_after() -> None:

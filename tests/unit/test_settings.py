@@ -101,13 +101,31 @@ def test_cli_reports_one_line_and_exits_non_zero(capsys, monkeypatch) -> None:
 
 
 async def test_upstream_idle_timeout_reaches_the_connection_pool() -> None:
-    from vllm_gateway.gateway import build_backend
-    from vllm_gateway.upstream import FastHTTPBackend
+    from vllm_gateway.backends.factory import build_backend
+    from vllm_gateway.backends.http.backend import HTTPBackend
+    from vllm_gateway.backends.pool.backend import PoolBackend
 
     backend = build_backend(load_settings({"VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS": "30"}))
-    assert isinstance(backend, FastHTTPBackend)
+    assert isinstance(backend, HTTPBackend)
     await backend.start()
     try:
         assert backend.pool.idle_timeout == 30
     finally:
         await backend.aclose()
+    # Regression: a pool's members kept their connections 4 s whatever the setting said.
+    pool = build_backend(
+        load_settings(
+            {
+                "VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS": "30",
+                "VLLM_BACKEND_URL": "http://127.0.0.1:9,http://127.0.0.1:10",
+            }
+        )
+    )
+    assert isinstance(pool, PoolBackend)
+    for m in pool.members:
+        assert isinstance(m.backend, HTTPBackend)
+        await m.backend.start()
+        try:
+            assert m.backend.pool.idle_timeout == 30
+        finally:
+            await m.backend.aclose()

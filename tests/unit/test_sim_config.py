@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from vllm_gateway.sim_config import ConfigError, SimulatorConfig
-from vllm_gateway.sim_state import authorized, prompt_tokens
+from vllm_gateway_tools.simulator.config import ConfigError, SimulatorConfig
+from vllm_gateway_tools.simulator.state import authorized, prompt_tokens
 
 
 def test_defaults_are_the_documented_pace() -> None:

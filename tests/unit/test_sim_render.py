@@ -13,7 +13,7 @@ import json
 import orjson
 import pytest
 
-from vllm_gateway import sim_render as render
+from vllm_gateway_tools.simulator import render
 
 VLLM_CHAT_FIRST = '{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"sim-model","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}'
 VLLM_CHAT_TOKEN = '{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"sim-model","choices":[{"index":0,"delta":{"content":" tok0"},"logprobs":null,"finish_reason":null,"token_ids":null}]}'

@@ -8,8 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_gateway import errors
-from vllm_gateway.sse import DONE, ERROR, OK, EventScanner, FramingError, classify, split_events
-from vllm_gateway.validation import CHAT, COMPLETIONS, validate_body
+from vllm_gateway.proxy.sse import (
+    DONE,
+    ERROR,
+    OK,
+    EventScanner,
+    FramingError,
+    classify,
+    split_events,
+)
+from vllm_gateway.proxy.validation import CHAT, COMPLETIONS, validate_body
 
 RECORDED = (
     b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'

@@ -12,7 +12,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_gateway.sse import EventScanner, FramingError, classify, split_events
+from vllm_gateway.proxy.sse import EventScanner, FramingError, classify, split_events
 
 CAP = 256
 

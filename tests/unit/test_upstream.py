@@ -1,4 +1,4 @@
-"""UpstreamPool's parsing and pool rules, against scripted HTTP servers on loopback.
+"""ConnectionPool's parsing and pool rules, against scripted HTTP servers on loopback.
 
 Each server is a real asyncio server that reads one request head and answers with exact bytes, so
 the framings vLLM never sends (EOF-delimited bodies, 1xx, Connection: close, garbage after the
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from vllm_gateway.backends.http.backend import HTTPBackend
+from vllm_gateway.backends.http.client import ConnectionPool
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse
-from vllm_gateway.upstream import FastHTTPBackend, UpstreamPool
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -79,7 +80,7 @@ async def test_request_head_is_one_write_with_host_length_and_lines() -> None:
             writer.write(answer(b"{}"))
 
     async with scripted(handler) as (url, heads):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("POST", "/v1/x", b"X-A: b\r\n", b'{"a":1}')
         assert (resp.status, resp.content_type) == (200, "application/json")
         assert await resp.read(100) == b"{}"
@@ -102,7 +103,7 @@ async def test_keep_alive_reuses_one_connection_lifo() -> None:
             writer.write(answer(b'{"ok":1}'))
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         for _ in range(5):
             resp = await pool.request("GET", "/")
             assert await resp.read(100) == b'{"ok":1}'
@@ -128,7 +129,7 @@ async def test_connection_close_and_eof_delimited_bodies_are_not_pooled() -> Non
         writer.close()
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("GET", "/close")
         assert await resp.read(100) == b"abc"
         resp = await pool.request("GET", "/eof")
@@ -146,7 +147,7 @@ async def test_interim_1xx_is_skipped() -> None:
         await asyncio.sleep(1)
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("POST", "/", b"", b"{}")
         assert resp.status == 200
         assert await resp.read(10) == b"{}"
@@ -160,7 +161,7 @@ async def test_bytes_after_the_message_make_the_connection_unusable() -> None:
         await asyncio.sleep(1)
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("GET", "/")
         assert await resp.read(10) == b"{}"
         assert pool.idle_connections() == 0
@@ -174,7 +175,7 @@ async def test_malformed_head_is_bad_backend_response() -> None:
         await asyncio.sleep(1)
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         with pytest.raises(BadBackendResponse):
             await pool.request("GET", "/")
         assert pool.open_connections() == 0
@@ -188,7 +189,7 @@ async def test_truncated_content_length_body_is_an_error_not_an_end() -> None:
         await writer.drain()
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("GET", "/")
         with pytest.raises(BackendUnavailable):
             await resp.read(100)
@@ -208,7 +209,7 @@ async def test_reused_connection_closed_while_idle_is_resent_once() -> None:
         await reader.read(1)
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("GET", "/")
         await resp.read(10)
         assert pool.idle_connections() == 1
@@ -225,7 +226,7 @@ async def test_idle_connections_expire() -> None:
             writer.write(answer(b"{}"))
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url, idle_timeout=0.1)
+        pool = ConnectionPool(url, idle_timeout=0.1)
         resp = await pool.request("GET", "/")
         await resp.read(10)
         assert pool.idle_connections() == 1
@@ -241,7 +242,7 @@ async def test_read_limit_and_content_length_check() -> None:
         await asyncio.sleep(1)
 
     async with scripted(handler) as (url, _):
-        pool = UpstreamPool(url)
+        pool = ConnectionPool(url)
         resp = await pool.request("GET", "/")
         with pytest.raises(BadBackendResponse):
             await resp.read(50)  # refused on the Content-Length alone, before waiting for bytes
@@ -254,11 +255,11 @@ async def test_read_limit_and_content_length_check() -> None:
 
 def test_urls_and_header_values_are_checked() -> None:
     with pytest.raises(ValueError):
-        UpstreamPool("ftp://x")
-    assert UpstreamPool("http://h").host_header == b"h"
-    assert UpstreamPool("https://h:8443/base/").base_path == "/base"
+        ConnectionPool("ftp://x")
+    assert ConnectionPool("http://h").host_header == b"h"
+    assert ConnectionPool("https://h:8443/base/").base_path == "/base"
     with pytest.raises(ValueError):
-        FastHTTPBackend("http://h", api_key="a\r\nX: y")
+        HTTPBackend("http://h", api_key="a\r\nX: y")
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -312,14 +313,14 @@ async def test_https_with_a_given_ssl_context(tmp_path: Path) -> None:
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
     port = server.sockets[0].getsockname()[1]
     client_ctx = ssl.create_default_context(cafile=str(cert))
-    pool = UpstreamPool(f"https://127.0.0.1:{port}", ssl_context=client_ctx)
+    pool = ConnectionPool(f"https://127.0.0.1:{port}", tls=client_ctx)
     try:
         for _ in range(2):
             resp = await pool.request("GET", "/")
             assert await resp.read(100) == b'{"tls":true}'
         assert pool.open_connections() == 1
         # Without the certificate trusted, the handshake fails: unavailable, not a crash.
-        untrusting = UpstreamPool(f"https://127.0.0.1:{port}")
+        untrusting = ConnectionPool(f"https://127.0.0.1:{port}")
         with pytest.raises(BackendUnavailable):
             await untrusting.request("GET", "/")
         await untrusting.aclose()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from vllm_gateway.runtime.workers import split_limit, worker_settings
 from vllm_gateway.settings import Settings
-from vllm_gateway.workers import split_limit, worker_settings
 
 
 @pytest.mark.parametrize(("total", "workers"), [(100, 1), (100, 3), (7, 2), (5, 8), (1000, 16)])

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway import model_prep
-from vllm_gateway.launcher import (
+from vllm_gateway.backends.embedded import model as model_prep
+from vllm_gateway.runtime.launcher import (
     ChildDied,
     VllmChild,
     build_vllm_command,

@@ -20,8 +20,8 @@ import httpx
 import orjson
 import pytest
 
-from vllm_gateway.backend import Backend, UpstreamRequest, UpstreamResponse
-from vllm_gateway.embedded import EmbeddedBackend, gateway_env_names
+from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
+from vllm_gateway.backends.embedded.engine import EmbeddedBackend, gateway_env_names
 
 # torch, transformers and vLLM warn about their own internals when the engine runs in-process.
 pytestmark = [
@@ -39,7 +39,7 @@ def _model_dir(request: pytest.FixtureRequest) -> Path:
         return Path(request.getfixturevalue("vllm_model_dir"))
     except pytest.FixtureLookupError:
         pass
-    from vllm_gateway.model_prep import default_model_dir, is_prepared
+    from vllm_gateway.backends.embedded.model import default_model_dir, is_prepared
 
     folder = default_model_dir()
     if not is_prepared(folder):
@@ -136,7 +136,7 @@ def test_start_without_vllm_names_the_package_to_install(tmp_path: Path) -> None
     code = (
         "import asyncio, sys\n"
         "sys.modules['vllm'] = None\n"
-        "from vllm_gateway.embedded import EmbeddedBackend, EngineNotInstalled\n"
+        "from vllm_gateway.backends.embedded.engine import EmbeddedBackend, EngineNotInstalled\n"
         "try:\n"
         "    asyncio.run(EmbeddedBackend('m').start())\n"
         "except EngineNotInstalled as exc:\n"
@@ -338,7 +338,7 @@ class _Borrowed(Backend):
 
 
 def test_embedded_mode_is_chosen_by_settings_and_rejects_several_workers() -> None:
-    from vllm_gateway.gateway import build_backend
+    from vllm_gateway.proxy.gateway import build_backend
     from vllm_gateway.settings import SettingsError, load_settings
 
     settings = load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_MODEL": "/models/x"})

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import RunningGateway, run_gateway, spawn_gateway, sse_events, wait_for
 from tests.vllm.conftest import ARTIFACTS, STARTUP_DEADLINE_S, VllmServer
 from tests.vllm.helpers import num_requests_running
-from vllm_gateway.launcher import (
+from vllm_gateway.runtime.launcher import (
     VllmChild,
     build_vllm_command,
     child_environment,

@@ -9,7 +9,7 @@ import httpx
 from tests.conftest import run_gateway
 from tests.vllm.conftest import VllmServer
 from vllm_gateway.settings import Settings
-from vllm_gateway.simulator import SimulatorConfig, run_simulator
+from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 
 
 async def test_pool_spreads_over_real_vllm_and_a_simulator_and_survives_losing_one(

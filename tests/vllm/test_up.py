@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.vllm.conftest import ARTIFACTS, ROOT, STARTUP_DEADLINE_S
-from vllm_gateway.launcher import free_port, has_nvidia_gpu
+from vllm_gateway.runtime.launcher import free_port, has_nvidia_gpu
 from vllm_gateway.settings import env_names
 
 pytestmark = pytest.mark.timeout(int(STARTUP_DEADLINE_S) + 180)

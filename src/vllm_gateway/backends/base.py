@@ -1,0 +1,106 @@
+"""The seam every engine implements: an OpenAI-compatible request in, a response of bytes out.
+
+A ``Backend`` turns an ``UpstreamRequest`` into an ``UpstreamResponse`` whose body is exactly what
+vLLM's OpenAI server would send for it: JSON, or SSE events (``data: {...}\\n\\n`` ... ``data:
+[DONE]\\n\\n``). The relay above it applies every timeout and owns every response it opens: it always
+calls ``aclose()``, and closing a response that has not ended must abort the work behind it (the
+HTTP backend drops the connection, so vLLM aborts the request; the embedded engine aborts it).
+
+Backends translate their own failures into ``errors.UpstreamError`` subclasses here, at the seam,
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Backend", "Charge", "UpstreamRequest", "UpstreamResponse", "read_capped"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    method: str
+    path: str  # "/v1/chat/completions", "/v1/completions", "/v1/models"
+    body: bytes = b""  # the raw body, forwarded as is (the relay does not re-serialise)
+    json: Mapping[str, Any] | None = None  # the parsed body, for backends and routing that need it
+    stream: bool = False
+    request_id: str = ""
+    model: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Charge = Callable[[int], None]
+
+
+async def read_capped(
+    chunks: AsyncIterator[bytes],
+    limit: int,
+    declared_length: int | None = None,
+    charge: Charge | None = None,
+) -> bytes:
+    """A whole body from its pieces; ``BadBackendResponse`` as soon as it exceeds ``limit`` bytes
+    (at once when a declared length already does), so a broken backend cannot make us hold more.
+    ``charge(n)`` is called before each piece is kept (it raises to refuse: a memory budget)."""
+    from vllm_gateway.errors import BadBackendResponse
+
+    if declared_length is not None and declared_length > limit:
+        raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for data in chunks:
+        size += len(data)
+        if size > limit:
+            raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+        if charge is not None:
+            charge(len(data))
+        parts.append(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class UpstreamResponse(abc.ABC):
+    """One response from a backend. Not reusable; ``aclose()`` is idempotent."""
+
+    status: int
+    content_type: str
+    served_by: str | None = None  # the backend that answered, when it is one of several
+
+    @abc.abstractmethod
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, in pieces of any size. Raises ``UpstreamError`` on failure."""
+
+    @abc.abstractmethod
+    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
+        """The whole body; raises ``BadBackendResponse`` if it is longer than ``limit`` bytes.
+        ``charge(n)``, when given, is called for each piece before it is kept (see
+        ``read_capped``)."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the response; if it has not ended, abort the work behind it."""
+
+
+class Backend(abc.ABC):
+    """An engine the gateway sends requests to. ``start`` before use, ``aclose`` at shutdown."""
+
+    name: str = "backend"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open clients or engines. Called once in the app's lifespan."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Close clients or engines. Called once in the app's lifespan."""
+
+    @abc.abstractmethod
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        """Send the request; return once the response's status and headers are known."""
+
+    @abc.abstractmethod
+    async def check_health(self, timeout: float) -> bool:
+        """True when the engine answers its health check within ``timeout`` seconds."""
+
+    async def model_ids(self, timeout: float) -> list[str] | None:
+        """The ids of the models the engine serves, or None when it cannot tell now."""
+        return None

@@ -1,0 +1,185 @@
+"""What a pool of backends is made of: its members (``BackendSpec``) and its knobs (``PoolConfig``).
+
+Members come either from ``Settings.backend_urls`` (weight 1, models learned from each member's
+``/v1/models``) or from a backends file (``load_backends_file``), YAML or JSON, that may give each
+member a weight, the models it serves and its own limit on outstanding requests::
+
+    backends:
+      - url: http://10.0.0.1:8000
+        weight: 2            # relative capacity (default 1)
+        models: [llama-70b]  # declared: never asked; absent: learned from /v1/models
+        max_outstanding: 64  # optional per-member admission limit
+      - url: http://10.0.0.2:8000
+
+A bare list of such entries (or of URL strings) is accepted too. Every value is checked here and a
+bad file raises ``ValueError`` naming the entry, so the pool can trust what it is handed.
+
+``PoolConfig.from_settings`` reads the pool's settings with ``getattr`` and a default, so the pool
+works with a ``Settings`` that does not (yet) declare them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from vllm_gateway.settings import Settings
+
+__all__ = ["ROUTINGS", "BackendSpec", "PoolConfig", "load_backends_file", "specs_from_urls"]
+
+ROUTINGS = ("least_outstanding", "session", "prefix")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    url: str
+    weight: float = 1.0
+    models: tuple[str, ...] | None = None  # None: learn them from the member's /v1/models
+    name: str | None = None
+    max_outstanding: int | None = None  # None: the pool's default (which may be None: no limit)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """The pool's knobs; each maps to a setting ``pool_<name>`` (see docs/pool.md)."""
+
+    routing: str = "least_outstanding"
+    affinity_prefix_chars: int = 512  # how much of the prompt the prefix affinity hashes
+    affinity_yield_factor: float = 2.0  # affinity yields when in_flight > factor * (pool min + 1)
+    max_outstanding: int | None = None  # per-member limit, unless a member's spec sets its own
+    admission_wait: float = 1.0  # how long a request waits for a full member to free a slot
+    health_interval: float = 2.0
+    health_timeout: float = 1.0
+    health_fail_threshold: int = 2  # consecutive failed checks before a member is taken out
+    models_refresh_interval: float = 30.0
+    watchdog_stall: float = 15.0  # no byte from a busy member for this long: send a canary
+    canary_timeout: float = 5.0
+    eject_after_failures: int = 3  # consecutive passive failures before ejection
+    readmit_backoff: float = 1.0  # first wait before an ejected member may come back
+    readmit_backoff_max: float = 60.0
+    retry_budget_ratio: float = 0.2  # retries may be at most this share of recent requests
+    retry_budget_min: int = 3  # ... but this many are always allowed within the window
+    retry_budget_window: float = 10.0
+    max_retries: int = 2  # per request
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise ValueError(
+                f"pool routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}"
+            )
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or f.name == "routing" or value is None:
+                continue
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"pool {f.name} must be a non-negative number, not {value!r}")
+        if self.max_outstanding is not None and self.max_outstanding < 1:
+            raise ValueError("pool max_outstanding must be at least 1")
+        if (
+            self.health_interval <= 0
+            or self.health_fail_threshold < 1
+            or self.eject_after_failures < 1
+        ):
+            raise ValueError(
+                "pool health_interval, health_fail_threshold and eject_after_failures "
+                "must be positive"
+            )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> PoolConfig:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = getattr(settings, f"pool_{f.name}", None)
+            if value is not None:
+                values[f.name] = value
+        values.update(overrides)
+        return cls(**values)
+
+
+def specs_from_urls(urls: tuple[str, ...] | list[str]) -> list[BackendSpec]:
+    return [BackendSpec(url=u.rstrip("/")) for u in urls]
+
+
+def load_backends_file(path: str | Path) -> list[BackendSpec]:
+    """Parse a backends file (JSON if it parses as JSON or ends in .json, else YAML)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"backends file {p}: cannot be read ({exc.strerror})") from None
+    data: Any
+    if p.suffix.lower() == ".json" or text.lstrip().startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"backends file {p}: invalid JSON ({exc})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - pyyaml is a dependency of the pool
+            raise ValueError(f"backends file {p}: YAML needs the pyyaml package") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"backends file {p}: invalid YAML ({exc})") from None
+    return parse_backends(data, str(p))
+
+
+def parse_backends(data: Any, where: str = "backends") -> list[BackendSpec]:
+    if isinstance(data, Mapping):
+        data = data.get("backends")
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{where}: expected a non-empty list of backends (or {{backends: [...]}})")
+    specs = [_parse_entry(entry, f"{where}: backend #{i + 1}") for i, entry in enumerate(data)]
+    names = [s.name or s.url for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: backend names/urls must be unique")
+    return specs
+
+
+def _parse_entry(entry: Any, where: str) -> BackendSpec:
+    if isinstance(entry, str):
+        entry = {"url": entry}
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected a URL or a mapping with 'url'")
+    unknown = set(entry) - {"url", "weight", "models", "name", "max_outstanding"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+    url = entry.get("url")
+    if not isinstance(url, str):
+        raise ValueError(f"{where}: 'url' must be an http:// or https:// URL with a host")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{where}: 'url' must be an http:// or https:// URL with a host")
+    weight = entry.get("weight", 1.0)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not (math.isfinite(weight) and weight > 0)
+    ):
+        raise ValueError(f"{where}: 'weight' must be a positive number")
+    models = entry.get("models")
+    if models is not None:
+        if isinstance(models, str):
+            models = [models]
+        if (
+            not isinstance(models, list)
+            or not models
+            or not all(isinstance(m, str) and m for m in models)
+        ):
+            raise ValueError(f"{where}: 'models' must be a non-empty list of model names")
+        models = tuple(models)
+    limit = entry.get("max_outstanding")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{where}: 'max_outstanding' must be a positive integer")
+    name = entry.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"{where}: 'name' must be a non-empty string")
+    return BackendSpec(
+        url=url.rstrip("/"), weight=float(weight), models=models, name=name, max_outstanding=limit
+    )

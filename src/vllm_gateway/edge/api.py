@@ -1,0 +1,132 @@
+"""The FastAPI app of the routes off the hot path: health, readiness, the model list, and the error
+handlers that give them the gateway's error shape. Observability adds ``/metrics`` and the status
+page to it; the composition root (``compose.py``) puts it behind the front door.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vllm_gateway import __version__, errors
+from vllm_gateway.backends.base import Backend, UpstreamRequest
+from vllm_gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.settings import Settings
+
+__all__ = ["create_api"]
+
+
+def _error_response(err: GatewayError, request: Request) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id")
+    headers = {k.decode(): v.decode() for k, v in err.headers()}
+    if request_id:
+        headers["x-request-id"] = request_id
+    return Response(
+        errors.json_body(err, request_id),
+        status_code=err.status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def create_api(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            # The server has already drained in-flight requests (see server.py); close the client.
+            await gateway.aclose()
+
+    api = FastAPI(
+        title="vllm-gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    api.state.gateway = gateway
+
+    @api.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return _error_response(exc, request)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return _error_response(NotFound(), request)
+        if exc.status_code == 405:
+            return _error_response(MethodNotAllowed(), request)
+        err = GatewayError(str(exc.detail))
+        err.status = exc.status_code
+        return _error_response(err, request)
+
+    @api.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(errors.InvalidRequest(), request)
+
+    @api.get("/v1/health")
+    async def v1_health() -> Response:
+        if gateway.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/health/live")
+    async def live() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/health/ready")
+    async def ready() -> Response:
+        if gateway.draining:
+            return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
+        if not await gateway.backend.check_health(min(2.0, gateway.settings.connect_timeout)):
+            return JSONResponse(
+                {"status": "not_ready", "reason": "backend_unhealthy"}, status_code=503
+            )
+        return JSONResponse({"status": "ready"})
+
+    @api.get("/v1/models")
+    async def models(request: Request) -> Response:
+        request_id = request.scope["state"]["request_id"]
+        body = await _backend_models(gateway.backend, request_id, gateway.settings)
+        return Response(body, media_type="application/json", headers={"x-request-id": request_id})
+
+    return api
+
+
+async def _backend_models(backend: Backend, request_id: str, settings: Settings) -> bytes:
+    """The backend's model list, with the configured aliases added as models of their own."""
+    try:
+        async with asyncio.timeout(settings.first_token_timeout):
+            upstream = await backend.send(
+                UpstreamRequest("GET", "/v1/models", request_id=request_id)
+            )
+            try:
+                body = await upstream.read(8 << 20)
+            finally:
+                await upstream.aclose()
+    except TimeoutError:
+        raise errors.FirstTokenTimeout() from None
+    if upstream.status != 200:
+        raise errors.BadBackendResponse(f"The backend failed with status {upstream.status}.")
+    try:
+        listing = orjson.loads(body)
+        data = listing["data"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise errors.BadBackendResponse("The backend's model list is not valid.") from None
+    if settings.model_aliases:
+        by_id = {m.get("id"): m for m in data if isinstance(m, dict)}
+        for alias, target in settings.model_aliases.items():
+            if alias not in by_id and target in by_id:
+                data.append({**by_id[target], "id": alias})
+        body = orjson.dumps(listing)
+    return body

@@ -1,0 +1,112 @@
+"""The front door: the handler the HTTP server calls for every request.
+
+The inference routes are the hot path: the front door hands them straight to a ``ProxyCall`` on
+the server's ``Exchange``, with no ASGI, no middleware and no re-serialisation. Everything else
+(health, models, metrics, the OpenAPI document) is an ordinary FastAPI route, served through the
+ASGI bridge. What can be decided from the headers alone (API key, method, media type, draining,
+the body's declared length) is decided in ``admit`` before the body is read, so a refused client
+never gets to send it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from vllm_gateway import errors
+from vllm_gateway.edge.asgi import serve_asgi
+from vllm_gateway.edge.auth import KeyRing
+from vllm_gateway.edge.clients import ClientResolver
+from vllm_gateway.edge.cors import Cors
+from vllm_gateway.edge.http import Exchange
+from vllm_gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown, Unauthorized
+from vllm_gateway.identity import ANONYMOUS
+from vllm_gateway.ids import new_request_id
+from vllm_gateway.observability.connections import ConnectionStats
+from vllm_gateway.proxy.budget import BufferBudget
+from vllm_gateway.proxy.call import ProxyCall
+from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.record import RejectedCall
+from vllm_gateway.proxy.routes import OPEN_ROUTES, PROXY_ROUTES
+from vllm_gateway.proxy.validation import is_json_media_type
+
+__all__ = ["GatewayApp"]
+
+log = logging.getLogger("vllm_gateway")
+
+# The FastAPI routes take no body worth the name.
+_SMALL_BODY = 64 * 1024
+
+
+class GatewayApp:
+    """The front door: ``admit`` and ``handle`` for the HTTP server (``http_server.Handler``)."""
+
+    def __init__(self, gateway: Gateway, api: FastAPI) -> None:
+        self.gateway = gateway
+        self.api = api
+        settings = gateway.settings
+        self._keys = KeyRing(settings.api_keys)
+        self._cors = Cors(settings.cors_origins) if settings.cors_origins else None
+        self._clients = ClientResolver(settings.trusted_proxies)
+        self._max_body = settings.max_body_bytes
+        # Shared with the HTTP server the runner builds on this app.
+        self.budget = BufferBudget(settings.buffer_budget_bytes)
+        self.server_stats = ConnectionStats()
+        api.state.server_stats = self.server_stats
+        api.state.budget = self.budget
+
+    def new_request_id(self, headers: list[tuple[bytes, bytes]]) -> str:
+        return new_request_id(headers)
+
+    def admit(self, ex: Exchange) -> GatewayError | None:
+        path = ex.path
+        cors = self._cors
+        preflight = cors is not None and Cors.is_preflight(ex.method, ex.headers)
+        if cors is not None:
+            ex.extra_headers = cors.response_headers(ex.header(b"origin"))
+        identity = ANONYMOUS
+        if self._keys and path not in OPEN_ROUTES and not preflight:
+            found = self._keys.identify(ex.headers)
+            if found is None:
+                return Unauthorized()
+            identity = found
+        ex.state["identity"] = identity
+        peer = ex.client[0] if ex.client else None
+        ex.state["client_address"] = self._clients.client(peer, ex.headers)
+        ex.body_limit = _SMALL_BODY
+        if path not in PROXY_ROUTES or preflight:
+            return None
+        if ex.method != "POST":
+            return MethodNotAllowed(allow="POST")
+        if self.gateway.draining:
+            return ShuttingDown(retry_after=self.gateway.admission.estimate_wait())
+        ctype = ex.header(b"content-type")
+        if ctype is not None and not is_json_media_type(ctype):
+            return errors.UnsupportedMediaType(
+                "The request body must be JSON: send 'Content-Type: application/json'."
+            )
+        ex.body_limit = self._max_body
+        return None
+
+    async def handle(self, ex: Exchange) -> None:
+        if self._cors is not None and Cors.is_preflight(ex.method, ex.headers):
+            status, headers = self._cors.preflight(
+                ex.header(b"origin"), ex.header(b"access-control-request-headers")
+            )
+            ex.extra_headers = []
+            ex.respond(status, [*headers, (b"x-request-id", ex.request_id.encode())], b"")
+            return
+        if ex.path in PROXY_ROUTES:
+            await ProxyCall(self.gateway, ex).run()
+            return
+        state = {
+            "request_id": ex.request_id,
+            "identity": ex.state["identity"],
+            "client_address": ex.state["client_address"],
+        }
+        await serve_asgi(self.api, ex, state)
+
+    def refused(self, ex: Exchange, err: GatewayError) -> None:
+        """The server answered ``err`` itself: count it like any other ended request."""
+        self.gateway.request_ended(RejectedCall(ex.request_id, ex.path, err))

@@ -1,0 +1,184 @@
+"""The live status page: a ring of per-second aggregates, and the routes that serve it.
+
+``StatusBoard.record`` is called by the observer once per ended request; ``tick`` closes the
+current second once a second (``run_ticker``, started in the app's lifespan). The ring keeps
+``seconds`` points (10 minutes by default): requests and errors ended, content events relayed,
+in flight and queue depth sampled at the tick, and per-second percentiles of TTFT, inter-token
+latency and queue wait (computed at the tick from that second's values, then dropped).
+
+Events per second count the streams still open too: at each tick the board adds up ``chunks`` of
+the calls in ``gateway.active`` (a sum over the requests in flight once a second, no per-chunk
+work) plus those of the calls that ended, and takes the difference from the last tick.
+
+Routes: ``GET /status`` (static HTML, vanilla JS, no external assets) and ``GET /status/data``
+(JSON snapshot: live gauges read at request time, the ring, backends, recent failed requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI
+
+from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.record import CallRecord
+
+__all__ = ["StatusBoard", "install_status_routes"]
+
+SERIES = (
+    "t",
+    "requests",
+    "errors",
+    "events",
+    "in_flight",
+    "queued",
+    "queue_wait_p95",
+    "ttft_p50",
+    "ttft_p95",
+    "itl_p50",
+    "itl_p95",
+)
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values.sort()
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _task_count() -> int | None:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop (a snapshot taken outside the server)
+        return None
+
+
+class StatusBoard:
+    def __init__(self, gateway: Gateway, seconds: int = 600, recent_errors: int = 50) -> None:
+        self.gateway = gateway
+        self.points: deque[tuple[Any, ...]] = deque(maxlen=seconds)
+        self.errors: deque[dict[str, Any]] = deque(maxlen=recent_errors)
+        self.backends: Callable[[], list[dict[str, Any]]] = list
+        self.requests_total = 0
+        self.errors_total = 0
+        self.ended_events = 0
+        self._last_events = 0
+        self._last_tick = time.monotonic()
+        self._reset_second()
+
+    def _reset_second(self) -> None:
+        self._requests = 0
+        self._errors = 0
+        self._ttft: list[float] = []
+        self._itl: list[float] = []
+        self._qwait: list[float] = []
+
+    def record(self, call: CallRecord, outcome: str, ttft: float | None, itl: float | None) -> None:
+        """One ended request (called by the observer)."""
+        self._requests += 1
+        self.requests_total += 1
+        self.ended_events += call.chunks
+        if call.admitted:
+            self._qwait.append(call.queue_wait)
+        if ttft is not None:
+            self._ttft.append(ttft)
+        if itl is not None:
+            self._itl.append(itl)
+        if outcome != "completed":
+            self._errors += 1
+            self.errors_total += 1
+            self.errors.append(
+                {
+                    "request_id": call.request_id,
+                    "outcome": outcome,
+                    "status": call.status,
+                    "route": call.path,
+                    "model": call.model,
+                    "time": time.time(),
+                }
+            )
+
+    def tick(self) -> None:
+        """Close the current second: one point in the ring."""
+        now = time.monotonic()
+        span = max(1e-3, now - self._last_tick)
+        self._last_tick = now
+        events = self.ended_events + sum(c.chunks for c in self.gateway.active)
+        delta = events - self._last_events
+        self._last_events = events
+        adm = self.gateway.admission
+        self.points.append(
+            (
+                round(time.time(), 3),
+                round(self._requests / span, 3),
+                round(self._errors / span, 3),
+                round(max(0, delta) / span, 3),
+                adm.in_flight,
+                adm.queued,
+                _quantile(self._qwait, 0.95),
+                _quantile(self._ttft, 0.5),
+                _quantile(self._ttft, 0.95),
+                _quantile(self._itl, 0.5),
+                _quantile(self._itl, 0.95),
+            )
+        )
+        self._reset_second()
+
+    async def run_ticker(self, interval: float = 1.0) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + interval
+        self._last_tick = time.monotonic()
+        self._last_events = self.ended_events + sum(c.chunks for c in self.gateway.active)
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += interval
+            self.tick()
+
+    def snapshot(self, window: int = 300) -> dict[str, Any]:
+        gw = self.gateway
+        adm = gw.admission
+        points = list(self.points)[-window:] if window > 0 else []
+        series = {name: [p[i] for p in points] for i, name in enumerate(SERIES)}
+        return {
+            "now": time.time(),
+            "uptime_s": round(time.time() - gw.started_at, 1),
+            "live": {
+                "in_flight": adm.in_flight,
+                "queued": adm.queued,
+                "limit": adm.limit,
+                "max_queued": adm.max_queued,
+                "draining": gw.draining,
+                "admitted_total": adm.admitted_total,
+                "rejected_full_total": adm.rejected_full_total,
+                "rejected_timeout_total": adm.rejected_timeout_total,
+                "requests_total": self.requests_total,
+                "errors_total": self.errors_total,
+                "active_calls": len(gw.active),
+                # Every task of this worker: a soak compares it before and after to find leaks.
+                "tasks": _task_count(),
+            },
+            "series": series,
+            "backends": self.backends(),
+            "errors": list(reversed(self.errors)),
+        }
+
+
+def install_status_routes(api: FastAPI, board: StatusBoard) -> None:
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    page = resources.files("vllm_gateway.observability").joinpath("static/status.html").read_bytes()
+
+    @api.get("/status", include_in_schema=False)
+    async def status_page() -> Response:
+        return HTMLResponse(page, headers={"cache-control": "no-cache"})
+
+    @api.get("/status/data", include_in_schema=False)
+    async def status_data(window: int = 300) -> Response:
+        window = max(0, min(window, board.points.maxlen or 600))
+        return JSONResponse(board.snapshot(window), headers={"cache-control": "no-store"})

@@ -1,0 +1,279 @@
+"""Admission control: at most N requests in flight, a bounded fair queue, a bounded wait.
+
+The queue is FIFO per tenant (an API key's tenant; one tenant when keys are off, which makes it
+plain FIFO). A freed slot goes to the next tenant in rotation within the highest priority class
+that has waiters, so a tenant that floods the queue cannot starve another: each waiting tenant
+gets a turn. When the queue is full, an arrival from a tenant with fewer waiters than the largest
+one takes the place of that tenant's newest waiter (which gets 503 ``overloaded``) instead of
+being refused itself.
+
+Invariants (tested in tests/unit/test_admission.py):
+- ``in_flight`` never exceeds ``limit``;
+- within a tenant, waiters are served in arrival order, and a freed permit goes straight to a live
+  waiter (no barging: a new arrival never overtakes the queue);
+- a waiter leaves the queue when its wait times out or its task is cancelled (client gone), and a
+  permit handed to it in that same instant is passed on, never lost;
+- ``Permit.release()`` is idempotent, so every path may call it and the count moves exactly once;
+- after ``close()`` (drain), queued waiters and new arrivals get ``ShuttingDown`` at once.
+
+No locks: everything runs on the event loop, and the only suspension point is the waiter's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+
+from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
+
+__all__ = ["Admission", "Permit"]
+
+# How many recent releases the Retry-After estimate looks at.
+_RATE_WINDOW = 64
+
+
+class Permit:
+    """One slot, held for the whole life of a response. ``release()`` may be called any number of times."""
+
+    __slots__ = ("_admission", "acquired_at", "queue_wait", "released")
+
+    def __init__(self, admission: Admission, acquired_at: float, queue_wait: float) -> None:
+        self._admission = admission
+        self.acquired_at = acquired_at
+        self.queue_wait = queue_wait
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._admission._release()
+
+
+class _Queue:
+    """One tenant's waiters, oldest first; may hold abandoned (done) futures, skipped lazily."""
+
+    __slots__ = ("live", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.live = 0
+
+
+class Admission:
+    def __init__(
+        self,
+        limit: int,
+        max_queued: int,
+        queue_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.max_queued = max_queued
+        self.queue_timeout = queue_timeout
+        self._clock = clock
+        self._in_flight = 0
+        self._queued = 0  # live waiters over all tenants
+        self._queues: dict[tuple[int, str], _Queue] = {}
+        # Per priority class (highest first when serving), the tenants with waiters, in turn order.
+        self._turns: dict[int, deque[str]] = {}
+        self._releases: deque[float] = deque(maxlen=_RATE_WINDOW)
+        self._closed = False
+        self._idle: asyncio.Event | None = None
+        # Counters for metrics and tests.
+        self.admitted_total = 0
+        self.rejected_full_total = 0
+        self.rejected_timeout_total = 0
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def queued_by_tenant(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for (_, tenant), queue in self._queues.items():
+            if queue.live:
+                out[tenant] = out.get(tenant, 0) + queue.live
+        return out
+
+    # --- acquiring -------------------------------------------------------------------------
+
+    async def acquire(
+        self, timeout: float | None = None, tenant: str = "", priority: int = 0
+    ) -> Permit:
+        """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
+        if self._closed:
+            raise ShuttingDown(retry_after=self._estimate_wait(1))
+        start = self._clock()
+        if self._in_flight < self.limit and self._queued == 0:
+            self._in_flight += 1
+            self.admitted_total += 1
+            return Permit(self, start, 0.0)
+        key = (priority, tenant)
+        if self._queued >= self.max_queued and not self._make_room(key):
+            self.rejected_full_total += 1
+            raise Overloaded(retry_after=self._estimate_wait(self._queued + 1))
+
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        if not queue.live:
+            self._turns.setdefault(priority, deque()).append(tenant)
+        queue.waiters.append(fut)
+        queue.live += 1
+        self._queued += 1
+        position = self._queued
+        try:
+            async with asyncio.timeout(self.queue_timeout if timeout is None else timeout):
+                await fut
+        except BaseException as exc:
+            if fut.cancelled() or not fut.done():
+                # Still queued (the task's cancellation may have cancelled the future already):
+                # leave the queue; the abandoned future is skipped when its turn comes.
+                fut.cancel()
+                self._forget(key, queue)
+            elif fut.exception() is None:
+                # The permit reached us in the same instant as the timeout or the cancellation:
+                # we own it, so hand it on rather than lose it.
+                self._release()
+            if isinstance(exc, TimeoutError):
+                self.rejected_timeout_total += 1
+                raise QueueTimeout(
+                    f"No slot became free within {self.queue_timeout:g} s "
+                    f"(queue position {position} of {self._queued + 1}); retry later.",
+                    retry_after=self._estimate_wait(max(1, self._queued)),
+                ) from None
+            raise
+        # A future completed by ``_release`` carries a slot already counted in ``_in_flight``.
+        self.admitted_total += 1
+        return Permit(self, self._clock(), self._clock() - start)
+
+    def _forget(self, key: tuple[int, str], queue: _Queue) -> None:
+        """A live waiter of ``queue`` left: count it out, and drop the tenant's turn if empty."""
+        queue.live -= 1
+        self._queued -= 1
+        if not queue.live:
+            queue.waiters.clear()
+            turns = self._turns.get(key[0])
+            if turns is not None and key[1] in turns:
+                turns.remove(key[1])
+
+    def _make_room(self, key: tuple[int, str]) -> bool:
+        """The queue is full: evict the newest waiter of the tenant with the most waiters, if
+        that tenant has more than the arriving one. True if a place was freed."""
+        mine = self._queues[key].live if key in self._queues else 0
+        victim_key, victim = None, None
+        for other_key, queue in self._queues.items():
+            if queue.live > mine + 1 and (victim is None or queue.live > victim.live):
+                victim_key, victim = other_key, queue
+        if victim is None or victim_key is None:
+            return False
+        while victim.waiters:
+            fut = victim.waiters.pop()
+            if not fut.done():
+                self.rejected_full_total += 1
+                fut.set_exception(
+                    Overloaded(
+                        "The queue is full and this tenant holds the largest share of it; retry later.",
+                        retry_after=self._estimate_wait(self._queued),
+                    )
+                )
+                self._forget(victim_key, victim)
+                return True
+        return False
+
+    def _next_waiter(self) -> asyncio.Future[None] | None:
+        for priority in sorted(self._turns, reverse=True):
+            turns = self._turns[priority]
+            while turns:
+                tenant = turns[0]
+                queue = self._queues[(priority, tenant)]
+                while queue.waiters:
+                    fut = queue.waiters.popleft()
+                    if fut.done():  # abandoned by a waiter that timed out or was cancelled
+                        continue
+                    queue.live -= 1
+                    self._queued -= 1
+                    turns.popleft()
+                    if queue.live:
+                        turns.append(tenant)  # its next waiter waits for its next turn
+                    return fut
+                turns.popleft()
+        return None
+
+    def _release(self) -> None:
+        self._releases.append(self._clock())
+        fut = self._next_waiter()
+        if fut is not None:
+            fut.set_result(None)  # the slot passes on; _in_flight is unchanged
+            return
+        self._in_flight -= 1
+        if self._in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    # --- drain -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop admitting: queued waiters and later arrivals get ``ShuttingDown``."""
+        if self._closed:
+            return
+        self._closed = True
+        retry_after = self._estimate_wait(1)
+        for queue in self._queues.values():
+            while queue.waiters:
+                fut = queue.waiters.popleft()
+                if not fut.done():
+                    fut.set_exception(ShuttingDown(retry_after=retry_after))
+            queue.live = 0
+        self._queued = 0
+        self._turns.clear()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; True if that happened within ``timeout`` seconds."""
+        if self._in_flight == 0:
+            return True
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        self._idle.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                while self._in_flight:
+                    await self._idle.wait()
+                    self._idle.clear()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- Retry-After -----------------------------------------------------------------------
+
+    def release_rate(self) -> float | None:
+        """Permits freed per second over the recent window, or None before there is a rate."""
+        if len(self._releases) < 2:
+            return None
+        # Measure up to now, so that a rate that has dried up decays instead of staying optimistic.
+        span = self._clock() - self._releases[0]
+        return (len(self._releases) - 1) / span if span > 0 else None
+
+    def _estimate_wait(self, position: int) -> float:
+        """Seconds until a request at ``position`` in the queue would likely get a slot."""
+        rate = self.release_rate()
+        if rate is None:
+            return max(1.0, min(self.queue_timeout, 60.0))
+        return max(1.0, min(position / rate, 3600.0))
+
+    def estimate_wait(self, position: int | None = None) -> float:
+        return self._estimate_wait(self._queued + 1 if position is None else position)

@@ -1,0 +1,453 @@
+"""The life of one proxied request: body, validation, admission, upstream call, relay, cleanup.
+
+``ProxyCall.run`` is the only owner of everything it opens. Whatever path the request takes
+(success, backend error, timeout, client gone, drain), its ``finally`` releases the permit
+exactly once, closes the upstream response (which aborts the work behind it if it had not
+ended) and cancels the disconnect watcher.
+
+Two cancellation sources reach the call from outside: the disconnect watcher (``client_gone``)
+and the drain deadline (``shutdown``). Both cancel the call's task after recording why; ``run``
+absorbs that cancellation (``Task.uncancel``) and finishes the response the right way. Any other
+cancellation propagates untouched.
+
+Before the first byte, every error is a JSON response with its status. After it, the response
+has started and cannot change: an error becomes a final SSE ``error`` event and the stream ends
+without ``[DONE]``. A response is never started until the backend's first complete event is in
+hand, so a first-token timeout is still a 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from vllm_gateway import errors
+from vllm_gateway.backends.base import UpstreamRequest, UpstreamResponse
+from vllm_gateway.errors import (
+    BackendRejected,
+    BackendUnavailable,
+    BadBackendResponse,
+    FirstTokenTimeout,
+    GatewayError,
+    ModelNotFound,
+    RequestTimeout,
+    ShuttingDown,
+    StreamIdleTimeout,
+)
+from vllm_gateway.identity import ANONYMOUS
+from vllm_gateway.proxy.admission import Permit
+from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.responder import ClientGone, Responder
+from vllm_gateway.proxy.sse import DONE, ERROR, EventScanner, FramingError, classify, split_events
+from vllm_gateway.proxy.usage import parse_usage
+from vllm_gateway.proxy.validation import validate_body
+
+__all__ = ["ProxyCall"]
+
+log = logging.getLogger("vllm_gateway.proxy.call")
+
+# Cap on one SSE event: bounds what a broken backend can make a stream hold.
+MAX_EVENT_BYTES = 1 << 20
+# How long to wait for a backend's end of body after [DONE], to keep the connection pooled.
+_EOF_GRACE = 0.5
+
+
+def _is_json_object(body: bytes) -> bool:
+    """A 200 is relayed only if it is whole: a truncated or garbled body must not look complete."""
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class ProxyCall:
+    """One request through the gateway; also the record that metrics and logs read at its end."""
+
+    __slots__ = (
+        "_charged",
+        "_ex",
+        "_gw",
+        "_task",
+        "cancel_reason",
+        "chunks",
+        "ended_at",
+        "finished",
+        "first_byte_at",
+        "model",
+        "outcome",
+        "path",
+        "permit",
+        "priority",
+        "queue_wait",
+        "rate_key",
+        "request_headers",
+        "request_id",
+        "requested_tokens",
+        "response_started",
+        "started_at",
+        "status",
+        "stream",
+        "tenant",
+        "upstream",
+        "upstream_answered_at",
+        "upstream_sent_at",
+        "usage",
+    )
+
+    def __init__(self, gw: Gateway, exchange: Responder) -> None:
+        self._gw = gw
+        self._ex = exchange
+        self.request_id = exchange.request_id
+        self.path: str = exchange.path
+        self.request_headers = exchange.headers
+        self._task: asyncio.Task[Any] | None = None
+        self._charged = 0  # bytes of a buffered backend body counted in the buffer budget
+        self.cancel_reason: str | None = None
+        self.permit: Permit | None = None
+        self.upstream: UpstreamResponse | None = None
+        self.response_started = False
+        self.finished = False
+        self.started_at = time.perf_counter()
+        self.first_byte_at: float | None = None
+        self.queue_wait = 0.0
+        self.status = 0
+        self.outcome = "unknown"
+        self.model: str | None = None
+        self.stream = False
+        self.chunks = 0
+        self.requested_tokens = 0
+        self.usage: bytes | None = None
+        self.upstream_sent_at: float | None = None
+        self.upstream_answered_at: float | None = None
+        self.ended_at: float | None = None
+        identity = exchange.state.get("identity", ANONYMOUS)
+        self.tenant: str = identity.tenant
+        self.priority: int = identity.priority
+        # Rate limits count per tenant; without keys, per client address (a proxy's word for it
+        # only when that proxy is trusted).
+        address = exchange.state.get("client_address")
+        self.rate_key = (
+            (f"ip:{address}" if address else "anonymous")
+            if identity is ANONYMOUS
+            else identity.tenant
+        )
+
+    # --- cancellation from outside ---------------------------------------------------------
+
+    def cancel(self, reason: str) -> None:
+        if self.finished or self.cancel_reason is not None or self._task is None:
+            return
+        self.cancel_reason = reason
+        self._task.cancel()
+
+    def _client_gone(self) -> None:
+        self.cancel("client_gone")
+
+    # --- the request's life ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        task = self._task = asyncio.current_task()
+        assert task is not None  # always run as a task by the server
+        gw = self._gw
+        gw.active.add(self)
+        self._ex.on_gone = self._client_gone
+        try:
+            try:
+                await self._proxy()
+            except asyncio.CancelledError:
+                if self.cancel_reason is None:
+                    # Not ours (the server is cancelling the task): let it propagate.
+                    self.outcome = "cancelled"
+                    raise
+                if task.uncancel() > 0:
+                    raise
+                if self.cancel_reason == "shutdown":
+                    self._fail(ShuttingDown("The gateway shut down before the request finished."))
+                else:
+                    self._client_left()
+            except ClientGone:
+                self._client_left()
+            except GatewayError as err:
+                self._fail(err)
+            except Exception:
+                log.exception("request %s failed", self.request_id)
+                self._fail(GatewayError())
+        finally:
+            self.finished = True
+            self._ex.on_gone = None
+            if self.upstream is not None:
+                try:
+                    await self.upstream.aclose()
+                except Exception:
+                    log.exception("closing the upstream response of %s failed", self.request_id)
+            if self._charged:
+                self._ex.budget.give(self._charged)
+                self._charged = 0
+            if self.permit is not None:
+                self.permit.release()
+            gw.active.discard(self)
+            gw.request_ended(self)
+            if gw.ratelimiter is not None and self.usage is not None:
+                await self._settle_tokens()
+
+    async def _settle_tokens(self) -> None:
+        """Charge the real token count against the tenant's token limit (``acquire`` charged
+        max_tokens up front; this settles the difference)."""
+        gw = self._gw
+        if gw.ratelimiter is None or not gw.settings.rate_limit_tpm:
+            return
+        prompt, completion = parse_usage(self.usage)
+        if prompt is None and completion is None:
+            return
+        used = (prompt or 0) + (completion or 0)
+        try:
+            await gw.ratelimiter.record_tokens(self.rate_key, used - self.requested_tokens)
+        except Exception:  # a limiter problem must never fail a finished request
+            log.exception("charging tokens for request %s failed", self.request_id)
+
+    @property
+    def admitted(self) -> bool:
+        return self.permit is not None
+
+    @property
+    def served_by(self) -> str | None:
+        upstream = self.upstream
+        return upstream.served_by if upstream is not None else None
+
+    def _client_left(self) -> None:
+        # A client that stopped reading was dropped by the server's send timeout: say which.
+        self.outcome = "client_too_slow" if self._ex.too_slow else "client_disconnected"
+        self.status = 499
+
+    def _fail(self, err: GatewayError) -> None:
+        self.outcome = err.type
+        if isinstance(err, (BadBackendResponse, BackendUnavailable)) or err.status >= 500:
+            log.warning(
+                "request %s: %s: %s (caused by %r)",
+                self.request_id,
+                err.type,
+                err.message,
+                err.__cause__,
+            )
+        ex = self._ex
+        if ex.gone or ex.complete:
+            return  # the client is gone too; nothing left to tell it
+        if not self.response_started:
+            self.status = err.status
+            self.response_started = True
+            ex.respond(
+                err.status,
+                [
+                    (b"content-type", b"application/json"),
+                    (b"x-request-id", self.request_id.encode()),
+                    *err.headers(),
+                ],
+                errors.json_body(err, self.request_id),
+            )
+        else:
+            # The final event of a stream already started; no [DONE]. If the client does not take
+            # it, the server's send timeout closes the connection: nothing here waits for it.
+            ex.end(errors.sse_event(err, self.request_id))
+
+    async def _proxy(self) -> None:
+        gw = self._gw
+        settings = gw.settings
+        ex = self._ex
+        valid = validate_body(self.path, ex.body, settings.model_aliases)
+        self.model = valid.model
+        self.stream = valid.stream
+        loop = asyncio.get_running_loop()
+        if (
+            valid.model is not None
+            and not gw.models.known(valid.model)
+            and await gw.models.check(valid.model) is False
+        ):
+            raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
+        if gw.ratelimiter is not None:
+            self.requested_tokens = valid.requested_tokens
+            await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
+
+        self.permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
+        self.queue_wait = self.permit.queue_wait
+        deadline = loop.time() + settings.request_timeout
+        session = ex.header(b"x-session-id")
+        request = UpstreamRequest(
+            "POST",
+            self.path,
+            valid.body,
+            valid.json,
+            valid.stream,
+            self.request_id,
+            valid.model,
+            {"x-session-id": session.decode("latin-1")} if session else {},
+        )
+        first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
+        try:
+            async with asyncio.timeout_at(first_deadline):
+                self.upstream_sent_at = time.perf_counter()
+                self.upstream = await gw.backend.send(request)
+                self.upstream_answered_at = time.perf_counter()
+        except TimeoutError:
+            raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
+
+        upstream = self.upstream
+        if upstream.status != 200:
+            await self._relay_error_status(upstream, deadline)
+        elif valid.stream:
+            await self._relay_stream(upstream, first_deadline, deadline)
+        else:
+            await self._relay_body(upstream, first_deadline, deadline)
+
+    def _charge(self, n: int) -> None:
+        """Count ``n`` more bytes of a buffered backend body in the process's buffer budget, or
+        refuse (503) when the budget cannot take them."""
+        if not self._ex.budget.take(n):
+            raise errors.Overloaded(
+                "The gateway holds as many buffered answers as its memory budget allows; "
+                "retry later.",
+                retry_after=1.0,
+            )
+        self._charged += n
+
+    async def _relay_error_status(self, upstream: UpstreamResponse, deadline: float) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await upstream.read(1 << 20, self._charge)
+        except TimeoutError:
+            raise RequestTimeout() from None
+        if 400 <= upstream.status < 500:
+            if not _is_json_object(body):
+                log.warning(
+                    "request %s: backend answered %d without a JSON body: %.300r",
+                    self.request_id,
+                    upstream.status,
+                    body,
+                )
+                raise BackendRejected(upstream.status)
+            # The backend judged the request: its status and body are the client's answer.
+            self.outcome = "client_error"
+            self._respond(upstream.status, body, "application/json")
+            return
+        log.warning(
+            "request %s: backend answered %d: %.300r", self.request_id, upstream.status, body
+        )
+        raise BadBackendResponse(f"The backend failed with status {upstream.status}.")
+
+    async def _relay_body(
+        self, upstream: UpstreamResponse, first_deadline: float, deadline: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await upstream.read(self._gw.settings.max_backend_body_bytes, self._charge)
+        except TimeoutError:
+            raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
+        self.first_byte_at = time.perf_counter()
+        if "json" not in upstream.content_type or not _is_json_object(body):
+            raise BadBackendResponse("The backend's answer is not JSON.")
+        self.outcome = "completed"
+        self.usage = body
+        self._respond(200, body, "application/json")
+        ex = self._ex
+        if ex.paused:
+            await ex.drain()
+
+    def _respond(self, status: int, body: bytes, content_type: str) -> None:
+        self.status = status
+        self.response_started = True
+        self._ex.respond(
+            status,
+            [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"x-request-id", self.request_id.encode()),
+            ],
+            body,
+        )
+        self.ended_at = time.perf_counter()
+
+    async def _relay_stream(
+        self, upstream: UpstreamResponse, first_deadline: float, deadline: float
+    ) -> None:
+        if not upstream.content_type.startswith("text/event-stream"):
+            raise BadBackendResponse(
+                "The backend answered a stream request without an event stream."
+            )
+        loop = asyncio.get_running_loop()
+        idle = self._gw.settings.stream_idle_timeout
+        ex = self._ex
+        scanner = EventScanner(MAX_EVENT_BYTES)
+        chunks = upstream.chunks()
+        done = False
+        previous = b""
+        try:
+            async with asyncio.timeout_at(first_deadline) as timer:
+                while not done:
+                    try:
+                        data = await anext(chunks)
+                    except StopAsyncIteration:
+                        break
+                    try:
+                        block = scanner.feed(data)
+                    except FramingError as exc:
+                        raise BadBackendResponse("The backend sent an oversized event.") from exc
+                    if not block:
+                        continue
+                    for event in split_events(block):
+                        kind = classify(event)
+                        if kind == DONE:
+                            done = True
+                        elif kind == ERROR:
+                            log.warning(
+                                "request %s: bad backend event: %.300r", self.request_id, event
+                            )
+                            raise BadBackendResponse("The backend reported an error mid-stream.")
+                        else:
+                            self.chunks += 1
+                    if not self.response_started:
+                        self.first_byte_at = time.perf_counter()
+                        self.response_started = True
+                        self.status = 200
+                        ex.start(200, [*_SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
+                    if done:
+                        ex.end(block)
+                        # The usage chunk, when asked for, is the last event before [DONE].
+                        self.usage = previous + block
+                    else:
+                        ex.write(block)
+                        if ex.paused:
+                            # The client is behind: wait for it (bounded by the server's send
+                            # timeout) rather than read more from the backend. That wait is
+                            # the client's, not the backend's idle time.
+                            timer.reschedule(deadline)
+                            await ex.drain()
+                    previous = block
+                    timer.reschedule(min(deadline, loop.time() + idle))
+        except TimeoutError:
+            if loop.time() >= deadline:
+                raise RequestTimeout() from None
+            raise (StreamIdleTimeout() if self.response_started else FirstTokenTimeout()) from None
+        self.ended_at = time.perf_counter()
+        if not done:
+            raise BadBackendResponse("The backend ended the stream without [DONE].")
+        self.outcome = "completed"
+        await self._finish_upstream(chunks)
+
+    async def _finish_upstream(self, chunks: Any) -> None:
+        """After [DONE], read the backend's end of body so its connection can be reused."""
+        try:
+            async with asyncio.timeout(_EOF_GRACE):
+                async for _ in chunks:
+                    pass
+        except (TimeoutError, GatewayError):
+            pass  # aclose() drops the connection instead

@@ -1,0 +1,106 @@
+"""The gateway's shared state: settings, admission, backend, drain, and the requests in flight.
+
+One ``Gateway`` per worker process, made by the app factory and started in its lifespan. Routes
+read it; nothing else holds global state. ``drain()`` is the one shutdown path: stop admitting,
+fail the queue, let in-flight requests finish until the deadline, then end the rest with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from vllm_gateway.backends.base import Backend
+from vllm_gateway.proxy.admission import Admission
+from vllm_gateway.proxy.catalog import ModelCatalog
+from vllm_gateway.proxy.ratelimit import RateLimiter
+from vllm_gateway.proxy.record import CallRecord
+from vllm_gateway.settings import Settings
+
+__all__ = ["Gateway", "InFlight", "RequestObserver"]
+
+log = logging.getLogger("vllm_gateway")
+
+
+class RequestObserver(Protocol):
+    """Told about every request when it ends (metrics, logs, tracing)."""
+
+    def request_ended(self, call: CallRecord) -> None: ...
+
+
+class InFlight(Protocol):
+    """A request in flight (``ProxyCall``): the drain can end it, the status page counts its
+    events."""
+
+    chunks: int
+
+    def cancel(self, reason: str) -> None: ...
+
+
+class Gateway:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.admission = Admission(
+            settings.max_concurrent_requests,
+            settings.max_queued_requests,
+            settings.queue_wait_timeout,
+        )
+        self.ratelimiter: RateLimiter | None = None
+        if settings.rate_limit_rpm or settings.rate_limit_tpm:
+            self.ratelimiter = RateLimiter(
+                settings.rate_limit_rpm, settings.rate_limit_tpm, redis_url=settings.redis_url
+            )
+        self.draining = False
+        self.active: set[InFlight] = set()
+        self.observers: list[RequestObserver] = []
+        self.started_at = time.time()
+        self.models = ModelCatalog(
+            self.backend.model_ids,
+            check_timeout=settings.model_check_timeout,
+            fetch_timeout=max(settings.model_check_timeout, settings.connect_timeout),
+        )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backend.start()
+        if self.ratelimiter is not None:
+            await self.ratelimiter.start()
+
+    async def aclose(self) -> None:
+        await self.models.aclose()
+        await self.backend.aclose()
+        if self.ratelimiter is not None:
+            await self.ratelimiter.aclose()
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop admitting, fail the queue, wait for in-flight requests, then end the rest."""
+        timeout = self.settings.shutdown_timeout if deadline is None else deadline
+        self.draining = True
+        self.admission.close()
+        log.info("draining: %d in flight, up to %.0f s", self.admission.in_flight, timeout)
+        if await self.admission.wait_idle(timeout):
+            log.info("drained: nothing in flight")
+            return
+        log.warning("drain deadline reached: ending %d request(s) with an error", len(self.active))
+        for call in list(self.active):
+            call.cancel("shutdown")
+        await self.admission.wait_idle(2.0)
+
+    # --- readiness and models --------------------------------------------------------------
+
+    async def ready(self) -> bool:
+        if self.draining:
+            return False
+        return await self.backend.check_health(min(2.0, self.settings.connect_timeout))
+
+    # --- observation -----------------------------------------------------------------------
+
+    def request_ended(self, call: CallRecord) -> None:
+        for observer in self.observers:
+            try:
+                observer.request_ended(call)
+            except Exception:  # an observer must never break a request
+                log.exception("request observer failed")

@@ -1,0 +1,120 @@
+"""The record of an ended request that observers (metrics, the access log, the status page,
+tracing) read: ``CallRecord``. ``ProxyCall`` is one; ``RejectedCall`` is the record of a request
+answered before a call existed (401, 405, 408, 431, 503 while draining...).
+
+Times are ``time.perf_counter()`` values; None where the request never got that far.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from vllm_gateway import errors
+
+__all__ = ["CallRecord", "RejectedCall"]
+
+
+class CallRecord(Protocol):
+    """Read-only: what an observer may look at."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def outcome(self) -> str: ...
+
+    @property
+    def model(self) -> str | None: ...
+
+    @property
+    def tenant(self) -> str | None: ...
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def chunks(self) -> int: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def first_byte_at(self) -> float | None: ...
+
+    @property
+    def ended_at(self) -> float | None: ...
+
+    @property
+    def upstream_sent_at(self) -> float | None: ...
+
+    @property
+    def upstream_answered_at(self) -> float | None: ...
+
+    @property
+    def queue_wait(self) -> float: ...
+
+    @property
+    def admitted(self) -> bool: ...
+
+    @property
+    def usage(self) -> bytes | None: ...
+
+    @property
+    def served_by(self) -> str | None: ...
+
+    @property
+    def request_headers(self) -> list[tuple[bytes, bytes]]: ...
+
+
+class RejectedCall:
+    """A request the gateway answered before a ``ProxyCall`` existed."""
+
+    __slots__ = (
+        "chunks",
+        "ended_at",
+        "first_byte_at",
+        "model",
+        "outcome",
+        "path",
+        "queue_wait",
+        "request_headers",
+        "request_id",
+        "served_by",
+        "started_at",
+        "status",
+        "stream",
+        "tenant",
+        "upstream_answered_at",
+        "upstream_sent_at",
+        "usage",
+    )
+
+    admitted = False
+
+    def __init__(
+        self, request_id: str, path: str, err: errors.GatewayError, started_at: float | None = None
+    ) -> None:
+        self.request_id = request_id
+        self.path = path
+        self.status = err.status
+        self.outcome = err.type
+        self.started_at = time.perf_counter() if started_at is None else started_at
+        self.first_byte_at: float | None = None
+        self.ended_at: float | None = None
+        self.upstream_sent_at: float | None = None
+        self.upstream_answered_at: float | None = None
+        self.model: str | None = None
+        self.tenant: str | None = None
+        self.stream = False
+        self.chunks = 0
+        self.queue_wait = 0.0
+        self.usage: bytes | None = None
+        self.served_by: str | None = None
+        self.request_headers: list[tuple[bytes, bytes]] = []
