@@ -295,6 +295,19 @@ async def test_a_32_mib_header_gets_431_and_memory_stays_flat(simulator: Simulat
         assert peak - base < 8 * 1024, f"peak RSS grew by {peak - base} KiB"
 
 
+async def test_headers_past_the_limit_in_one_read_get_431(simulator: Simulator) -> None:
+    settings = Settings(backend_urls=(simulator.url,), max_header_bytes=8192)
+    async with run_gateway(settings) as gw:
+        sock = await raw_connect(gw.port)
+        await asyncio.get_running_loop().sock_sendall(
+            sock, _request(chat_body(), b"x-junk: " + b"a" * 12000 + b"\r\n")
+        )
+        data = await read_until_closed(sock, timeout=5)
+        sock.close()
+        assert _status(data) == 431
+        assert simulator.stats()["total"] == 0
+
+
 async def test_options_needs_the_key_when_cors_is_off(simulator: Simulator) -> None:
     settings = Settings(backend_urls=(simulator.url,), api_keys=frozenset({"k"}))
     async with run_gateway(settings) as gw, httpx.AsyncClient() as client:

@@ -144,6 +144,7 @@ class Exchange:
         "conn",
         "error",
         "extra_headers",
+        "header_bytes",
         "headers",
         "http_version",
         "keep_alive",
@@ -167,6 +168,7 @@ class Exchange:
         self.path = ""
         self.query = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
         self.http_version = "1.1"
         self.keep_alive = True
         self.client = conn.peer
@@ -485,13 +487,19 @@ class Connection(asyncio.Protocol):
         self._parsing().raw_path += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._parsing().headers.append((name.lower(), value))
+        exchange = self._parsing()
+        exchange.header_bytes += len(name) + len(value) + 4
+        exchange.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         exchange = self._parsing()
         parser = self.parser
         self._in_headers = False
         self._header_bytes = 0
+        if exchange.header_bytes + len(exchange.raw_path) > self.server.limits.max_header_bytes:
+            # Headers that arrived whole in one read, past the limit.
+            self.server.stats.headers_too_large += 1
+            raise self._refuse(errors.HeadersTooLarge())
         exchange.method = parser.get_method().decode("ascii", "replace")
         exchange.http_version = parser.get_http_version()
         exchange.keep_alive = parser.should_keep_alive() and exchange.http_version == "1.1"

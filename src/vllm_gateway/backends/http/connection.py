@@ -43,6 +43,10 @@ MAX_HEAD_BYTES = 64 << 10
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
+class _HeadTooLarge(Exception):
+    """Raised from the parser's callback to stop it."""
+
+
 class Owner(Protocol):
     """What a connection tells the pool that owns it."""
 
@@ -107,6 +111,7 @@ class HTTPResponse(UpstreamResponse):
         "_got_bytes",
         "_head",
         "_head_bytes",
+        "_header_size",
         "_keep_alive",
         "_loop",
         "_parser",
@@ -133,6 +138,7 @@ class HTTPResponse(UpstreamResponse):
         self._error: UpstreamError | None = None
         self._got_bytes = False
         self._head_bytes = 0  # bytes received before the head was complete
+        self._header_size = 0  # bytes of the header lines parsed
         self._until_eof = False
         self._content_length: int | None = None
         self.status = 0
@@ -146,6 +152,11 @@ class HTTPResponse(UpstreamResponse):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._fail(
+                    BadBackendResponse("The backend's response headers are too large."), None
+                )
+                return
             if not self._done:
                 self._fail(BadBackendResponse("The backend sent a malformed HTTP response."), exc)
                 return
@@ -221,6 +232,7 @@ class HTTPResponse(UpstreamResponse):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_size += len(name) + len(value) + 4
         self.headers.append((name, value))
         lname = name.lower()
         if lname == b"content-type":
@@ -236,6 +248,8 @@ class HTTPResponse(UpstreamResponse):
             self._extra = True
 
     def on_headers_complete(self) -> None:
+        if self._header_size > MAX_HEAD_BYTES:
+            raise _HeadTooLarge  # a head that arrived whole in one read
         status = self.status = self._parser.get_status_code()
         if status < 200:  # an interim 1xx answer; the real head follows
             self.headers = []
