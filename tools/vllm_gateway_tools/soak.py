@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from vllm_gateway.proxy.sse import EventScanner, split_events
 from vllm_gateway_tools.simulator import loopback_command
 
 __all__ = ["ENDINGS", "SimulatorProcess", "judge", "main"]
@@ -47,12 +48,13 @@ ENDINGS = ("json_200", "stream_done", "error_json", "stream_error")
 
 def _events(body: bytes) -> list[bytes] | None:
     """The data payloads of an SSE body, or None when it does not end on an event boundary."""
-    text = body.replace(b"\r\n", b"\n")
-    if text and not text.endswith(b"\n\n"):
+    scanner = EventScanner(max_event_bytes=len(body) + 1)
+    block = scanner.feed(body)
+    if scanner.pending.strip():
         return None
     out = []
-    for block in text.split(b"\n\n"):
-        for line in block.split(b"\n"):
+    for event in split_events(block):
+        for line in event.split(b"\n"):
             if line.startswith(b"data:"):
                 out.append(line[5:].strip())
     return out

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
+from vllm_gateway.proxy.sse import EventScanner, split_events
+
 __all__ = ["Connection", "RequestResult", "SSEScanner", "Target", "build_request"]
 
 
@@ -114,18 +116,18 @@ def _nonempty(event: bytes, key: bytes) -> bool | None:
 
 
 class SSEScanner:
-    """Splits a byte stream into SSE events and classifies each without parsing JSON.
+    """Splits a byte stream into SSE events (the gateway's own ``EventScanner``) and classifies
+    each without parsing JSON.
 
     ``feed(data, now)`` returns nothing; afterwards ``times`` holds one stamp per content chunk,
     ``done`` says whether ``data: [DONE]`` arrived, ``usage_tokens`` the last usage chunk's
     ``completion_tokens`` and ``error`` the first in-stream error event, if any.
     """
 
-    __slots__ = ("_buf", "_sep", "done", "error", "events", "times", "usage_tokens")
+    __slots__ = ("_scanner", "done", "error", "events", "times", "usage_tokens")
 
     def __init__(self) -> None:
-        self._buf = b""
-        self._sep = b""
+        self._scanner = EventScanner(max_event_bytes=64 << 20)
         self.times: list[float] = []
         self.events = 0
         self.done = False
@@ -133,24 +135,17 @@ class SSEScanner:
         self.error: str | None = None
 
     def feed(self, data: bytes, now: float) -> None:
-        if not self._sep:
-            # The first bytes tell the framing: vLLM uses "\n\n", some servers "\r\n\r\n".
-            self._sep = b"\r\n\r\n" if b"\r\n" in data else b"\n\n"
-        buf = self._buf + data if self._buf else data
-        if self._sep not in buf:
-            self._buf = buf
-            return
-        parts = buf.split(self._sep)
-        self._buf = parts.pop()
-        for event in parts:
-            if event:
+        block = self._scanner.feed(data)
+        if block:
+            for event in split_events(block):
                 self._event(event, now)
 
     def flush(self, now: float) -> None:
         """Classify a last event that arrived without its blank line."""
-        if self._buf.strip():
-            self._event(self._buf, now)
-        self._buf = b""
+        pending = self._scanner.pending
+        if pending.strip():
+            self._event(pending, now)
+        self._scanner = EventScanner(max_event_bytes=64 << 20)
 
     def _event(self, event: bytes, now: float) -> None:
         self.events += 1
