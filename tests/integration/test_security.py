@@ -385,13 +385,13 @@ async def test_s6_streamed_request_to_a_failing_backend_shows_no_traceback(
 # --- S7: one key floods --------------------------------------------------------------------------
 
 
-async def test_s7_a_flooding_key_gets_429_and_other_keys_keep_their_latency(
+async def test_s7_a_flooding_key_gets_429_and_another_key_neither_queues_nor_meets_the_flood(
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
     settings = load_settings(
         {
             "VLLM_BACKEND_URL": simulator.url,
-            "VLLM_API_KEYS": "flood,calm",
+            "VLLM_API_KEYS": "flood:flood,calm:calm",
             "VLLM_RATE_LIMIT_RPM": "20",
         }
     )
@@ -404,13 +404,27 @@ async def test_s7_a_flooding_key_gets_429_and_other_keys_keep_their_latency(
             assert resp.status_code == 200
             return time.monotonic() - start
 
-        baseline = min([await latency() for _ in range(3)])
+        for _ in range(3):
+            await latency()
         flood = [
             client.post(gw.url + CHAT, json=chat_body(), headers={"authorization": "Bearer flood"})
             for _ in range(60)
         ]
-        results, during = await asyncio.gather(asyncio.gather(*flood), latency())
+        ended: list[Any] = []
+
+        class Record:
+            def request_ended(self, call: Any) -> None:
+                ended.append(call)
+
+        gw.gateway.observers.append(Record())
+        results, _ = await asyncio.gather(asyncio.gather(*flood), latency())
         limited = [r for r in results if r.status_code == 429]
         assert limited and all(int(r.headers["retry-after"]) >= 1 for r in limited)
         assert all(r.json()["error"]["type"] == "rate_limited" for r in limited)
-        assert during < baseline * 5 + 0.5  # sanity bound: the calm key is not starved
+        # The flood is refused before admission and never reaches the backend, so the calm key
+        # neither waits for a slot nor shares the backend with it. (Timing would only measure
+        # this machine; these are what the gateway decides.)
+        calm_calls = [c for c in ended if c.tenant == "calm"]
+        assert len(calm_calls) == 1 and calm_calls[0].queue_wait == 0.0
+        assert calm_calls[0].status == 200
+        assert simulator.stats()["total"] == 3 + (60 - len(limited)) + 1

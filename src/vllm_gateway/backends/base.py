@@ -15,9 +15,17 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
-__all__ = ["Backend", "Charge", "UpstreamRequest", "UpstreamResponse", "read_capped"]
+__all__ = [
+    "Backend",
+    "BackendStats",
+    "Charge",
+    "ConnectionCounts",
+    "UpstreamRequest",
+    "UpstreamResponse",
+    "read_capped",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,31 @@ class UpstreamResponse(abc.ABC):
         """Release the response; if it has not ended, abort the work behind it."""
 
 
+class BackendStats(TypedDict, total=False):
+    """One backend's state, as metrics and the status page show it. ``healthy`` None: unknown."""
+
+    name: str
+    url: str
+    weight: float
+    in_flight: int
+    max_outstanding: int | None
+    healthy: bool | None
+    down_reason: str | None
+    errors: dict[str, int]
+    ejections: int
+    requests: int
+    retries: int
+    models: list[str] | None
+
+
+class ConnectionCounts(TypedDict):
+    """HTTP connections a backend holds: now (idle or busy), busy, and opened since start."""
+
+    open: int
+    busy: int
+    opened: int
+
+
 class Backend(abc.ABC):
     """An engine the gateway sends requests to. ``start`` before use, ``aclose`` at shutdown."""
 
@@ -103,4 +136,12 @@ class Backend(abc.ABC):
 
     async def model_ids(self, timeout: float) -> list[str] | None:
         """The ids of the models the engine serves, or None when it cannot tell now."""
+        return None
+
+    def stats(self) -> list[BackendStats] | None:
+        """Per member, for a backend made of several (a pool); None for one engine."""
+        return None
+
+    def connection_counts(self) -> ConnectionCounts | None:
+        """For a backend over HTTP: its connections (leak checks, metrics); else None."""
         return None

@@ -26,11 +26,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 
 from vllm_gateway import errors
+from vllm_gateway.backends.base import BackendStats
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.prometheus import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
 from vllm_gateway.observability.status import StatusBoard, install_status_routes
@@ -221,7 +222,7 @@ class GatewayMetrics:
             Gauge(
                 "vllm_gateway_backend_connections",
                 "HTTP connections held to the backend now, idle or busy.",
-                lambda: self._connection_counts("open_connections"),
+                lambda: self._connection_counts("open"),
                 ("backend",),
             )
         )
@@ -230,7 +231,7 @@ class GatewayMetrics:
                 "vllm_gateway_backend_connections_opened_total",
                 "HTTP connections opened to the backend (each a TCP handshake; a cold pool "
                 "shows as a jump).",
-                lambda: self._connection_counts("connections_opened"),
+                lambda: self._connection_counts("opened"),
                 ("backend",),
             )
         )
@@ -245,14 +246,14 @@ class GatewayMetrics:
 
     # --- per-backend state, from ``backend.stats()`` or the single-backend fallback ------------
 
-    def backend_stats(self) -> list[dict[str, Any]]:
-        stats = getattr(self.gateway.backend, "stats", None)
-        if callable(stats):
-            try:
-                return list(stats())
-            except Exception:
-                log.exception("backend stats() failed")
-                return []
+    def backend_stats(self) -> list[BackendStats]:
+        try:
+            stats = self.gateway.backend.stats()
+        except Exception:
+            log.exception("backend stats() failed")
+            return []
+        if stats is not None:
+            return stats
         obs = self._observer
         return [
             {
@@ -264,18 +265,22 @@ class GatewayMetrics:
             }
         ]
 
-    def _backend_values(self, key: str) -> Iterable[tuple[tuple[str, ...], float]]:
+    def _backend_values(
+        self, key: Literal["in_flight", "healthy", "ejections"]
+    ) -> Iterable[tuple[tuple[str, ...], float]]:
         for entry in self.backend_stats():
             value = entry.get(key)
             if value is None:
                 continue  # unknown (no health check yet): no sample rather than a wrong one
             yield (str(entry.get("name", "backend")),), float(value)
 
-    def _connection_counts(self, method: str) -> Iterable[tuple[tuple[str, ...], float]]:
-        # The gateway's own HTTP client keeps these; other backends have no samples.
-        count = getattr(self.gateway.backend, method, None)
-        if callable(count):
-            yield (backend_name(self.gateway),), float(count())
+    def _connection_counts(
+        self, key: Literal["open", "opened"]
+    ) -> Iterable[tuple[tuple[str, ...], float]]:
+        # A backend over HTTP keeps these; other backends have no samples.
+        counts = self.gateway.backend.connection_counts()
+        if counts is not None:
+            yield (backend_name(self.gateway),), float(counts[key])
 
     def _backend_errors(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for entry in self.backend_stats():
@@ -323,7 +328,7 @@ class _CounterView(Gauge):
 
 
 def backend_name(gateway: Gateway) -> str:
-    return str(getattr(gateway.backend, "name", None) or "backend")
+    return gateway.backend.name or "backend"
 
 
 class Observer:
@@ -336,7 +341,7 @@ class Observer:
         self.backend_healthy: bool | None = None
         self.backend_errors: dict[str, int] = {}
         self._default_backend = backend_name(gateway)
-        self._pooled = callable(getattr(gateway.backend, "stats", None))
+        self._pooled = gateway.backend.stats() is not None
         m = self.metrics
         # Pre-resolved children: the hot path below touches no label machinery.
         self._requests: dict[tuple[str, int, str], Any] = {}

@@ -25,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from vllm_gateway.backends.base import BackendStats
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
 
@@ -64,7 +65,7 @@ class StatusBoard:
         self.gateway = gateway
         self.points: deque[tuple[Any, ...]] = deque(maxlen=seconds)
         self.errors: deque[dict[str, Any]] = deque(maxlen=recent_errors)
-        self.backends: Callable[[], list[dict[str, Any]]] = list
+        self.backends: Callable[[], list[BackendStats]] = list
         self.requests_total = 0
         self.errors_total = 0
         self.ended_events = 0

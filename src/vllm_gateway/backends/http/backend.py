@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 
-from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
+from vllm_gateway.backends.base import Backend, ConnectionCounts, UpstreamRequest, UpstreamResponse
 from vllm_gateway.backends.http.client import ConnectionPool, TLSOptions, ssl_context
 from vllm_gateway.errors import UpstreamError
 from vllm_gateway.settings import Settings
@@ -79,6 +79,16 @@ class HTTPBackend(Backend):
         if self._pool is None:
             raise RuntimeError("HTTPBackend used before start()")
         return self._pool
+
+    def connection_counts(self) -> ConnectionCounts:
+        pool = self._pool
+        if pool is None:
+            return {"open": 0, "busy": 0, "opened": 0}
+        return {
+            "open": pool.open_connections(),
+            "busy": pool.busy_connections(),
+            "opened": pool.connections_opened,
+        }
 
     def open_connections(self) -> int:
         """Connections held by the pool, idle or busy (for leak checks)."""

@@ -36,7 +36,13 @@ from typing import Any, TypeVar
 
 import orjson
 
-from vllm_gateway.backends.base import Backend, Charge, UpstreamRequest, UpstreamResponse
+from vllm_gateway.backends.base import (
+    Backend,
+    BackendStats,
+    Charge,
+    UpstreamRequest,
+    UpstreamResponse,
+)
 from vllm_gateway.backends.http.backend import HTTPBackend
 from vllm_gateway.backends.pool.config import (
     BackendSpec,
@@ -184,7 +190,7 @@ class PoolBackend(Backend):
             if resp is not None:
                 await resp.aclose()
 
-    def stats(self) -> list[dict[str, Any]]:
+    def stats(self) -> list[BackendStats]:
         """Per member: name, url, in_flight, healthy, errors, ejections, requests (and more)."""
         return [m.stats() for m in self.members]
 

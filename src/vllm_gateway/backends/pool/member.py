@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from vllm_gateway.backends.base import Backend
+from vllm_gateway.backends.base import Backend, BackendStats
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig
 
 __all__ = ["Member", "RetryBudget", "affinity_key", "choose"]
@@ -138,7 +138,7 @@ class Member:
     def load(self) -> float:
         return self.in_flight / self.weight
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> BackendStats:
         return {
             "name": self.name,
             "url": self.url,
