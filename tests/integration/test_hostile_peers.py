@@ -152,7 +152,7 @@ async def test_connections_that_never_send_a_byte_are_closed_at_the_header_timeo
         await wait_for(lambda: len(gw.runner.http.connections) == 200, timeout=5)
         t0 = time.monotonic()
         results = await asyncio.gather(*(read_until_closed(s, timeout=5) for s in socks))
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 0.5 + 3.0  # the timeout, plus a busy machine's slack
         assert all(r == b"" for r in results)  # closed without a word: nobody asked anything
         await wait_for(lambda: not gw.runner.http.connections, timeout=2)
         for s in socks:
@@ -177,7 +177,7 @@ async def test_headers_trickled_a_byte_at_a_time_get_408(simulator: Simulator) -
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await sender
-        assert 0.5 <= time.monotonic() - t0 < 2.5
+        assert 0.5 <= time.monotonic() - t0 < 0.6 + 3.0
         assert _status(data) == 408
         assert _json_body(data)["error"]["type"] == "client_timeout"
         assert b"x-request-id:" in data.lower()
@@ -205,7 +205,7 @@ async def test_a_body_trickled_a_byte_at_a_time_gets_408(simulator: Simulator) -
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await sender
-        assert 0.5 <= time.monotonic() - t0 < 2.5
+        assert 0.5 <= time.monotonic() - t0 < 0.6 + 3.0
         assert _status(data) == 408
         assert simulator.stats()["total"] == 0
         sock.close()
@@ -222,7 +222,7 @@ async def test_idle_keep_alive_connections_are_closed(simulator: Simulator) -> N
         t0 = time.monotonic()
         async with asyncio.timeout(3):
             assert await reader.read() == b""
-        assert 0.4 <= time.monotonic() - t0 < 2.0
+        assert 0.4 <= time.monotonic() - t0 < 0.5 + 3.0
         writer.close()
 
 
@@ -234,7 +234,7 @@ async def test_past_max_connections_one_more_gets_503_at_once(simulator: Simulat
         extra = await raw_connect(gw.port)
         t0 = time.monotonic()
         data = await read_until_closed(extra, timeout=3)
-        assert time.monotonic() - t0 < 0.5
+        assert time.monotonic() - t0 < 2.0  # at once: no timer involved
         assert _status(data) == 503
         body = _json_body(data)
         assert body["error"]["type"] == "too_many_connections"
