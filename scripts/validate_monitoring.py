@@ -61,6 +61,7 @@ OUTCOMES = {
     "backend_rejected",
     "headers_too_large",
     "too_many_connections",
+    "forbidden",
     "client_error",
     "cancelled",
     "other",

@@ -8,6 +8,7 @@ The tree::
     │   ├── InvalidRequest             400 invalid_request (names the field in ``param``)
     │   ├── MalformedRequest           400 malformed_request (not HTTP/1.1 the server can parse)
     │   ├── Unauthorized               401 authentication_error
+    │   ├── Forbidden                  403 forbidden (an admin route without the admin key)
     │   ├── NotFound                   404 not_found
     │   ├── ModelNotFound              404 model_not_found
     │   ├── MethodNotAllowed           405 method_not_allowed
@@ -48,6 +49,7 @@ __all__ = [
     "ClientError",
     "ClientTimeout",
     "FirstTokenTimeout",
+    "Forbidden",
     "GatewayError",
     "HeadersTooLarge",
     "InvalidJSON",
@@ -68,6 +70,7 @@ __all__ = [
     "Unavailable",
     "UnsupportedMediaType",
     "UpstreamError",
+    "error_object",
     "json_body",
     "sse_event",
 ]
@@ -132,6 +135,12 @@ class NotFound(ClientError):
     status = 404
     type = "not_found"
     default_message = "No such route."
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "forbidden"
+    default_message = "This route needs the gateway's admin key."
 
 
 class ModelNotFound(ClientError):
@@ -262,7 +271,8 @@ class RequestTimeout(UpstreamError):
     default_message = "The request did not finish within the request timeout."
 
 
-def _error_object(err: GatewayError, request_id: str | None) -> dict[str, object]:
+def error_object(err: GatewayError, request_id: str | None = None) -> dict[str, object]:
+    """The ``error`` object of the OpenAI-shaped body."""
     obj: dict[str, object] = {
         "message": err.message,
         "type": err.type,
@@ -276,9 +286,9 @@ def _error_object(err: GatewayError, request_id: str | None) -> dict[str, object
 
 def json_body(err: GatewayError, request_id: str | None = None) -> bytes:
     """The OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``."""
-    return orjson.dumps({"error": _error_object(err, request_id)})
+    return orjson.dumps({"error": error_object(err, request_id)})
 
 
 def sse_event(err: GatewayError, request_id: str | None = None) -> bytes:
     """The same error as the final event of a stream that has already started (no [DONE])."""
-    return b"data: " + orjson.dumps({"error": _error_object(err, request_id)}) + b"\n\n"
+    return b"data: " + orjson.dumps({"error": error_object(err, request_id)}) + b"\n\n"

@@ -61,6 +61,8 @@ class Settings:
     workers: int = 1
     # Client-facing protection.
     api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    admin_api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    max_upload_bytes: int = 25 * 1024 * 1024
     rate_limit_rpm: float | None = None
     rate_limit_tpm: float | None = None
     redis_url: str | None = field(default=None, repr=False)  # may carry a password
@@ -434,6 +436,21 @@ FIELDS: tuple[FieldSpec, ...] = (
         "--api-keys",
         _key_set,
         "comma-separated client API keys, each KEY[:TENANT[:PRIORITY]]; empty: no key needed",
+    ),
+    FieldSpec(
+        "admin_api_keys",
+        "VLLM_ADMIN_API_KEYS",
+        "--admin-api-keys",
+        _key_set,
+        "comma-separated keys that open vLLM's admin routes (/sleep, /wake_up, LoRA loading...); "
+        "empty: those routes are closed. A client key never opens them",
+    ),
+    FieldSpec(
+        "max_upload_bytes",
+        "VLLM_MAX_UPLOAD_BYTES",
+        "--max-upload-bytes",
+        _int_range(1024, 1 << 32),
+        "largest multipart upload (audio transcriptions and translations)",
     ),
     FieldSpec(
         "rate_limit_rpm",

@@ -78,7 +78,7 @@ async def test_s1_missing_wrong_or_malformed_keys_get_the_same_401(
 async def test_s2_every_route_but_the_probes_needs_a_key(
     keyed: RunningGateway, client: httpx.AsyncClient
 ) -> None:
-    open_routes = {"/health/live", "/health/ready", "/v1/health"}
+    open_routes = {"/health/live", "/health/ready", "/v1/health", "/health", "/ping"}
     paths = {getattr(r, "path", None) for r in keyed.app.api.routes} - {None}
     paths |= {
         CHAT,

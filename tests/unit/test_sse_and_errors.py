@@ -8,16 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_gateway import errors
-from vllm_gateway.proxy.sse import (
-    DONE,
-    ERROR,
-    OK,
-    EventScanner,
-    FramingError,
-    classify,
-    split_events,
-)
+from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE, OK, OPENAI
+from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.validation import CHAT, COMPLETIONS, validate_body
+
+classify = OPENAI.classify
 
 RECORDED = (
     b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
@@ -65,7 +60,7 @@ def test_oversized_event_is_an_error_not_a_buffer() -> None:
         (b'data: {"error": {"message": "boom"}}', ERROR),
         (b'data: {"object": "error", "message": "boom"}', ERROR),
         (b"<html><body>oops</body></html>", ERROR),
-        (b": keep-alive", OK),
+        (b": keep-alive", NOTE),
     ],
 )
 def test_classify(event: bytes, kind: int) -> None:

@@ -12,7 +12,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_gateway.proxy.sse import EventScanner, FramingError, classify, split_events
+from vllm_gateway.proxy.protocols import OPENAI
+from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
+
+classify = OPENAI.classify
+
 
 CAP = 256
 

@@ -31,13 +31,19 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     method: str
-    path: str  # "/v1/chat/completions", "/v1/completions", "/v1/models"
+    path: str  # a route of the table in proxy/routes.py (never a path a client chose freely)
     body: bytes = b""  # the raw body, forwarded as is (the relay does not re-serialise)
     json: Mapping[str, Any] | None = None  # the parsed body, for backends and routing that need it
     stream: bool = False
     request_id: str = ""
     model: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)  # for routing (x-session-id)
+    query: str = ""  # the query string, forwarded (admin routes take parameters there)
+    content_type: str = "application/json"  # of ``body``; an upload's carries its boundary
+    # A pool's reach: the stored response this request must meet (Responses' retrieve, cancel,
+    # previous_response_id), or every member at once (admin routes).
+    locate: str | None = None
+    broadcast: bool = False
 
 
 Charge = Callable[[int], None]

@@ -84,6 +84,8 @@ def create_api(gateway: Gateway) -> FastAPI:
     async def live() -> Response:
         return JSONResponse({"status": "ok"})
 
+    @api.get("/health")
+    @api.get("/ping")
     @api.get("/health/ready")
     async def ready() -> Response:
         if gateway.draining:
@@ -99,6 +101,21 @@ def create_api(gateway: Gateway) -> FastAPI:
         request_id = request.scope["state"]["request_id"]
         body = await _backend_models(gateway.backend, request_id, gateway.settings)
         return Response(body, media_type="application/json", headers={"x-request-id": request_id})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        """One model, as OpenAI's API serves it (vLLM 0.32 has no such route): from the
+        backend's list, aliases included."""
+        request_id = request.scope["state"]["request_id"]
+        listing = orjson.loads(await _backend_models(gateway.backend, request_id, gateway.settings))
+        for entry in listing.get("data", []):
+            if isinstance(entry, dict) and entry.get("id") == model_id:
+                return Response(
+                    orjson.dumps(entry),
+                    media_type="application/json",
+                    headers={"x-request-id": request_id},
+                )
+        raise errors.ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
     return api
 

@@ -28,12 +28,13 @@ from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.call import ProxyCall
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import RejectedCall
-from vllm_gateway.proxy.routes import OPEN_ROUTES, PROXY_ROUTES
-from vllm_gateway.proxy.validation import is_json_media_type
+from vllm_gateway.proxy.routes import OPEN_ROUTES, Body, Route, match
+from vllm_gateway.proxy.validation import is_json_media_type, is_multipart
 
 __all__ = ["GatewayApp"]
 
 log = logging.getLogger("vllm_gateway")
+admin_log = logging.getLogger("vllm_gateway.admin")
 
 # The FastAPI routes take no body worth the name.
 _SMALL_BODY = 64 * 1024
@@ -47,6 +48,8 @@ class GatewayApp:
         self.api = api
         settings = gateway.settings
         self._keys = KeyRing(settings.api_keys)
+        self._admin_keys = KeyRing(settings.admin_api_keys)
+        self._max_upload = settings.max_upload_bytes
         self._cors = Cors(settings.cors_origins) if settings.cors_origins else None
         self._clients = ClientResolver(settings.trusted_proxies)
         self._max_body = settings.max_body_bytes
@@ -65,28 +68,68 @@ class GatewayApp:
         preflight = cors is not None and Cors.is_preflight(ex.method, ex.headers)
         if cors is not None:
             ex.extra_headers = cors.response_headers(ex.header(b"origin"))
+        found = match(path)
+        route = found[0] if found is not None else None
+        if route is not None:
+            ex.render_error = route.protocol.error_body
+        if route is not None and route.kind == "admin" and not preflight:
+            return self._admit_admin(ex, route)
         identity = ANONYMOUS
         if self._keys and path not in OPEN_ROUTES and not preflight:
-            found = self._keys.identify(ex.headers)
-            if found is None:
+            known = self._keys.identify(ex.headers)
+            if known is None:
                 return Unauthorized()
-            identity = found
+            identity = known
         ex.state["identity"] = identity
         peer = ex.client[0] if ex.client else None
         ex.state["client_address"] = self._clients.client(peer, ex.headers)
         ex.body_limit = _SMALL_BODY
-        if path not in PROXY_ROUTES or preflight:
+        if route is None or preflight:
             return None
-        if ex.method != "POST":
-            return MethodNotAllowed(allow="POST")
+        ex.state["route"] = found
+        return self._admit_route(ex, route)
+
+    def _admit_admin(self, ex: Exchange, route: Route) -> GatewayError | None:
+        """Admin routes are closed unless admin keys are configured, and then open to them only:
+        a client key, however privileged, never opens them."""
+        if not self._admin_keys:
+            return errors.NotFound()
+        identity = self._admin_keys.identify(ex.headers)
+        if identity is None:
+            admin_log.warning(
+                "admin route %s %s refused: no valid admin key (request %s)",
+                ex.method,
+                ex.path,
+                ex.request_id,
+            )
+            return errors.Forbidden()
+        ex.state["identity"] = identity
+        ex.state["client_address"] = ex.client[0] if ex.client else None
+        ex.state["route"] = (route, None)
+        ex.state["admin"] = True
+        return self._admit_route(ex, route)
+
+    def _admit_route(self, ex: Exchange, route: Route) -> GatewayError | None:
+        if ex.method not in route.methods:
+            return MethodNotAllowed(allow=", ".join(sorted(route.methods)))
         if self.gateway.draining:
             return ShuttingDown(retry_after=self.gateway.admission.estimate_wait())
         ctype = ex.header(b"content-type")
-        if ctype is not None and not is_json_media_type(ctype):
-            return errors.UnsupportedMediaType(
-                "The request body must be JSON: send 'Content-Type: application/json'."
-            )
-        ex.body_limit = self._max_body
+        if route.body is Body.JSON:
+            if ctype is not None and not is_json_media_type(ctype):
+                return errors.UnsupportedMediaType(
+                    "The request body must be JSON: send 'Content-Type: application/json'."
+                )
+            ex.body_limit = self._max_body
+        elif route.body is Body.MULTIPART:
+            if ctype is None or not is_multipart(ctype):
+                return errors.UnsupportedMediaType(
+                    "The request body must be an upload: send 'Content-Type: multipart/form-data' "
+                    "with its boundary."
+                )
+            ex.body_limit = self._max_upload
+        else:
+            ex.body_limit = self._max_body
         return None
 
     async def handle(self, ex: Exchange) -> None:
@@ -97,8 +140,21 @@ class GatewayApp:
             ex.extra_headers = []
             ex.respond(status, [*headers, (b"x-request-id", ex.request_id.encode())], b"")
             return
-        if ex.path in PROXY_ROUTES:
-            await ProxyCall(self.gateway, ex).run()
+        found = ex.state.get("route")
+        if found is not None:
+            route, param = found
+            call = ProxyCall(self.gateway, ex, route, param)
+            await call.run()
+            if ex.state.get("admin"):
+                admin_log.warning(
+                    "admin route %s %s by %s: %s %s (request %s)",
+                    ex.method,
+                    ex.path,
+                    call.tenant,
+                    call.status,
+                    call.outcome,
+                    ex.request_id,
+                )
             return
         state = {
             "request_id": ex.request_id,

@@ -154,6 +154,7 @@ class Exchange:
         "query",
         "raw_path",
         "received",
+        "render_error",
         "request_id",
         "response_bytes",
         "started",
@@ -174,6 +175,8 @@ class Exchange:
         self.client = conn.peer
         self.request_id = ""
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to every response head (CORS)
+        # The body of an error answered on this exchange, in its route's protocol.
+        self.render_error: Callable[[GatewayError, str | None], bytes] = errors.json_body
         self.body_limit = 0
         self._body: list[bytes] = []
         self._charged = 0
@@ -603,7 +606,7 @@ class Connection(asyncio.Protocol):
         exchange.respond(
             err.status,
             _error_headers(err, exchange.request_id),
-            errors.json_body(err, exchange.request_id),
+            exchange.render_error(err, exchange.request_id),
         )
         self.server.refused(exchange, err)
 

@@ -1,7 +1,8 @@
-"""The OpenAPI document's entries for the two inference routes.
+"""The OpenAPI document's entries for the relayed routes.
 
-The front door serves those routes without FastAPI, so FastAPI cannot describe them; this module
-adds them to the generated document, with the fields the gateway itself validates.
+The front door serves them without FastAPI, so FastAPI cannot describe them; this module adds
+them to the generated document, with the fields the gateway itself validates (the backend judges
+the rest). Admin routes are left out: they are for operators holding the admin key.
 """
 
 from __future__ import annotations
@@ -47,6 +48,61 @@ COMPLETION_SCHEMA: dict[str, Any] = {
     "properties": {**_COMMON, "prompt": {"type": "string", "minLength": 1}},
 }
 
+RESPONSES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["input"],
+    "properties": {
+        "model": {"type": ["string", "null"], "minLength": 1},
+        "input": {"type": ["string", "array"]},
+        "stream": {"type": ["boolean", "null"]},
+        "background": {"type": ["boolean", "null"]},
+        "store": {"type": ["boolean", "null"]},
+        "max_output_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "previous_response_id": {"type": ["string", "null"], "minLength": 1},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+    },
+}
+
+_MESSAGES_LIST = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "object", "required": ["role"], "properties": {"role": {"type": "string"}}},
+}
+
+MESSAGES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages", "max_tokens"],
+    "properties": {
+        "model": {"type": ["string", "null"], "minLength": 1},
+        "messages": _MESSAGES_LIST,
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "stream": {"type": ["boolean", "null"]},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+    },
+}
+
+COUNT_TOKENS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "model": {"type": ["string", "null"], "minLength": 1},
+        "messages": _MESSAGES_LIST,
+    },
+}
+
+_OBJECT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"model": {"type": ["string", "null"], "minLength": 1}},
+}
+
+_UPLOAD: dict[str, Any] = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary"}, "model": {"type": "string"}},
+}
+
 _ERROR = {
     "description": "An OpenAI-shaped error",
     "content": {
@@ -57,10 +113,12 @@ _ERROR = {
 }
 
 
-def _operation(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
+def _operation(
+    summary: str, schema: dict[str, Any], media: str = "application/json"
+) -> dict[str, Any]:
     return {
         "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "requestBody": {"required": True, "content": {media: {"schema": schema}}},
         "responses": {
             "200": {
                 "description": "JSON, or an SSE stream when stream is true",
@@ -74,6 +132,24 @@ def _operation(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_OTHER_JSON = [
+    ("/v1/chat/completions/batch", "Several conversations in one request"),
+    ("/generative_scoring", "Label probabilities for query and item pairs"),
+    ("/v1/embeddings", "Embeddings"),
+    ("/v2/embed", "Embeddings (Cohere's shape)"),
+    ("/pooling", "Pooled hidden states"),
+    ("/classify", "Classification"),
+    ("/v1/score", "Scores of query and document pairs"),
+    ("/v1/rerank", "Documents reranked against a query"),
+    ("/tokenize", "Token ids of a prompt or conversation"),
+    ("/detokenize", "The text of token ids"),
+]
+_UPLOADS = [
+    ("/v1/audio/transcriptions", "Speech to text"),
+    ("/v1/audio/translations", "Speech to English text"),
+]
+
+
 def install_openapi(api: FastAPI) -> None:
     generate = api.openapi
 
@@ -84,6 +160,17 @@ def install_openapi(api: FastAPI) -> None:
                 "post": _operation("Chat completion", CHAT_SCHEMA)
             }
             doc["paths"]["/v1/completions"] = {"post": _operation("Completion", COMPLETION_SCHEMA)}
+            doc["paths"]["/v1/responses"] = {"post": _operation("Responses", RESPONSES_SCHEMA)}
+            doc["paths"]["/v1/messages"] = {
+                "post": _operation("Anthropic Messages", MESSAGES_SCHEMA)
+            }
+            doc["paths"]["/v1/messages/count_tokens"] = {
+                "post": _operation("Anthropic token count", COUNT_TOKENS_SCHEMA)
+            }
+            for path, summary in _OTHER_JSON:
+                doc["paths"][path] = {"post": _operation(summary, _OBJECT)}
+            for path, summary in _UPLOADS:
+                doc["paths"][path] = {"post": _operation(summary, _UPLOAD, "multipart/form-data")}
             api.openapi_schema = doc
         return api.openapi_schema
 

@@ -38,7 +38,7 @@ from vllm_gateway.observability.status import StatusBoard, install_status_routes
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
-from vllm_gateway.proxy.routes import PROXY_ROUTES
+from vllm_gateway.proxy.routes import ROUTE_NAMES
 from vllm_gateway.proxy.usage import parse_usage
 
 __all__ = [
@@ -52,7 +52,7 @@ __all__ = [
 log = logging.getLogger("vllm_gateway.observability.observer")
 access_log = logging.getLogger("vllm_gateway.access")
 
-ROUTES = PROXY_ROUTES
+ROUTES = ROUTE_NAMES
 
 
 def _error_types() -> set[str]:

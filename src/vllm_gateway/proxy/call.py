@@ -41,14 +41,21 @@ from vllm_gateway.errors import (
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.proxy.admission import Permit
 from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.sse import DONE, ERROR, EventScanner, FramingError, classify, split_events
+from vllm_gateway.proxy.routes import Body, Reach, Route
+from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import parse_usage
-from vllm_gateway.proxy.validation import validate_body
+from vllm_gateway.proxy.validation import ValidRequest, validate
 
 __all__ = ["ProxyCall"]
 
 log = logging.getLogger("vllm_gateway.proxy.call")
+
+# The kinds of route whose body names a model the catalog can check (not the store or admin).
+_CHECKS_MODEL = frozenset({"generate", "pooling", "utility"})
+# Content types a non-JSON answer (an audio transcript as text, srt or vtt) may carry.
+_TEXT_ANSWERS = ("text/plain", "text/vtt", "application/x-subrip", "text/srt")
 
 # Cap on one SSE event: bounds what a broken backend can make a stream hold.
 MAX_EVENT_BYTES = 1 << 20
@@ -78,10 +85,14 @@ class ProxyCall:
         "_charged",
         "_ex",
         "_gw",
+        "_param",
+        "_protocol",
+        "_route",
         "_task",
         "cancel_reason",
         "chunks",
         "ended_at",
+        "events",
         "finished",
         "first_byte_at",
         "model",
@@ -105,11 +116,16 @@ class ProxyCall:
         "usage",
     )
 
-    def __init__(self, gw: Gateway, exchange: Responder) -> None:
+    def __init__(
+        self, gw: Gateway, exchange: Responder, route: Route, param: str | None = None
+    ) -> None:
         self._gw = gw
         self._ex = exchange
+        self._route = route
+        self._param = param  # the path's parameter (a stored response's id), checked by routes
+        self._protocol = route.protocol
         self.request_id = exchange.request_id
-        self.path: str = exchange.path
+        self.path: str = route.name
         self.request_headers = exchange.headers
         self._task: asyncio.Task[Any] | None = None
         self._charged = 0  # bytes of a buffered backend body counted in the buffer budget
@@ -125,7 +141,8 @@ class ProxyCall:
         self.outcome = "unknown"
         self.model: str | None = None
         self.stream = False
-        self.chunks = 0
+        self.chunks = 0  # content events relayed
+        self.events = 0  # every event relayed (a Responses error event numbers itself after)
         self.requested_tokens = 0
         self.usage: bytes | None = None
         self.upstream_sent_at: float | None = None
@@ -253,45 +270,40 @@ class ProxyCall:
                     (b"x-request-id", self.request_id.encode()),
                     *err.headers(),
                 ],
-                errors.json_body(err, self.request_id),
+                self._protocol.error_body(err, self.request_id),
             )
         else:
-            # The final event of a stream already started; no [DONE]. If the client does not take
-            # it, the server's send timeout closes the connection: nothing here waits for it.
-            ex.end(errors.sse_event(err, self.request_id))
+            # The final event of a stream already started, in its protocol's error shape, and no
+            # end marker. If the client does not take it, the server's send timeout closes the
+            # connection: nothing here waits for it.
+            ex.end(self._protocol.error_event(err, self.request_id, self.events))
 
     async def _proxy(self) -> None:
         gw = self._gw
         settings = gw.settings
         ex = self._ex
-        valid = validate_body(self.path, ex.body, settings.model_aliases)
+        route = self._route
+        valid = validate(route, ex.body, settings.model_aliases)
         self.model = valid.model
-        self.stream = valid.stream
         loop = asyncio.get_running_loop()
         if (
             valid.model is not None
+            and route.kind in _CHECKS_MODEL
             and not gw.models.known(valid.model)
             and await gw.models.check(valid.model) is False
         ):
             raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
-        if gw.ratelimiter is not None:
+        if gw.ratelimiter is not None and route.kind != "admin":
             self.requested_tokens = valid.requested_tokens
             await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
-        self.permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
-        self.queue_wait = self.permit.queue_wait
+        if route.admitted:
+            self.permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
+            self.queue_wait = self.permit.queue_wait
         deadline = loop.time() + settings.request_timeout
-        session = ex.header(b"x-session-id")
-        request = UpstreamRequest(
-            "POST",
-            self.path,
-            valid.body,
-            valid.json,
-            valid.stream,
-            self.request_id,
-            valid.model,
-            {"x-session-id": session.decode("latin-1")} if session else {},
-        )
+        request = self._upstream_request(valid)
+        # A stored response is replayed as a stream when asked (GET ...?stream=true).
+        self.stream = valid.stream or (route.kind == "store" and b"stream=true" in ex.query)
         first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
         try:
             async with asyncio.timeout_at(first_deadline):
@@ -302,12 +314,45 @@ class ProxyCall:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
 
         upstream = self.upstream
+        event_stream = upstream.content_type.startswith("text/event-stream")
         if upstream.status != 200:
             await self._relay_error_status(upstream, deadline)
-        elif valid.stream:
+        elif self.stream or (event_stream and route.body is Body.MULTIPART):
+            # An upload says whether it wants a stream in a form field the gateway does not
+            # parse: its answer tells.
+            self.stream = True
             await self._relay_stream(upstream, first_deadline, deadline)
         else:
             await self._relay_body(upstream, first_deadline, deadline)
+
+    def _upstream_request(self, valid: ValidRequest) -> UpstreamRequest:
+        ex = self._ex
+        route = self._route
+        session = ex.header(b"x-session-id")
+        path = route.name
+        if self._param is not None:  # a template: the parameter matched routes' pattern
+            path = ex.path
+        content_type = "application/json"
+        if route.body is not Body.JSON:
+            given = ex.header(b"content-type")
+            content_type = given.decode("latin-1") if given else "application/octet-stream"
+        locate = valid.previous_response_id
+        if route.reach is Reach.HOLDER:
+            locate = self._param
+        return UpstreamRequest(
+            ex.method,
+            path,
+            valid.body,
+            valid.json,
+            valid.stream,
+            self.request_id,
+            valid.model,
+            {"x-session-id": session.decode("latin-1")} if session else {},
+            query=ex.query.decode("latin-1") if route.kind in ("store", "admin") else "",
+            content_type=content_type,
+            locate=locate,
+            broadcast=route.reach is Reach.ALL,
+        )
 
     def _charge(self, n: int) -> None:
         """Count ``n`` more bytes of a buffered backend body in the process's buffer budget, or
@@ -354,11 +399,14 @@ class ProxyCall:
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
         self.first_byte_at = time.perf_counter()
-        if "json" not in upstream.content_type or not _is_json_object(body):
+        content_type = "application/json"
+        if not self._route.json_answer and upstream.content_type.startswith(_TEXT_ANSWERS):
+            content_type = upstream.content_type  # a transcript as text, srt or vtt
+        elif "json" not in upstream.content_type or not _is_json_object(body):
             raise BadBackendResponse("The backend's answer is not JSON.")
         self.outcome = "completed"
         self.usage = body
-        self._respond(200, body, "application/json")
+        self._respond(200, body, content_type)
         ex = self._ex
         if ex.paused:
             await ex.drain()
@@ -386,6 +434,7 @@ class ProxyCall:
         loop = asyncio.get_running_loop()
         idle = self._gw.settings.stream_idle_timeout
         ex = self._ex
+        classify = self._protocol.classify
         scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
         done = False
@@ -403,22 +452,27 @@ class ProxyCall:
                         raise BadBackendResponse("The backend sent an oversized event.") from exc
                     if not block:
                         continue
-                    for event in split_events(block):
+                    events = split_events(block)
+                    for i, event in enumerate(events):
                         kind = classify(event)
                         if kind == DONE:
                             done = True
-                        elif kind == ERROR:
+                            if i + 1 < len(events):  # nothing of a stream follows its end
+                                block = b"".join(e + b"\n\n" for e in events[: i + 1])
+                            break
+                        if kind == ERROR:
                             log.warning(
                                 "request %s: bad backend event: %.300r", self.request_id, event
                             )
+                            if i:  # the whole events before it still reach the client
+                                self._send_events(b"".join(e + b"\n\n" for e in events[:i]))
+                                self.events += i
                             raise BadBackendResponse("The backend reported an error mid-stream.")
-                        else:
+                        if kind != NOTE:
                             self.chunks += 1
+                    self.events += len(events)
                     if not self.response_started:
-                        self.first_byte_at = time.perf_counter()
-                        self.response_started = True
-                        self.status = 200
-                        ex.start(200, [*_SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
+                        self._start_stream()
                     if done:
                         ex.end(block)
                         # The usage chunk, when asked for, is the last event before [DONE].
@@ -439,9 +493,23 @@ class ProxyCall:
             raise (StreamIdleTimeout() if self.response_started else FirstTokenTimeout()) from None
         self.ended_at = time.perf_counter()
         if not done:
-            raise BadBackendResponse("The backend ended the stream without [DONE].")
+            raise BadBackendResponse(
+                f"The backend ended the stream without {self._protocol.end_marker}."
+            )
         self.outcome = "completed"
         await self._finish_upstream(chunks)
+
+    def _start_stream(self) -> None:
+        self.first_byte_at = time.perf_counter()
+        self.response_started = True
+        self.status = 200
+        self._ex.start(200, [*_SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
+
+    def _send_events(self, data: bytes) -> None:
+        """Whole events, before a failure in the same read: the client gets every one."""
+        if not self.response_started:
+            self._start_stream()
+        self._ex.write(data)
 
     async def _finish_upstream(self, chunks: Any) -> None:
         """After [DONE], read the backend's end of body so its connection can be reused."""

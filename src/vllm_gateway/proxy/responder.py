@@ -24,6 +24,7 @@ class Responder(Protocol):
     request_id: str
     path: str
     method: str
+    query: bytes
 
     @property
     def state(self) -> MutableMapping[str, Any]: ...

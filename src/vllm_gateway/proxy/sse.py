@@ -3,7 +3,8 @@
 The backend is untrusted. ``EventScanner`` cuts the byte stream into complete events (an event
 ends with a blank line), so the relay only ever forwards whole events and never half of one
 before an error. It bounds how much it holds: an event longer than ``max_event_bytes`` is an
-error, not a reason to buffer without end. ``classify`` tells a relay what one event means.
+error, not a reason to buffer without end. What one event means is each protocol's business
+(``protocols.py``).
 
 Events are forwarded byte for byte; the JSON of a ``data:`` line is parsed only to check it is
 an object and to see an ``error`` the backend reports mid-stream.
@@ -11,15 +12,7 @@ an object and to see an ``error`` the backend reports mid-stream.
 
 from __future__ import annotations
 
-import orjson
-
-__all__ = ["DONE", "ERROR", "OK", "EventScanner", "FramingError", "classify"]
-
-OK = 0
-DONE = 1
-ERROR = 2
-
-_DONE_EVENT = b"data: [DONE]"
+__all__ = ["EventScanner", "FramingError", "split_events"]
 
 
 class FramingError(ValueError):
@@ -69,24 +62,3 @@ def split_events(block: bytes) -> list[bytes]:
     """Split a block of complete events (as ``feed`` returns) into single events without the
     blank line."""
     return [event for event in block.split(b"\n\n") if event]
-
-
-def classify(event: bytes) -> int:
-    """OK for a data event carrying a JSON object, DONE for ``[DONE]``, ERROR for anything
-    else: an error object from the backend, broken JSON, or a line that is not SSE."""
-    if event.startswith(b"data:"):
-        payload = event[5:].strip()
-        if payload == b"[DONE]":
-            return DONE
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return ERROR
-        if not isinstance(obj, dict) or "error" in obj or obj.get("object") == "error":
-            return ERROR
-        return OK
-    # Comments (": ping") and other fields are legal SSE that carry no data.
-    for line in event.split(b"\n"):
-        if line and not line.startswith((b":", b"event:", b"id:", b"retry:")):
-            return ERROR
-    return OK

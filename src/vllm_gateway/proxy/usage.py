@@ -8,6 +8,9 @@ __all__ = ["parse_usage"]
 
 _PROMPT_KEY = b'"prompt_tokens"'
 _COMPLETION_KEY = b'"completion_tokens"'
+# The Responses and Messages APIs name them so.
+_INPUT_KEY = b'"input_tokens"'
+_OUTPUT_KEY = b'"output_tokens"'
 _WHITESPACE = b" \t\r\n"
 
 
@@ -39,11 +42,15 @@ def parse_usage(usage: Any) -> tuple[int | None, int | None]:
         inner = usage.get("usage", usage)
         if not isinstance(inner, dict):
             return None, None
-        p, c = inner.get("prompt_tokens"), inner.get("completion_tokens")
+        p = inner.get("prompt_tokens", inner.get("input_tokens"))
+        c = inner.get("completion_tokens", inner.get("output_tokens"))
         return (p if isinstance(p, int) else None, c if isinstance(c, int) else None)
     if not isinstance(usage, (bytes, bytearray, memoryview)):
         return None, None
     data = usage if isinstance(usage, bytes) else bytes(usage)
     # The last occurrence is the usage object: in a stream it is the final event, and in a body
     # it follows the choices (whose text cannot contain an unescaped quote-delimited key).
-    return _int_after(data, _PROMPT_KEY), _int_after(data, _COMPLETION_KEY)
+    prompt, completion = _int_after(data, _PROMPT_KEY), _int_after(data, _COMPLETION_KEY)
+    if prompt is None and completion is None:
+        prompt, completion = _int_after(data, _INPUT_KEY), _int_after(data, _OUTPUT_KEY)
+    return prompt, completion

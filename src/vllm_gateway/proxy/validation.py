@@ -1,7 +1,9 @@
 """Turn a raw request body into a ``ValidRequest``, or a 400 that names the field.
 
-Only what the gateway must know, or must refuse, is checked here; every other field is left for
-the backend to judge, and the body is forwarded byte for byte unless a model alias rewrites it.
+Only what the gateway must know, or must refuse, is checked here: the fields that decide where a
+request goes and what it costs (model, stream, token budgets, n, the sampling ranges, the shape of
+the messages). Every other field is left for the backend to judge, and the body is forwarded byte
+for byte unless a model alias rewrites it. Uploads and admin bodies are not parsed at all.
 """
 
 from __future__ import annotations
@@ -14,21 +16,33 @@ from typing import Any
 import orjson
 
 from vllm_gateway.errors import InvalidJSON, InvalidRequest
-from vllm_gateway.proxy.routes import CHAT, COMPLETIONS
+from vllm_gateway.proxy.routes import (
+    CHAT,
+    COMPLETIONS,
+    MESSAGES,
+    RESPONSES_PATH,
+    Body,
+    Route,
+    match,
+)
 
-__all__ = ["ValidRequest", "is_json_media_type", "validate_body"]
+__all__ = ["ValidRequest", "is_json_media_type", "is_multipart", "validate", "validate_body"]
 
 # Largest n the gateway forwards: each choice is a full generation on the engine.
 MAX_N = 16
+
+# The routes whose answer may be a stream, when the body asks for one.
+_STREAMING = frozenset({CHAT, COMPLETIONS, RESPONSES_PATH, MESSAGES})
 
 
 @dataclass(frozen=True, slots=True)
 class ValidRequest:
     body: bytes
-    json: dict[str, Any]
+    json: dict[str, Any] | None  # None for bodies the gateway does not parse
     model: str | None
     stream: bool
-    requested_tokens: int = 0  # max_tokens (or max_completion_tokens) when given
+    requested_tokens: int = 0  # the token budget asked for (max_tokens and its kin)
+    previous_response_id: str | None = None  # Responses: the stored response it continues
 
 
 def is_json_media_type(value: bytes) -> bool:
@@ -38,6 +52,12 @@ def is_json_media_type(value: bytes) -> bool:
     return media == b"application/json" or (
         media.startswith(b"application/") and media.endswith(b"+json")
     )
+
+
+def is_multipart(value: bytes) -> bool:
+    """``multipart/form-data`` with a boundary."""
+    media, _, params = value.partition(b";")
+    return media.strip().lower() == b"multipart/form-data" and b"boundary=" in params.lower()
 
 
 def _number(obj: Mapping[str, Any], key: str) -> float | None:
@@ -60,43 +80,27 @@ def _positive_int(obj: Mapping[str, Any], key: str, upper: int | None = None) ->
     return value
 
 
-def validate_body(path: str, body: bytes, aliases: Mapping[str, str]) -> ValidRequest:
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise InvalidJSON() from None
-    if not isinstance(obj, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
+def _bool(obj: Mapping[str, Any], key: str) -> bool:
+    value = obj.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be true or false.", param=key)
+    return value
 
-    model = obj.get("model")
-    if model is not None and (not isinstance(model, str) or not model):
-        raise InvalidRequest("'model' must be a non-empty string.", param="model")
 
-    stream = obj.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be true or false.", param="stream")
+def _messages(obj: Mapping[str, Any], key: str = "messages") -> None:
+    messages = obj.get(key)
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest(f"'{key}' must be a non-empty list.", param=key)
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"'{key}[{i}]' must be an object with a 'role'.", param=f"{key}[{i}]"
+            )
 
-    if path == CHAT:
-        messages = obj.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty list.", param="messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise InvalidRequest(
-                    f"'messages[{i}]' must be an object with a 'role'.", param=f"messages[{i}]"
-                )
-    elif path == COMPLETIONS:
-        prompt = obj.get("prompt")
-        if prompt is None or (isinstance(prompt, (str, list)) and not prompt):
-            raise InvalidRequest("'prompt' must be a non-empty string or list.", param="prompt")
-        if not isinstance(prompt, (str, list)):
-            raise InvalidRequest("'prompt' must be a string or a list.", param="prompt")
 
-    requested = _positive_int(obj, "max_tokens") or _positive_int(obj, "max_completion_tokens") or 0
-    if requested == 0:
-        _positive_int(obj, "max_completion_tokens")
+def _sampling(obj: Mapping[str, Any]) -> None:
     _positive_int(obj, "n", MAX_N)
     temperature = _number(obj, "temperature")
     if temperature is not None and not 0.0 <= temperature <= 2.0:
@@ -108,8 +112,99 @@ def validate_body(path: str, body: bytes, aliases: Mapping[str, str]) -> ValidRe
     if stream_options is not None and not isinstance(stream_options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
 
+
+def _requested(obj: Mapping[str, Any], *keys: str) -> int:
+    """The first token budget given among ``keys`` (each checked)."""
+    found = 0
+    for key in keys:
+        value = _positive_int(obj, key)
+        if value is not None and not found:
+            found = value
+    return found
+
+
+def validate(route: Route, body: bytes, aliases: Mapping[str, str]) -> ValidRequest:
+    """The request of ``route`` made of ``body``, or a 400 naming what is wrong."""
+    if route.body is not Body.JSON:
+        return ValidRequest(body=body, json=None, model=None, stream=False)
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise InvalidJSON() from None
+    if not isinstance(obj, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+
+    model = obj.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    path = route.name
+    stream = _bool(obj, "stream") if path in _STREAMING else False
+    requested = 0
+    previous = None
+
+    if path == CHAT:
+        _messages(obj)
+        requested = _requested(obj, "max_tokens", "max_completion_tokens")
+        _sampling(obj)
+    elif path == COMPLETIONS:
+        prompt = obj.get("prompt")
+        if prompt is None or (isinstance(prompt, (str, list)) and not prompt):
+            raise InvalidRequest("'prompt' must be a non-empty string or list.", param="prompt")
+        if not isinstance(prompt, (str, list)):
+            raise InvalidRequest("'prompt' must be a string or a list.", param="prompt")
+        requested = _requested(obj, "max_tokens")
+        _sampling(obj)
+    elif path == RESPONSES_PATH:
+        if obj.get("input") is None:
+            raise InvalidRequest("'input' is required.", param="input")
+        requested = _requested(obj, "max_output_tokens")
+        _sampling(obj)
+        _bool(obj, "background")
+        _bool(obj, "store")
+        previous = obj.get("previous_response_id")
+        if previous is not None and (not isinstance(previous, str) or not previous):
+            raise InvalidRequest(
+                "'previous_response_id' must be a non-empty string.", param="previous_response_id"
+            )
+    elif path == MESSAGES:
+        _messages(obj)
+        requested = _requested(obj, "max_tokens")
+        if not requested:
+            raise InvalidRequest("'max_tokens' is required.", param="max_tokens")
+        _sampling(obj)
+    elif path == "/v1/messages/count_tokens":
+        _messages(obj)
+    elif path == "/v1/chat/completions/batch":
+        conversations = obj.get("messages")
+        if not isinstance(conversations, list) or not conversations:
+            raise InvalidRequest(
+                "'messages' must be a non-empty list of conversations.", param="messages"
+            )
+        for i, conversation in enumerate(conversations):
+            if not isinstance(conversation, list) or not conversation:
+                raise InvalidRequest(
+                    f"'messages[{i}]' must be a non-empty list of messages.", param=f"messages[{i}]"
+                )
+        requested = _requested(obj, "max_tokens", "max_completion_tokens") * len(conversations)
+        _sampling(obj)
+
     if isinstance(model, str) and model in aliases:
         model = aliases[model]
         obj["model"] = model
         body = orjson.dumps(obj)
-    return ValidRequest(body=body, json=obj, model=model, stream=stream, requested_tokens=requested)
+    return ValidRequest(
+        body=body,
+        json=obj,
+        model=model,
+        stream=stream,
+        requested_tokens=requested,
+        previous_response_id=previous,
+    )
+
+
+def validate_body(path: str, body: bytes, aliases: Mapping[str, str]) -> ValidRequest:
+    """``validate`` for the route at ``path`` (chat or completions, as tests and tools name them)."""
+    found = match(path)
+    if found is None:
+        raise InvalidRequest(f"No route {path}.")
+    return validate(found[0], body, aliases)

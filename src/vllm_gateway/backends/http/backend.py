@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote
 
 import orjson
 
@@ -12,6 +13,12 @@ from vllm_gateway.errors import UpstreamError
 from vllm_gateway.settings import Settings
 
 __all__ = ["HTTPBackend"]
+
+
+def _safe_query(query: str) -> str:
+    """The query string as the request line may carry it: reserved characters kept, anything
+    else (spaces, controls, non-ASCII) percent-encoded."""
+    return quote(query, safe="=&;%+-._~!$'()*,:@/?")
 
 
 def _check_header_value(value: str) -> str:
@@ -40,7 +47,7 @@ class HTTPBackend(Backend):
         self._idle_timeout = idle_timeout
         self._tls = tls or TLSOptions()
         self._pool: ConnectionPool | None = None
-        lines = b"Content-Type: application/json\r\n"
+        lines = b""
         if api_key:
             lines += b"Authorization: Bearer %s\r\n" % _check_header_value(api_key).encode(
                 "latin-1"
@@ -108,8 +115,16 @@ class HTTPBackend(Backend):
             lines += b"X-Request-ID: %s\r\n" % _check_header_value(request.request_id).encode(
                 "latin-1"
             )
-        body = request.body if request.method != "GET" else None
-        return await self.pool.request(request.method, request.path, lines, body)
+        body: bytes | None = None
+        if request.method not in ("GET", "HEAD", "DELETE") or request.body:
+            body = request.body
+            lines += b"Content-Type: %s\r\n" % _check_header_value(request.content_type).encode(
+                "latin-1"
+            )
+        path = request.path
+        if request.query:
+            path = f"{path}?{_safe_query(request.query)}"
+        return await self.pool.request(request.method, path, lines, body)
 
     async def _get(self, path: str, timeout: float, limit: int) -> tuple[int, bytes]:
         async with asyncio.timeout(timeout):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -65,6 +66,9 @@ __all__ = ["PoolBackend", "PoolResponse", "load_backends_file"]
 
 log = logging.getLogger("vllm_gateway.backends.pool.backend")
 T = TypeVar("T")
+
+# How many stored responses' holders a pool remembers (beyond it, it asks the members again).
+_HOLDERS_KEPT = 10_000
 
 
 class _Ejected(Exception):
@@ -102,6 +106,8 @@ class PoolBackend(Backend):
         self.retries = 0
         self.affinity_yields = 0
         self._waiters: list[asyncio.Future[None]] = []
+        # Stored response id -> the member that holds it (most recent last), bounded.
+        self._holders: OrderedDict[str, str] = OrderedDict()
         self.health = PoolHealth(self.members, self.config, self._eject)
 
     @classmethod
@@ -144,10 +150,89 @@ class PoolBackend(Backend):
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         if request.method == "GET" and request.path == "/v1/models":
             return await self._models_listing(request)
+        if request.broadcast:
+            return await self._broadcast(request)
         self.budget.request()
         tried: list[Member] = []
+        if request.locate is not None:
+            holder = await self._holder(request.locate, request)
+            if holder is not None:
+                # Only the holder has what the request names: every other member is "tried".
+                tried.extend(m for m in self.members if m is not holder)
         member, resp = await self._open(request, tried)
         return PoolResponse(self, request, member, resp, tried)
+
+    # --- the Responses store: a request that names a stored response goes to its holder -------
+
+    async def _holder(self, response_id: str, request: UpstreamRequest) -> Member | None:
+        """The member that holds stored response ``response_id``: remembered, else found by
+        asking every member that is up (only the holder knows the id; the store is each vLLM
+        server's own memory). None when no member knows it (the request then meets a 404)."""
+        name = self._holders.get(response_id)
+        if name is not None:
+            for m in self.members:
+                if m.name == name and m.up:
+                    self._holders.move_to_end(response_id)
+                    return m
+        up = [m for m in self.members if m.up]
+        probe = UpstreamRequest(
+            "GET", f"/v1/responses/{response_id}", request_id=request.request_id
+        )
+
+        async def knows(m: Member) -> bool:
+            resp: UpstreamResponse | None = None
+            try:
+                async with asyncio.timeout(self.config.health_timeout * 2):
+                    resp = await m.backend.send(probe)
+                    return resp.status == 200
+            except (TimeoutError, UpstreamError):
+                return False
+            finally:
+                if resp is not None:
+                    await resp.aclose()
+
+        answers = await asyncio.gather(*(knows(m) for m in up))
+        for m, known in zip(up, answers, strict=True):
+            if known:
+                self._remember_holder(response_id, m)
+                return m
+        return None
+
+    def _remember_holder(self, response_id: str, member: Member) -> None:
+        self._holders[response_id] = member.name
+        self._holders.move_to_end(response_id)
+        while len(self._holders) > _HOLDERS_KEPT:
+            self._holders.popitem(last=False)
+
+    # --- admin routes: every member --------------------------------------------------------------
+
+    async def _broadcast(self, request: UpstreamRequest) -> UpstreamResponse:
+        """The request sent to every member that is up; one answer listing each member's.
+        ``ok`` is true when every member answered 2xx."""
+        up = [m for m in self.members if m.up]
+        if not up:
+            raise NoHealthyBackend()
+
+        async def one(m: Member) -> dict[str, Any]:
+            resp: UpstreamResponse | None = None
+            try:
+                resp = await m.backend.send(request)
+                body = await resp.read(1 << 20)
+                try:
+                    parsed: Any = orjson.loads(body) if body else None
+                except orjson.JSONDecodeError:
+                    parsed = body[:1000].decode("utf-8", "replace")
+                return {"backend": m.name, "status": resp.status, "body": parsed}
+            except UpstreamError as exc:
+                return {"backend": m.name, "status": None, "error": exc.type}
+            finally:
+                if resp is not None:
+                    await resp.aclose()
+
+        results = await asyncio.gather(*(one(m) for m in up))
+        ok = all(isinstance(r.get("status"), int) and 200 <= r["status"] < 300 for r in results)
+        body = orjson.dumps({"object": "list", "ok": ok, "data": results})
+        return BytesResponse(200, "application/json", body)
 
     async def _models_listing(self, request: UpstreamRequest) -> UpstreamResponse:
         """``/v1/models`` is the union of the members' lists, not one member's."""
@@ -298,6 +383,8 @@ class PoolBackend(Backend):
             member.pending.discard(task)
 
     def _may_retry(self, request: UpstreamRequest, tried: list[Member]) -> bool:
+        if request.locate is not None:
+            return False  # bound to the member that holds its stored response
         if len(tried) > self.config.max_retries:
             return False
         if not any(m.up and m not in tried and m.serves(request.model) for m in self.members):
