@@ -43,7 +43,7 @@ OPEN_ROUTES = frozenset({"/health/live", "/health/ready", "/v1/health", "/health
 class Body(Enum):
     JSON = "json"
     MULTIPART = "multipart"  # an upload: forwarded as it came, with its own cap
-    ANY = "any"  # admin routes: whatever the operator sends, forwarded as it came
+    ANY = "any"  # nothing the gateway reads (admin calls, the store's): forwarded as it came
 
 
 class Reach(Enum):
@@ -146,9 +146,17 @@ _EXACT: dict[str, Route] = {r.name: r for r in (*_GENERATE, *_POOLING, *_UTILITY
 
 # Routes with a parameter in the path.
 _STORED = _r(
-    "/v1/responses/{id}", "store", "GET", admitted=False, protocol=RESPONSES, reach=Reach.HOLDER
+    "/v1/responses/{id}",
+    "store",
+    "GET",
+    admitted=False,
+    body=Body.ANY,
+    protocol=RESPONSES,
+    reach=Reach.HOLDER,
 )
-_CANCEL = _r("/v1/responses/{id}/cancel", "store", "POST", admitted=False, reach=Reach.HOLDER)
+_CANCEL = _r(
+    "/v1/responses/{id}/cancel", "store", "POST", admitted=False, body=Body.ANY, reach=Reach.HOLDER
+)
 _ADAPTER = _r("/adapters/{name}", "admin", "DELETE", admitted=False, body=Body.ANY, reach=Reach.ALL)
 _ADAPTERS = _r("/adapters", "admin", "POST", admitted=False, body=Body.ANY, reach=Reach.ALL)
 _EXACT[_ADAPTERS.name] = _ADAPTERS
