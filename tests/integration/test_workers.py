@@ -60,3 +60,56 @@ async def test_stopped_while_workers_start_exits_zero(simulator: Simulator) -> N
             gw.terminate(signal.SIGTERM)
             code = await asyncio.to_thread(gw.process.wait, 30)
             assert code == 0, gw.log()
+
+
+async def test_two_workers_hold_one_limit_and_one_scrape_counts_both(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
+    # Regression: the limit was split statically (one worker could be full while the other had
+    # room), and a scrape saw one worker only.
+    simulator.configure(itl=0.05, tokens=40)
+    env = {"VLLM_BACKEND_URL": simulator.url, "VLLM_MAX_CONCURRENT_REQUESTS": "2"}
+    with spawn_gateway(env, "--workers", "2", name="workers-limit") as gw:
+
+        async def ready() -> None:
+            while True:
+                try:
+                    if (await client.get(gw.url + "/health/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(ready(), 30)
+        # Separate connections, so the kernel spreads them over both workers.
+        clients = [httpx.AsyncClient(timeout=30) for _ in range(6)]
+        try:
+            streams = [
+                asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=chat_body()))
+                for c in clients
+            ]
+            peak = 0
+
+            async def watch() -> None:
+                nonlocal peak
+                while not all(s.done() for s in streams):
+                    peak = max(peak, simulator.stats()["running"])
+                    await asyncio.sleep(0.01)
+
+            await watch()
+            results = await asyncio.gather(*streams)
+        finally:
+            for c in clients:
+                await c.aclose()
+        assert [r.status_code for r in results] == [200] * 6
+        assert peak == 2  # never more than the one limit, whichever worker took them
+        for _ in range(4):  # whichever worker answers the scrape, it answers for both
+            async with httpx.AsyncClient() as fresh:
+                text = (await fresh.get(gw.url + "/metrics")).text
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("vllm_gateway_requests_total{")
+                and 'route="/v1/chat/completions"' in line
+            )
+            assert total == 6, text[:2000]

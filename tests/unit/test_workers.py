@@ -1,24 +1,135 @@
-"""How the admission limit is split among worker processes."""
+"""One admission for several workers: the supervisor's ``AdmissionCoordinator`` and each worker's
+``RemoteAdmission``, over real Unix socket pairs in one event loop. The order and the 503s are a
+single process's, exactly; a worker that dies gives back what it held.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 
-from vllm_gateway.runtime.workers import split_limit, worker_settings
-from vllm_gateway.settings import Settings
+from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
+from vllm_gateway.proxy.admission import Admission
+from vllm_gateway.proxy.shared_admission import RemoteAdmission
+from vllm_gateway.runtime.coordinator import AdmissionCoordinator
+
+pytestmark = pytest.mark.timeout(20)
 
 
-@pytest.mark.parametrize(("total", "workers"), [(100, 1), (100, 3), (7, 2), (5, 8), (1000, 16)])
-def test_shares_add_up_and_differ_by_at_most_one(total: int, workers: int) -> None:
-    shares = [split_limit(total, workers, i) for i in range(workers)]
-    assert sum(shares) == total
-    assert max(shares) - min(shares) <= 1
+async def _setup(
+    workers: int, limit: int, queue: int, timeout: float = 5.0
+) -> tuple[AdmissionCoordinator, list[RemoteAdmission]]:
+    coordinator = AdmissionCoordinator(Admission(limit, queue, timeout))
+    remotes = []
+    for i in range(workers):
+        ours, theirs = socket.socketpair()
+        await coordinator.attach(ours, f"w{i}")
+        remote = RemoteAdmission(limit, queue, timeout)
+        await remote.connect(theirs)
+        remotes.append(remote)
+    return coordinator, remotes
 
 
-def test_each_worker_may_take_at_least_one_request() -> None:
-    settings = Settings(max_concurrent_requests=2, max_queued_requests=3, workers=4)
-    limits = [worker_settings(settings, i).max_concurrent_requests for i in range(4)]
-    queues = [worker_settings(settings, i).max_queued_requests for i in range(4)]
-    assert limits == [1, 1, 1, 1]
-    assert sum(queues) == 3
-    assert all(worker_settings(settings, i).workers == 1 for i in range(4))
+async def test_the_limit_holds_across_workers_and_the_queue_is_one_fifo() -> None:
+    coordinator, (a, b) = await _setup(2, limit=2, queue=8)
+    held = [await a.acquire(), await b.acquire()]
+    assert coordinator.admission.in_flight == 2
+    order: list[str] = []
+
+    async def wait(remote: RemoteAdmission, name: str) -> None:
+        permit = await remote.acquire()
+        order.append(name)
+        await asyncio.sleep(0.01)
+        permit.release()
+
+    # Queued alternately from the two workers; they must be served in arrival order.
+    waiters = []
+    for i, remote in enumerate([b, a, b, a, b]):
+        waiters.append(asyncio.create_task(wait(remote, f"{i}")))
+        await asyncio.sleep(0.01)  # arrival order as the supervisor sees it
+    assert coordinator.admission.queued == 5
+    assert coordinator.admission.in_flight == 2
+    held[0].release()
+    held[1].release()
+    await asyncio.gather(*waiters)
+    assert order == ["0", "1", "2", "3", "4"]
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.in_flight == 0 and coordinator.admission.queued == 0
+    await coordinator.aclose()
+
+
+async def test_a_full_queue_and_a_queue_timeout_are_the_single_process_503s() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=1, timeout=0.3)
+    permit = await a.acquire()
+    queued = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded) as full:
+        await a.acquire()
+    assert full.value.retry_after is not None and full.value.retry_after >= 1
+    with pytest.raises(QueueTimeout):
+        await queued
+    assert b.rejected_timeout_total == 1 and a.rejected_full_total == 1
+    permit.release()
+    await coordinator.aclose()
+
+
+async def test_a_worker_that_dies_gives_back_its_permits_and_leaves_the_queue() -> None:
+    coordinator, (a, b) = await _setup(2, limit=2, queue=8)
+    await a.acquire()
+    await a.acquire()
+    stuck = asyncio.create_task(a.acquire())  # queued from the worker that will die
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 2
+    assert a.channel is not None
+    a.channel.close()  # the worker's process is gone: its socket closes
+    permit = await asyncio.wait_for(waiting, 2)  # one of the dead worker's slots passed on
+    with pytest.raises(ShuttingDown):
+        await stuck
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.in_flight == 1 and coordinator.admission.queued == 0
+    permit.release()
+    await coordinator.aclose()
+
+
+async def test_a_waiter_that_leaves_is_out_of_the_queue_at_once() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=8)
+    permit = await a.acquire()
+    leaving = asyncio.create_task(b.acquire())
+    staying = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0.05)
+    leaving.cancel()  # the client left while queued
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 1
+    permit.release()
+    second = await asyncio.wait_for(staying, 2)
+    second.release()
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.in_flight == 0
+    await coordinator.aclose()
+
+
+async def test_a_scrape_gathers_every_other_worker_s_snapshot() -> None:
+    coordinator, remotes = await _setup(3, limit=4, queue=4)
+    for i, remote in enumerate(remotes):
+        remote.snapshot = lambda i=i: {"worker": i}
+    others = await remotes[0].peer_snapshots(2.0)
+    assert sorted(s["worker"] for s in others) == [1, 2]
+    await coordinator.aclose()
+
+
+async def test_drain_refuses_the_queue_and_new_arrivals() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=4)
+    permit = await a.acquire()
+    queued = asyncio.create_task(b.acquire())
+    await asyncio.sleep(0.05)
+    coordinator.close()
+    with pytest.raises(ShuttingDown):
+        await queued
+    with pytest.raises(ShuttingDown):
+        await b.acquire()
+    permit.release()
+    await coordinator.aclose()

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -39,6 +39,7 @@ from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
 from vllm_gateway.proxy.routes import ROUTE_NAMES
+from vllm_gateway.proxy.shared_admission import RemoteAdmission
 from vllm_gateway.proxy.usage import parse_usage
 
 __all__ = [
@@ -99,6 +100,8 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
+# How long a worker's scrape waits for the other workers' metrics.
+_PEER_SCRAPE_TIMEOUT = 1.5
 # How often the backend's health is sampled for ``backend_healthy`` when it has no ``stats()``.
 HEALTH_INTERVAL = 5.0
 
@@ -126,6 +129,7 @@ class GatewayMetrics:
                 "vllm_gateway_requests_in_flight",
                 "Requests holding an admission slot now.",
                 lambda: [((), gateway.admission.in_flight)],
+                merge="own",  # one admission for every worker
             )
         )
         r.register(
@@ -133,6 +137,7 @@ class GatewayMetrics:
                 "vllm_gateway_queue_depth",
                 "Requests waiting for an admission slot now.",
                 lambda: [((), gateway.admission.queued)],
+                merge="own",
             )
         )
         r.register(
@@ -140,6 +145,7 @@ class GatewayMetrics:
                 "vllm_gateway_draining",
                 "1 while the gateway drains for shutdown.",
                 lambda: [((), 1.0 if gateway.draining else 0.0)],
+                merge="max",
             )
         )
         r.register(
@@ -147,6 +153,7 @@ class GatewayMetrics:
                 "vllm_gateway_admission_limit",
                 "Most requests allowed in flight at once.",
                 lambda: [((), gateway.admission.limit)],
+                merge="own",
             )
         )
         self.queue_wait = r.register(
@@ -216,6 +223,7 @@ class GatewayMetrics:
                 "1 if the backend passed its last health check, else 0.",
                 lambda: self._backend_values("healthy"),
                 ("backend",),
+                merge="max",
             )
         )
         r.register(
@@ -317,8 +325,8 @@ class GatewayMetrics:
             )
         )
 
-    def render(self) -> str:
-        return self.registry.render()
+    def render(self, peers: Sequence[dict[str, Any]] = ()) -> str:
+        return self.registry.render(peers)
 
 
 class _CounterView(Gauge):
@@ -478,9 +486,15 @@ def install_observability(
     board.backends = observer.metrics.backend_stats
     api.state.observer = observer
 
+    shared = gateway.admission if isinstance(gateway.admission, RemoteAdmission) else None
+    peers = shared.peer_snapshots if shared is not None else None
+    if shared is not None:  # a worker of several: a scrape of any one answers for all
+        shared.snapshot = observer.metrics.registry.snapshot
+
     @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(observer.metrics.render(), media_type=CONTENT_TYPE)
+        others = await peers(_PEER_SCRAPE_TIMEOUT) if peers is not None else []
+        return Response(observer.metrics.render(others), media_type=CONTENT_TYPE)
 
     install_status_routes(api, board)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "CONTENT_TYPE",
@@ -72,7 +72,13 @@ class _Metric:
         help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
         return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
 
-    def render(self) -> list[str]:
+    def render(self, peers: Sequence[Any] = ()) -> list[str]:
+        """The text lines; ``peers`` are other processes' ``snapshot()`` of this metric, merged
+        in (counters and histograms add up; gauges by their ``merge``)."""
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        """This process's values, as JSON (for a worker to send to another)."""
         raise NotImplementedError
 
 
@@ -112,17 +118,26 @@ class Counter(_Metric):
         child = self._children.get(values)
         return 0.0 if child is None else child.value
 
-    def render(self) -> list[str]:
+    def snapshot(self) -> Any:
+        return [[list(values), child.value] for values, child in self._children.items()]
+
+    def render(self, peers: Sequence[Any] = ()) -> list[str]:
+        totals = {values: child.value for values, child in self._children.items()}
+        for peer in peers:
+            for values, value in peer:
+                key = tuple(values)
+                totals[key] = totals.get(key, 0.0) + value
         out = self._header()
-        for values, child in self._children.items():
-            out.append(
-                f"{self.name}{_label_text(self.labelnames, values)} {format_value(child.value)}"
-            )
+        for values, value in totals.items():
+            out.append(f"{self.name}{_label_text(self.labelnames, values)} {format_value(value)}")
         return out
 
 
 class Gauge(_Metric):
-    """A value read at render time from ``read()``: samples of (label values, value)."""
+    """A value read at render time from ``read()``: samples of (label values, value).
+
+    Across worker processes a gauge merges by ``merge``: "sum" (each process holds part of it),
+    "max", or "own" (every process reads the same shared value: this one's is the answer)."""
 
     kind = "gauge"
 
@@ -132,13 +147,29 @@ class Gauge(_Metric):
         help: str,
         read: Callable[[], Iterable[Sample]],
         labelnames: Sequence[str] = (),
+        merge: str = "sum",
     ) -> None:
         super().__init__(name, help, labelnames)
         self._read = read
+        self.merge = merge
 
-    def render(self) -> list[str]:
+    def snapshot(self) -> Any:
+        return [[list(values), value] for values, value in self._read()]
+
+    def render(self, peers: Sequence[Any] = ()) -> list[str]:
+        values_now = {tuple(values): value for values, value in self._read()}
+        if self.merge != "own":
+            for peer in peers:
+                for values, value in peer:
+                    key = tuple(values)
+                    if key not in values_now:
+                        values_now[key] = value
+                    elif self.merge == "max":
+                        values_now[key] = max(values_now[key], value)
+                    else:
+                        values_now[key] += value
         out = self._header()
-        for values, value in self._read():
+        for values, value in values_now.items():
             out.append(f"{self.name}{_label_text(self.labelnames, values)} {format_value(value)}")
         return out
 
@@ -190,17 +221,39 @@ class Histogram(_Metric):
     def child(self, *values: str) -> HistogramChild | None:
         return self._children.get(values)
 
-    def render(self) -> list[str]:
+    def snapshot(self) -> Any:
+        return [
+            [list(values), list(child.counts), child.sum, child.count]
+            for values, child in self._children.items()
+        ]
+
+    def render(self, peers: Sequence[Any] = ()) -> list[str]:
+        merged = {
+            values: (list(child.counts), child.sum, child.count)
+            for values, child in self._children.items()
+        }
+        for peer in peers:
+            for values, counts, total, count in peer:
+                key = tuple(values)
+                mine = merged.get(key)
+                if mine is None:
+                    merged[key] = (list(counts), total, count)
+                else:
+                    merged[key] = (
+                        [a + b for a, b in zip(mine[0], counts, strict=True)],
+                        mine[1] + total,
+                        mine[2] + count,
+                    )
         out = self._header()
-        for values, child in self._children.items():
+        for values, (counts, total, count) in merged.items():
             running = 0
-            for bound, n in zip((*child.bounds, math.inf), child.counts, strict=True):
+            for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
                 running += n
                 labels = _label_text(self.labelnames, values, f'le="{format_value(bound)}"')
                 out.append(f"{self.name}_bucket{labels} {running}")
             labels = _label_text(self.labelnames, values)
-            out.append(f"{self.name}_sum{labels} {format_value(child.sum)}")
-            out.append(f"{self.name}_count{labels} {child.count}")
+            out.append(f"{self.name}_sum{labels} {format_value(total)}")
+            out.append(f"{self.name}_count{labels} {count}")
         return out
 
 
@@ -222,8 +275,12 @@ class Registry:
     def get(self, name: str) -> _Metric:
         return self._metrics[name]
 
-    def render(self) -> str:
+    def snapshot(self) -> dict[str, Any]:
+        return {name: metric.snapshot() for name, metric in self._metrics.items()}
+
+    def render(self, peers: Sequence[dict[str, Any]] = ()) -> str:
+        """The exposition; ``peers`` are other worker processes' ``snapshot()``, merged in."""
         lines: list[str] = []
-        for metric in self._metrics.values():
-            lines.extend(metric.render())
+        for name, metric in self._metrics.items():
+            lines.extend(metric.render([p[name] for p in peers if name in p]))
         return "\n".join(lines) + "\n"

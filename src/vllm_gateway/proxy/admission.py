@@ -111,17 +111,24 @@ class Admission:
 
     # --- acquiring -------------------------------------------------------------------------
 
+    def try_acquire(self) -> Permit | None:
+        """A permit at once when a slot is free and nobody waits (no barging); else None."""
+        if self._closed or self._in_flight >= self.limit or self._queued:
+            return None
+        self._in_flight += 1
+        self.admitted_total += 1
+        return Permit(self, self._clock(), 0.0)
+
     async def acquire(
         self, timeout: float | None = None, tenant: str = "", priority: int = 0
     ) -> Permit:
         """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
         if self._closed:
             raise ShuttingDown(retry_after=self._estimate_wait(1))
+        permit = self.try_acquire()
+        if permit is not None:
+            return permit
         start = self._clock()
-        if self._in_flight < self.limit and self._queued == 0:
-            self._in_flight += 1
-            self.admitted_total += 1
-            return Permit(self, start, 0.0)
         key = (priority, tenant)
         if self._queued >= self.max_queued and not self._make_room(key):
             self.rejected_full_total += 1

@@ -44,6 +44,7 @@ from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import Body, Reach, Route
+from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import parse_usage
 from vllm_gateway.proxy.validation import ValidRequest, validate
@@ -130,7 +131,7 @@ class ProxyCall:
         self._task: asyncio.Task[Any] | None = None
         self._charged = 0  # bytes of a buffered backend body counted in the buffer budget
         self.cancel_reason: str | None = None
-        self.permit: Permit | None = None
+        self.permit: Permit | RemotePermit | None = None
         self.upstream: UpstreamResponse | None = None
         self.response_started = False
         self.finished = False
@@ -298,8 +299,9 @@ class ProxyCall:
             await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
         if route.admitted:
-            self.permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
-            self.queue_wait = self.permit.queue_wait
+            permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
+            self.permit = permit
+            self.queue_wait = permit.queue_wait
         deadline = loop.time() + settings.request_timeout
         request = self._upstream_request(valid)
         # A stored response is replayed as a stream when asked (GET ...?stream=true).

@@ -16,6 +16,7 @@ from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.catalog import ModelCatalog
 from vllm_gateway.proxy.ratelimit import RateLimiter
 from vllm_gateway.proxy.record import CallRecord
+from vllm_gateway.proxy.shared_admission import RemoteAdmission
 from vllm_gateway.settings import Settings
 
 __all__ = ["Gateway", "InFlight", "RequestObserver"]
@@ -39,10 +40,16 @@ class InFlight(Protocol):
 
 
 class Gateway:
-    def __init__(self, settings: Settings, backend: Backend) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        admission: Admission | RemoteAdmission | None = None,
+    ) -> None:
         self.settings = settings
         self.backend = backend
-        self.admission = Admission(
+        # One process: its own admission. A worker of several: the supervisor's, shared.
+        self.admission: Admission | RemoteAdmission = admission or Admission(
             settings.max_concurrent_requests,
             settings.max_queued_requests,
             settings.queue_wait_timeout,

@@ -18,6 +18,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vllm_gateway.edge.frontdoor import GatewayApp
@@ -59,8 +60,13 @@ class GatewayRunner:
     def port(self) -> int:
         return int(self.http.sockets[0].getsockname()[1])
 
-    async def serve(self, sock: socket.socket | None = None) -> None:
-        """Serve until a signal (or ``request_exit``) ends it, drain included."""
+    async def serve(
+        self,
+        sock: socket.socket | None = None,
+        before_listen: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Serve until a signal (or ``request_exit``) ends it, drain included. ``before_listen``
+        runs in the loop once the app has started (a worker connects to its supervisor there)."""
         loop = asyncio.get_running_loop()
         self._exit = asyncio.Event()
         if self._handle_signals:
@@ -68,16 +74,20 @@ class GatewayRunner:
             for sig in HANDLED_SIGNALS:
                 loop.add_signal_handler(sig, self.on_signal)
         try:
-            await self._serve(sock)
+            await self._serve(sock, before_listen)
         finally:
             if self._handle_signals:
                 for sig in HANDLED_SIGNALS:
                     loop.remove_signal_handler(sig)
 
-    async def _serve(self, sock: socket.socket | None) -> None:
+    async def _serve(
+        self, sock: socket.socket | None, before_listen: Callable[[], Awaitable[None]] | None
+    ) -> None:
         assert self._exit is not None
         api = self.app.api
         async with api.router.lifespan_context(api):
+            if before_listen is not None:
+                await before_listen()
             if self._exit.is_set():
                 return  # stopped while starting
             if sock is not None:
@@ -131,13 +141,17 @@ def _event_loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-def run(app: GatewayApp, sock: socket.socket | None = None) -> int:
+def run(
+    app: GatewayApp,
+    sock: socket.socket | None = None,
+    before_listen: Callable[[], Awaitable[None]] | None = None,
+) -> int:
     """Serve ``app`` in this thread until a signal drains it; the process exit code."""
     runner = GatewayRunner(app)
     factory = _event_loop_factory()
     try:
         with asyncio.Runner(loop_factory=factory) as loop_runner:
-            loop_runner.run(runner.serve(sock))
+            loop_runner.run(runner.serve(sock, before_listen))
     except OSError as exc:
         settings = app.gateway.settings
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
