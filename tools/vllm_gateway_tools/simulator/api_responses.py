@@ -48,7 +48,11 @@ def _input_messages(body: dict[str, Any]) -> list[tuple[str, str]] | dict[str, A
     """The conversation the request renders, or the validation error of its ``input``."""
     value = body.get("input")
     if value is None:
-        return render.missing("body.input", body)
+        # vLLM's "before" validators have run by then: with no tools, tool_choice became "none".
+        seen = dict(body)
+        if not body.get("tools") and body.get("tool_choice", "auto") in ("auto", "none"):
+            seen["tool_choice"] = "none"
+        return render.missing("body.input", seen)
     messages: list[tuple[str, str]] = []
     if isinstance(body.get("instructions"), str):
         messages.append(("system", body["instructions"]))

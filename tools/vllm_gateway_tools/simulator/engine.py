@@ -282,8 +282,8 @@ class Job:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
-        tokens = self.script.n if outcome == "completed" else self.i
-        self.state.job_finished(self, outcome, tokens)
         self.record.update(outcome=outcome, chunks=self.chunks, ended=time.time())
+        tokens = self.script.n if outcome == "completed" else self.i
+        self.state.job_finished(self, outcome, tokens)  # may answer a /pause?mode=wait
         if self.on_end is not None:
             self.on_end(self, outcome)
