@@ -499,6 +499,11 @@ async def stream_named(
     return r, [(name, orjson.loads(data)) for name, data in named(text)]
 
 
+def whole_events(received: bytes) -> str:
+    """The complete SSE events in ``received`` (a read can end inside one)."""
+    return received[: received.rfind(b"\n\n") + 2].decode()
+
+
 async def read_until_cut(response: httpx.Response) -> bytes:
     received = b""
     with pytest.raises(httpx.RemoteProtocolError):
@@ -626,6 +631,26 @@ async def test_responses_background_cancel_aborts_the_request(
     assert (await client.post(f"/v1/responses/{rid}/cancel")).status_code == 400
 
 
+async def test_responses_cancelled_stream_never_ends(client: httpx.AsyncClient, sim: Any) -> None:
+    body = {**RESP, "background": True, "stream": True, "vllm_sim": {"itl": 0.05, "tokens": 100}}
+    received = b""
+    async with (
+        httpx.AsyncClient(base_url=sim.url, timeout=httpx.Timeout(10, read=0.5)) as c,
+        c.stream("POST", "/v1/responses", json=body) as r,
+    ):
+        pieces = r.aiter_raw()
+        while b"response.output_text.delta" not in received:
+            received += await next_piece(pieces)
+        rid = orjson.loads(named(whole_events(received))[0][1])["response"]["id"]
+        assert (await client.post(f"/v1/responses/{rid}/cancel")).json()["status"] == "cancelled"
+        with pytest.raises(httpx.ReadTimeout):  # as vLLM's: no response.completed, no end
+            async for piece in pieces:
+                received += piece
+    names = [n for n, _ in named(whole_events(received))]
+    assert "response.completed" not in names and names[:4] == RESPONSE_EVENTS
+    assert sim.stats()["running"] == 0 and sim.stats()["aborted"] == 1
+
+
 async def test_responses_background_stream_replays_after_n(client: httpx.AsyncClient) -> None:
     _, live = await stream_named(
         client, "/v1/responses", {**RESP, "background": True, "stream": True}
@@ -638,6 +663,13 @@ async def test_responses_background_stream_replays_after_n(client: httpx.AsyncCl
     assert r.status_code == 200 and replay == live[4:]
     stored = (await client.get(f"/v1/responses/{rid}")).json()
     assert stored["status"] == "completed" and stored == live[-1][1]["response"]
+    async with (
+        httpx.AsyncClient(base_url=client.base_url, timeout=httpx.Timeout(10, read=0.3)) as c,
+        c.stream("GET", f"/v1/responses/{rid}?stream=true&starting_after=1000") as r,
+    ):
+        assert r.status_code == 200
+        with pytest.raises(httpx.ReadTimeout):  # vLLM's replay waits for a completed event
+            await r.aread()
 
 
 async def test_responses_background_stream_survives_its_client(sim: Any) -> None:

@@ -76,7 +76,9 @@ def create(conn: Conn, req: Req) -> None:
     record["stream"] = stream
     messages = _input_messages(body)
     limit, int_error = int_field(body, "max_output_tokens")
-    errors = [e for e in (messages if isinstance(messages, dict) else None, int_error) if e]
+    errors = [messages] if isinstance(messages, dict) else []
+    if int_error is not None:
+        errors.append(int_error)
     if errors:
         reject(conn, req, record, 400, render.validation_body(errors))
         return
@@ -106,9 +108,8 @@ def create(conn: Conn, req: Req) -> None:
             return
         prompt_tokens += previous.script.prompt_tokens + previous.script.n
     if prompt_tokens >= cfg.max_model_len:
-        body_ = render.error_body(context_error(cfg.max_model_len, prompt_tokens), 400,
-                                  param="input_tokens")  # fmt: skip
-        reject(conn, req, record, 400, body_)
+        message = context_error(cfg.max_model_len, prompt_tokens)
+        reject(conn, req, record, 400, render.error_body(message, 400, param="input_tokens"))
         return
     room = cfg.max_model_len - prompt_tokens
     limit = room if limit is None else max(1, min(limit, room))

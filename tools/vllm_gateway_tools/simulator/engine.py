@@ -55,7 +55,7 @@ class Job:
     """The pacing state of one engine request."""
 
     __slots__ = ("cfg", "chunks", "done", "handle", "held_at", "i", "loop", "model", "on_end",
-                 "record", "route", "script", "sink", "stalled", "state", "t0")  # fmt: skip
+                 "record", "route", "script", "sink", "state", "t0")  # fmt: skip
 
     def __init__(self, *, state: SimState, cfg: SimulatorConfig, record: dict[str, Any],
                  script: render.Script, route: str, sink: Sink,
@@ -77,7 +77,6 @@ class Job:
         self.i = 0  # next token index
         self.chunks = 0  # SSE events written
         self.done = False
-        self.stalled = False
 
     # --- start ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -207,8 +206,7 @@ class Job:
     def _stall(self) -> None:
         self.record["fault"] = f"stall_after={self.cfg.stall_after}"
         self.record["chunks"] = self.chunks
-        self.stalled = True  # nothing more is sent until the client leaves
-        self.state.active.discard(self)
+        self.state.active.discard(self)  # nothing more is sent until the client leaves
 
     def _drop(self) -> None:
         self.record["fault"] = f"drop_after={self.cfg.drop_after}"

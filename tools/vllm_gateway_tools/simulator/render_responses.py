@@ -120,7 +120,7 @@ class ResponsesScript(Script):
         out: dict[str, Any] = {"id": self.request_id, "created_at": self.created,
                                "incomplete_details": incomplete}  # fmt: skip
         out.update(self._fields_a)
-        out["output"] = [self._item(True)] if final else []
+        out["output"] = [self._item(output_text(self.n))] if final else []
         out.update(self._fields_b)
         out["status"] = status
         out.update(self._fields_c)
@@ -134,11 +134,11 @@ class ResponsesScript(Script):
     def _part(self, text: str, logprobs: list[Any] | None) -> dict[str, Any]:
         return {"annotations": [], "text": text, "type": "output_text", "logprobs": logprobs}
 
-    def _item(self, done: bool) -> dict[str, Any]:
-        text = output_text(self.n)
-        content = [self._part(text, None)] if done and text else []
+    def _item(self, text: str | None) -> dict[str, Any]:
+        """The output message: in progress (``text`` None), or done with ``text``."""
+        content = [self._part(text, None)] if text else []
         return {"id": self.item_id, "content": content, "role": "assistant",
-                "status": "completed" if done else "in_progress", "type": "message",
+                "status": "in_progress" if text is None else "completed", "type": "message",
                 "phase": None}  # fmt: skip
 
     # --- events -------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class ResponsesScript(Script):
 
     def first(self) -> list[bytes]:
         return [
-            self._next("response.output_item.added", {"item": self._item(False),
+            self._next("response.output_item.added", {"item": self._item(None),
                                                        "output_index": 0}),
             self._next("response.content_part.added",
                        {"content_index": 0, "item_id": self.item_id, "output_index": 0,
@@ -184,7 +184,7 @@ class ResponsesScript(Script):
             self._next("response.content_part.done",
                        {"content_index": 0, "item_id": self.item_id, "output_index": 0,
                         "part": self._part(text, None)}),
-            self._next("response.output_item.done", {"item": self._item(True),
+            self._next("response.output_item.done", {"item": self._item(text),
                                                       "output_index": 0}),
             self._next("response.completed", {"response": self.final_object()}),
         ]  # fmt: skip

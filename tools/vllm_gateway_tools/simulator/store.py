@@ -9,7 +9,8 @@ What vLLM does (``openai/responses/serving.py``), and so this module:
   response that is not queued is a 400.
 - A background *stream* keeps its events; ``GET ?stream=true&starting_after=N`` replays those
   after sequence number N, then follows the live ones until ``response.completed``. A cancelled
-  one never ends: the replay waits for events that will not come, as vLLM's does.
+  one never ends, nor does one asked for events after its last: the replay waits for a
+  response.completed that will not come, as vLLM's does.
 
 vLLM never evicts its store; the simulator keeps the last ``KEPT`` responses.
 """
@@ -65,9 +66,11 @@ class Stored:
         backlog = self.log[start:]
         if backlog:
             reader.replay_events(backlog)
-        if self.ended:
+        if self.ended and backlog:  # the backlog ends with response.completed
             reader.replay_end()
         else:
+            # As vLLM's replay, it waits for response.completed: forever, when that is already
+            # behind ``starting_after`` or the response was cancelled.
             self.readers.add(reader)
 
     # --- Sink: a background job writes here ----------------------------------------------------
