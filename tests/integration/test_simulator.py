@@ -1285,6 +1285,8 @@ async def test_audio_refuses_what_vllm_refuses(client: httpx.AsyncClient, sim: A
     assert srt.status_code == 400
     unknown = await client.post(path, files=AUDIO, data={"model": "nope"})
     assert unknown.status_code == 404
+    knobs = await client.post(path, files=AUDIO, data={"vllm_sim": '{"tokens": 2}'})
+    assert knobs.json()["text"] == render_text(2)  # per-request knobs ride in a form field
     assert sim.stats()["routes"][path]["failed"] == 6
 
 

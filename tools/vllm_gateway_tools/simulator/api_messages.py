@@ -57,7 +57,9 @@ def _validate(body: dict[str, Any], *, max_tokens: bool) -> list[dict[str, Any]]
         if body.get("max_tokens") is None:
             errors.append(render.missing("body.max_tokens", body))
         else:
-            errors += [e for e in (int_field(body, "max_tokens")[1],) if e]
+            _, error = int_field(body, "max_tokens")
+            if error is not None:
+                errors.append(error)
     return errors
 
 
@@ -72,7 +74,8 @@ def messages(conn: Conn, req: Req) -> None:
     if started is None:
         return
     record, body, cfg = started
-    record["stream"] = stream = body.get("stream") is True
+    stream = body.get("stream") is True
+    record["stream"] = stream
     errors = _validate(body, max_tokens=True)
     if errors:
         reject(conn, req, record, 400, render.validation_body(errors))
