@@ -14,6 +14,8 @@ def test_defaults_are_the_documented_pace() -> None:
     cfg = SimulatorConfig()
     assert (cfg.ttft, cfg.itl, cfg.tokens, cfg.models) == (0.05, 0.02, 16, ("sim-model",))
     assert cfg.status is None and not cfg.hang and cfg.malformed is None and not cfg.unhealthy
+    # A generate server, dev routes off, the Responses store on.
+    assert (cfg.runner, cfg.dev_mode, cfg.responses_store) == ("generate", False, True)
 
 
 def test_models_accept_commas_and_lists() -> None:
@@ -27,7 +29,7 @@ def test_models_accept_commas_and_lists() -> None:
     "changes",
     [{"ttft": -1}, {"itl": math.inf}, {"itl": "fast"}, {"tokens": 0}, {"tokens": 2.5}, {"tokens": True},
      {"status": 42}, {"status": 600}, {"stall_after": -1}, {"malformed": "weird"}, {"hang": 1},
-     {"no_such_knob": 1}],
+     {"no_such_knob": 1}, {"runner": "embed"}, {"dev_mode": "yes"}, {"responses_store": 0}],
 )  # fmt: skip
 def test_bad_values_are_refused(changes: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
@@ -51,6 +53,9 @@ def test_per_request_override_takes_pace_and_faults_only() -> None:
         {"models": ["x"]},
         {"unhealthy": True},
         {"max_model_len": 9},
+        {"runner": "pooling"},
+        {"dev_mode": True},
+        {"responses_store": False},
     ):
         with pytest.raises(ConfigError):
             cfg.overridden(server_only)

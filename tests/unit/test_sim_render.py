@@ -13,7 +13,7 @@ import json
 import orjson
 import pytest
 
-from vllm_gateway_tools.simulator import render
+from vllm_gateway_tools.simulator import render, render_openai
 
 VLLM_CHAT_FIRST = '{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"sim-model","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}'
 VLLM_CHAT_TOKEN = '{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"sim-model","choices":[{"index":0,"delta":{"content":" tok0"},"logprobs":null,"finish_reason":null,"token_ids":null}]}'
@@ -48,14 +48,14 @@ def _event(line: bytes) -> str:
     return line[len(b"data: ") : -2].decode()
 
 
-def _chat() -> render.StreamTemplate:
-    return render.StreamTemplate(
+def _chat() -> render_openai.StreamTemplate:
+    return render_openai.StreamTemplate(
         chat=True, request_id="chatcmpl-abc", model="sim-model", created=1700000000
     )
 
 
-def _cmpl() -> render.StreamTemplate:
-    return render.StreamTemplate(
+def _cmpl() -> render_openai.StreamTemplate:
+    return render_openai.StreamTemplate(
         chat=False, request_id="cmpl-abc", model="sim-model", created=1700000000
     )
 
@@ -81,8 +81,8 @@ def test_completion_stream_chunks_match_vllm_bytes() -> None:
 def test_whole_responses_match_vllm_json() -> None:
     common = dict(model="sim-model", created=1700000000, text="x", finish_reason="length",
                   prompt_tokens=5, completion_tokens=8)  # fmt: skip
-    chat = render.chat_response(request_id="chatcmpl-abc", **common)  # type: ignore[arg-type]
-    cmpl = render.completion_response(request_id="cmpl-abc", **common)  # type: ignore[arg-type]
+    chat = render_openai.chat_response(request_id="chatcmpl-abc", **common)  # type: ignore[arg-type]
+    cmpl = render_openai.completion_response(request_id="cmpl-abc", **common)  # type: ignore[arg-type]
     # Same keys in the same order, same values.
     assert list(orjson.loads(chat).items()) == list(json.loads(VLLM_CHAT_FULL).items())
     assert list(orjson.loads(cmpl).items()) == list(json.loads(VLLM_CMPL_FULL).items())
@@ -97,15 +97,15 @@ def test_token_text_is_json_escaped(text: str) -> None:
 
 
 def test_request_id_and_model_are_escaped() -> None:
-    t = render.StreamTemplate(chat=True, request_id='chatcmpl-"x"', model="m\\1", created=1)
+    t = render_openai.StreamTemplate(chat=True, request_id='chatcmpl-"x"', model="m\\1", created=1)
     chunk = json.loads(_event(t.token(" a")))
     assert (chunk["id"], chunk["model"]) == ('chatcmpl-"x"', "m\\1")
 
 
 def test_chunk_size_is_near_vllms() -> None:
-    # A real id is "chatcmpl-" + 32 hex digits; vLLM's content chunks are about 200 bytes.
-    t = render.StreamTemplate(
-        chat=True, request_id="chatcmpl-" + "0" * 32, model="sim-model", created=1700000000
+    # A real id is "chatcmpl-" + 16 hex digits; vLLM's content chunks are about 200 bytes.
+    t = render_openai.StreamTemplate(
+        chat=True, request_id="chatcmpl-" + "0" * 16, model="sim-model", created=1700000000
     )
     assert 180 <= len(t.token(render.token_text(12))) <= 260
 

@@ -3,8 +3,8 @@
 A config is never mutated. ``POST /sim/config`` and ``Simulator.configure`` build a new one with
 ``SimulatorConfig.updated``; a request's ``"vllm_sim": {...}`` body field builds a per-request copy
 with ``SimulatorConfig.overridden``, which accepts only the pace and fault knobs (the served models,
-the API key and the context length belong to the server, not to one request). Every value is checked
-here, so the server code can trust the config it is handed.
+the API key, the context length, the runner and the optional features belong to the server, not to
+one request). Every value is checked here, so the server code can trust the config it is handed.
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ from typing import Any
 __all__ = [
     "MALFORMED_KINDS",
     "PER_REQUEST_KNOBS",
+    "RUNNERS",
     "ConfigError",
     "SimulatorConfig",
 ]
 
 MALFORMED_KINDS = ("html", "bad_json", "no_done", "huge_line")
+# What a vLLM server is started as: a generate model or a pooling one; never both.
+RUNNERS = ("generate", "pooling")
 
 # The knobs a single request may override through its "vllm_sim" body field.
 PER_REQUEST_KNOBS = frozenset(
@@ -52,6 +55,9 @@ class SimulatorConfig:
     Pace: the first content chunk goes out ``ttft`` seconds after the request, then one chunk per
     token every ``itl`` seconds; a request without ``max_tokens`` gets ``tokens`` tokens.
     Faults (all off by default): see docs/simulator.md for what each one sends.
+    Server shape: ``runner`` picks the route family (generate or pooling), ``dev_mode`` stands for
+    ``VLLM_SERVER_DEV_MODE=1`` (plus runtime LoRA updating), ``responses_store`` for
+    ``VLLM_ENABLE_RESPONSES_API_STORE=1``.
     """
 
     models: tuple[str, ...] = ("sim-model",)
@@ -68,6 +74,9 @@ class SimulatorConfig:
     malformed: str | None = None
     huge_line_bytes: int = 4 * 1024 * 1024
     unhealthy: bool = False
+    runner: str = "generate"
+    dev_mode: bool = False
+    responses_store: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):
@@ -89,11 +98,13 @@ class SimulatorConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, minimum=0)
-        for name in ("error_traceback", "hang", "unhealthy"):
+        for name in ("error_traceback", "hang", "unhealthy", "dev_mode", "responses_store"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: must be true or false")
         if self.malformed is not None and self.malformed not in MALFORMED_KINDS:
             raise ConfigError(f"malformed: must be one of {', '.join(MALFORMED_KINDS)} or null")
+        if self.runner not in RUNNERS:
+            raise ConfigError(f"runner: must be one of {', '.join(RUNNERS)}")
         if self.api_key is not None and not isinstance(self.api_key, str):
             raise ConfigError("api_key: must be a string or null")
 

@@ -1,45 +1,62 @@
-"""Bytes the simulator sends, rendered exactly as vLLM 0.32's OpenAI server renders them. No I/O.
+"""Bytes the simulator sends, rendered exactly as vLLM 0.32's server renders them. No I/O.
 
-The shapes are copied from vLLM's serving code: a stream chunk is
-``ChatCompletionStreamResponse.model_dump_json(exclude_unset=True)`` with the fields the serving code
-sets explicitly (hence ``"logprobs":null`` and ``"token_ids":null`` but no ``usage``), the final usage
-chunk is dumped with ``exclude_none=True``, and a whole response is ``model_dump()`` (every field,
-``null`` included). Key order follows the pydantic models, so a byte-for-byte diff against real vLLM
-differs only in ids, timestamps and text.
+This module holds what every route shares: the HTTP heads (as uvicorn sends them), ``frame`` (an
+SSE event as one HTTP/1.1 chunk of a ``Transfer-Encoding: chunked`` body), vLLM's error envelopes
+(handler errors, validation errors, ``HTTPException``, the Anthropic one), ``/v1/models``, and
+``Script``: what the pacing engine (``simulator.engine``) asks for the bytes of one engine
+request, the events around and between the tokens of a stream or the whole body. The scripts of
+each protocol live in ``render_openai`` (chat, completions, batch), ``render_responses``,
+``render_messages``, ``render_audio`` and ``render_pooling``. A script's last closing event is
+the protocol's terminal one (``[DONE]``, ``response.completed``, ``message_stop``): the
+``no_done`` fault leaves it out.
 
-Per stream, ``StreamTemplate`` renders the invariant parts of a chunk once (id, model, created); a
-content chunk is then two byte concatenations. ``frame`` wraps an SSE event as one HTTP/1.1 chunk
-(``Transfer-Encoding: chunked``), as uvicorn sends vLLM's ``StreamingResponse``.
+Key order follows vLLM's pydantic models, so a byte-for-byte diff against real vLLM differs only
+in ids, timestamps and text.
 """
 
 from __future__ import annotations
 
 import http
 import time
+import uuid
 from email.utils import formatdate
 from typing import Any
 
 import orjson
 
 __all__ = [
+    "BAD_JSON_EVENT",
     "DONE",
     "LAST_CHUNK",
-    "StreamTemplate",
-    "chat_response",
-    "completion_response",
+    "NOT_FOUND",
+    "BodyScript",
+    "Script",
+    "anthropic_error_body",
+    "dumps",
     "error_body",
     "error_type",
+    "error_type_phrase",
     "frame",
+    "http_error_body",
+    "missing",
     "models_body",
+    "not_json",
+    "output_text",
+    "random_id",
     "response_head",
     "stream_head",
     "token_text",
     "traceback_body",
+    "traceback_text",
+    "validation_body",
 ]
 
 DONE = b"data: [DONE]\n\n"
 # The terminating chunk of a ``Transfer-Encoding: chunked`` body.
 LAST_CHUNK = b"0\r\n\r\n"
+# What FastAPI answers for a path no route serves (a route of the other runner, a dev route).
+NOT_FOUND = b'{"detail":"Not Found"}'
+BAD_JSON_EVENT = b"data: {not json\n\n"
 
 # vLLM's error ``type`` for the statuses its handlers produce; others use the status phrase,
 # as vLLM does for ``GracefulHTTPError``.
@@ -53,9 +70,7 @@ _ERROR_TYPES = {
 }
 
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-            405: b"Method Not Allowed", 411: b"Length Required", 413: b"Payload Too Large",
-            500: b"Internal Server Error", 503: b"Service Unavailable"}  # fmt: skip
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _date_second = -1
 _date_value = b""
 
@@ -94,174 +109,23 @@ def token_text(index: int) -> str:
     return f" tok{index}"
 
 
+def output_text(n: int) -> str:
+    """The whole text of ``n`` output tokens."""
+    return "".join([token_text(i) for i in range(n)])
+
+
+def random_id() -> str:
+    """16 hex digits, like vLLM's ``random_uuid()``."""
+    return f"{uuid.uuid4().int & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 def frame(event: bytes) -> bytes:
     """``event`` as one chunk of a chunked HTTP/1.1 body."""
     return b"%x\r\n%b\r\n" % (len(event), event)
 
 
-def _dumps(value: Any) -> bytes:
+def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
-
-
-class StreamTemplate:
-    """The SSE events of one streamed response (chat or completions), with its fixed parts pre-rendered."""
-
-    __slots__ = ("_head", "chat", "created", "model", "request_id")
-
-    def __init__(self, *, chat: bool, request_id: str, model: str, created: int) -> None:
-        self.chat = chat
-        self.request_id = request_id
-        self.model = model
-        self.created = created
-        obj = b"chat.completion.chunk" if chat else b"text_completion"
-        self._head = b'data: {"id":%b,"object":"%b","created":%d,"model":%b,"choices":[' % (
-            _dumps(request_id),
-            obj,
-            created,
-            _dumps(model),
-        )
-
-    def first(self) -> bytes | None:
-        """The role chunk that opens a chat stream; completions streams have none."""
-        if not self.chat:
-            return None
-        return self._head + (
-            b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-            b'"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n'
-        )
-
-    def token(self, text: str, finish_reason: str | None = None) -> bytes:
-        """A content chunk; the last one of a stream carries ``finish_reason``."""
-        body = _dumps(text)
-        if self.chat:
-            if finish_reason is None:
-                tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
-            else:
-                tail = (
-                    b'},"logprobs":null,"finish_reason":"%b","stop_reason":null,"token_ids":null}]}\n\n'
-                    % (finish_reason.encode())
-                )
-            return self._head + b'{"index":0,"delta":{"content":' + body + tail
-        reason = b"null" if finish_reason is None else b'"%b"' % finish_reason.encode()
-        return (
-            self._head
-            + b'{"index":0,"text":'
-            + body
-            + b',"logprobs":null,"finish_reason":'
-            + reason
-            + b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}\n\n'
-        )
-
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        """The final usage chunk that ``stream_options.include_usage`` asks for."""
-        return (
-            self._head
-            + b'],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
-            % (
-                prompt_tokens,
-                prompt_tokens + completion_tokens,
-                completion_tokens,
-            )
-        )
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "completion_tokens": completion_tokens,
-        "prompt_tokens_details": None,
-        "completion_tokens_details": None,
-    }
-
-
-def chat_response(
-    *,
-    request_id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> bytes:
-    """A non-streamed ``/v1/chat/completions`` body (``ChatCompletionResponse.model_dump()``)."""
-    return _dumps(
-        {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": text,
-                        "refusal": None,
-                        "annotations": None,
-                        "audio": None,
-                        "function_call": None,
-                        "reasoning": None,
-                    },
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                    "stop_reason": None,
-                    "token_ids": None,
-                    "routed_experts": None,
-                }
-            ],
-            "service_tier": None,
-            "system_fingerprint": None,
-            "usage": _usage(prompt_tokens, completion_tokens),
-            "prompt_logprobs": None,
-            "prompt_token_ids": None,
-            "prompt_text": None,
-            "kv_transfer_params": None,
-            "ec_transfer_params": None,
-            "metrics": None,
-        }
-    )
-
-
-def completion_response(
-    *,
-    request_id: str,
-    model: str,
-    created: int,
-    text: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> bytes:
-    """A non-streamed ``/v1/completions`` body (``CompletionResponse.model_dump()``)."""
-    return _dumps(
-        {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                    "stop_reason": None,
-                    "token_ids": None,
-                    "prompt_logprobs": None,
-                    "prompt_token_ids": None,
-                    "routed_experts": None,
-                }
-            ],
-            "service_tier": None,
-            "system_fingerprint": None,
-            "usage": _usage(prompt_tokens, completion_tokens),
-            "kv_transfer_params": None,
-            "ec_transfer_params": None,
-            "metrics": None,
-        }
-    )
 
 
 def error_type(status: int) -> str:
@@ -279,7 +143,7 @@ def error_body(
     message: str, status: int, *, param: str | None = None, err_type: str | None = None
 ) -> bytes:
     """vLLM's ``ErrorResponse``: ``{"error": {"message", "type", "param", "code"}}``."""
-    return _dumps(
+    return dumps(
         {
             "error": {
                 "message": message,
@@ -291,9 +155,9 @@ def error_body(
     )
 
 
-def traceback_body(request_id: str) -> bytes:
-    """A 500 body that leaks a (fake) traceback and internal paths, as a careless server would."""
-    trace = (
+def traceback_text(request_id: str) -> str:
+    """A (fake) Python traceback with internal paths and an internal address."""
+    return (
         "Traceback (most recent call last):\n"
         '  File "/opt/vllm/lib/python3.11/site-packages/vllm/entrypoints/openai/serving_chat.py",'
         " line 312, in create_chat_completion\n"
@@ -302,22 +166,101 @@ def traceback_body(request_id: str) -> bytes:
         " in generate\n"
         "    raise EngineDeadError(f'engine core at 10.0.3.7:29500 died')\n"
         "vllm.v1.engine.exceptions.EngineDeadError: engine core at 10.0.3.7:29500 died\n"
+        f"(request {request_id})"
     )
-    return error_body(f"{trace}(request {request_id})", 500, err_type="InternalServerError")
 
 
-def models_body(models: tuple[str, ...], *, max_model_len: int, created: int) -> bytes:
-    """``GET /v1/models`` as vLLM renders its ``ModelList``."""
+def traceback_body(request_id: str) -> bytes:
+    """A 500 body that leaks a (fake) traceback and internal paths, as a careless server would."""
+    return error_body(traceback_text(request_id), 500, err_type="InternalServerError")
+
+
+def http_error_body(detail: str, status: int) -> bytes:
+    """An ``HTTPException`` raised in a vLLM handler: the error envelope with the status phrase
+    as ``type`` (vLLM's ``http_exception_handler``)."""
+    return error_body(detail, status, err_type=error_type_phrase(status))
+
+
+def error_type_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Internal Server Error"
+
+
+def anthropic_error_body(message: str, err_type: str) -> bytes:
+    """The envelope of ``/v1/messages`` handler errors: Anthropic's shape with vLLM's type names."""
+    return dumps({"type": "error", "error": {"type": err_type, "message": message}})
+
+
+def _summarize_input(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:200] + "...[truncated]"
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "...[truncated]"
+
+
+def validation_body(errors: list[dict[str, Any]], *, param: str | None = None) -> bytes:
+    """A request that failed pydantic validation, as vLLM's ``validation_exception_handler``
+    renders it: every error as a Python dict repr, ``type`` the phrase ``"Bad Request"``,
+    ``param`` the first error's location. Each error: ``type``, ``loc`` (``"body.x"``), ``msg``,
+    ``input`` (the raw value; summarised here as vLLM does) and optionally ``ctx``. ``param``
+    stands in for the location when a validator named the parameter itself."""
+    shown = []
+    for err in errors[:10]:
+        shown.append({**err, "input": _summarize_input(err.get("input"))})
+    label = "error" if len(errors) == 1 else "errors"
+    message = f"{len(errors)} validation {label}:\n" + "".join(f"  {e}\n" for e in shown)
+    if len(errors) > len(shown):
+        message += f"  ...and {len(errors) - len(shown)} more {label}\n"
+    if param is None and errors:
+        param = errors[0]["loc"]
+    return error_body(message.rstrip(), 400, param=param, err_type="Bad Request")
+
+
+def missing(loc: str, body: Any) -> dict[str, Any]:
+    """The validation error of a required field that is absent."""
+    return {"type": "missing", "loc": loc, "msg": "Field required", "input": body}
+
+
+def not_json() -> bytes:
+    """A body that is not JSON, as vLLM answers it."""
+    return validation_body(
+        [
+            {
+                "type": "json_invalid",
+                "loc": "body.0",
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": "Expecting value"},
+            }
+        ]
+    )
+
+
+def models_body(
+    models: tuple[str, ...],
+    *,
+    max_model_len: int,
+    created: int,
+    loras: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    """``GET /v1/models`` as vLLM renders its ``ModelList``: the served models, then each loaded
+    LoRA adapter (``loras``: name, path) with its path as ``root`` and the base model as parent."""
+    cards: list[tuple[str, str, str | None]] = [(name, name, None) for name in models]
+    cards += [(name, path, models[0]) for name, path in loras]
     data = []
-    for index, name in enumerate(models):
+    for index, (name, root, parent) in enumerate(cards):
         data.append(
             {
                 "id": name,
                 "object": "model",
                 "created": created,
                 "owned_by": "vllm",
-                "root": name,
-                "parent": None,
+                "root": root,
+                "parent": parent,
                 "max_model_len": max_model_len,
                 "permission": [
                     {
@@ -337,4 +280,61 @@ def models_body(models: tuple[str, ...], *, max_model_len: int, created: int) ->
                 ],
             }
         )
-    return _dumps({"object": "list", "data": data})
+    return dumps({"object": "list", "data": data})
+
+
+class Script:
+    """The bytes of one engine request, asked for by the pacing engine as it goes.
+
+    ``n`` output tokens, then ``finish`` (``"stop"``, ``"length"`` or ``"abort"``); both may be
+    changed before the closing events are asked for (a request cut short by ``/pause``). A
+    stream is ``opening`` (sent with the head), ``first`` (just before token 0), one ``token``
+    event per token, ``closing``; ``cut_short`` carries the finish when the stream ends early.
+    """
+
+    stream = True
+    bad_event = BAD_JSON_EVENT
+
+    def __init__(self, *, request_id: str, model: str, n: int, finish: str, prompt_tokens: int,
+                 created: int) -> None:  # fmt: skip
+        self.request_id = request_id
+        self.model = model
+        self.n = n
+        self.finish = finish
+        self.prompt_tokens = prompt_tokens
+        self.created = created
+
+    def opening(self) -> list[bytes]:
+        return []
+
+    def first(self) -> list[bytes]:
+        return []
+
+    def token(self, i: int, last: bool) -> bytes:
+        raise NotImplementedError
+
+    def cut_short(self) -> list[bytes]:
+        return []
+
+    def closing(self) -> list[bytes]:
+        return []
+
+    def whole(self) -> bytes:
+        raise NotImplementedError
+
+    def error(self, status: int, message: str, err_type: str | None = None) -> bytes:
+        """The route's error body for a failed request."""
+        return error_body(message, status, err_type=err_type)
+
+
+class BodyScript(Script):
+    """A request whose whole body is known on arrival (the pooling routes)."""
+
+    stream = False
+
+    def __init__(self, *, body: bytes, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.body = body
+
+    def whole(self) -> bytes:
+        return self.body

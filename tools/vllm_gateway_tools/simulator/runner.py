@@ -1,9 +1,10 @@
 """A vLLM simulator: an OpenAI-compatible server that answers like vLLM's, at a set pace, with faults.
 
-It exists for the gateway's tests and benchmarks. It speaks the same JSON and SSE chunk shapes as
-vLLM 0.32's OpenAI server (``simulator.render``), serves ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models``, ``/health`` and ``/metrics`` like vLLM, and adds ``/sim/stats``, ``/sim/config`` and
-``/sim/reset`` to inspect and steer it. See docs/simulator.md for the knobs.
+It exists for the gateway's tests and benchmarks. It speaks the same JSON and SSE shapes as
+vLLM 0.32's server on every route a client uses (chat, completions, Responses, Anthropic Messages,
+the pooling routes, tokenize, audio, the dev/admin routes; ``simulator.render*``), and adds
+``/sim/stats``, ``/sim/config`` and ``/sim/reset`` to inspect and steer it. See docs/simulator.md
+for the routes and the knobs.
 
 Two ways in:
 
@@ -26,9 +27,15 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vllm_gateway_tools.simulator.config import MALFORMED_KINDS, ConfigError, SimulatorConfig
+from vllm_gateway_tools.simulator.config import (
+    MALFORMED_KINDS,
+    RUNNERS,
+    ConfigError,
+    SimulatorConfig,
+)
 from vllm_gateway_tools.simulator.server import SimProtocol
 from vllm_gateway_tools.simulator.state import SimState
+from vllm_gateway_tools.simulator.store import ResponseStore
 
 __all__ = [
     "ConfigError",
@@ -43,8 +50,10 @@ __all__ = [
 class Simulator:
     """A running simulator. Use ``run_simulator``; ``close`` stops it and drops its connections."""
 
-    def __init__(self, state: SimState, server: asyncio.Server, host: str, port: int) -> None:
+    def __init__(self, state: SimState, store: ResponseStore, server: asyncio.Server, host: str,
+                 port: int) -> None:  # fmt: skip
         self.state = state
+        self.store = store  # the Responses API store
         self.server = server
         self.host = host
         self.port = port
@@ -103,12 +112,13 @@ async def start_simulator(
 ) -> Simulator:
     """Start listening on the running loop; the caller must ``await sim.close()``."""
     state = SimState(config or SimulatorConfig())
+    store = ResponseStore()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SimProtocol(state), host, port, backlog=4096, reuse_address=True
+        lambda: SimProtocol(state, store), host, port, backlog=4096, reuse_address=True
     )
     bound = server.sockets[0].getsockname()
-    return Simulator(state, server, host, int(bound[1]))
+    return Simulator(state, store, server, host, int(bound[1]))
 
 
 @contextlib.asynccontextmanager
@@ -137,7 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"a served model name; repeat or comma-separate for several (default {d.models[0]})",
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and /v2"
+    )
+    p.add_argument(
+        "--runner", choices=RUNNERS, default=d.runner, help="serve the generate or pooling routes"
+    )
+    p.add_argument(
+        "--dev-mode", action="store_true", help="serve the dev/admin routes (VLLM_SERVER_DEV_MODE)"
+    )
+    p.add_argument(
+        "--no-responses-store",
+        action="store_true",
+        help="as vLLM without VLLM_ENABLE_RESPONSES_API_STORE: no store, no background responses",
+    )
     pace = p.add_argument_group("pace")
     pace.add_argument("--ttft", type=float, default=d.ttft, help="seconds to the first token")
     pace.add_argument("--itl", type=float, default=d.itl, help="seconds between tokens")
@@ -184,6 +207,9 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         malformed=args.malformed,
         huge_line_bytes=args.huge_line_bytes,
         unhealthy=args.unhealthy,
+        runner=args.runner,
+        dev_mode=args.dev_mode,
+        responses_store=not args.no_responses_store,
     )
 
 

@@ -1,8 +1,12 @@
 """The simulator's shared state: config, counters, recent request records, and the /metrics text.
 
-``running`` is a live gauge (requests between arrival and their one recorded outcome) and survives
-``reset``; the other counters and the records start again from zero. ``total`` counts every
-generation request, so after traffic settles ``total == completed + aborted + failed + dropped``.
+``running`` is a live gauge (engine requests between arrival and their one recorded outcome) and
+survives ``reset``; the other counters and the records start again from zero. ``total`` counts every
+engine request (generation and pooling), so after traffic settles
+``total == completed + aborted + failed + dropped``, overall and in each entry of ``routes``.
+
+Besides the counters it holds what the dev routes change: whether the engine sleeps or is paused
+(``holding``), the jobs held meanwhile, the loaded LoRA adapters, and the log of admin calls.
 """
 
 from __future__ import annotations
@@ -10,13 +14,20 @@ from __future__ import annotations
 import hmac
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from vllm_gateway_tools.simulator.config import SimulatorConfig
+from vllm_gateway_tools.simulator.tokenizer import Vocabulary, prompt_tokens
 
 __all__ = ["RECORDS_KEPT", "SimState", "authorized", "prompt_tokens"]
 
 RECORDS_KEPT = 500
+_OUTCOMES = {"completed": "completed", "aborted": "aborted", "dropped": "dropped"}
+
+
+def _route_counters() -> dict[str, int]:
+    return {"total": 0, "running": 0, "completed": 0, "aborted": 0, "failed": 0, "dropped": 0}
 
 
 class SimState:
@@ -28,6 +39,14 @@ class SimState:
         self.connections: set[Any] = set()  # the open SimProtocol connections
         self.running = 0
         self.running_by_model: dict[str, int] = {}
+        self.active: set[Any] = set()  # engine.Job with a step scheduled
+        self.held: set[Any] = set()  # engine.Job waiting for /wake_up or /resume
+        self.paused = False
+        self.sleeping_tags: set[str] = set()  # what /sleep put to sleep; empty: awake
+        self.sleep_level = 0
+        self.idle_waiters: list[Callable[[], None]] = []  # /pause?mode=wait answers
+        self.loras: dict[str, str] = {}  # loaded LoRA adapters: name -> path
+        self.vocab = Vocabulary()
         self.reset()
 
     def reset(self) -> None:
@@ -37,10 +56,78 @@ class SimState:
         self.prompt_tokens: dict[str, int] = {}
         self.generation_tokens: dict[str, int] = {}
         self.records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
+        self.admin: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
+        # Each route's running gauge survives, like the overall one.
+        old: dict[str, dict[str, int]] = getattr(self, "routes", {})
+        self.routes: dict[str, dict[str, int]] = {
+            route: {**_route_counters(), "running": c["running"]}
+            for route, c in old.items()
+            if c["running"]
+        }
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.sleeping_tags)
+
+    @property
+    def holding(self) -> bool:
+        """New and frozen generation waits: the engine sleeps or is paused."""
+        return self.paused or bool(self.sleeping_tags)
+
+    def models(self) -> tuple[str, ...]:
+        """What a request may name: the served models and the loaded LoRA adapters."""
+        return self.config.models + tuple(self.loras)
+
+    # --- accounting ----------------------------------------------------------------------------
+    def _route(self, route: str) -> dict[str, int]:
+        counters = self.routes.get(route)
+        if counters is None:
+            counters = self.routes[route] = _route_counters()
+        return counters
+
+    def job_started(self, route: str, model: str, prompt_tokens: int) -> None:
+        self.total += 1
+        self.running += 1
+        self.running_by_model[model] = self.running_by_model.get(model, 0) + 1
+        self.prompt_tokens[model] = self.prompt_tokens.get(model, 0) + prompt_tokens
+        counters = self._route(route)
+        counters["total"] += 1
+        counters["running"] += 1
+
+    def job_finished(self, job: Any, outcome: str, tokens: int) -> None:
+        self.active.discard(job)
+        self.held.discard(job)
+        self.running -= 1
+        self.running_by_model[job.model] -= 1
+        name = _OUTCOMES.get(outcome, "failed")
+        setattr(self, name, getattr(self, name) + 1)
+        counters = self._route(job.route)
+        counters["running"] -= 1
+        counters[name] += 1
+        self.generation_tokens[job.model] = self.generation_tokens.get(job.model, 0) + tokens
+        if self.idle_waiters and not self.active:
+            waiters, self.idle_waiters = self.idle_waiters, []
+            for wake in waiters:
+                wake()
+
+    def rejected(self, route: str) -> None:
+        """An engine request refused before it ran (400, 404): counted in total and failed."""
+        self.total += 1
+        self.failed += 1
+        counters = self._route(route)
+        counters["total"] += 1
+        counters["failed"] += 1
+
+    def served(self, route: str, status: int) -> None:
+        """A request that is not an engine request (tokenize, models, admin, retrieve...)."""
+        counters = self._route(route)
+        counters["total"] += 1
+        counters["completed" if status < 400 else "failed"] += 1
 
     def stats(self) -> dict[str, Any]:
         return {
             "running": self.running,
+            "held": len(self.held),
             "total": self.total,
             "completed": self.completed,
             "aborted": self.aborted,
@@ -48,6 +135,11 @@ class SimState:
             "dropped": self.dropped,
             "chunks": self.chunks,
             "connections": len(self.connections),
+            "paused": self.paused,
+            "sleeping": self.sleeping,
+            "loras": dict(self.loras),
+            "routes": {route: dict(c) for route, c in self.routes.items()},
+            "admin": [dict(a) for a in self.admin],
             "requests": [dict(r) for r in self.records],
         }
 
@@ -55,8 +147,12 @@ class SimState:
         """Prometheus text with vLLM's metric names and labels (``model_name``, ``engine``)."""
         lines = []
         none: dict[str, int] = {}  # the simulator never queues: waiting is always 0
+        # A held request waits before the scheduler, as vLLM holds it while asleep or paused.
+        running = dict(self.running_by_model)
+        for job in self.held:
+            running[job.model] = running.get(job.model, 0) - 1
         gauges: tuple[tuple[str, str, str, dict[str, int]], ...] = (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.", "gauge", self.running_by_model),
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", "gauge", running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "gauge", none),
             ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", "counter", self.prompt_tokens),
             ("vllm:generation_tokens_total", "Number of generation tokens processed.", "counter", self.generation_tokens),
@@ -74,27 +170,3 @@ def authorized(headers: dict[str, str], key: str) -> bool:
     """vLLM's ``--api-key`` check: ``Authorization: Bearer <key>``, compared in constant time."""
     scheme, _, token = headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
-
-
-def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
-    """A deterministic prompt size: about four characters a token. None when the prompt is missing."""
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return None
-        chars = 0
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):
-                chars += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
-        return max(1, (chars + 3) // 4 + 3 * len(messages))
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return max(1, (len(prompt) + 3) // 4)
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) for t in prompt):
-            return len(prompt)
-        return max(1, sum((len(p) + 3) // 4 for p in prompt if isinstance(p, str)))
-    return None

@@ -1,0 +1,154 @@
+"""``/v1/chat/completions``, ``/v1/completions`` and ``/v1/chat/completions/batch``.
+
+Output length: ``max_tokens`` (or ``max_completion_tokens``) when given, finishing with
+``"length"``; otherwise the ``tokens`` knob, finishing with ``"stop"``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vllm_gateway_tools.simulator import render, render_openai
+from vllm_gateway_tools.simulator.engine import Job
+from vllm_gateway_tools.simulator.exchange import (
+    Conn,
+    Req,
+    begin,
+    reject,
+    request_id,
+    resolve_model,
+    unknown_model,
+)
+from vllm_gateway_tools.simulator.tokenizer import chat_messages, chat_tokens
+from vllm_gateway_tools.simulator.tokenizer import prompt_tokens as count_prompt_tokens
+
+__all__ = ["batch", "chat", "completions"]
+
+_NOT_OBJECT = render.error_body("Expected a JSON object in the request body.", 400)
+
+
+def chat(conn: Conn, req: Req) -> None:
+    _generate(conn, req, chat=True)
+
+
+def completions(conn: Conn, req: Req) -> None:
+    _generate(conn, req, chat=False)
+
+
+def _max_tokens(body: dict[str, Any], chat: bool) -> tuple[int | None, str | None]:
+    """The request's output limit, or the message of a 400."""
+    max_tokens = body.get("max_completion_tokens") if chat else None
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        return None, f"max_tokens must be at least 1, got {max_tokens}."
+    return max_tokens, None
+
+
+def _too_long(max_model_len: int, n: int, prompt_tokens: int) -> str:
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, you "
+        f"requested {n} output tokens and your prompt contains at least {prompt_tokens} input "
+        f"tokens, for a total of at least {prompt_tokens + n} tokens. Please reduce the length "
+        "of the input prompt or the number of requested output tokens."
+    )
+
+
+def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
+    started = begin(conn, req, not_json=_NOT_OBJECT)
+    if started is None:
+        return
+    record, body, cfg = started
+    record["stream"] = body.get("stream") is True
+    model = resolve_model(conn.state, body, record)
+    if model is None:
+        message = unknown_model(conn.state, record["model"])
+        reject(conn, req, record, 404, render.error_body(message, 404, param="model",
+                                                         err_type="NotFoundError"))  # fmt: skip
+        return
+    prompt_tokens = count_prompt_tokens(body, chat)
+    if prompt_tokens is None:
+        field = "messages" if chat else "prompt"
+        reject(conn, req, record, 400, render.error_body(f"Field required: {field}", 400,
+                                                         param=field))  # fmt: skip
+        return
+    max_tokens, problem = _max_tokens(body, chat)
+    if problem is not None:
+        reject(conn, req, record, 400, render.error_body(problem, 400, param="max_tokens"))
+        return
+    n = cfg.tokens if max_tokens is None else max_tokens
+    if prompt_tokens + n > cfg.max_model_len:
+        message = _too_long(cfg.max_model_len, n, prompt_tokens)
+        reject(conn, req, record, 400, render.error_body(message, 400, param="max_tokens"))
+        return
+    options = body.get("stream_options")
+    make = render_openai.ChatScript if chat else render_openai.CompletionScript
+    script = make(
+        request_id=request_id(req, "chatcmpl-" if chat else "cmpl-"),
+        model=model,
+        n=n,
+        finish="stop" if max_tokens is None else "length",
+        prompt_tokens=prompt_tokens,
+        created=int(time.time()),
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+    )
+    script.stream = record["stream"]
+    conn.run(Job(state=conn.state, cfg=cfg, record=record, script=script, route=req.route,
+                 sink=conn, loop=conn.loop))  # fmt: skip
+
+
+def batch(conn: Conn, req: Req) -> None:
+    """N conversations in one request: one ``chat.completion`` with a choice per conversation.
+    Never streamed (vLLM ignores ``stream`` here); paced like one request of ``n`` tokens."""
+    started = begin(conn, req)
+    if started is None:
+        return
+    record, body, cfg = started
+    model = resolve_model(conn.state, body, record)
+    if model is None:
+        message = unknown_model(conn.state, record["model"])
+        reject(conn, req, record, 404, render.error_body(message, 404, param="model",
+                                                         err_type="NotFoundError"))  # fmt: skip
+        return
+    conversations = body.get("messages")
+    if (
+        not isinstance(conversations, list)
+        or not conversations
+        or not all(isinstance(c, list) and c for c in conversations)
+    ):
+        error = (
+            render.missing("body.messages", body)
+            if conversations is None
+            else {
+                "type": "list_type",
+                "loc": "body.messages",
+                "msg": "Input should be a non-empty list of non-empty conversations",
+                "input": conversations,
+            }
+        )
+        reject(conn, req, record, 400, render.validation_body([error]))
+        return
+    max_tokens, problem = _max_tokens(body, True)
+    if problem is not None:
+        reject(conn, req, record, 400, render.error_body(problem, 400, param="max_tokens"))
+        return
+    sizes = [max(1, chat_tokens(chat_messages(c))) for c in conversations]
+    n = cfg.tokens if max_tokens is None else max_tokens
+    if max(sizes) + n > cfg.max_model_len:
+        message = _too_long(cfg.max_model_len, n, max(sizes))
+        reject(conn, req, record, 400, render.error_body(message, 400, param="max_tokens"))
+        return
+    script = render_openai.BatchScript(
+        request_id=request_id(req, "chatcmpl-"),
+        model=model,
+        n=n,
+        finish="stop" if max_tokens is None else "length",
+        prompt_tokens=sum(sizes),
+        created=int(time.time()),
+        conversations=len(conversations),
+    )
+    conn.run(Job(state=conn.state, cfg=cfg, record=record, script=script, route=req.route,
+                 sink=conn, loop=conn.loop))  # fmt: skip

@@ -1,0 +1,155 @@
+"""The simulator's toy tokenizer: one token per four characters, reversible, no vocabulary file.
+
+Every prompt size the simulator reports (``usage``, ``/tokenize``, ``count_tokens``, the context
+length check) comes from here, so the numbers agree across routes:
+
+- a text is cut into pieces of ``PIECE`` characters; each piece is one token;
+- a conversation renders each message as ``<|im_start|>``, the role, the content's pieces and
+  ``<|im_end|>``: three tokens per message on top of its text (a toy chat template).
+
+Token ids: ``<|im_start|>`` is 1, ``<|im_end|>`` 2, the roles 3..7. A piece of plain ASCII
+(printable, tab, newline, carriage return) is packed into its id (``ASCII_BASE`` plus the piece as
+a base-99 number), so any process decodes it; other pieces get ids from a bounded table of this
+process (``Vocabulary``). Ids from ``VOCAB_SIZE`` up, and table ids never handed out, decode to
+``""``, as vLLM decodes an out-of-vocabulary id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "ASCII_BASE",
+    "PIECE",
+    "VOCAB_SIZE",
+    "Vocabulary",
+    "chat_messages",
+    "chat_tokens",
+    "content_text",
+    "count_text",
+    "prompt_tokens",
+]
+
+PIECE = 4
+ASCII_BASE = 1000
+_SYMBOLS = "\t\n\r" + "".join(chr(c) for c in range(32, 127))
+_CODE = {c: i + 1 for i, c in enumerate(_SYMBOLS)}  # 0 pads a short last piece
+_RADIX = len(_SYMBOLS) + 1
+_TABLE_BASE = ASCII_BASE + _RADIX**PIECE
+_TABLE_MAX = 65536
+VOCAB_SIZE = _TABLE_BASE + _TABLE_MAX
+IM_START, IM_END = 1, 2
+ROLES = {"system": 3, "user": 4, "assistant": 5, "tool": 6, "developer": 7}
+_SPECIAL = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"} | {v: k for k, v in ROLES.items()}
+
+
+def count_text(text: str) -> int:
+    """How many tokens ``text`` is: one per ``PIECE`` characters, rounded up."""
+    return (len(text) + PIECE - 1) // PIECE
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the ``text`` of each part of a list
+    (chat ``text``, Responses ``input_text``/``output_text``, Anthropic ``text`` blocks)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+def chat_messages(messages: Iterable[Any]) -> list[tuple[str, str]]:
+    """(role, text) for each message of a chat-like list; non-dict entries count as empty."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            role = m["role"] if isinstance(m.get("role"), str) else "user"
+            text = content_text(m.get("content"))
+            if not text and isinstance(m.get("output"), str):  # a Responses tool output item
+                text = m["output"]
+            out.append((role, text))
+        else:
+            out.append(("user", ""))
+    return out
+
+
+def chat_tokens(messages: Iterable[tuple[str, str]]) -> int:
+    """The size of a rendered conversation: three tokens per message plus its text."""
+    return sum(3 + count_text(text) for _, text in messages)
+
+
+def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
+    """The prompt size of a chat or completions request body. None when the prompt is missing."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        return max(1, chat_tokens(chat_messages(messages)))
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return max(1, count_text(prompt))
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        return max(1, sum(count_text(p) for p in prompt if isinstance(p, str)))
+    return None
+
+
+class Vocabulary:
+    """Encode and decode with the toy tokenizer. One per simulator: it holds the table of the
+    non-ASCII pieces it has handed out (at most ``_TABLE_MAX``; later ones get id 0)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._pieces: dict[int, str] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return [self._piece_id(text[i : i + PIECE]) for i in range(0, len(text), PIECE)]
+
+    def encode_chat(self, messages: Iterable[tuple[str, str]]) -> list[int]:
+        out: list[int] = []
+        for role, text in messages:
+            out.append(IM_START)
+            out.append(ROLES.get(role, ROLES["user"]))
+            out.extend(self.encode(text))
+            out.append(IM_END)
+        return out
+
+    def piece(self, token: int) -> str:
+        """The text of one token id; ``""`` for an id this tokenizer never handed out."""
+        special = _SPECIAL.get(token)
+        if special is not None:
+            return special
+        if ASCII_BASE <= token < _TABLE_BASE:
+            value = token - ASCII_BASE
+            codes = []
+            for _ in range(PIECE):
+                value, code = divmod(value, _RADIX)
+                codes.append(code)
+            codes.reverse()
+            text = "".join(_SYMBOLS[c - 1] for c in codes if c)
+            # Padding only ends a piece: any other id is not one this tokenizer makes.
+            return text if all(codes[: len(text)]) else ""
+        return self._pieces.get(token, "")
+
+    def decode(self, tokens: Iterable[int]) -> str:
+        return "".join(self.piece(t) for t in tokens)
+
+    def _piece_id(self, piece: str) -> int:
+        if all(c in _CODE for c in piece):
+            value = 0
+            for i in range(PIECE):
+                value = value * _RADIX + (_CODE[piece[i]] if i < len(piece) else 0)
+            return ASCII_BASE + value
+        known = self._ids.get(piece)
+        if known is not None:
+            return known
+        if len(self._ids) >= _TABLE_MAX:
+            return 0
+        token = _TABLE_BASE + len(self._ids)
+        self._ids[piece] = token
+        self._pieces[token] = piece
+        return token
