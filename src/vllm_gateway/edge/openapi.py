@@ -97,10 +97,11 @@ _OBJECT: dict[str, Any] = {
     "properties": {"model": {"type": ["string", "null"], "minLength": 1}},
 }
 
+# The gateway forwards an upload's form as it came (the backend judges its fields): the document
+# says only what the gateway checks, that it is a multipart form.
 _UPLOAD: dict[str, Any] = {
     "type": "object",
-    "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary"}, "model": {"type": "string"}},
+    "properties": {"file": {"type": "string", "format": "binary"}},
 }
 
 _ERROR = {
