@@ -174,9 +174,12 @@ async def test_a_stream_without_its_end_marker_is_an_error_in_each_protocol() ->
 
 async def test_anthropic_errors_before_a_stream_take_anthropic_s_shape() -> None:
     replay = Replay(MESSAGES)
-    async with replay.backend.running(), run_gateway(
-        Settings(backend_urls=(replay.backend.url,), api_keys=frozenset({"good"}))
-    ) as gw:
+    async with (
+        replay.backend.running(),
+        run_gateway(
+            Settings(backend_urls=(replay.backend.url,), api_keys=frozenset({"good"}))
+        ) as gw,
+    ):
         async with httpx.AsyncClient() as client:
             resp = await client.post(gw.url + "/v1/messages", json=MESSAGES_BODY)
         assert resp.status_code == 401
@@ -199,3 +202,37 @@ async def test_anthropic_errors_before_a_stream_take_anthropic_s_shape() -> None
         await sdk.close()
         await good.close()
         await wait_for(lambda: gw.gateway.admission.in_flight == 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "completion"),
+    [
+        (
+            "/v1/responses",
+            {"model": "sim-model", "input": "hi", "stream": True},
+            b"event: response.completed",
+        ),
+        (
+            "/v1/messages",
+            {
+                "model": "sim-model",
+                "max_tokens": 64,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            b"event: message_stop",
+        ),
+    ],
+    ids=["responses", "messages"],
+)
+async def test_the_simulator_dying_mid_stream_ends_in_the_protocol_s_error_event(
+    simulator: Any, path: str, body: dict[str, Any], completion: bytes
+) -> None:
+    simulator.configure(tokens=20, drop_after=6)
+    async with run_gateway(Settings(backend_urls=(simulator.url,))) as gw:
+        raw = await _raw_stream(gw.url, path, body)
+        await wait_for(lambda: gw.gateway.admission.in_flight == 0)
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert len(events) == 6 + 1  # what was sent, then the error event
+    assert events[-1].startswith(b"event: error\ndata: ")
+    assert completion not in raw
