@@ -84,6 +84,7 @@ class Settings:
     pool_readmit_backoff_max: float = 60.0
     pool_retry_budget_ratio: float = 0.2
     pool_max_retries: int = 2
+    pool_failover_max: int = 2
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     # What a client or backend may make the gateway wait for or hold (docs/reliability.md).
@@ -591,6 +592,14 @@ FIELDS: tuple[FieldSpec, ...] = (
         "--pool-max-retries",
         _int_range(0, 10),
         "retries of one request on other backends, before its first byte",
+    ),
+    FieldSpec(
+        "pool_failover_max",
+        "VLLM_POOL_FAILOVER_MAX",
+        "--pool-failover-max",
+        _int_range(0, 10),
+        "continuations of one stream on another member after its member failed mid-stream "
+        "(0: the stream ends with an error event)",
     ),
     FieldSpec(
         "max_body_bytes",

@@ -397,12 +397,17 @@ async def test_gateway_loses_no_request_when_a_member_stops(client: httpx.AsyncC
             assert (await client.get(gw.url + "/health/ready")).status_code == 200
 
 
-async def test_gateway_mid_stream_drop_is_an_error_event(client: httpx.AsyncClient) -> None:
+async def test_gateway_mid_stream_drop_is_an_error_event_when_failover_is_off(
+    client: httpx.AsyncClient,
+) -> None:
+    # With failover on, tests/integration/test_failover.py shows the stream going on instead.
     async with sims(2) as members:
         for s in members:
             s.configure(drop_after=2)
         urls = tuple(s.url for s in members)
-        pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST))
+        pool = PoolBackend(
+            Settings(backend_urls=urls), config=PoolConfig(**FAST, failover_max=0)
+        )
         async with run_gateway(Settings(backend_urls=urls), backend=pool) as gw:
             async with client.stream(
                 "POST", gw.url + "/v1/chat/completions", json=chat_body(stream=True)

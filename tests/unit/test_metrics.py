@@ -47,6 +47,8 @@ class FakeCall:
         self.upstream_answered_at: float | None = None
         self.served_by: str | None = None
         self.request_headers: list[tuple[bytes, bytes]] = []
+        self.failovers: list[tuple[str, str]] = []
+        self.members: list[str] = []
         self.__dict__.update(fields)
 
 

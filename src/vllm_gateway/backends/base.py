@@ -44,6 +44,7 @@ class UpstreamRequest:
     # previous_response_id), or every member at once (admin routes).
     locate: str | None = None
     broadcast: bool = False
+    avoid: frozenset[str] = frozenset()  # a pool's members not to use (a failover's failed ones)
 
 
 Charge = Callable[[int], None]
@@ -151,3 +152,13 @@ class Backend(abc.ABC):
     def connection_counts(self) -> ConnectionCounts | None:
         """For a backend over HTTP: its connections (leak checks, metrics); else None."""
         return None
+
+    def may_fail_over(self) -> bool:
+        """Whether a stream that fails mid-way may go on elsewhere (a pool of several)."""
+        return False
+
+    def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
+        """None when a stream of ``model`` may go on, now, on a member not in ``avoid`` after
+        ``done`` failovers; else why not (``limit``, ``budget``, ``no_member``). A yes takes a
+        token of the retry budget."""
+        return "no_member"

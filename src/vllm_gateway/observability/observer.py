@@ -194,6 +194,15 @@ class GatewayMetrics:
                 OVERHEAD_BUCKETS,
             )
         )
+        self.failovers = r.register(
+            Counter(
+                "vllm_gateway_failovers_total",
+                "Streams whose pool member failed mid-way, by reason (connection_lost, "
+                "stream_idle_timeout, backend_error, ejected) and outcome (resumed on another "
+                "member, completed_here, failed, not_continued:<why>).",
+                ("reason", "outcome"),
+            )
+        )
         self.tokens = r.register(
             Counter(
                 "vllm_gateway_tokens_total",
@@ -400,6 +409,8 @@ class Observer:
                 self._prompt.value += prompt
             if completion is not None:
                 self._completion.value += completion
+        for reason, result in call.failovers:
+            self.metrics.failovers.labels(reason, result).inc()
         if outcome in BACKEND_ERROR_TYPES and not self._pooled:
             self.backend_errors[outcome] = self.backend_errors.get(outcome, 0) + 1
 
@@ -422,7 +433,11 @@ class Observer:
             "request_id": call.request_id,
             "tenant": call.tenant,
             "model": call.model,
-            "backend": call.served_by or self._default_backend,
+            # Every member a failed-over stream used, in order; else the one that served.
+            "backend": ",".join(call.members)
+            if len(call.members) > 1
+            else call.served_by or self._default_backend,
+            "failovers": len(call.failovers),
             "route": route,
             "status": call.status,
             "outcome": outcome,

@@ -37,13 +37,16 @@ from vllm_gateway.errors import (
     RequestTimeout,
     ShuttingDown,
     StreamIdleTimeout,
+    Unavailable,
+    UpstreamError,
 )
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.proxy.admission import Permit
+from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.routes import Body, Reach, Route
+from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, Body, Reach, Route
 from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import parse_usage
@@ -62,6 +65,15 @@ _TEXT_ANSWERS = ("text/plain", "text/vtt", "application/x-subrip", "text/srt")
 MAX_EVENT_BYTES = 1 << 20
 # How long to wait for a backend's end of body after [DONE], to keep the connection pooled.
 _EOF_GRACE = 0.5
+
+
+def _failover_reason(exc: GatewayError) -> str:
+    """Why a member's stream failed, as the failover metrics name it."""
+    if isinstance(exc, StreamIdleTimeout):
+        return "stream_idle_timeout"
+    if isinstance(exc, BackendUnavailable):
+        return "ejected" if "taken out" in exc.message else "connection_lost"
+    return "backend_error"
 
 
 def _is_json_object(body: bytes) -> bool:
@@ -86,16 +98,20 @@ class ProxyCall:
         "_charged",
         "_ex",
         "_gw",
+        "_not_resumable",
         "_param",
         "_protocol",
+        "_resumable",
         "_route",
         "_task",
         "cancel_reason",
         "chunks",
         "ended_at",
         "events",
+        "failovers",
         "finished",
         "first_byte_at",
+        "members",
         "model",
         "outcome",
         "path",
@@ -125,6 +141,10 @@ class ProxyCall:
         self._route = route
         self._param = param  # the path's parameter (a stored response's id), checked by routes
         self._protocol = route.protocol
+        self._resumable: Resumable | None = None  # a stream that may go on on another member
+        self._not_resumable: str | None = None  # why it may not (for the metrics)
+        self.failovers: list[tuple[str, str]] = []  # (reason, outcome) of each failover
+        self.members: list[str] = []  # every member this request used, in order
         self.request_id = exchange.request_id
         self.path: str = route.name
         self.request_headers = exchange.headers
@@ -303,6 +323,12 @@ class ProxyCall:
             self.permit = permit
             self.queue_wait = permit.queue_wait
         deadline = loop.time() + settings.request_timeout
+        if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
+            assert valid.json is not None
+            why = not_continuable(valid.json, chat=route.name == CHAT)
+            if why is None:
+                self._resumable = Resumable(valid.json, chat=route.name == CHAT)
+            self._not_resumable = why
         request = self._upstream_request(valid)
         # A stored response is replayed as a stream when asked (GET ...?stream=true).
         self.stream = valid.stream or (route.kind == "store" and b"stream=true" in ex.query)
@@ -341,10 +367,13 @@ class ProxyCall:
         locate = valid.previous_response_id
         if route.reach is Reach.HOLDER:
             locate = self._param
+        body = valid.body
+        if self._resumable is not None:
+            body = self._resumable.upstream_body(body)
         return UpstreamRequest(
             ex.method,
             path,
-            valid.body,
+            body,
             valid.json,
             valid.stream,
             self.request_id,
@@ -433,16 +462,49 @@ class ProxyCall:
             raise BadBackendResponse(
                 "The backend answered a stream request without an event stream."
             )
+        resumable = self._resumable
+        first = True
+        chunks: Any = None
+        while True:
+            try:
+                chunks = await self._relay_part(upstream, first_deadline, deadline, first)
+                break
+            except (BackendUnavailable, BadBackendResponse, StreamIdleTimeout) as exc:
+                if not self.response_started:
+                    raise
+                if resumable is None:
+                    if self._not_resumable is not None:
+                        self.failovers.append(
+                            (_failover_reason(exc), f"not_continued:{self._not_resumable}")
+                        )
+                    raise
+                following = await self._fail_over(resumable, exc, deadline)
+                if following is None:
+                    break  # the generation had ended; its stream was ended here
+                upstream = following
+                first = False
+        self.ended_at = time.perf_counter()
+        self.outcome = "completed"
+        if chunks is not None:
+            await self._finish_upstream(chunks)
+
+    async def _relay_part(
+        self, upstream: UpstreamResponse, first_deadline: float, deadline: float, first: bool
+    ) -> Any:
+        """Relay one part of a stream (the first, or a continuation) to its end marker; the
+        part's remaining chunks (to read its end of body). Raises on a failure of the part."""
         loop = asyncio.get_running_loop()
         idle = self._gw.settings.stream_idle_timeout
         ex = self._ex
         classify = self._protocol.classify
+        resumable = self._resumable
         scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
         done = False
         previous = b""
+        start = first_deadline if first else min(deadline, loop.time() + idle)
         try:
-            async with asyncio.timeout_at(first_deadline) as timer:
+            async with asyncio.timeout_at(start) as timer:
                 while not done:
                     try:
                         data = await anext(chunks)
@@ -455,12 +517,15 @@ class ProxyCall:
                     if not block:
                         continue
                     events = split_events(block)
+                    if resumable is not None:
+                        # Note what the stream produced; a continuation's events become the
+                        # original stream's.
+                        events = self._follow(resumable, events, first)
                     for i, event in enumerate(events):
                         kind = classify(event)
                         if kind == DONE:
                             done = True
-                            if i + 1 < len(events):  # nothing of a stream follows its end
-                                block = b"".join(e + b"\n\n" for e in events[: i + 1])
+                            del events[i + 1 :]  # nothing of a stream follows its end
                             break
                         if kind == ERROR:
                             log.warning(
@@ -472,6 +537,11 @@ class ProxyCall:
                             raise BadBackendResponse("The backend reported an error mid-stream.")
                         if kind != NOTE:
                             self.chunks += 1
+                    if resumable is not None or done:
+                        block = b"".join(e + b"\n\n" for e in events)
+                    if not block:
+                        timer.reschedule(min(deadline, loop.time() + idle))
+                        continue
                     self.events += len(events)
                     if not self.response_started:
                         self._start_stream()
@@ -493,13 +563,95 @@ class ProxyCall:
             if loop.time() >= deadline:
                 raise RequestTimeout() from None
             raise (StreamIdleTimeout() if self.response_started else FirstTokenTimeout()) from None
-        self.ended_at = time.perf_counter()
         if not done:
             raise BadBackendResponse(
                 f"The backend ended the stream without {self._protocol.end_marker}."
             )
-        self.outcome = "completed"
-        await self._finish_upstream(chunks)
+        return chunks
+
+    def _follow(self, resumable: Resumable, events: list[bytes], first: bool) -> list[bytes]:
+        """The events as the client sees them: the first part's noted (and its ids taken out
+        unless asked for); a continuation's rewritten into the original stream, its end replaced
+        by the stream's own (the usage of every part, then [DONE])."""
+        out = []
+        for event in events:
+            if first:
+                out.append(resumable.observe(event) if event.startswith(b"data: {") else event)
+                continue
+            if event.startswith(b"data: [DONE]"):
+                out.append(resumable.closing().rstrip(b"\n"))  # split_events form
+                continue
+            rewritten = resumable.rewrite(event)
+            if rewritten is not None:
+                out.append(rewritten.rstrip(b"\n"))
+        # ``closing`` may hold two events (usage, [DONE]): split them again.
+        return [e for joined in out for e in joined.split(b"\n\n") if e]
+
+    async def _fail_over(
+        self, resumable: Resumable, exc: GatewayError, deadline: float
+    ) -> UpstreamResponse | None:
+        """Go on with the generation on another member (its response), end the stream here when
+        the generation had already ended (None), or re-raise ``exc`` saying why not."""
+        gw = self._gw
+        loop = asyncio.get_running_loop()
+        reason = _failover_reason(exc)
+        failed = self.served_by
+        if failed is not None and failed not in self.members:
+            self.members.append(failed)
+        why = resumable.why_not()
+        if why is None and resumable.finish_reason is None:
+            if loop.time() >= deadline:
+                why = "deadline"
+            else:
+                why = gw.backend.can_fail_over(
+                    self.model, frozenset(self.members), len(self.failovers)
+                )
+        if why is not None:
+            self.failovers.append((reason, f"not_continued:{why}"))
+            raise exc
+        if self.upstream is not None:
+            await self.upstream.aclose()
+            self.upstream = None
+        if resumable.finish_reason is not None:
+            # The last token came and the backend died before its end of stream: end it here.
+            self.failovers.append((reason, "completed_here"))
+            self._ex.end(resumable.closing())
+            self.events += 1
+            return None
+        raw, body = resumable.continuation()
+        request = UpstreamRequest(
+            "POST",
+            COMPLETIONS,
+            raw,
+            body,
+            True,
+            self.request_id,
+            self.model,
+            avoid=frozenset(self.members),
+        )
+        log.warning(
+            "request %s: %s on %s; continuing on another member (part %d)",
+            self.request_id,
+            reason,
+            failed,
+            resumable.parts,
+        )
+        try:
+            async with asyncio.timeout_at(
+                min(deadline, loop.time() + gw.settings.first_token_timeout)
+            ):
+                upstream = await gw.backend.send(request)
+        except (TimeoutError, UpstreamError, Unavailable) as err:
+            self.failovers.append((reason, "failed"))
+            raise exc from err
+        self.upstream = upstream
+        if upstream.status != 200 or not upstream.content_type.startswith("text/event-stream"):
+            self.failovers.append((reason, "failed"))
+            raise exc
+        self.failovers.append((reason, "resumed"))
+        if upstream.served_by is not None and upstream.served_by not in self.members:
+            self.members.append(upstream.served_by)
+        return upstream
 
     def _start_stream(self) -> None:
         self.first_byte_at = time.perf_counter()

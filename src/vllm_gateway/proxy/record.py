@@ -72,6 +72,14 @@ class CallRecord(Protocol):
     @property
     def request_headers(self) -> list[tuple[bytes, bytes]]: ...
 
+    @property
+    def failovers(self) -> list[tuple[str, str]]:
+        """(reason, outcome) of each mid-stream failover."""
+
+    @property
+    def members(self) -> list[str]:
+        """The pool members the request used, in order, when it used several."""
+
 
 class RejectedCall:
     """A request the gateway answered before a ``ProxyCall`` existed."""
@@ -79,7 +87,9 @@ class RejectedCall:
     __slots__ = (
         "chunks",
         "ended_at",
+        "failovers",
         "first_byte_at",
+        "members",
         "model",
         "outcome",
         "path",
@@ -118,3 +128,5 @@ class RejectedCall:
         self.usage: bytes | None = None
         self.served_by: str | None = None
         self.request_headers: list[tuple[bytes, bytes]] = []
+        self.failovers: list[tuple[str, str]] = []
+        self.members: list[str] = []

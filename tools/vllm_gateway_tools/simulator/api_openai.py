@@ -20,7 +20,7 @@ from vllm_gateway_tools.simulator.exchange import (
     resolve_model,
     unknown_model,
 )
-from vllm_gateway_tools.simulator.tokenizer import chat_messages, chat_tokens
+from vllm_gateway_tools.simulator.tokenizer import chat_messages, chat_tokens, output_start
 from vllm_gateway_tools.simulator.tokenizer import prompt_tokens as count_prompt_tokens
 
 __all__ = ["batch", "chat", "completions"]
@@ -86,7 +86,19 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         return
     options = body.get("stream_options")
     make = render_openai.ChatScript if chat else render_openai.CompletionScript
+    prompt_ids: list[int] | None = None
+    if body.get("return_token_ids") is True:
+        if chat:
+            prompt_ids = conn.state.vocab.encode_chat(chat_messages(body["messages"]))
+        elif isinstance(body.get("prompt"), list) and all(
+            isinstance(t, int) for t in body["prompt"]
+        ):
+            prompt_ids = list(body["prompt"])
+        else:
+            prompt_ids = conn.state.vocab.encode(str(body.get("prompt")))
     script = make(
+        prompt_ids=prompt_ids,
+        start=0 if chat else output_start(body.get("prompt")),
         request_id=request_id(req, "chatcmpl-" if chat else "cmpl-"),
         model=model,
         n=n,

@@ -117,6 +117,7 @@ def begin(
     if not isinstance(body, dict):
         reject(conn, req, record, 400, not_json or render.not_json())
         return None
+    record["body"] = body  # what the request asked, for tests that check what reached here
     try:
         cfg = conn.state.config
         if "vllm_sim" in body:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_gateway_tools.simulator.render import DONE, Script, dumps, output_text, token_text
+from vllm_gateway_tools.simulator.tokenizer import OUTPUT_BASE
 
 __all__ = [
     "BATCH_FINGERPRINT",
@@ -32,10 +33,21 @@ __all__ = [
 class StreamTemplate:
     """The SSE events of one streamed response (chat or completions), with its fixed parts pre-rendered."""
 
-    __slots__ = ("_head", "chat", "created", "model", "request_id")
+    __slots__ = ("_head", "chat", "created", "model", "prompt_ids", "request_id", "return_ids")
 
-    def __init__(self, *, chat: bool, request_id: str, model: str, created: int) -> None:
+    def __init__(
+        self,
+        *,
+        chat: bool,
+        request_id: str,
+        model: str,
+        created: int,
+        prompt_ids: list[int] | None = None,
+    ) -> None:
         self.chat = chat
+        # ``return_token_ids``: the prompt's ids on the first chunk, each chunk's own ids.
+        self.prompt_ids = prompt_ids
+        self.return_ids = prompt_ids is not None
         self.request_id = request_id
         self.model = model
         self.created = created
@@ -51,31 +63,39 @@ class StreamTemplate:
         """The role chunk that opens a chat stream; completions streams have none."""
         if not self.chat:
             return None
+        prompt = dumps(self.prompt_ids) if self.prompt_ids is not None else b"null"
         return self._head + (
             b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-            b'"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n'
+            b'"finish_reason":null}],"prompt_token_ids":%b,"prompt_text":null}\n\n' % prompt
         )
 
-    def token(self, text: str, finish_reason: str | None = None) -> bytes:
+    def token(
+        self, text: str, finish_reason: str | None = None, token_id: int | None = None,
+        first: bool = False,
+    ) -> bytes:  # fmt: skip
         """A content chunk; the last one of a stream carries ``finish_reason``."""
         body = dumps(text)
+        ids = b"[%d]" % token_id if self.return_ids and token_id is not None else b"null"
         if self.chat:
             if finish_reason is None:
-                tail = b'},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
+                tail = b'},"logprobs":null,"finish_reason":null,"token_ids":%b}]}\n\n' % ids
             else:
                 tail = (
-                    b'},"logprobs":null,"finish_reason":"%b","stop_reason":null,"token_ids":null}]}\n\n'
-                    % (finish_reason.encode())
+                    b'},"logprobs":null,"finish_reason":"%b","stop_reason":null,"token_ids":%b}]}\n\n'
+                    % (finish_reason.encode(), ids)
                 )
             return self._head + b'{"index":0,"delta":{"content":' + body + tail
         reason = b"null" if finish_reason is None else b'"%b"' % finish_reason.encode()
+        prompt = b"null"
+        if first and self.prompt_ids is not None:
+            prompt = dumps(self.prompt_ids)
         return (
             self._head
             + b'{"index":0,"text":'
             + body
             + b',"logprobs":null,"finish_reason":'
             + reason
-            + b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]}\n\n'
+            + b',"stop_reason":null,"prompt_token_ids":%b,"token_ids":%b}]}\n\n' % (prompt, ids)
         )
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
@@ -225,11 +245,23 @@ class ChatScript(Script):
     """``/v1/chat/completions``: the role chunk, content chunks (the last one carries
     ``finish_reason``), the usage chunk when asked, ``[DONE]``."""
 
-    def __init__(self, *, include_usage: bool = False, **kw: Any) -> None:
+    def __init__(
+        self,
+        *,
+        include_usage: bool = False,
+        prompt_ids: list[int] | None = None,
+        start: int = 0,
+        **kw: Any,
+    ) -> None:
         super().__init__(**kw)
         self.include_usage = include_usage
+        self.start = start  # the index of the first output token (a continuation's is later)
         self.tmpl = StreamTemplate(
-            chat=self._chat, request_id=self.request_id, model=self.model, created=self.created
+            chat=self._chat,
+            request_id=self.request_id,
+            model=self.model,
+            created=self.created,
+            prompt_ids=prompt_ids,
         )
 
     _chat = True
@@ -239,7 +271,10 @@ class ChatScript(Script):
         return [] if first is None else [first]
 
     def token(self, i: int, last: bool) -> bytes:
-        return self.tmpl.token(token_text(i), self.finish if last else None)
+        k = self.start + i
+        return self.tmpl.token(
+            token_text(k), self.finish if last else None, OUTPUT_BASE + k, first=i == 0
+        )
 
     def cut_short(self) -> list[bytes]:
         return [self.tmpl.token("", self.finish)]
@@ -251,8 +286,9 @@ class ChatScript(Script):
 
     def whole(self) -> bytes:
         make = chat_response if self._chat else completion_response
+        text = "".join(token_text(self.start + i) for i in range(self.n))
         return make(request_id=self.request_id, model=self.model, created=self.created,
-                    text=output_text(self.n), finish_reason=self.finish,
+                    text=text, finish_reason=self.finish,
                     prompt_tokens=self.prompt_tokens, completion_tokens=self.n)  # fmt: skip
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "ASCII_BASE",
+    "OUTPUT_BASE",
     "PIECE",
     "VOCAB_SIZE",
     "Vocabulary",
@@ -38,7 +39,11 @@ _CODE = {c: i + 1 for i, c in enumerate(_SYMBOLS)}  # 0 pads a short last piece
 _RADIX = len(_SYMBOLS) + 1
 _TABLE_BASE = ASCII_BASE + _RADIX**PIECE
 _TABLE_MAX = 65536
-VOCAB_SIZE = _TABLE_BASE + _TABLE_MAX
+# Output token k (the text `` tok{k}``) has id OUTPUT_BASE + k: a continuation whose prompt ends in
+# output ids goes on from the next one, as a model continues its own answer.
+OUTPUT_BASE = _TABLE_BASE + _TABLE_MAX
+_OUTPUT_MAX = 1 << 20
+VOCAB_SIZE = OUTPUT_BASE + _OUTPUT_MAX
 IM_START, IM_END = 1, 2
 ROLES = {"system": 3, "user": 4, "assistant": 5, "tool": 6, "developer": 7}
 _SPECIAL = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"} | {v: k for k, v in ROLES.items()}
@@ -79,6 +84,16 @@ def chat_messages(messages: Iterable[Any]) -> list[tuple[str, str]]:
 def chat_tokens(messages: Iterable[tuple[str, str]]) -> int:
     """The size of a rendered conversation: three tokens per message plus its text."""
     return sum(3 + count_text(text) for _, text in messages)
+
+
+def output_start(prompt: Any) -> int:
+    """The index of the first output token for a prompt of token ids: after the last output id
+    the prompt ends with (a continuation), else 0."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], int):
+        last = prompt[-1]
+        if OUTPUT_BASE <= last < VOCAB_SIZE:
+            return last - OUTPUT_BASE + 1
+    return 0
 
 
 def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
@@ -123,6 +138,8 @@ class Vocabulary:
         special = _SPECIAL.get(token)
         if special is not None:
             return special
+        if OUTPUT_BASE <= token < VOCAB_SIZE:
+            return f" tok{token - OUTPUT_BASE}"
         if ASCII_BASE <= token < _TABLE_BASE:
             value = token - ASCII_BASE
             codes = []

@@ -325,6 +325,11 @@ class HTTPResponse(UpstreamResponse):
             self._conn = None
             conn.response = None
             conn.close()
+            if not self._done and self._error is None:
+                # A reader still waiting (another task closed it: an ejected member's stream)
+                # must not wait for bytes that will never come.
+                self._error = BackendUnavailable("The response was closed before its end.")
+                self._wake()
         self._chunks.clear()
         self._buffered = 0
 

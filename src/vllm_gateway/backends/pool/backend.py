@@ -104,6 +104,7 @@ class PoolBackend(Backend):
             cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window
         )
         self.retries = 0
+        self.failovers = 0
         self.affinity_yields = 0
         self._waiters: list[asyncio.Future[None]] = []
         # Stored response id -> the member that holds it (most recent last), bounded.
@@ -153,7 +154,7 @@ class PoolBackend(Backend):
         if request.broadcast:
             return await self._broadcast(request)
         self.budget.request()
-        tried: list[Member] = []
+        tried: list[Member] = [m for m in self.members if m.name in request.avoid]
         if request.locate is not None:
             holder = await self._holder(request.locate, request)
             if holder is not None:
@@ -161,6 +162,22 @@ class PoolBackend(Backend):
                 tried.extend(m for m in self.members if m is not holder)
         member, resp = await self._open(request, tried)
         return PoolResponse(self, request, member, resp, tried)
+
+    # --- mid-stream failover -------------------------------------------------------------------
+
+    def may_fail_over(self) -> bool:
+        return self.config.failover_max > 0 and len(self.members) > 1
+
+    def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
+        if done >= self.config.failover_max:
+            return "limit"
+        if not any(m.up and m.name not in avoid and m.serves(model) for m in self.members):
+            return "no_member"
+        if not self.budget.try_retry():
+            log.warning("retry budget exhausted: a stream is not continued elsewhere")
+            return "budget"
+        self.failovers += 1
+        return None
 
     # --- the Responses store: a request that names a stored response goes to its holder -------
 
@@ -404,6 +421,8 @@ class PoolBackend(Backend):
         if not member.up:
             return
         member.eject(reason, self.config)
+        for stream in list(member.streams):
+            stream.abandon()
         left = sum(m.up for m in self.members)
         log.warning(
             "backend %s ejected (%s; errors %s); %d of %d backends left",
@@ -466,8 +485,10 @@ class PoolResponse(UpstreamResponse):
         self._tried = tried
         self._delivered = False
         self._closed = False
+        self._ejected = False
         self.status = resp.status
         self.content_type = resp.content_type
+        member.streams.add(self)
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self
@@ -483,13 +504,25 @@ class PoolResponse(UpstreamResponse):
         try:
             data = await anext(self._iter)
         except StopAsyncIteration:
+            if self._ejected:
+                raise BackendUnavailable("The backend was taken out of the pool.") from None
             self._ended(member)
             raise
         except UpstreamError:
+            if self._ejected:
+                raise BackendUnavailable("The backend was taken out of the pool.") from None
             self._pool._fail(member, "dropped")
             raise
         member.progress()
         return data
+
+    def abandon(self) -> None:
+        """The member was taken out of the pool mid-stream: drop its connection now, so that the
+        stream fails at once (and may go on on another member) rather than when it stalls."""
+        if self._closed or not self._delivered:
+            return
+        self._ejected = True
+        asyncio.get_running_loop().create_task(self._resp.aclose())
 
     async def _first(self) -> bytes:
         pool = self._pool
@@ -521,9 +554,11 @@ class PoolResponse(UpstreamResponse):
         self._member = None
         await self._resp.aclose()
         if old is not None:
+            old.streams.discard(self)
             self._pool._release(old)
         member, resp = await self._pool._open(self._request, self._tried)
         self._member, self._resp, self._iter = member, resp, resp.chunks()
+        member.streams.add(self)
         self.served_by = member.name
         if (
             resp.status != self.status
@@ -574,4 +609,5 @@ class PoolResponse(UpstreamResponse):
             await self._resp.aclose()
         finally:
             if member is not None:
+                member.streams.discard(self)
                 self._pool._release(member)

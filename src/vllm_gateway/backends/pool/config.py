@@ -66,6 +66,7 @@ class PoolConfig:
     retry_budget_min: int = 3  # ... but this many are always allowed within the window
     retry_budget_window: float = 10.0
     max_retries: int = 2  # per request
+    failover_max: int = 2  # per stream: continuations on another member after a mid-stream failure
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:

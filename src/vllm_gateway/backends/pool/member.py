@@ -49,6 +49,7 @@ class Member:
         "readmit_at",
         "requests",
         "retries",
+        "streams",
         "up",
         "url",
         "weight",
@@ -83,6 +84,8 @@ class Member:
         self.retries = 0
         # Attempts still waiting for their first byte; an ejection cancels them so they can retry.
         self.pending: set[Any] = set()
+        # Responses streaming from it now: an ejection drops them (they may go on elsewhere).
+        self.streams: set[Any] = set()
 
     # --- accounting ------------------------------------------------------------------------
 
