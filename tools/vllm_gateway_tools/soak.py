@@ -235,11 +235,13 @@ class Tally:
         self.endings["defect"] += 1
 
 
-async def one_request(http: Any, url: str, rng: random.Random, tally: Tally, bound: float) -> None:
+async def one_request(
+    http: Any, url: str, rng: random.Random, tally: Tally, bound: float, faults: bool = True
+) -> None:
     import httpx
 
     stream = rng.random() < 0.7
-    fault = rng.choices([f for _, f in FAULTS], [w for w, _ in FAULTS])[0]
+    fault = rng.choices([f for _, f in FAULTS], [w for w, _ in FAULTS])[0] if faults else None
     body: dict[str, Any] = {
         "model": "sim-model",
         "stream": stream,
@@ -325,13 +327,21 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     c = args.concurrency
     timeouts = {"queue": 2.0, "first": 2.0, "idle": 1.0, "request": 8.0, "connect": 1.0}
     bound = timeouts["queue"] + timeouts["request"] + timeouts["connect"] + 5.0
-    sim = SimulatorProcess("--ttft", "0.05", "--itl", "0.02", "--tokens", "20")
-    sim.start()
+    # One backend, or a pool of them (each restarted in turn; no per-request faults, so that
+    # every stream the gateway fails to finish is one a member's death broke).
+    sims = [
+        SimulatorProcess("--ttft", "0.05", "--itl", "0.02", "--tokens", "20")
+        for _ in range(max(1, args.pool))
+    ]
+    for sim in sims:
+        sim.start()
+    sim = sims[0]
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
     env.update(
         {
-            "VLLM_BACKEND_URL": sim.url,
+            "VLLM_BACKEND_URL": ",".join(s.url for s in sims),
+            "VLLM_POOL_HEALTH_INTERVAL_SECONDS": "0.5",
             "VLLM_MAX_CONCURRENT_REQUESTS": str(c),
             "VLLM_MAX_QUEUED_REQUESTS": str(c),
             "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": str(timeouts["queue"]),
@@ -371,14 +381,15 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
             async def client() -> None:
                 while time.monotonic() < end:
-                    await one_request(http, url, rng, tally, bound)
+                    await one_request(http, url, rng, tally, bound, faults=args.pool < 2)
 
             async def restarts() -> None:
                 while time.monotonic() + args.restart_every < end:
                     await asyncio.sleep(args.restart_every)
-                    sim.kill()
+                    victim = sims[report["restarts"] % len(sims)]
+                    victim.kill()
                     await asyncio.sleep(1.0)
-                    await asyncio.to_thread(sim.start)
+                    await asyncio.to_thread(victim.start)
                     report["restarts"] += 1
 
             async def warm_sample() -> None:
@@ -393,7 +404,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(100):
                 in_flight = await _metric(http, url, "vllm_gateway_requests_in_flight")
                 queued = await _metric(http, url, "vllm_gateway_queue_depth")
-                running = (await http.get(sim.url + "/sim/stats")).json()["running"]
+                running = 0
+                for s in sims:
+                    running += (await http.get(s.url + "/sim/stats")).json()["running"]
                 if in_flight == 0 and queued == 0 and running == 0:
                     settled = True
                     break
@@ -406,7 +419,14 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     "max_tokens": 4,
                 },
             )
+            text = (await http.get(url + "/metrics")).text
+            failovers = {
+                line.split("{", 1)[1].rsplit("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("vllm_gateway_failovers_total{")
+            }
             report.update(
+                failovers=failovers,
                 settled=settled,
                 in_flight=in_flight,
                 queued=queued,
@@ -423,7 +443,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 gw.kill()
                 report["gateway_exit"] = gw.wait(5)
-        sim.stop()
+        for s in sims:
+            s.stop()
     report.update(
         endings=dict(tally.endings),
         disconnects=tally.disconnects,
@@ -445,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--restart-every", type=float, default=40.0, help="seconds between backend kills"
     )
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=1,
+        help="backends: with 2 or more, a pool whose members are restarted in turn, and no "
+        "per-request faults (every broken stream is one a member's death broke)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="soak-report.json", help="where the JSON report goes")
     p.add_argument("--verbose", action="store_true", help="show the gateway's log")
@@ -463,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"endings: {report['endings']}  statuses: {report['statuses']}")
     print(f"settled: {report.get('settled')}  broken promises: {report['broken_promises']}")
+    if args.pool > 1:
+        print(
+            f"streams ended by an error event: {report['endings'].get('stream_error', 0)}  "
+            f"failovers: {report.get('failovers')}"
+        )
     print(
         f"gateway RSS {s.get('rss_kib')} -> {e.get('rss_kib')} KiB, fds {s.get('fds')} -> "
         f"{e.get('fds')}, tasks {s.get('tasks')} -> {e.get('tasks')}; exit {report.get('gateway_exit')}"
