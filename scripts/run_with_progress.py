@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run a long, chatty command (pip, apt-get) with one progress line instead of its output.
+"""Run a long, chatty command (pip, apt-get, debootstrap) with a progress line, not its output.
 
     run_with_progress.py --label install --log .venv/install.log --watch .venv -- pip install ...
 
@@ -42,11 +42,16 @@ PHASES = (
     (re.compile(r"^Get:\d+ \S+ \S+ \S+ ([^\s\[]\S*) "), "downloading {}"),
     (re.compile(r"^Unpacking (\S+)"), "unpacking {}"),
     (re.compile(r"^Setting up (\S+)"), "setting up {}"),
+    # debootstrap
+    (re.compile(r"^I: (?:Retrieving|Validating) (\S+?)\.*(?:\s|$)"), "downloading {}"),
+    (re.compile(r"^I: (?:Extracting|Unpacking|Configuring) (\S+?)\.*(?:\s|$)"), "installing {}"),
+    (re.compile(r"^I: (.*?)\.*$"), "{}"),  # its other steps, as it says them
 )
 
 
 def describe(line: str) -> str | None:
-    """A short phrase for a line of pip or apt output, or None for a line that says nothing new."""
+    """A short phrase for a line of pip, apt or debootstrap output, or None for one that says
+    nothing new."""
     for pattern, template in PHASES:
         found = pattern.search(line)
         if found:
