@@ -30,7 +30,7 @@ from vllm_gateway.server import GatewayServer, uvicorn_config
 from vllm_gateway.settings import Settings
 from vllm_gateway.simulator import Simulator, SimulatorConfig, run_simulator
 
-pytest_plugins = ["tests._skip_policy", "tests._progress"]
+pytest_plugins = ["tests._skip_policy", "tests._progress", "tests._exit_output"]
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 

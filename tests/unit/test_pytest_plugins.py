@@ -1,5 +1,6 @@
 """The suite's own pytest plugins, each run on a small suite of its own in a pytest subprocess:
-the skip policy (tests/_skip_policy.py) and the progress lines of long tests (tests/_progress.py)."""
+the skip policy (tests/_skip_policy.py), the progress lines of long tests (tests/_progress.py), and
+the summary as the last line (tests/_exit_output.py)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,58 @@ def test_an_entry_without_a_reason_is_refused(tmp_path: Path) -> None:
     proc = run_suite(tmp_path, "test_suite.py::test_unlisted_skip\n")
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
     assert "want 'PATTERN | REASON'" in proc.stderr
+
+
+NOISY_EXIT = """
+import atexit
+import sys
+
+
+class Engine:
+    def __del__(self):
+        print("Exception ignored in: Engine.__del__ (at interpreter exit)", file=sys.stderr)
+
+
+KEPT = Engine()
+atexit.register(lambda: print("nanobind: leaked 3 instances", file=sys.stderr))
+
+
+def test_passes():
+    pass
+"""
+
+
+def test_what_the_interpreter_prints_at_exit_goes_after_the_summary_to_a_log(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "test_noisy.py").write_text(NOISY_EXIT)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    exit_log = tmp_path / "exit.log"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "tests._exit_output",
+            "--exit-log",
+            str(exit_log),
+            "-c",
+            str(tmp_path / "pytest.ini"),
+            str(tmp_path / "test_noisy.py"),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("1 passed")
+    assert "leaked" not in proc.stdout + proc.stderr
+    assert "Engine.__del__" not in proc.stdout + proc.stderr
+    kept = exit_log.read_text()
+    assert "nanobind: leaked 3 instances" in kept
+    assert "Engine.__del__" in kept
