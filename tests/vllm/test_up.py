@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests._progress import note
 from tests.vllm.conftest import ARTIFACTS, ROOT, STARTUP_DEADLINE_S
 from vllm_gateway.launcher import free_port, has_nvidia_gpu
 from vllm_gateway.settings import env_names
@@ -44,6 +45,7 @@ class Up:
         return "\n".join(self.lines)
 
     def wait_for_line(self, pattern: str, deadline_s: float) -> re.Match[str]:
+        note(lambda: f"vllm-gateway up says: {self.lines[-1] if self.lines else '(nothing yet)'}")
         end = time.monotonic() + deadline_s
         while time.monotonic() < end:
             for line in list(self.lines):
