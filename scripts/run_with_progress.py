@@ -60,6 +60,8 @@ def describe(line: str) -> str | None:
             subject = found.group(1)
             if ", " in subject:  # pip's list of packages to install: count them
                 subject = f"{subject.count(', ') + 1} packages"
+            elif template.startswith("resolved"):  # pip --dry-run's list, space-separated
+                subject = f"{len(subject.split())} packages"
             else:
                 subject = artifact(subject)
             return template.format(subject)

@@ -104,6 +104,7 @@ def test_failure_keeps_the_exit_status_and_shows_the_last_lines(tmp_path: Path) 
         ("Unpacking chromium (156.0-1) ...", "unpacking chromium", 0.0),
         ("Processing triggers for man-db (2.11.2-2) ...", None, 0.0),
         ("Requirement already satisfied: six in ./venv", None, 0.0),
+        ("Would install a-1.0 b-2.0 c-3.0", "resolved 3 packages", 0.0),
         ("I: Retrieving libc6 2.36-9+deb12u10", "downloading libc6", 0.0),
         ("I: Configuring passwd...", "installing passwd", 0.0),
         (
