@@ -43,6 +43,7 @@ class Heartbeat:
         self.config = config
         self.fd = fd
         self.every = every
+        self.width_after_last = 0
         self.phase: tuple[str, str, float] | None = None  # nodeid, phase, start
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pytest-progress", daemon=True)
@@ -69,10 +70,14 @@ class Heartbeat:
             self._write(line[:300])
 
     def _write(self, line: str) -> None:
+        # pytest's writer does not see these lines: it still counts the dots printed before the
+        # last one, so a line break is due only when it has printed something since.
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        mid_line = bool(reporter and reporter._tw.width_of_current_line)
+        width = reporter._tw.width_of_current_line if reporter else 0
+        mid_line = width not in (0, self.width_after_last)
         with contextlib.suppress(OSError):
             os.write(self.fd, (("\n" if mid_line else "") + line + "\n").encode())
+        self.width_after_last = width
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
