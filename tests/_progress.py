@@ -1,4 +1,5 @@
-"""A line every 10 s while one test phase (setup, call, teardown) runs for longer than 10 s.
+"""A line every 10 s while one test phase (setup, call, teardown) or the collection of the test
+files runs for longer than 10 s.
 
 pytest prints a dot when a test ends, so a fixture or test that waits for minutes (vLLM's warm-up,
 building a container image) would be minutes of silence. The line names the test, the phase, the
@@ -80,21 +81,25 @@ class Heartbeat:
         self.width_after_last = width
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, None, None]:
+    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
         return (yield from self._timed(item, "setup"))
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, None, None]:
+    def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
         return (yield from self._timed(item, "call"))
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, None, None]:
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, object, object]:
         return (yield from self._timed(item, "teardown"))
 
-    def _timed(self, item: pytest.Item, phase: str) -> Generator[None, None, None]:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_collection(self, session: pytest.Session) -> Generator[None, object, object]:
+        return (yield from self._timed(None, "collecting"))
+
+    def _timed(self, item: pytest.Item | None, phase: str) -> Generator[None, object, object]:
         global _note
         with _lock:
-            self.phase = (item.nodeid, phase, time.monotonic())
+            self.phase = (item.nodeid if item else "the test files", phase, time.monotonic())
             _note = None
         try:
             return (yield)
