@@ -85,6 +85,20 @@ PROGRESS_EVERY_S = 10.0
 SERVER_ALONE_S = 10.0
 STRAGGLER_GRACE_S = 5.0
 
+# What vLLM prints while it stops on request that reads like trouble but is not.
+EXPECTED_AT_EXIT = (
+    (
+        "nanobind: leaked",
+        "Triton's bindings list the objects still alive when vLLM's interpreter exits; printed "
+        "at every stop and harmless (Triton hides the same report in its own worker processes)",
+    ),
+    (
+        "resource_tracker: There appear to be",
+        "Python's multiprocessing cleans up the shared memory vLLM's processes leave at exit; "
+        "harmless",
+    ),
+)
+
 # vLLM's warm-up lines that read like trouble but are not: (text in the line, what it means).
 EXPECTED_DURING_WARMUP = (
     (
@@ -242,7 +256,7 @@ class VllmChild:
         started = time.monotonic()
         tty = progress.isatty()
         last_report = -1e9
-        explainer = WarmupExplainer(self.log_path)
+        explainer = LogExplainer(self.log_path)
 
         def end_line() -> None:
             if tty:
@@ -335,17 +349,24 @@ def ticking(what: str, progress: IO[str]) -> Iterator[None]:
     progress.flush()
 
 
-class WarmupExplainer:
+class LogExplainer:
     """Reads a growing log and returns, once each, the meaning of expected-but-alarming lines."""
 
-    def __init__(self, log_path: Path, table: Sequence[tuple[str, str]] = EXPECTED_DURING_WARMUP):
+    def __init__(
+        self,
+        log_path: Path,
+        table: Sequence[tuple[str, str]] = EXPECTED_DURING_WARMUP,
+        offset: int = 0,
+    ) -> None:
         self.log_path = log_path
         self.table = table
-        self.offset = 0
+        self.offset = offset
         self.seen: set[str] = set()
         self.partial = b""
 
-    def new_notes(self) -> list[str]:
+    def new_notes(self, final: bool = False) -> list[str]:
+        """Notes for the lines written since the last call (``final``: the last line too, even
+        without its newline)."""
         try:
             with self.log_path.open("rb") as handle:
                 handle.seek(self.offset)
@@ -355,7 +376,7 @@ class WarmupExplainer:
         self.offset += len(chunk)
         text = (self.partial + chunk).decode("utf-8", "replace")
         lines = text.split("\n")
-        self.partial = lines.pop().encode()  # an unfinished line waits for the rest
+        self.partial = b"" if final else lines.pop().encode()  # an unfinished line waits
         notes = []
         for line in lines:
             for needle, meaning in self.table:
@@ -384,19 +405,39 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: an engine process
+    orphaned by its server waits for PID 1 to reap it, which may take a while."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _wait_group_gone(pgid: int, deadline_s: float) -> bool:
     """Whether every process of the group has exited within ``deadline_s`` (polled)."""
     end = time.monotonic() + deadline_s
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
+    while _group_alive(pgid):
         if time.monotonic() >= end:
             return False
         time.sleep(0.1)
+    return True
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -624,11 +665,30 @@ def _stop_child(child: VllmChild, timeout: float) -> None:
         child.stop(timeout)  # its engine processes, if any are left
         return
     log(f"stopping vLLM (pid {child.pid}; SIGKILL after {timeout:g} s)")
+    mark = _annotate(
+        child.log_path, f"stopping vLLM on request: SIGTERM to its server (pid {child.pid})"
+    )
     began = time.monotonic()
     code = child.stop(timeout)
     took = time.monotonic() - began
     shown = describe_exit(code) if code is not None else "unknown"
+    # What vLLM printed while it stopped, explained where it is read: in its own log.
+    notes = LogExplainer(child.log_path, EXPECTED_AT_EXIT, offset=mark).new_notes(final=True)
+    for note in notes:
+        _annotate(child.log_path, f"note: {note}")
+    _annotate(child.log_path, f"vLLM stopped (exit code {shown}, {took:.1f} s)")
     log(f"vLLM stopped (exit code {shown}, {took:.1f} s); its log: {child.log_path}")
+
+
+def _annotate(log_path: Path, text: str) -> int:
+    """Append a line of the launcher's own to vLLM's log; return the log's size before it."""
+    try:
+        with log_path.open("ab") as handle:
+            size = handle.tell()
+            handle.write(f"[vllm-gateway up] {text}\n".encode())
+            return size
+    except OSError:
+        return 0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def on_term(*_):
         time.sleep(0.3)  # a signal sent to the whole group reaches the engine first
         os.kill(engine, signal.SIGUSR1)
         os.waitpid(engine, 0)
+    print("nanobind: leaked 4 instances!", flush=True)  # as libtriton says at every exit
     sys.exit(0)
 
 signal.signal(signal.SIGTERM, on_term)
@@ -91,6 +92,12 @@ def test_a_requested_stop_signals_the_server_alone_which_stops_its_engine(
     assert "engine: asked to stop" in lines
     assert "engine: SIGTERM" not in lines  # a group-wide SIGTERM would have reached it
     assert group_gone(child.pid)
+    # vLLM's log says what the launcher did, and what the alarming exit lines mean.
+    log = (tmp_path / "vllm.log").read_text().splitlines()
+    assert log[-4].startswith("[vllm-gateway up] stopping vLLM on request: SIGTERM to its server")
+    assert log[-3] == "nanobind: leaked 4 instances!"
+    assert log[-2].startswith('[vllm-gateway up] note: "nanobind: leaked": Triton')
+    assert log[-1].startswith("[vllm-gateway up] vLLM stopped (exit code 0, ")
     said = capsys.readouterr().err.strip().splitlines()
     assert said[0] == f"[up] stopping vLLM (pid {child.pid}; SIGKILL after 20 s)"
     assert said[-1].startswith("[up] vLLM stopped (exit code 0, ")
@@ -138,7 +145,7 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Pat
 
 def test_expected_warmup_warnings_are_explained_once(tmp_path: Path) -> None:
     log = tmp_path / "vllm.log"
-    explainer = launcher.WarmupExplainer(log)
+    explainer = launcher.LogExplainer(log)
     assert explainer.new_notes() == []  # no log yet
     line = "(EngineCore pid=1) INFO [shm_broadcast.py:871] No available shared memory broadcast block found in 60 seconds."
     with log.open("a") as out:

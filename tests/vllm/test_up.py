@@ -47,13 +47,17 @@ class Up:
     def wait_for_line(self, pattern: str, deadline_s: float) -> re.Match[str]:
         note(lambda: f"vllm-gateway up says: {self.lines[-1] if self.lines else '(nothing yet)'}")
         end = time.monotonic() + deadline_s
+        exited_at: float | None = None
         while time.monotonic() < end:
             for line in list(self.lines):
                 found = re.search(pattern, line)
                 if found:
                     return found
             if self.process.poll() is not None:
-                break
+                # Its last lines may still be on their way through the pipe.
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > 2:
+                    break
             time.sleep(0.5)
         raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output()}")
 
@@ -171,6 +175,13 @@ def test_up_serves_real_model_and_stops_cleanly_on_sigterm(up: Up) -> None:
     up.process.send_signal(signal.SIGTERM)
     assert up.process.wait(90) == 0, up.output()
     assert _wait_gone(vllm_pid, 5), f"vLLM (pid {vllm_pid}) outlived the launcher"
+    # A requested stop is quiet and confirmed: vLLM's server stopped its engine in order (an
+    # engine killed under it logs EngineDeadError), and the launcher's last line says so.
+    last = up.wait_for_line(r"^\[up\] vLLM stopped \(exit code (\S+), [\d.]+ s\)", 10)
+    assert last.group(1) == "0", up.output()
+    assert re.match(r"\[up\] vLLM stopped ", up.lines[-1]), up.output()
+    log = up.vllm_log.read_text(errors="replace")
+    assert "EngineDeadError" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_up_exits_nonzero_when_vllm_dies(up: Up) -> None:
