@@ -665,9 +665,8 @@ def _stop_child(child: VllmChild, timeout: float) -> None:
         child.stop(timeout)  # its engine processes, if any are left
         return
     log(f"stopping vLLM (pid {child.pid}; SIGKILL after {timeout:g} s)")
-    mark = _annotate(
-        child.log_path, f"stopping vLLM on request: SIGTERM to its server (pid {child.pid})"
-    )
+    target = "its server" if child.serving else "its process group (still starting)"
+    mark = _annotate(child.log_path, f"stopping vLLM on request: SIGTERM to {target}")
     began = time.monotonic()
     code = child.stop(timeout)
     took = time.monotonic() - began
