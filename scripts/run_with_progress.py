@@ -33,6 +33,8 @@ SIZE = re.compile(r"[(\[]([\d.,]+)\s*([kMG]?B)[)\]]\s*$")
 UNITS = {"B": 1e-6, "kB": 1e-3, "MB": 1.0, "GB": 1e3}
 PHASES = (
     (re.compile(r"^Collecting (\S+)"), "collecting {}"),
+    (re.compile(r"^Requirement already satisfied: (\S+)"), "checking {}"),
+    (re.compile(r"^Obtaining (\S+)"), "reading {}"),
     (re.compile(r"^\s*Downloading (\S+)"), "downloading {}"),
     (re.compile(r"^Processing (?!triggers)(\S+)"), "reading {}"),
     (re.compile(r"^\s*Building wheel for (\S+)"), "building {}"),
