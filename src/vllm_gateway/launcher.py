@@ -84,6 +84,9 @@ PROGRESS_EVERY_S = 10.0
 # SIGTERM too; and after the server has exited, how long its engine processes get to follow it.
 SERVER_ALONE_S = 10.0
 STRAGGLER_GRACE_S = 5.0
+# A vLLM still starting holds no requests, and its server may not act on SIGTERM until its engine
+# is up: past this, its group gets SIGKILL (or past the stop timeout, if that is shorter).
+STARTING_STOP_S = 10.0
 
 # What vLLM prints while it stops on request that reads like trouble but is not.
 EXPECTED_AT_EXIT = (
@@ -296,12 +299,15 @@ class VllmChild:
         down in order; a SIGTERM to the whole group would kill the engine under the server, which
         then logs an ``EngineDeadError`` traceback. The group gets SIGTERM when the server has not
         exited after ``SERVER_ALONE_S``, or at once while vLLM is still starting (its server does
-        not act on SIGTERM while it waits for its engine), and SIGKILL past ``timeout``. Engine
+        not act on SIGTERM while it waits for its engine), and SIGKILL past ``timeout`` (past
+        ``STARTING_STOP_S`` while starting: there is nothing to finish). Engine
         processes still there ``STRAGGLER_GRACE_S`` after the server has exited get SIGTERM, then
         SIGKILL.
         """
         if self.process.poll() is None:
             began = time.monotonic()
+            if not self.serving:
+                timeout = min(timeout, STARTING_STOP_S)
             if self.serving:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.send_signal(signal.SIGTERM)
