@@ -1,8 +1,9 @@
 # One target per job; CI and people call the same ones.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+LATEST_VENV ?= .venv-latest
 
-.PHONY: run install install-gateway test test-fast check bench clean
+.PHONY: run install install-gateway lock test test-fast test-latest check bench clean
 
 run:            ## install everything, prepare the model, start vLLM and the gateway in front of it
 	./scripts/quickstart.sh
@@ -13,12 +14,21 @@ install:        ## the gateway, vLLM's build for this machine, and the default m
 install-gateway:  ## the gateway alone (enough for the simulator-backed tests)
 	./scripts/install.sh --no-vllm
 
-test: install   ## every test: unit, integration (simulator), real vLLM engine, browser
+lock:           ## regenerate constraints.txt, the versions every install and image uses
+	./scripts/lock.sh
+
+test: install   ## every test: unit, integration (simulator), real vLLM engine, browser, container
+	@echo "[test] every test, about 14 minutes on 2 cores (the real vLLM engine starts several times)"
 	./scripts/system-deps.sh
 	$(PY) -m pytest -q tests
 
 test-fast: install-gateway  ## unit and simulator-backed integration tests only
 	$(PY) -m pytest -q tests/unit tests/integration
+
+test-latest:    ## the newest versions pyproject allows, gateway only, in $(LATEST_VENV) (not in CI)
+	VLLM_GATEWAY_VENV=$(CURDIR)/$(LATEST_VENV) ./scripts/install.sh --no-vllm --latest
+	$(LATEST_VENV)/bin/python -m pytest -q tests/unit tests/integration \
+		--deselect tests/unit/test_lock.py::test_installed_versions_are_the_locked_ones
 
 check:          ## lint and types
 	$(PY) -m ruff check src tests scripts

@@ -8,6 +8,6 @@ shift || true
 PY=${PYTHON:-.venv/bin/python}
 for scenario in single c1000 ceiling nonstream memory admission; do
     echo "== $scenario"
-    "$PY" -m vllm_gateway.bench --scenario "$scenario" --out "$out/$scenario" "$@"
+    "$PY" -m vllm_gateway_tools.bench --scenario "$scenario" --out "$out/$scenario" "$@"
 done
 echo "reports: $out/*/report.md"

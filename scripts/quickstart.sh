@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The first command of the README: install what is missing, prepare the default model, then run
-# vLLM and the gateway in the foreground (`vllm-gateway up`). Ctrl-C stops both.
+# The first command of the README: install what is missing, then run vLLM and the gateway in the
+# foreground (`vllm-gateway up`, which prepares the default model on its first run). Ctrl-C stops
+# both.
 #
 #   ./scripts/quickstart.sh                  # SmolLM2-135M-Instruct on CPU, gateway on 127.0.0.1:7000
 #   VLLM_MODEL=openai/gpt-oss-20b ./scripts/quickstart.sh   # your model (on a GPU machine)
@@ -14,11 +15,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VLLM_GATEWAY_VENV:-$ROOT/.venv}"
 
 "$ROOT/scripts/install.sh"
-
-if [[ -z "${VLLM_MODEL:-}" ]]; then
-    printf '[quickstart] default model: '
-    "$VENV/bin/python" -m vllm_gateway.backends.embedded.model
-fi
 
 # Loopback unless the caller chose a bind address: the quickstart serves no API key.
 host=(--host "${VLLM_HOST:-127.0.0.1}")

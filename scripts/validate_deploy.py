@@ -58,7 +58,13 @@ def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 def start_script_command(env: dict[str, str] | None = None, args: Iterable[str] = ()) -> list[str]:
     """The vLLM command line the start script would run, from its dry-run mode."""
-    base = {"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "module", "VLLM_DRY_RUN": "1"}
+    # VLLM_PYTHON: the command as on a machine whose python3 has vLLM, whatever this one has.
+    base = {
+        "PATH": "/usr/bin:/bin",
+        "VLLM_LAUNCHER": "module",
+        "VLLM_PYTHON": "python3",
+        "VLLM_DRY_RUN": "1",
+    }
     proc = _run(["bash", str(START_SCRIPT), *args], env={**base, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"start script failed ({proc.returncode}): {proc.stderr.strip()}")

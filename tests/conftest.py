@@ -31,6 +31,7 @@ from vllm_gateway.runtime.server import GatewayRunner
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
+pytest_plugins = ["tests._skip_policy", "tests._progress", "tests._exit_output"]
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -1,7 +1,8 @@
-"""The status page in real headless Chromium: the numbers on screen follow the gateway.
+"""The status page in real headless Chromium, driven by Selenium: the numbers on screen follow
+the gateway.
 
-Skipped only when Chromium is not installed (Debian: ``apt-get install -y chromium``). Leaves a
-screenshot in ``test-artifacts/status-page.png``.
+Needs Debian's ``chromium`` and ``chromium-driver`` (scripts/system-deps.sh installs them). Leaves
+a screenshot in ``test-artifacts/status-page.png``.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ import json
 import httpx
 import pytest
 
-from tests.browser.cdp import CHROMIUM, open_page
+from tests.browser.driver import open_page
 from tests.conftest import ARTIFACTS, chat_body, run_gateway
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import Simulator
 
-pytestmark = [
-    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed"),
-    pytest.mark.timeout(120),
-]
+pytestmark = pytest.mark.timeout(120)
 
 CHAT = "/v1/chat/completions"
 
@@ -88,6 +86,6 @@ async def test_status_page_shows_live_in_flight_errors_and_backend(
         await page.wait_for("document.querySelectorAll('#c-ttft path').length > 0", timeout=10)
 
         await page.screenshot(ARTIFACTS / "status-page.png")
-        assert page.exceptions() == []
+        assert await page.exceptions() == []
     png = (ARTIFACTS / "status-page.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

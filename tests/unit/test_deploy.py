@@ -116,7 +116,7 @@ def test_extra_arguments_pass_through_last_and_intact() -> None:
 
 
 def test_print_flag_is_the_same_as_dry_run_and_not_passed_on() -> None:
-    env = {"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "module"}
+    env = {"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "module", "VLLM_PYTHON": "python3"}
     proc = subprocess.run(
         ["bash", str(SCRIPT), "--print", "--seed", "1"],
         env=env,
@@ -173,6 +173,85 @@ def test_start_script_rejects_an_unknown_launcher() -> None:
     )
     assert proc.returncode == 2
     assert "VLLM_LAUNCHER" in proc.stderr
+
+
+def _fake(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_start_script_help_is_its_own_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    fake = _fake(tmp_path / "python", f'touch "{marker}"\n')
+    env = {"PATH": "/usr/bin:/bin", "VLLM_LAUNCHER": "module", "VLLM_PYTHON": str(fake)}
+    for flag in ("--help", "-h"):
+        proc = subprocess.run(
+            ["bash", str(SCRIPT), flag], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "--print" in proc.stdout and "VLLM_GPU_MEMORY_UTILIZATION" in proc.stdout
+        assert not proc.stdout.startswith("#")
+    assert not marker.exists(), "--help started vLLM"
+
+
+def test_start_script_keeps_its_own_variables_out_of_vllm_s_environment(tmp_path: Path) -> None:
+    fake = _fake(tmp_path / "python", "env\n")
+    own = {
+        "VLLM_MODEL": "org/m",
+        "VLLM_SERVED_MODEL_NAME": "m",
+        "VLLM_SERVER_HOST": "127.0.0.1",
+        "VLLM_PORT": "7001",
+        "VLLM_GPU_MEMORY_UTILIZATION": "0.5",
+        "VLLM_MAX_NUM_SEQS": "4",
+        "VLLM_TENSOR_PARALLEL_SIZE": "1",
+        "VLLM_DTYPE": "float16",
+        "VLLM_TRUST_REMOTE_CODE": "false",
+        "VLLM_ENFORCE_EAGER": "true",
+        "VLLM_LAUNCHER": "module",
+        "VLLM_PYTHON": str(fake),
+    }
+    env = {"PATH": "/usr/bin:/bin", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "300", **own}
+    proc = subprocess.run(
+        ["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30, check=True
+    )
+    seen = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    assert set(own) & set(seen) == set()
+    assert seen["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "300"  # vLLM's own variables pass through
+
+
+def _script_copy(tmp_path: Path) -> Path:
+    """The start script in a project folder of its own, beside a fake python3 without vLLM."""
+    copy = tmp_path / "project" / "scripts" / SCRIPT.name
+    copy.parent.mkdir(parents=True)
+    copy.write_text(SCRIPT.read_text())
+    _fake(tmp_path / "bin" / "python3", 'case "$1" in -c) exit 1 ;; esac\necho "python3 $*"\n')
+    return copy
+
+
+def test_start_script_uses_the_project_venv_when_python3_lacks_vllm(tmp_path: Path) -> None:
+    copy = _script_copy(tmp_path)
+    venv_python = _fake(
+        tmp_path / "project" / ".venv" / "bin" / "python",
+        'case "$1" in -c) exit 0 ;; esac\necho "venv $*"\n',
+    )
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "VLLM_LAUNCHER": "module"}
+    proc = subprocess.run(
+        ["bash", str(copy)], env=env, capture_output=True, text=True, timeout=30, check=True
+    )
+    assert proc.stdout.startswith("venv -m vllm.entrypoints.openai.api_server --model ")
+    assert f"using the project's {venv_python}" in proc.stderr
+
+
+def test_start_script_says_how_to_get_vllm_when_no_python_has_it(tmp_path: Path) -> None:
+    copy = _script_copy(tmp_path)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "VLLM_LAUNCHER": "module"}
+    proc = subprocess.run(["bash", str(copy)], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "vLLM is not installed for python3" in proc.stderr
+    assert "source .venv/bin/activate" in proc.stderr
 
 
 def test_start_script_is_bash_n_clean() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._progress import note
 from vllm_gateway.backends.embedded import model as model_prep
 from vllm_gateway.runtime.launcher import (
     ChildDied,
@@ -34,6 +35,7 @@ from vllm_gateway.runtime.launcher import (
     child_environment,
     free_port,
     has_nvidia_gpu,
+    last_line,
     served_names,
     tail_lines,
 )
@@ -65,6 +67,7 @@ def _require_vllm() -> None:
 def vllm_model_dir() -> Path:
     """The prepared default model folder (converted on first use, about 30 s)."""
     _require_vllm()
+    note("preparing the default model (converted on the first run only, about 30 s)")
     return model_prep.prepare_default_model(model_prep.default_cache_dir(os.environ))
 
 
@@ -103,6 +106,7 @@ def _start_server(
     child = VllmChild.start(
         command, {**child_environment(os.environ, gpu=gpu), **(env or {})}, log_path, names[0], port
     )
+    note(lambda: f"vLLM warming up (its log: {last_line(log_path)})")
     try:
         try:
             child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)

@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 
+from tests._progress import note
 from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.backends.embedded.engine import EmbeddedBackend, gateway_env_names
 
@@ -57,6 +58,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[EmbeddedBacke
     engine = EmbeddedBackend(
         str(model), served_model_names=[SERVED], engine_kwargs={"max_model_len": 2048}
     )
+    note("the embedded engine starting (vLLM in this process: minutes on 2 cores)")
     try:
         await engine.start()
         yield engine

@@ -17,6 +17,7 @@ import openai
 import orjson
 import pytest
 
+from tests._progress import note
 from tests.conftest import RunningGateway, run_gateway, spawn_gateway, sse_events, wait_for
 from tests.vllm.conftest import ARTIFACTS, STARTUP_DEADLINE_S, VllmServer
 from tests.vllm.helpers import num_requests_running
@@ -26,6 +27,7 @@ from vllm_gateway.runtime.launcher import (
     child_environment,
     free_port,
     has_nvidia_gpu,
+    last_line,
     served_names,
 )
 from vllm_gateway.settings import Settings
@@ -214,6 +216,7 @@ def victim_vllm(vllm_model_dir: Path) -> Iterator[VllmServer]:
         served_names(str(vllm_model_dir))[0],
         port,
     )
+    note(lambda: f"a second vLLM warming up (its log: {last_line(log_path)})")
     try:
         child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)
         yield VllmServer(child.url, child.model, child)

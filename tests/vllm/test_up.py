@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests._progress import note
 from tests.vllm.conftest import ARTIFACTS, ROOT, STARTUP_DEADLINE_S
 from vllm_gateway.runtime.launcher import free_port, has_nvidia_gpu
 from vllm_gateway.settings import env_names
@@ -44,14 +45,19 @@ class Up:
         return "\n".join(self.lines)
 
     def wait_for_line(self, pattern: str, deadline_s: float) -> re.Match[str]:
+        note(lambda: f"vllm-gateway up says: {self.lines[-1] if self.lines else '(nothing yet)'}")
         end = time.monotonic() + deadline_s
+        exited_at: float | None = None
         while time.monotonic() < end:
             for line in list(self.lines):
                 found = re.search(pattern, line)
                 if found:
                     return found
             if self.process.poll() is not None:
-                break
+                # Its last lines may still be on their way through the pipe.
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > 2:
+                    break
             time.sleep(0.5)
         raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output()}")
 
@@ -169,6 +175,21 @@ def test_up_serves_real_model_and_stops_cleanly_on_sigterm(up: Up) -> None:
     up.process.send_signal(signal.SIGTERM)
     assert up.process.wait(90) == 0, up.output()
     assert _wait_gone(vllm_pid, 5), f"vLLM (pid {vllm_pid}) outlived the launcher"
+    # A requested stop is quiet and confirmed: no traceback on the terminal, the launcher's last
+    # line says how vLLM ended, and vLLM's log says when the stop began; what vLLM's own shutdown
+    # logs after that and reads like trouble (an EngineDeadError traceback when it force-kills
+    # its slow engine) is explained there.
+    last = up.wait_for_line(r"^\[up\] vLLM stopped \(exit code (\S+), [\d.]+ s\)", 10)
+    assert last.group(1) == "0", up.output()
+    assert re.match(r"\[up\] vLLM stopped ", up.lines[-1]), up.output()
+    assert "Traceback" not in up.output()
+    log = up.vllm_log.read_text(errors="replace")
+    before, marker, after = log.partition("[vllm-gateway up] stopping vLLM on request")
+    assert marker, log[-3000:]
+    assert "Traceback" not in before, before[-3000:]
+    if "EngineDeadError" in after:
+        assert '[vllm-gateway up] note: "EngineDeadError"' in after, after[-3000:]
+    assert after.rstrip().splitlines()[-1].startswith("[vllm-gateway up] vLLM stopped (exit code 0")
 
 
 def test_up_exits_nonzero_when_vllm_dies(up: Up) -> None:

@@ -4,8 +4,14 @@ Lifecycle: pick the model (``--model`` / ``VLLM_MODEL``, else the prepared SmolL
 ``python -m vllm.entrypoints.openai.api_server`` on a loopback port with its output in a log file,
 wait for its ``/health`` while showing progress, then run the gateway in this process
 (``server.serve``) with its backend pointing at the child. When the gateway returns (SIGINT/SIGTERM,
-which it handles by draining), the child is stopped: SIGTERM to its process group, SIGKILL after a
-deadline.
+which it handles by draining), the child is stopped: SIGTERM to vLLM's server process alone, which
+shuts its engine processes down in order (a SIGTERM to the whole group kills the engine under the
+server, which then logs an ``EngineDeadError`` traceback), to the group if that does not end it
+(and at once during warm-up), SIGKILL to the group after a deadline; the launcher's last line says
+how vLLM ended and how long the stop took.
+
+While vLLM warms up, a progress line shows the elapsed time and its log's last line; log lines
+that look alarming but are expected during warm-up (``EXPECTED_DURING_WARMUP``) are explained once.
 
 Invariants:
 - No orphan vLLM. The child runs in its own process group (so a Ctrl-C in the terminal reaches only
@@ -36,7 +42,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -72,6 +78,49 @@ CPU_KVCACHE_GIB = "2"
 VLLM_KEEP_ALIVE_S = "300"
 IDLE_SHARE_OF_KEEP_ALIVE = 0.8
 PR_SET_PDEATHSIG = 1
+# Off a terminal (a log, a CI transcript), one progress line this often.
+PROGRESS_EVERY_S = 10.0
+# How long a serving vLLM's server process gets to stop its engine itself, before its group gets
+# SIGTERM too; and after the server has exited, how long its engine processes get to follow it.
+SERVER_ALONE_S = 10.0
+STRAGGLER_GRACE_S = 5.0
+# A vLLM still starting holds no requests, and its server may not act on SIGTERM until its engine
+# is up: past this, its group gets SIGKILL (or past the stop timeout, if that is shorter).
+STARTING_STOP_S = 10.0
+
+# What vLLM prints while it stops on request that reads like trouble but is not.
+EXPECTED_AT_EXIT = (
+    (
+        "EngineDeadError",
+        "vLLM 0.32's server stops its own engine on SIGTERM and force-kills it if it is slow to "
+        "exit; its output handler, not told, then logs this traceback. After a requested stop it "
+        "is harmless: nothing was in flight (the gateway had drained)",
+    ),
+    (
+        "nanobind: leaked",
+        "Triton's bindings list the objects still alive when vLLM's interpreter exits; printed "
+        "at every stop and harmless (Triton hides the same report in its own worker processes)",
+    ),
+    (
+        "resource_tracker: There appear to be",
+        "Python's multiprocessing cleans up the shared memory vLLM's processes leave at exit; "
+        "harmless",
+    ),
+)
+
+# vLLM's warm-up lines that read like trouble but are not: (text in the line, what it means).
+EXPECTED_DURING_WARMUP = (
+    (
+        "No available shared memory broadcast block found",
+        "vLLM's server waits for its engine process, which is busy compiling the model "
+        "(torch.compile); expected during warm-up, it stops once the engine is ready",
+    ),
+    (
+        "Compiling model again due to a load failure",
+        "the CPU build cannot load its cached compiled model, so every start compiles again "
+        "(2 to 4 minutes on 2 cores)",
+    ),
+)
 
 
 def log(message: str) -> None:
@@ -179,6 +228,7 @@ class VllmChild:
     url: str
     log_path: Path
     model: str
+    serving: bool = False  # its /health has answered: it stops in order on SIGTERM
 
     @classmethod
     def start(
@@ -215,23 +265,29 @@ class VllmChild:
         started = time.monotonic()
         tty = progress.isatty()
         last_report = -1e9
+        explainer = LogExplainer(self.log_path)
+
+        def end_line() -> None:
+            if tty:
+                progress.write("\n")
+
         while True:
             elapsed = time.monotonic() - started
             code = self.process.poll()
             if code is not None:
-                if tty:
-                    progress.write("\n")
+                end_line()
                 raise ChildDied(code)
             if self.healthy():
-                if tty:
-                    progress.write("\n")
+                end_line()
+                self.serving = True
                 return elapsed
             if elapsed > deadline_s:
-                if tty:
-                    progress.write("\n")
+                end_line()
                 raise TimeoutError(f"vLLM did not become healthy within {deadline_s:.0f} s")
-            # One rewritten line on a terminal; a line every 15 s in a log or a CI transcript.
-            if tty or elapsed - last_report >= 15:
+            for note in explainer.new_notes():
+                progress.write(("\r\x1b[K" if tty else "") + f"[up] note: {note}\n")
+            # One rewritten line on a terminal; a line every 10 s in a log or a CI transcript.
+            if tty or elapsed - last_report >= PROGRESS_EVERY_S:
                 last_report = elapsed
                 width = shutil.get_terminal_size((120, 20)).columns
                 text = f"[up] vLLM warming up {elapsed:5.0f}s | {last_line(self.log_path)}"
@@ -239,22 +295,107 @@ class VllmChild:
                     progress.write("\r\x1b[K" + text[: width - 1])
                 else:
                     progress.write(text[:200] + "\n")
-                progress.flush()
+            progress.flush()
             time.sleep(1.0)
 
     def stop(self, timeout: float) -> int | None:
-        """SIGTERM the group, SIGKILL it after ``timeout``; return the leader's exit code."""
+        """Stop vLLM; return the server process's exit code.
+
+        A serving vLLM gets SIGTERM at its server process alone, which shuts its engine processes
+        down in order; a SIGTERM to the whole group would kill the engine under the server, which
+        then logs an ``EngineDeadError`` traceback. The group gets SIGTERM when the server has not
+        exited after ``SERVER_ALONE_S``, or at once while vLLM is still starting (its server does
+        not act on SIGTERM while it waits for its engine), and SIGKILL past ``timeout`` (past
+        ``STARTING_STOP_S`` while starting: there is nothing to finish). Engine
+        processes still there ``STRAGGLER_GRACE_S`` after the server has exited get SIGTERM, then
+        SIGKILL.
+        """
         if self.process.poll() is None:
+            began = time.monotonic()
+            if not self.serving:
+                timeout = min(timeout, STARTING_STOP_S)
+            if self.serving:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(min(SERVER_ALONE_S, timeout))
+            if self.process.poll() is None:
+                _signal_group(self.pid, signal.SIGTERM)
+                try:
+                    self.process.wait(max(0.0, timeout - (time.monotonic() - began)))
+                except subprocess.TimeoutExpired:
+                    log(f"vLLM (pid {self.pid}) did not stop within {timeout:g} s: killing it")
+                    _signal_group(self.pid, signal.SIGKILL)
+                    self.process.wait()
+        if not _wait_group_gone(self.pid, STRAGGLER_GRACE_S):
             _signal_group(self.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log(f"vLLM (pid {self.pid}) did not stop within {timeout:g} s: killing it")
+            if not _wait_group_gone(self.pid, STRAGGLER_GRACE_S):
                 _signal_group(self.pid, signal.SIGKILL)
-                self.process.wait()
-        # Stragglers of the group (engine workers) whose leader is gone.
-        _signal_group(self.pid, signal.SIGKILL)
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def ticking(what: str, progress: IO[str]) -> Iterator[None]:
+    """A progress line for a blocking step: rewritten each second on a terminal, else every 10 s."""
+    done = threading.Event()
+    tty = progress.isatty()
+    started = time.monotonic()
+
+    def tick() -> None:
+        interval = 1.0 if tty else PROGRESS_EVERY_S
+        while not done.wait(interval):
+            text = f"[up] {what} {time.monotonic() - started:5.0f}s"
+            progress.write(f"\r\x1b[K{text}" if tty else f"{text}\n")
+            progress.flush()
+
+    thread = threading.Thread(target=tick, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if tty:
+            progress.write("\r\x1b[K")
+    progress.write(f"[up] {what}: done in {time.monotonic() - started:.0f} s\n")
+    progress.flush()
+
+
+class LogExplainer:
+    """Reads a growing log and returns, once each, the meaning of expected-but-alarming lines."""
+
+    def __init__(
+        self,
+        log_path: Path,
+        table: Sequence[tuple[str, str]] = EXPECTED_DURING_WARMUP,
+        offset: int = 0,
+    ) -> None:
+        self.log_path = log_path
+        self.table = table
+        self.offset = offset
+        self.seen: set[str] = set()
+        self.partial = b""
+
+    def new_notes(self, final: bool = False) -> list[str]:
+        """Notes for the lines written since the last call (``final``: the last line too, even
+        without its newline)."""
+        try:
+            with self.log_path.open("rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read(1 << 20)
+        except OSError:
+            return []
+        self.offset += len(chunk)
+        text = (self.partial + chunk).decode("utf-8", "replace")
+        lines = text.split("\n")
+        self.partial = b"" if final else lines.pop().encode()  # an unfinished line waits
+        notes = []
+        for line in lines:
+            for needle, meaning in self.table:
+                if needle in line and needle not in self.seen:
+                    self.seen.add(needle)
+                    notes.append(f'"{needle}": {meaning}')
+        return notes
 
 
 def describe_exit(code: int) -> str:
@@ -274,6 +415,41 @@ class ChildDied(RuntimeError):
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: an engine process
+    orphaned by its server waits for PID 1 to reap it, which may take a while."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _wait_group_gone(pgid: int, deadline_s: float) -> bool:
+    """Whether every process of the group has exited within ``deadline_s`` (polled)."""
+    end = time.monotonic() + deadline_s
+    while _group_alive(pgid):
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -414,9 +590,12 @@ def main(argv: list[str] | None = None) -> int:
             model = settings.model
         else:
             cache = model_prep.default_cache_dir(env)
-            if not model_prep.is_prepared(model_prep.default_model_dir(cache)):
+            if model_prep.is_prepared(model_prep.default_model_dir(cache)):
+                model = str(model_prep.default_model_dir(cache))
+            else:
                 log("preparing the default model (first run only, about 30 s)")
-            model = str(model_prep.prepare_default_model(cache))
+                with ticking("converting the packaged GGUF file to a bf16 folder", sys.stderr):
+                    model = str(model_prep.prepare_default_model(cache))
     except model_prep.ModelPrepError as exc:
         log(f"error: {exc}")
         return 2
@@ -489,9 +668,38 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         stopping.set()
-        if child.process.poll() is None:
-            log(f"stopping vLLM (pid {child.pid})")
-        child.stop(args.vllm_stop_timeout)
+        _stop_child(child, args.vllm_stop_timeout)
+
+
+def _stop_child(child: VllmChild, timeout: float) -> None:
+    """Stop vLLM and say how it ended: the launcher's last line."""
+    if child.process.poll() is not None:  # it died: said where that was noticed
+        child.stop(timeout)  # its engine processes, if any are left
+        return
+    log(f"stopping vLLM (pid {child.pid}; SIGKILL after {timeout:g} s)")
+    target = "its server" if child.serving else "its process group (still starting)"
+    mark = _annotate(child.log_path, f"stopping vLLM on request: SIGTERM to {target}")
+    began = time.monotonic()
+    code = child.stop(timeout)
+    took = time.monotonic() - began
+    shown = describe_exit(code) if code is not None else "unknown"
+    # What vLLM printed while it stopped, explained where it is read: in its own log.
+    notes = LogExplainer(child.log_path, EXPECTED_AT_EXIT, offset=mark).new_notes(final=True)
+    for note in notes:
+        _annotate(child.log_path, f"note: {note}")
+    _annotate(child.log_path, f"vLLM stopped (exit code {shown}, {took:.1f} s)")
+    log(f"vLLM stopped (exit code {shown}, {took:.1f} s); its log: {child.log_path}")
+
+
+def _annotate(log_path: Path, text: str) -> int:
+    """Append a line of the launcher's own to vLLM's log; return the log's size before it."""
+    try:
+        with log_path.open("ab") as handle:
+            size = handle.tell()
+            handle.write(f"[vllm-gateway up] {text}\n".encode())
+            return size
+    except OSError:
+        return 0
 
 
 if __name__ == "__main__":
