@@ -85,6 +85,12 @@ class Settings:
     pool_retry_budget_ratio: float = 0.2
     pool_max_retries: int = 2
     pool_failover_max: int = 2
+    pool_cache_balance_abs: int = 8
+    pool_cache_balance_rel: float = 1.5
+    pool_cache_min_share: float = 0.2
+    pool_cache_tokens: int = 65536
+    pool_cache_index_blocks: int = 65536
+    pool_cache_links_kept: int = 100_000
     max_body_bytes: int = 4 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     # What a client or backend may make the gateway wait for or hold (docs/reliability.md).
@@ -485,8 +491,8 @@ FIELDS: tuple[FieldSpec, ...] = (
         "pool_routing",
         "VLLM_POOL_ROUTING",
         "--pool-routing",
-        _choice("least_outstanding", "session", "prefix"),
-        "how a pool picks a backend",
+        _choice("least_outstanding", "round_robin", "session", "prefix", "cache_aware"),
+        "how a pool picks a backend (docs/pool.md)",
     ),
     FieldSpec(
         "pool_affinity_prefix_chars",
@@ -600,6 +606,49 @@ FIELDS: tuple[FieldSpec, ...] = (
         _int_range(0, 10),
         "continuations of one stream on another member after its member failed mid-stream "
         "(0: the stream ends with an error event)",
+    ),
+    FieldSpec(
+        "pool_cache_balance_abs",
+        "VLLM_POOL_CACHE_BALANCE_ABS",
+        "--pool-cache-balance-abs",
+        _int_range(0, 1_000_000),
+        "cache_aware: a cached member this many requests busier than the least busy yields",
+    ),
+    FieldSpec(
+        "pool_cache_balance_rel",
+        "VLLM_POOL_CACHE_BALANCE_REL",
+        "--pool-cache-balance-rel",
+        _positive_float,
+        "cache_aware: ... and busier than this many times (least busy + 1)",
+    ),
+    FieldSpec(
+        "pool_cache_min_share",
+        "VLLM_POOL_CACHE_MIN_SHARE",
+        "--pool-cache-min-share",
+        _ratio,
+        "cache_aware: a cached prefix under this share of the prompt goes to the least busy",
+    ),
+    FieldSpec(
+        "pool_cache_tokens",
+        "VLLM_POOL_CACHE_TOKENS",
+        "--pool-cache-tokens",
+        _int_range(1, 1 << 31),
+        "cache_aware: a member's cache size in tokens until its metrics say",
+    ),
+    FieldSpec(
+        "pool_cache_index_blocks",
+        "VLLM_POOL_CACHE_INDEX_BLOCKS",
+        "--pool-cache-index-blocks",
+        _int_range(1, 1 << 26),
+        "cache_aware: blocks indexed per member from its KV-cache events (at least twice its "
+        "block count)",
+    ),
+    FieldSpec(
+        "pool_cache_links_kept",
+        "VLLM_POOL_CACHE_LINKS_KEPT",
+        "--pool-cache-links-kept",
+        _int_range(1, 1 << 26),
+        "cache_aware: prompt-text pieces linked to token blocks (LRU)",
     ),
     FieldSpec(
         "max_body_bytes",

@@ -112,6 +112,7 @@ class BackendStats(TypedDict, total=False):
     requests: int
     retries: int
     models: list[str] | None
+    cache: dict[str, Any]  # a pool routing cache_aware: what the gateway knows of its cache
 
 
 class ConnectionCounts(TypedDict):
@@ -162,3 +163,8 @@ class Backend(abc.ABC):
         ``done`` failovers; else why not (``limit``, ``budget``, ``no_member``). A yes takes a
         token of the retry budget."""
         return "no_member"
+
+    def note_prompt_ids(self, request_id: str, prompt_ids: list[int]) -> None:
+        """A streamed response showed the prompt's token ids (a pool routing by cache learns
+        from them); nothing to do for a single backend."""
+        return None

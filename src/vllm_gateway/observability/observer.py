@@ -260,6 +260,67 @@ class GatewayMetrics:
                 ("backend",),
             )
         )
+        # cache_aware routing (docs/pool.md): the prediction beside what each vLLM reports.
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_cache_predicted_tokens_total",
+                "cache_aware routing: prompt tokens the gateway expected each backend to serve "
+                "from its prefix cache, for the requests it sent there.",
+                lambda: self._cache_counts("predicted_tokens"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_cache_prompt_tokens_total",
+                "cache_aware routing: prompt tokens (estimated from the text) sent to each backend.",
+                lambda: self._cache_counts("prompt_tokens"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_prefix_cache_hits_tokens_total",
+                "cache_aware routing: the backend's own vllm:prefix_cache_hits_total, as last read.",
+                lambda: self._cache_values("engine_prefix_hits"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_prefix_cache_queries_tokens_total",
+                "cache_aware routing: the backend's own vllm:prefix_cache_queries_total, as last "
+                "read.",
+                lambda: self._cache_values("engine_prefix_queries"),
+                ("backend",),
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_backend_cache_index_blocks",
+                "cache_aware routing: blocks the gateway knows each backend holds, from its "
+                "KV-cache events.",
+                lambda: self._cache_values("index_blocks"),
+                ("backend",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_kv_events_total",
+                "cache_aware routing: what the backend's KV-cache events did (events, orphans, "
+                "dropped, gap, restart, bad, resets).",
+                self._cache_event_counts,
+                ("backend", "kind"),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_pool_cache_decisions_total",
+                "cache_aware routing: choices by reason (hit, yield, miss).",
+                self._cache_decisions,
+                ("decision",),
+            )
+        )
 
     # --- per-backend state, from ``backend.stats()`` or the single-backend fallback ------------
 
@@ -298,6 +359,34 @@ class GatewayMetrics:
         counts = self.gateway.backend.connection_counts()
         if counts is not None:
             yield (backend_name(self.gateway),), float(counts[key])
+
+    def _cache_values(self, key: str) -> Iterable[tuple[tuple[str, ...], float]]:
+        for entry in self.backend_stats():
+            value = (entry.get("cache") or {}).get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield (str(entry.get("name", "backend")),), float(value)
+
+    def _cache_counts(self, key: str) -> Iterable[tuple[tuple[str, ...], float]]:
+        for entry in self.backend_stats():
+            cache = entry.get("cache")
+            if cache:
+                yield (str(entry.get("name", "backend")),), float(cache["counts"].get(key, 0))
+
+    def _cache_event_counts(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        kinds = ("events", "orphans", "dropped", "gap", "restart", "bad", "resets")
+        for entry in self.backend_stats():
+            cache = entry.get("cache")
+            if cache:
+                for kind in kinds:
+                    count = cache["counts"].get(kind, 0)
+                    yield (str(entry.get("name", "backend")), kind), float(count)
+
+    def _cache_decisions(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        pool_stats = getattr(self.gateway.backend, "pool_stats", None)
+        decisions = pool_stats().get("cache_decisions") if pool_stats is not None else None
+        for decision in ("hit", "yield", "miss"):
+            if decisions is not None:
+                yield (decision,), float(decisions.get(decision, 0))
 
     def _backend_errors(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for entry in self.backend_stats():

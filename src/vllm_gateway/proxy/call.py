@@ -576,7 +576,13 @@ class ProxyCall:
         out = []
         for event in events:
             if first:
-                out.append(resumable.observe(event) if event.startswith(b"data: {") else event)
+                if not event.startswith(b"data: {"):
+                    out.append(event)
+                    continue
+                known = resumable.prompt_ids is not None
+                out.append(resumable.observe(event))
+                if not known and resumable.prompt_ids is not None:
+                    self._gw.backend.note_prompt_ids(self.request_id, resumable.prompt_ids)
                 continue
             if event.startswith(b"data: [DONE]"):
                 out.append(resumable.closing().rstrip(b"\n"))  # split_events form

@@ -45,6 +45,7 @@ from vllm_gateway.backends.base import (
     UpstreamResponse,
 )
 from vllm_gateway.backends.http.backend import HTTPBackend
+from vllm_gateway.backends.pool.cache_aware import CacheAware
 from vllm_gateway.backends.pool.config import (
     BackendSpec,
     PoolConfig,
@@ -110,6 +111,10 @@ class PoolBackend(Backend):
         # Stored response id -> the member that holds it (most recent last), bounded.
         self._holders: OrderedDict[str, str] = OrderedDict()
         self.health = PoolHealth(self.members, self.config, self._eject)
+        self.cache_aware = (
+            CacheAware(self.members, self.config) if self.config.routing == "cache_aware" else None
+        )
+        self._next = 0  # round_robin's next member
 
     @classmethod
     def from_file(cls, path: str, settings: Any = None, **kwargs: Any) -> PoolBackend:
@@ -122,8 +127,12 @@ class PoolBackend(Backend):
         for m in self.members:
             await m.backend.start()
         await self.health.start()
+        if self.cache_aware is not None:
+            await self.cache_aware.start()
 
     async def aclose(self) -> None:
+        if self.cache_aware is not None:
+            await self.cache_aware.aclose()
         await self.health.aclose()
         for m in self.members:
             await m.backend.aclose()
@@ -294,15 +303,26 @@ class PoolBackend(Backend):
 
     def stats(self) -> list[BackendStats]:
         """Per member: name, url, in_flight, healthy, errors, ejections, requests (and more)."""
-        return [m.stats() for m in self.members]
+        stats = [m.stats() for m in self.members]
+        if self.cache_aware is not None:
+            for entry, m in zip(stats, self.members, strict=True):
+                entry["cache"] = self.cache_aware.member_stats(m)
+        return stats
 
     def pool_stats(self) -> dict[str, Any]:
-        return {
+        stats = {
             "retries": self.retries,
             "retry_budget_exhausted": self.budget.exhausted,
             "affinity_yields": self.affinity_yields,
             "routing": self.config.routing,
         }
+        if self.cache_aware is not None:
+            stats["cache_decisions"] = dict(self.cache_aware.decisions)
+        return stats
+
+    def note_prompt_ids(self, request_id: str, prompt_ids: list[int]) -> None:
+        if self.cache_aware is not None:
+            self.cache_aware.learned(request_id, prompt_ids)
 
     # --- choosing and opening --------------------------------------------------------------
 
@@ -313,6 +333,8 @@ class PoolBackend(Backend):
         key = affinity_key(
             self.config.routing, request.headers, request.json, self.config.affinity_prefix_chars
         )
+        cached = self.cache_aware
+        chain = cached.chain(request) if cached is not None else None
         while True:
             eligible = [m for m in self.members if m.serves(request.model)]
             if not eligible:
@@ -322,8 +344,13 @@ class PoolBackend(Backend):
                 raise NoHealthyBackend(retry_after=max(1.0, self.config.health_interval))
             room = [m for m in up if m.has_room()]
             if room:
-                member, yielded = choose(room, key, self.config)
-                self.affinity_yields += yielded
+                if cached is not None:
+                    member = cached.choose(room, chain, request.request_id)
+                elif self.config.routing == "round_robin":
+                    member = self._round_robin(room)
+                else:
+                    member, yielded = choose(room, key, self.config)
+                    self.affinity_yields += yielded
                 member.begin()
                 return member
             remaining = deadline - loop.time()
@@ -342,6 +369,16 @@ class PoolBackend(Backend):
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    def _round_robin(self, room: list[Member]) -> Member:
+        """The next member in the pool's order that has room."""
+        count = len(self.members)
+        for step in range(count):
+            member = self.members[(self._next + step) % count]
+            if member in room:
+                self._next = (self._next + step + 1) % count
+                return member
+        return room[0]
 
     def _release(self, member: Member) -> None:
         member.end()
@@ -421,6 +458,8 @@ class PoolBackend(Backend):
         if not member.up:
             return
         member.eject(reason, self.config)
+        if self.cache_aware is not None:
+            self.cache_aware.forget(member)
         for stream in list(member.streams):
             stream.abandon()
         left = sum(m.up for m in self.members)

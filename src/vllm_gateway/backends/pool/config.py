@@ -9,6 +9,7 @@ member a weight, the models it serves and its own limit on outstanding requests:
         weight: 2            # relative capacity (default 1)
         models: [llama-70b]  # declared: never asked; absent: learned from /v1/models
         max_outstanding: 64  # optional per-member admission limit
+        kv_events: auto      # cache_aware routing: auto (default), off, or tcp://host:port
       - url: http://10.0.0.2:8000
 
 A bare list of such entries (or of URL strings) is accepted too. Every value is checked here and a
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,7 +34,7 @@ from vllm_gateway.settings import Settings
 
 __all__ = ["ROUTINGS", "BackendSpec", "PoolConfig", "load_backends_file", "specs_from_urls"]
 
-ROUTINGS = ("least_outstanding", "session", "prefix")
+ROUTINGS = ("least_outstanding", "round_robin", "session", "prefix", "cache_aware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class BackendSpec:
     models: tuple[str, ...] | None = None  # None: learn them from the member's /v1/models
     name: str | None = None
     max_outstanding: int | None = None  # None: the pool's default (which may be None: no limit)
+    kv_events: str = "auto"  # cache_aware: "auto" (ask /kv_event_sources), "off", or tcp://...
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,13 @@ class PoolConfig:
     retry_budget_window: float = 10.0
     max_retries: int = 2  # per request
     failover_max: int = 2  # per stream: continuations on another member after a mid-stream failure
+    # cache_aware routing (cache_index.py)
+    cache_balance_abs: int = 8  # a cached member this much busier than the least busy yields...
+    cache_balance_rel: float = 1.5  # ... when also busier than rel * (least + 1)
+    cache_min_share: float = 0.2  # a hit under this share of the prompt is no reason to choose
+    cache_tokens: int = 65536  # a member's cache size until its metrics say
+    cache_index_blocks: int = 65536  # per member, from its events
+    cache_links_kept: int = 100_000
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -148,7 +158,7 @@ def _parse_entry(entry: Any, where: str) -> BackendSpec:
         entry = {"url": entry}
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where}: expected a URL or a mapping with 'url'")
-    unknown = set(entry) - {"url", "weight", "models", "name", "max_outstanding"}
+    unknown = set(entry) - {"url", "weight", "models", "name", "max_outstanding", "kv_events"}
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     url = entry.get("url")
@@ -181,6 +191,18 @@ def _parse_entry(entry: Any, where: str) -> BackendSpec:
     name = entry.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"{where}: 'name' must be a non-empty string")
+    kv_events = entry.get("kv_events", "auto")
+    if kv_events is False:
+        kv_events = "off"
+    if not isinstance(kv_events, str) or not (
+        kv_events in ("auto", "off") or re.fullmatch(r"tcp://[^\s/]+:\d+", kv_events)
+    ):
+        raise ValueError(f"{where}: 'kv_events' must be auto, off or tcp://HOST:PORT")
     return BackendSpec(
-        url=url.rstrip("/"), weight=float(weight), models=models, name=name, max_outstanding=limit
+        url=url.rstrip("/"),
+        weight=float(weight),
+        models=models,
+        name=name,
+        max_outstanding=limit,
+        kv_events=kv_events,
     )

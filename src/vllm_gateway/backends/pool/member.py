@@ -12,7 +12,8 @@ passes once ``readmit_at`` has come; counters only grow.
 Routing (``choose``): among eligible members that are up and below their limit, least outstanding
 requests, normalised by weight, ties broken by weight then round-robin. Session and prefix affinity
 map a key onto the same members by weighted rendezvous hashing (consistent: when a member leaves,
-only its keys move) and yield to least-outstanding when the chosen member is a hot spot.
+only its keys move) and yield to least-outstanding when the chosen member is a hot spot. Round
+robin and cache-aware routing are the pool's (``backend.py``, ``cache_aware.py``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm_gateway.backends.base import Backend, BackendStats
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig
+from vllm_gateway.backends.pool.engine_metrics import EngineGauges
+
+if TYPE_CHECKING:
+    from vllm_gateway.backends.pool.cache_index import MemberCache
 
 __all__ = ["Member", "RetryBudget", "affinity_key", "choose"]
 
@@ -33,14 +38,17 @@ __all__ = ["Member", "RetryBudget", "affinity_key", "choose"]
 class Member:
     __slots__ = (
         "backend",
+        "cache",
         "consecutive_failures",
         "declared_models",
         "down_reason",
         "ejection_streak",
         "ejections",
+        "engine",
         "errors",
         "health_failures",
         "in_flight",
+        "kv_events",
         "last_progress",
         "limit",
         "models",
@@ -86,6 +94,10 @@ class Member:
         self.pending: set[Any] = set()
         # Responses streaming from it now: an ejection drops them (they may go on elsewhere).
         self.streams: set[Any] = set()
+        # cache_aware routing: what it holds (cache_index.py) and what its engine says.
+        self.cache: MemberCache | None = None
+        self.engine = EngineGauges()
+        self.kv_events = spec.kv_events
 
     # --- accounting ------------------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+"""What a member's vLLM says about itself in ``/metrics``, for cache-aware routing.
+
+Read every ``health_interval`` while the pool routes ``cache_aware``: requests waiting in the
+engine (part of a member's load), KV-cache usage, the prefix cache's hits and queries (in tokens;
+the actual hit rate beside the gateway's prediction), the block size and block count
+(``vllm:cache_config_info``), and the process start time (a new one means a restarted engine, whose
+cache is empty). Samples of one name are summed over engines and models. Only the lines of these
+names are parsed, so a scrape of a large exposition costs little.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["EngineGauges", "parse_engine_metrics"]
+
+_SUMMED = {
+    b"vllm:num_requests_waiting": "waiting",
+    b"vllm:kv_cache_usage_perc": "kv_usage",
+    b"vllm:prefix_cache_hits_total": "prefix_hits",
+    b"vllm:prefix_cache_queries_total": "prefix_queries",
+}
+
+
+@dataclass(slots=True)
+class EngineGauges:
+    """A member's engine as its last scrape showed it (None: not read, or not exposed)."""
+
+    waiting: float = 0.0
+    kv_usage: float | None = None
+    prefix_hits: float | None = None  # tokens, since the engine started
+    prefix_queries: float | None = None
+    block_size: int | None = None
+    num_blocks: int | None = None
+    started: float | None = None  # process_start_time_seconds
+
+
+def parse_engine_metrics(text: bytes) -> EngineGauges:
+    found: dict[str, float] = {}
+    gauges = EngineGauges()
+    for line in text.split(b"\n"):
+        if not line.startswith((b"vllm:", b"process_start_time_seconds")):
+            continue
+        head, _, value = line.rpartition(b" ")
+        name, _, labels = head.partition(b"{")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        field = _SUMMED.get(name.strip())
+        if field is not None:
+            found[field] = found.get(field, 0.0) + number
+        elif name == b"vllm:cache_config_info":
+            gauges.block_size = _label_int(labels, b"block_size") or gauges.block_size
+            gauges.num_blocks = _label_int(labels, b"num_gpu_blocks") or gauges.num_blocks
+        elif name.strip() == b"process_start_time_seconds":
+            gauges.started = number
+    gauges.waiting = found.get("waiting", 0.0)
+    gauges.kv_usage = found.get("kv_usage")
+    gauges.prefix_hits = found.get("prefix_hits")
+    gauges.prefix_queries = found.get("prefix_queries")
+    return gauges
+
+
+def _label_int(labels: bytes, name: bytes) -> int | None:
+    found = re.search(rb"(?:^|[{,])\s*" + re.escape(name) + rb'="(\d+)"', labels)
+    return int(found.group(1)) if found else None
