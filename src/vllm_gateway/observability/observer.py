@@ -308,7 +308,7 @@ class GatewayMetrics:
             _CounterView(
                 "vllm_gateway_backend_kv_events_total",
                 "cache_aware routing: what the backend's KV-cache events did (events, orphans, "
-                "dropped, gap, restart, bad, resets).",
+                "dropped, gap, restart, bad, disconnects, resets).",
                 self._cache_event_counts,
                 ("backend", "kind"),
             )
@@ -373,7 +373,7 @@ class GatewayMetrics:
                 yield (str(entry.get("name", "backend")),), float(cache["counts"].get(key, 0))
 
     def _cache_event_counts(self) -> Iterable[tuple[tuple[str, ...], float]]:
-        kinds = ("events", "orphans", "dropped", "gap", "restart", "bad", "resets")
+        kinds = ("events", "orphans", "dropped", "gap", "restart", "bad", "disconnects", "resets")
         for entry in self.backend_stats():
             cache = entry.get("cache")
             if cache:

@@ -12,8 +12,9 @@ replaced by the member's host) unless the backends file gives one. Needs the ``k
 (pyzmq, msgpack); without it the pool routes on what it sent each member.
 
 Bounds, whatever a member sends: a message over ``MAX_MESSAGE_BYTES`` closes the connection (ZMQ's
-``MAXMSGSIZE``), at most ``QUEUED_MESSAGES`` wait unread (``RCVHWM``; the rest are dropped, counted
-as a gap), and a message that does not decode as above is counted ``bad`` and skipped.
+``MAXMSGSIZE``; the index is emptied and the pool subscribes again at its next refresh), at most
+``QUEUED_MESSAGES`` wait unread (``RCVHWM``; the rest are dropped, counted as a gap), and a message
+that does not decode as above is counted ``bad`` and skipped.
 """
 
 from __future__ import annotations
@@ -113,12 +114,18 @@ def _hashable(value: Any) -> Any:
 
 
 async def subscribe(endpoint: str, topic: str, cache: MemberCache, name: str) -> None:
-    """Read ``endpoint``'s events into ``cache`` until cancelled."""
+    """Read ``endpoint``'s events into ``cache`` until cancelled or disconnected.
+
+    A disconnection (the member restarted, or broke a bound, after which ZMQ does not reconnect)
+    ends the reading and empties the index, since events were missed; the pool's next refresh
+    subscribes again."""
     import zmq
     import zmq.asyncio
+    from zmq.utils.monitor import parse_monitor_message
 
     ctx = zmq.asyncio.Context.instance()
     sock = ctx.socket(zmq.SUB)
+    monitor = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
@@ -126,15 +133,33 @@ async def subscribe(endpoint: str, topic: str, cache: MemberCache, name: str) ->
         sock.setsockopt(zmq.RECONNECT_IVL, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(endpoint)
         log.info("backend %s: reading its KV-cache events from %s", name, endpoint)
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         while True:
-            frames = await sock.recv_multipart()
-            outcome = apply_message(cache, frames)
-            if outcome != "ok":
-                cache.note(outcome)
-                if outcome == "restart":
-                    log.info("backend %s: its engine restarted (event sequence went back)", name)
+            ready = dict(await poller.poll())
+            if monitor in ready:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    log.info("backend %s: its KV-cache events disconnected", name)
+                    cache.note("disconnects")
+                    cache.clear()
+                    return
+            if sock in ready:
+                frames = await sock.recv_multipart()
+                outcome = apply_message(cache, frames)
+                if outcome != "ok":
+                    cache.note(outcome)
+                    if outcome == "restart":
+                        log.info(
+                            "backend %s: its engine restarted (event sequence went back)", name
+                        )
     finally:
         cache.events_live = False
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(0)
         sock.close(0)
