@@ -253,17 +253,39 @@ def choose_cached(
     hot spot: ``cache_balance_abs`` more requests than the least loaded and over
     ``cache_balance_rel`` * (least + 1)), or ``miss`` (no member holds ``cache_min_share`` of the
     prompt); the last two go to the least loaded member, ties to the emptiest cache."""
-    loads = [m.load() + m.engine.waiting for m in candidates]
-    low = min(loads)
-    least = [m for m, load in zip(candidates, loads, strict=True) if load <= low]
-    emptiest = min(least, key=lambda m: m.cache.size() if m.cache is not None else 0)
-    if len(candidates) == 1 or chain is None or not chain.keys:
-        return emptiest, "miss", 0
-    best, best_hit, best_load = candidates[0], -1, 0.0
-    for m, load in zip(candidates, loads, strict=True):
-        hit = m.cache.hit_tokens(chain, links, tokens_per_byte) if m.cache is not None else 0
+    # One pass: each member's load, the least loaded (ties: the emptiest cache), and its hit.
+    # A member that lacks the prompt's first piece is passed over without a search: in a large
+    # pool that is nearly all of them.
+    first = chain.keys[0] if chain is not None and chain.keys else None
+    link = links.get(first) if links is not None and first is not None else None
+    low = float("inf")
+    emptiest = best = candidates[0]
+    empty_size = 0
+    best_hit, best_load = 0, 0.0
+    for m in candidates:
+        load = m.in_flight / m.weight + m.engine.waiting
+        cache = m.cache
+        size = cache.size() if cache is not None else 0
+        if load < low or (load == low and size < empty_size):
+            low, emptiest, empty_size = load, m, size
+        if first is None or cache is None:
+            continue
+        if (
+            link is not None
+            and cache.events_live
+            and links is not None
+            and (links.block_size == cache.block_size)
+        ):
+            if link[0] not in cache.blocks and (link[0] in cache.gone or first not in cache.sent):
+                continue
+        elif first not in cache.sent:
+            continue
+        assert chain is not None
+        hit = cache.hit_tokens(chain, links, tokens_per_byte)
         if hit > best_hit or (hit == best_hit and load < best_load):
             best, best_hit, best_load = m, hit, load
+    if chain is None or len(candidates) == 1:
+        return emptiest, "miss", 0
     if best_hit <= 0 or best_hit < config.cache_min_share * chain.size * tokens_per_byte:
         return emptiest, "miss", 0
     if best_load - low > config.cache_balance_abs and best_load > config.cache_balance_rel * (

@@ -158,29 +158,30 @@ class MemberCache:
         keys = chain.keys
         use_blocks = self.events_live and links is not None and links.block_size == self.block_size
         link_of = links.get if use_blocks and links is not None else None
+        blocks, gone, sent = self.blocks, self.gone, self.sent
 
-        def present(i: int) -> bool:
+        def present(key: int) -> bool:
             if link_of is not None:
-                link = link_of(keys[i])
+                link = link_of(key)
                 if link is not None:
-                    if link[0] in self.blocks:
+                    if link[0] in blocks:
                         return True
-                    if link[0] in self.gone:
+                    if link[0] in gone:
                         return False
-            return keys[i] in self.sent
+            return key in sent
 
-        lo, hi = 0, len(keys)  # lo pieces are known present
+        if not keys or not present(keys[0]):
+            return 0  # most members of a large pool: nothing of this prompt
+        lo, hi = 1, len(keys)  # lo pieces are known present
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if present(mid - 1):
+            if present(keys[mid - 1]):
                 lo = mid
             else:
                 hi = mid - 1
-        if lo == 0:
-            return 0
         if link_of is not None:
             link = link_of(keys[lo - 1])
-            if link is not None and link[0] in self.blocks and self.block_size is not None:
+            if link is not None and link[0] in blocks and self.block_size is not None:
                 return link[1] * self.block_size
         return int(lo * CHUNK * tokens_per_byte)
 
