@@ -756,20 +756,35 @@ _BY_NAME = {spec.name: spec for spec in FIELDS}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; every flag defaults to None so that 'not given' is visible."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
     for spec in FIELDS:
         parser.add_argument(
             spec.flag,
             dest=spec.name,
             default=None,
             metavar=spec.env,
-            help=f"{spec.help} (env {spec.env})",
+            help=f"{spec.help} (env {spec.env}; default {_shown(defaults.get(spec.name))})",
         )
     parser.add_argument(
         "--api-keys-file",
         dest="api_keys_file",
         default=None,
-        help="file of client API keys, one per line (env VLLM_API_KEYS_FILE)",
+        metavar="VLLM_API_KEYS_FILE",
+        help="file of client API keys, one per line (env VLLM_API_KEYS_FILE; default none)",
     )
+
+
+def _shown(value: Any) -> str:
+    """A default as ``--help`` shows it."""
+    if value is None or value is dataclasses.MISSING or value in ((), frozenset(), ""):
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | frozenset):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def load_settings(

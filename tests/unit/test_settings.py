@@ -129,3 +129,20 @@ async def test_upstream_idle_timeout_reaches_the_connection_pool() -> None:
             assert m.backend.pool.idle_timeout == 30
         finally:
             await m.backend.aclose()
+
+
+def test_serve_help_names_every_variable_and_default() -> None:
+    import argparse
+
+    from vllm_gateway.settings import FIELDS, add_arguments
+
+    parser = argparse.ArgumentParser(prog="vllm-gateway serve")
+    add_arguments(parser)
+    text = " ".join(parser.format_help().split())  # argparse wraps lines anywhere
+    for spec in FIELDS:
+        assert f"{spec.flag} {spec.env}" in text
+    assert "--api-keys-file VLLM_API_KEYS_FILE" in text
+    assert "(env VLLM_MAX_CONCURRENT_REQUESTS; default 100)" in text
+    assert "(env VLLM_POOL_ROUTING; default least_outstanding)" in text
+    assert "(env VLLM_API_KEYS; default none)" in text
+    assert text.count("; default ") == len(FIELDS) + 1
