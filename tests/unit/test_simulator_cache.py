@@ -346,8 +346,14 @@ async def test_metrics_text(http: httpx.AsyncClient) -> None:
         'vllm:num_requests_running{model_name="sim-model",engine="0"} 0.0',
         'vllm:cache_config_info{block_size="4",enable_prefix_caching="True",engine="0",'
         'num_gpu_blocks="64",prefix_caching_hash_algo="sha256"} 1.0',
+        # Finished requests by finish reason: how a benchmark counts each member's requests.
+        "# TYPE vllm:request_success_total counter",
+        'vllm:request_success_total{model_name="sim-model",engine="0",finished_reason="length"} 1.0',
     ):
         assert line in text.splitlines(), line
+    await http.post("/v1/completions", json={"prompt": "hi"})  # no max_tokens: finishes on stop
+    text = (await http.get("/metrics")).text
+    assert 'finished_reason="stop"} 1.0' in text
 
 
 def test_command_line_knobs() -> None:

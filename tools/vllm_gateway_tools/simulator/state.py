@@ -10,6 +10,8 @@ Besides the counters it holds what the dev routes change: whether the engine sle
 when the config turns them on, the prefix cache model and the KV event publisher
 (``simulator.prefix_cache``, ``simulator.kv_events``), which ``configure`` keeps in step with the
 config. ``reset`` zeroes the cache's counters but keeps its blocks; ``reset_prefix_cache`` empties it.
+While the cache model is on, ``/metrics`` also counts finished requests by finish reason
+(``vllm:request_success_total``), so that a benchmark can tell how many requests each member served.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class SimState:
         self.chunks = 0
         self.prompt_tokens: dict[str, int] = {}
         self.generation_tokens: dict[str, int] = {}
+        # Finished engine requests by (model, finish reason), as vllm:request_success_total.
+        self.finished: dict[tuple[str, str], int] = {}
         self.records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
         self.admin: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
         # Each route's running gauge survives, like the overall one.
@@ -179,6 +183,9 @@ class SimState:
         counters["running"] -= 1
         counters[name] += 1
         self.generation_tokens[job.model] = self.generation_tokens.get(job.model, 0) + tokens
+        if name != "failed":  # a simulated error is the API server's, not a finished request
+            key = (job.model, job.script.finish if name == "completed" else "abort")
+            self.finished[key] = self.finished.get(key, 0) + 1
         if self.idle_waiters and not self.active:
             waiters, self.idle_waiters = self.idle_waiters, []
             for wake in waiters:
@@ -239,6 +246,15 @@ class SimState:
                 lines.append(f'{name}{{model_name="{model}",engine="0"}} {value}')
         if self.prefix_cache is not None:
             lines += self._cache_metrics(self.prefix_cache)
+            lines += [
+                "# HELP vllm:request_success_total Count of successfully processed requests.",
+                "# TYPE vllm:request_success_total counter",
+            ]
+            for (model, reason), count in sorted(self.finished.items()):
+                lines.append(
+                    f'vllm:request_success_total{{model_name="{model}",engine="0",'
+                    f'finished_reason="{reason}"}} {float(count)}'
+                )
         return ("\n".join(lines) + "\n").encode()
 
     def _cache_metrics(self, cache: PrefixCache) -> list[str]:
