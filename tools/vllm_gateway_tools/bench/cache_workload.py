@@ -71,10 +71,10 @@ class Workload:
 
     model: str = "default"
     groups: int = 4
-    conversations: int = 64
-    turns: int = 6
+    conversations: int = 48
+    turns: int = 8
     concurrency: int = 8
-    system_tokens: int = 512
+    system_tokens: int = 256
     user_tokens: int = 64
     max_tokens: int = 16
     seed: int = 0
