@@ -18,7 +18,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
+from vllm_gateway_tools.simulator import ConfigError, Simulator, SimulatorConfig, run_simulator
 from vllm_gateway_tools.simulator.prefix_cache import PrefixCache, block_hashes
 from vllm_gateway_tools.simulator.runner import build_parser, config_from_args
 from vllm_gateway_tools.simulator.tokenizer import Vocabulary, chat_messages
@@ -56,8 +56,8 @@ def ids(body: dict[str, Any]) -> list[int]:
 
 @dataclass
 class Subscriber:
-    """A real ZMQ SUB socket on the simulator's event port; ``batches`` are decoded
-    ``(topic, seq, [ts, events, rank])`` tuples, in arrival order."""
+    """A real ZMQ SUB socket on the simulator's event port; ``frames`` are the raw multipart
+    messages received, in order; ``drain`` decodes them as ``(topic, seq, [ts, events, rank])``."""
 
     sock: zmq.asyncio.Socket
     frames: list[list[bytes]] = field(default_factory=list)
@@ -374,8 +374,6 @@ def test_command_line_knobs() -> None:
      {"kv_events_port": 70000}, {"kv_events_port": "x"}, {"kv_events_topic": 3}],
 )  # fmt: skip
 def test_bad_cache_knobs_are_refused(changes: dict[str, Any]) -> None:
-    from vllm_gateway_tools.simulator import ConfigError
-
     with pytest.raises(ConfigError):
         SimulatorConfig().updated(changes)
 
@@ -389,3 +387,21 @@ async def test_configure_over_http_turns_the_cache_off(
     assert "prefix_cache" not in (await http.get("/metrics")).text
     r = await http.post("/sim/config", json={"prefix_cache_blocks": 8, "block_size": 2})
     assert sim.state.prefix_cache is not None and sim.state.prefix_cache.block_size == 2
+
+
+async def test_configure_reopens_the_event_socket(sim: Simulator, http: httpx.AsyncClient) -> None:
+    assert sim.state.kv_events is not None
+    sim.configure(kv_events_topic="other")
+    assert (await http.get("/kv_event_sources")).json()["0"]["topic"] == "other"
+    sim.configure(kv_events_port=None)
+    assert (await http.get("/kv_event_sources")).json() == {}
+    sim.configure(kv_events_port=0)
+    source = (await http.get("/kv_event_sources")).json()["0"]
+    assert source["endpoint"] == f"tcp://*:{sim.state.kv_events.port}"
+    # A port that is taken is refused and the old socket stays.
+    taken = sim.state.kv_events.port
+    async with run_simulator(SimulatorConfig(kv_events_port=0)) as other:
+        assert other.state.kv_events is not None
+        with pytest.raises(ConfigError):
+            other.configure(kv_events_port=taken)
+        assert other.state.config.kv_events_port == 0 and other.state.kv_events is not None
