@@ -31,9 +31,13 @@ pytestmark = pytest.mark.timeout(180)
 QUICK = ["--scenario", "cache", "--quick", "--concurrency", "1", "--seed", "3"]
 
 
-def _bench(out: Path, *args: str) -> dict[str, Any]:
+def _run(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "vllm_gateway_tools.bench", *QUICK, *args, "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=170, cwd=ROOT)
+
+
+def _bench(out: Path, *args: str) -> dict[str, Any]:
+    proc = _run(out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc: dict[str, Any] = orjson.loads((out / "results.json").read_bytes())
     return doc
@@ -101,6 +105,17 @@ async def test_external_members(tmp_path: Path) -> None:
     requests = cfg_doc["conversations"] * cfg_doc["turns"] * cfg_doc["rounds"]
     _check_target(doc["policies"]["single"], requests, 1, gateway=False)
     _check_target(doc["policies"]["prefix"], requests, 2, gateway=True)
+
+
+async def test_a_member_without_the_reset_route_stops_the_run(tmp_path: Path) -> None:
+    """A real vLLM without VLLM_SERVER_DEV_MODE has no /reset_prefix_cache: exit 1, and why."""
+    cfg = SimulatorConfig(ttft=0.002, itl=0.002, prefix_cache_blocks=64)  # dev routes off
+    async with run_simulator(cfg) as a:
+        proc = await asyncio.to_thread(
+            _run, tmp_path, "--member-urls", a.url, "--policies", "least_outstanding"
+        )
+    assert proc.returncode == 1
+    assert "VLLM_SERVER_DEV_MODE" in proc.stderr
 
 
 # --- the parts, without processes -----------------------------------------------------------------

@@ -33,6 +33,7 @@ from vllm_gateway_tools.bench.cache_probe import Snapshot
 from vllm_gateway_tools.bench.cache_rig import POLICIES, CacheRig, CacheRigConfig
 from vllm_gateway_tools.bench.cache_workload import Workload, answer_text
 from vllm_gateway_tools.bench.client import Connection, RequestResult, Target, build_request
+from vllm_gateway_tools.bench.rig import RigError
 from vllm_gateway_tools.bench.runner import PhaseResult, ProcMonitor, progress, watch
 
 __all__ = ["PRESET", "CachePreset", "run", "run_conversations"]
@@ -253,6 +254,7 @@ class _Plan:
     timeout: float
     api_key: str | None
     quick: bool
+    warmup: bool
     targets: list[tuple[Target, ProcMonitor | None]] = field(default_factory=list)
 
 
@@ -286,7 +288,8 @@ def _plan(args: argparse.Namespace) -> _Plan:
         max_tokens=pick("max_tokens", p.max_tokens),
         seed=args.seed,
     )
-    return _Plan(work, pick("rounds", p.rounds), rig, args.timeout, args.api_key, args.quick)
+    return _Plan(work, pick("rounds", p.rounds), rig, args.timeout, args.api_key, args.quick,
+                 args.warmup)  # fmt: skip
 
 
 async def _warm(target: Target, work: Workload, timeout: float) -> None:
@@ -295,6 +298,22 @@ async def _warm(target: Target, work: Workload, timeout: float) -> None:
     warm = replace(work, conversations=work.concurrency, turns=1, max_tokens=1, system_tokens=8,
                    user_tokens=8, seed=work.seed + 7919)  # fmt: skip
     await run_conversations(target, warm, timeout)
+
+
+async def _rounds(plan: _Plan, members: list[str], *, settle: float) -> dict[str, list[Phase]]:
+    """Warm every target, then ``plan.rounds`` cycles of phases, the order rotated each round."""
+    if plan.warmup:
+        for target, _ in plan.targets:
+            await _warm(target, plan.work, plan.timeout)
+    phases: dict[str, list[Phase]] = {t.name: [] for t, _ in plan.targets}
+    n = len(plan.targets)
+    for rnd in range(plan.rounds):
+        rotated = plan.targets[rnd % n :] + plan.targets[: rnd % n]
+        for k, (target, monitor) in enumerate(rotated):
+            phase = await _phase(target, rnd, k, members, plan.work, monitor,
+                                 timeout=plan.timeout, settle=settle)  # fmt: skip
+            phases[target.name].append(phase)
+    return phases
 
 
 async def run(args: argparse.Namespace, model_of: Any) -> dict[str, Any]:
@@ -317,17 +336,10 @@ async def run(args: argparse.Namespace, model_of: Any) -> dict[str, Any]:
             for p in plan.rig.policies
             if p in rig.gateways
         ]
-        for target, _ in plan.targets:
-            await _warm(target, plan.work, plan.timeout)
-        settle = 1.0 if rig.external else 0.0
-        phases: dict[str, list[Phase]] = {t.name: [] for t, _ in plan.targets}
-        n = len(plan.targets)
-        for rnd in range(plan.rounds):
-            rotated = plan.targets[rnd % n :] + plan.targets[: rnd % n]
-            for k, (target, monitor) in enumerate(rotated):
-                phase = await _phase(target, rnd, k, members, plan.work, monitor,
-                                     timeout=plan.timeout, settle=settle)  # fmt: skip
-                phases[target.name].append(phase)
+        try:
+            phases = await _rounds(plan, members, settle=1.0 if rig.external else 0.0)
+        except OSError as exc:  # a member that cannot be read or reset (TimeoutError included)
+            raise RigError(f"cache scenario: {exc}") from None
         policies: dict[str, Any] = {}
         for target, _ in plan.targets:
             used = members[:1] if target.name == SINGLE else members
