@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway_tools.bench import metrics, report
+from vllm_gateway_tools.bench import cache_scenario, metrics, report
+from vllm_gateway_tools.bench.cache_rig import POLICIES
 from vllm_gateway_tools.bench.client import Target
 from vllm_gateway_tools.bench.rig import Rig, RigConfig, RigError
 from vllm_gateway_tools.bench.runner import LoadSpec, ProcMonitor, progress
@@ -48,6 +49,27 @@ def _targets(raw: str) -> list[Target]:
     return out
 
 
+def _member_urls(raw: str) -> list[str]:
+    urls = [u.strip().rstrip("/") for u in raw.split(",") if u.strip()]
+    if not urls or not all(u.startswith("http://") for u in urls):
+        raise argparse.ArgumentTypeError(f"expected http://HOST:PORT,http://HOST:PORT: {raw!r}")
+    return urls
+
+
+def _policies(raw: str) -> list[str]:
+    names = [p.strip() for p in raw.split(",") if p.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of routing policies")
+    return names
+
+
+def _env_pair(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE: {raw!r}")
+    return name, value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vllm-gateway bench",
@@ -63,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--scenario",
-        choices=sorted(SCENARIOS),
+        choices=sorted([*SCENARIOS, "cache"]),
         help="a named preset (implies --rig without --targets)",
     )
     where.add_argument("--quick", action="store_true", help="CI-sized scenario (seconds)")
@@ -117,6 +139,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="one short unrecorded request per user and target before each level",
     )
+    cache = p.add_argument_group("the cache scenario (routing policies side by side)")
+    cache.add_argument("--members", type=int, help="simulator members to start (default 2)")
+    cache.add_argument(
+        "--member-urls",
+        type=_member_urls,
+        help="external members (real vLLM with VLLM_SERVER_DEV_MODE=1): start only the gateways",
+    )
+    cache.add_argument(
+        "--policies",
+        type=_policies,
+        help=f"routing policies, one gateway each (default {','.join(POLICIES)})",
+    )
+    cache.add_argument("--groups", type=int, help="shared system prompts")
+    cache.add_argument("--conversations", type=int, help="conversations per phase")
+    cache.add_argument("--turns", type=int, help="turns per conversation")
+    cache.add_argument("--system-tokens", type=int, help="tokens per system prompt")
+    cache.add_argument("--user-tokens", type=int, help="tokens per user message")
+    cache.add_argument("--cache-blocks", type=int, help="each member's prefix cache, in blocks")
+    cache.add_argument("--block-size", type=int, help="tokens per cache block")
+    cache.add_argument(
+        "--prefill-per-token", type=float, help="members' TTFT per uncached prompt token (s)"
+    )
+    cache.add_argument(
+        "--gateway-env",
+        type=_env_pair,
+        action="append",
+        help="NAME=VALUE set for every gateway (repeat), e.g. VLLM_POOL_MAX_OUTSTANDING=64",
+    )
     out = p.add_argument_group("output")
     out.add_argument(
         "--goodput", action="append", help="limits in ms: itl:200,ttft:500,tpot:N,e2el:N"
@@ -127,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _preset(args: argparse.Namespace) -> Preset:
-    if args.scenario:
+    if args.scenario and args.scenario in PRESETS:
         return PRESETS[args.scenario].sized(args.quick)
     return Preset(itl=0.02, max_tokens=64, concurrency=1, num_requests=100, rounds=2)
 
@@ -175,6 +225,8 @@ async def _first_model(target: Target) -> str:
 
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.scenario == "cache":
+        return await cache_scenario.run(args, _first_model)
     preset = _preset(args)
     use_rig = args.rig or (args.scenario is not None and not args.targets)
     limits = metrics.parse_goodput(args.goodput)
@@ -272,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --targets, --rig or --scenario")
     if args.targets and args.rig:
         parser.error("--targets and --rig exclude each other")
+    if args.scenario == "cache" and args.targets:
+        parser.error("--scenario cache starts its own gateways: give --member-urls, not --targets")
+    for name in ("members", "groups", "conversations", "turns", "system_tokens", "user_tokens",
+                 "cache_blocks", "block_size"):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.concurrency is not None and args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
     try:

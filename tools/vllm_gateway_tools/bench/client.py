@@ -223,6 +223,12 @@ class Connection(asyncio.Protocol):
             self._transport.close()
         self.closed = True
 
+    @property
+    def body(self) -> bytes:
+        """The last response's body as received; a stream's is kept only with ``fidelity`` on
+        (a multi-turn client reads the answer from it)."""
+        return bytes(self._body)
+
     # --- httptools callbacks (the hot path) ---------------------------------------------
 
     def data_received(self, data: bytes) -> None:

@@ -1,7 +1,8 @@
 """Writes a run's results: ``results.json``, ``report.md`` and ``plot.png`` in one folder.
 
 The JSON is the source of truth (NaN becomes null); the markdown puts every figure as
-baseline / other / added / ratio, one table per compared target and level; the plot draws
+baseline / other / added / ratio, one table per compared target and level (the ``cache``
+scenario has its own table: ``cache_report``); the plot draws
 latency percentiles and throughput against concurrency (or rate), one line per target. matplotlib
 is optional (the ``bench`` extra): without it the plot is skipped with a note on stderr.
 """
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from vllm_gateway_tools.bench import cache_report
 
 __all__ = ["markdown", "plot", "write"]
 
@@ -96,6 +99,8 @@ def _level_table(level: dict[str, Any], base: str, other: str) -> list[str]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
+    if doc.get("scenario") == "cache":
+        return cache_report.markdown(doc)
     cfg = doc.get("config", {})
     targets = cfg.get("targets", [])
     out = [f"# Benchmark: {doc.get('scenario') or 'sweep'}", ""]

@@ -26,9 +26,9 @@ from typing import Any
 
 from vllm_gateway_tools.simulator import loopback_command
 
-__all__ = ["Rig", "RigConfig", "RigError"]
+__all__ = ["Rig", "RigConfig", "RigError", "discard_output", "pin_command", "probe_ready"]
 
-_LISTENING = re.compile(rb"listening on (http://\S+)")
+LISTENING = re.compile(rb"listening on (http://\S+)")
 
 
 class RigError(RuntimeError):
@@ -57,10 +57,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _pin(cmd: list[str], core: int) -> list[str]:
+def pin_command(cmd: list[str], core: int) -> list[str]:
+    """``cmd`` run on ``core`` through ``taskset``, when the machine has two cores or more."""
     if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
         return ["taskset", "-c", str(core), *cmd]
     return cmd
+
+
+async def probe_ready(port: int) -> bool:
+    """Whether ``GET /health/ready`` on 127.0.0.1:``port`` answers 200 now."""
+    probe = f"GET /health/ready HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+        try:
+            writer.write(probe.encode())
+            status = await asyncio.wait_for(reader.readline(), 2)
+        finally:
+            writer.close()
+        return status.split(b" ")[1:2] == [b"200"]
+    return False
 
 
 class Rig:
@@ -114,7 +129,9 @@ class Rig:
             0, "--ttft", str(c.ttft), "--itl", str(c.itl), "--tokens", str(c.tokens)
         )
         self.backend_proc = await asyncio.create_subprocess_exec(
-            *_pin(sim, c.rig_core), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            *pin_command(sim, c.rig_core),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
         self.backend_url = await self._await_banner(self.backend_proc, "simulator")
         if (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
@@ -146,11 +163,11 @@ class Rig:
                 *c.gateway_args,
             ]
         self.gateway_proc = await asyncio.create_subprocess_exec(
-            *_pin(cmd, c.gateway_core),
+            *pin_command(cmd, c.gateway_core),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        self._drain.append(asyncio.create_task(_discard(self.gateway_proc)))
+        self._drain.append(asyncio.create_task(discard_output(self.gateway_proc)))
         self.gateway_url = f"http://127.0.0.1:{port}"
         await self._await_ready(self.gateway_proc, port)
 
@@ -166,30 +183,20 @@ class Rig:
             if not line:
                 break
             seen.append(line)
-            if m := _LISTENING.search(line):
+            if m := LISTENING.search(line):
                 # Keep reading its output so that a full pipe never blocks it.
-                self._drain.append(asyncio.create_task(_discard(proc)))
+                self._drain.append(asyncio.create_task(discard_output(proc)))
                 return m.group(1).decode().rstrip("/")
         tail = b"".join(seen[-10:]).decode(errors="replace")
         raise RigError(f"{what} did not start (exit {proc.returncode}):\n{tail}")
 
     async def _await_ready(self, proc: asyncio.subprocess.Process, port: int) -> None:
         deadline = time.monotonic() + self.config.start_timeout
-        probe = f"GET /health/ready HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise RigError(f"gateway exited with {proc.returncode} before it was ready")
-            with contextlib.suppress(OSError, asyncio.TimeoutError):
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection("127.0.0.1", port), 1
-                )
-                try:
-                    writer.write(probe.encode())
-                    status = await asyncio.wait_for(reader.readline(), 2)
-                finally:
-                    writer.close()
-                if status.split(b" ")[1:2] == [b"200"]:
-                    return
+            if await probe_ready(port):
+                return
             await asyncio.sleep(0.1)
         raise RigError("gateway did not answer /health/ready with 200 in time")
 
@@ -218,7 +225,8 @@ class Rig:
             self._affinity = None
 
 
-async def _discard(proc: asyncio.subprocess.Process) -> None:
+async def discard_output(proc: asyncio.subprocess.Process) -> None:
+    """Read and drop ``proc``'s output, so that a full pipe never blocks it."""
     assert proc.stdout is not None
     while await proc.stdout.read(65536):
         pass

@@ -153,6 +153,9 @@ def is_paused(conn: Conn, req: Req) -> None:
 
 
 def reset_prefix_cache(conn: Conn, req: Req) -> None:
+    """Empty the prefix cache model and publish ``AllBlocksCleared``. Always succeeds: unlike
+    vLLM's, the model pins no block to a running request."""
+    conn.state.reset_prefix_cache()
     _answer(conn, req, 200, b'{"success":true}')
 
 

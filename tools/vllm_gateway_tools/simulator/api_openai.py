@@ -1,7 +1,9 @@
 """``/v1/chat/completions``, ``/v1/completions`` and ``/v1/chat/completions/batch``.
 
 Output length: ``max_tokens`` (or ``max_completion_tokens``) when given, finishing with
-``"length"``; otherwise the ``tokens`` knob, finishing with ``"stop"``.
+``"length"``; otherwise the ``tokens`` knob, finishing with ``"stop"``. With the prefix cache model
+on, chat and completions prompts go through it (``simulator.prefix_cache``): the request's record
+gets ``cached_tokens`` and its first token waits ``prefill_per_token`` per uncached token more.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from vllm_gateway_tools.simulator.exchange import (
     resolve_model,
     unknown_model,
 )
+from vllm_gateway_tools.simulator.prefix_cache import prompt_sequences
 from vllm_gateway_tools.simulator.tokenizer import chat_messages, chat_tokens, output_start
 from vllm_gateway_tools.simulator.tokenizer import prompt_tokens as count_prompt_tokens
 
@@ -108,8 +111,16 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
     )
     script.stream = record["stream"]
+    prefill = 0.0
+    if conn.state.prefix_cache is not None:
+        prompts = [prompt_ids] if chat and prompt_ids is not None else None
+        cached, computed = conn.state.prefix_lookup(
+            prompts or prompt_sequences(conn.state.vocab, body, chat)
+        )
+        record["cached_tokens"] = cached
+        prefill = cfg.prefill_per_token * computed
     conn.run(Job(state=conn.state, cfg=cfg, record=record, script=script, route=req.route,
-                 sink=conn, loop=conn.loop))  # fmt: skip
+                 sink=conn, loop=conn.loop, prefill=prefill))  # fmt: skip
 
 
 def batch(conn: Conn, req: Req) -> None:

@@ -58,6 +58,11 @@ class SimulatorConfig:
     Server shape: ``runner`` picks the route family (generate or pooling), ``dev_mode`` stands for
     ``VLLM_SERVER_DEV_MODE=1`` (plus runtime LoRA updating), ``responses_store`` for
     ``VLLM_ENABLE_RESPONSES_API_STORE=1``.
+    Prefix cache (off while ``prefix_cache_blocks`` is 0; see ``simulator.prefix_cache``): an LRU
+    cache of ``prefix_cache_blocks`` blocks of ``block_size`` prompt tokens; a chat or completions
+    request's TTFT grows by ``prefill_per_token`` seconds per prompt token it does not find cached.
+    ``kv_events_port`` (None: off; 0: any free port) publishes vLLM's KV-cache events on a ZMQ PUB
+    socket bound on 127.0.0.1, under ``kv_events_topic`` (``simulator.kv_events``).
     """
 
     models: tuple[str, ...] = ("sim-model",)
@@ -77,6 +82,11 @@ class SimulatorConfig:
     runner: str = "generate"
     dev_mode: bool = False
     responses_store: bool = True
+    prefix_cache_blocks: int = 0
+    block_size: int = 16
+    prefill_per_token: float = 0.0
+    kv_events_port: int | None = None
+    kv_events_topic: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):
@@ -107,6 +117,15 @@ class SimulatorConfig:
             raise ConfigError(f"runner: must be one of {', '.join(RUNNERS)}")
         if self.api_key is not None and not isinstance(self.api_key, str):
             raise ConfigError("api_key: must be a string or null")
+        _check_int("prefix_cache_blocks", self.prefix_cache_blocks, minimum=0)
+        _check_int("block_size", self.block_size, minimum=1)
+        _check_number("prefill_per_token", self.prefill_per_token)
+        if self.kv_events_port is not None:
+            _check_int("kv_events_port", self.kv_events_port, minimum=0)
+            if self.kv_events_port > 65535:
+                raise ConfigError("kv_events_port: must be a TCP port (0 picks a free one)")
+        if not isinstance(self.kv_events_topic, str):
+            raise ConfigError("kv_events_topic: must be a string")
 
     def updated(self, changes: Mapping[str, Any]) -> SimulatorConfig:
         """A copy with ``changes`` applied; any knob may change. Raises ``ConfigError``."""

@@ -10,8 +10,10 @@ Invariants:
 - A job is counted ``running`` from ``start`` until exactly one ``finish``, which records its
   outcome: ``completed``, ``error`` (a status fault), ``dropped`` (``drop_after`` cut the
   connection) or ``aborted`` (the client left, a cancel, or ``/pause`` in abort mode).
-- Every token is due at ``t0 + ttft + i * itl``; holding a job (``/sleep``, ``/pause``) moves
-  ``t0`` on by the time it was held, so a held stream resumes where it stopped.
+- Every token is due at ``t0 + ttft + i * itl``, where a job's ``ttft`` is the config's plus its
+  prefill time (the prefix cache model's ``prefill_per_token`` per uncached prompt token);
+  holding a job (``/sleep``, ``/pause``) moves ``t0`` on by the time it was held, so a held
+  stream resumes where it stopped.
 - ``state.active`` holds the jobs with a timer armed (or due to be); a held job is in
   ``state.held``; a stalled or hung job is in neither: it waits for its client to leave.
 """
@@ -55,12 +57,13 @@ class Job:
     """The pacing state of one engine request."""
 
     __slots__ = ("cfg", "chunks", "done", "handle", "held_at", "i", "loop", "model", "on_end",
-                 "record", "route", "script", "sink", "state", "t0")  # fmt: skip
+                 "record", "route", "script", "sink", "state", "t0", "ttft")  # fmt: skip
 
     def __init__(self, *, state: SimState, cfg: SimulatorConfig, record: dict[str, Any],
                  script: render.Script, route: str, sink: Sink,
                  loop: asyncio.AbstractEventLoop,
-                 on_end: Callable[[Job, str], None] | None = None) -> None:  # fmt: skip
+                 on_end: Callable[[Job, str], None] | None = None,
+                 prefill: float = 0.0) -> None:  # fmt: skip
         self.state = state
         self.cfg = cfg
         self.record = record
@@ -72,6 +75,7 @@ class Job:
         # The served model it counts under (a LoRA adapter counts under the base model).
         self.model = script.model if script.model in cfg.models else cfg.models[0]
         self.t0 = loop.time()  # every token is due at t0 + ttft + i * itl
+        self.ttft = cfg.ttft + prefill
         self.handle: asyncio.TimerHandle | None = None
         self.held_at: float | None = None
         self.i = 0  # next token index
@@ -120,10 +124,10 @@ class Job:
         state.active.add(self)
         cfg = self.cfg
         if self.script.stream:
-            due = self.t0 + cfg.ttft + cfg.itl * self.i
+            due = self.t0 + self.ttft + cfg.itl * self.i
             self.handle = self.loop.call_at(due, self._tick)
         else:
-            due = self.t0 + cfg.ttft + cfg.itl * max(self.script.n - 1, 0)
+            due = self.t0 + self.ttft + cfg.itl * max(self.script.n - 1, 0)
             self.handle = self.loop.call_at(due, self._whole)
 
     def hold(self) -> None:
@@ -168,7 +172,7 @@ class Job:
         if last:
             self._end_stream("completed")
         else:
-            self.handle = self.loop.call_at(self.t0 + cfg.ttft + cfg.itl * self.i, self._tick)
+            self.handle = self.loop.call_at(self.t0 + self.ttft + cfg.itl * self.i, self._tick)
 
     def _closing(self) -> list[bytes]:
         closing = self.script.closing()
@@ -264,7 +268,7 @@ class Job:
             if self._emit(events):
                 self._end_stream("aborted")
         else:
-            elapsed = self.loop.time() - self.t0 - self.cfg.ttft
+            elapsed = self.loop.time() - self.t0 - self.ttft
             made = (
                 0 if elapsed < 0 else 1 + int(elapsed / self.cfg.itl) if self.cfg.itl else script.n
             )

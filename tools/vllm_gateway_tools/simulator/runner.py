@@ -33,6 +33,7 @@ from vllm_gateway_tools.simulator.config import (
     ConfigError,
     SimulatorConfig,
 )
+from vllm_gateway_tools.simulator.kv_events import KVEventsError
 from vllm_gateway_tools.simulator.server import SimProtocol
 from vllm_gateway_tools.simulator.state import SimState
 from vllm_gateway_tools.simulator.store import ResponseStore
@@ -73,13 +74,17 @@ class Simulator:
 
     def configure(self, **knobs: Any) -> dict[str, Any]:
         """Change knobs, as ``POST /sim/config`` does; returns the full config. Raises ``ConfigError``."""
-        self.state.config = self.state.config.updated(knobs)
+        self.state.configure(self.state.config.updated(knobs))
         return self.state.config.as_dict()
 
     def reset(self) -> dict[str, Any]:
         """Zero the counters and forget the records, as ``POST /sim/reset`` does."""
         self.state.reset()
         return self.state.stats()
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache, as ``POST /reset_prefix_cache`` does (without dev mode)."""
+        self.state.reset_prefix_cache()
 
     async def close(self) -> None:
         self.server.close()
@@ -90,6 +95,7 @@ class Simulator:
         await self.server.wait_closed()
         # Let connection_lost callbacks run, so the counters are final when close() returns.
         await asyncio.sleep(0)
+        self.state.close()
 
 
 def loopback_command(port: int | str = 0, *args: str, python: str = sys.executable) -> list[str]:
@@ -111,12 +117,16 @@ async def start_simulator(
     config: SimulatorConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
 ) -> Simulator:
     """Start listening on the running loop; the caller must ``await sim.close()``."""
-    state = SimState(config or SimulatorConfig())
+    state = SimState(config or SimulatorConfig())  # may raise KVEventsError
     store = ResponseStore()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: SimProtocol(state, store), host, port, backlog=4096, reuse_address=True
-    )
+    try:
+        server = await loop.create_server(
+            lambda: SimProtocol(state, store), host, port, backlog=4096, reuse_address=True
+        )
+    except BaseException:
+        state.close()
+        raise
     bound = server.sockets[0].getsockname()
     return Simulator(state, store, server, host, int(bound[1]))
 
@@ -182,6 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--malformed", choices=MALFORMED_KINDS, default=None)
     faults.add_argument("--huge-line-bytes", type=int, default=d.huge_line_bytes)
     faults.add_argument("--unhealthy", action="store_true", help="/health answers 503")
+    cache = p.add_argument_group("prefix cache (off while --prefix-cache-blocks is 0)")
+    cache.add_argument(
+        "--prefix-cache-blocks",
+        type=int,
+        default=d.prefix_cache_blocks,
+        help="cache capacity in blocks, LRU (chat and completions prompts)",
+    )
+    cache.add_argument("--block-size", type=int, default=d.block_size, help="tokens per block")
+    cache.add_argument(
+        "--prefill-per-token",
+        type=float,
+        default=d.prefill_per_token,
+        help="seconds added to TTFT per prompt token not found in the cache",
+    )
+    cache.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=None,
+        help="publish vLLM's KV events on a ZMQ PUB socket on 127.0.0.1:PORT (0: a free port)",
+    )
+    cache.add_argument("--kv-events-topic", default=d.kv_events_topic, help="the events' topic")
     p.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
@@ -210,6 +241,11 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         runner=args.runner,
         dev_mode=args.dev_mode,
         responses_store=not args.no_responses_store,
+        prefix_cache_blocks=args.prefix_cache_blocks,
+        block_size=args.block_size,
+        prefill_per_token=args.prefill_per_token,
+        kv_events_port=args.kv_events_port,
+        kv_events_topic=args.kv_events_topic,
     )
 
 
@@ -219,6 +255,8 @@ async def _serve(config: SimulatorConfig, host: str, port: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with run_simulator(config, host=host, port=port) as sim:
+        if sim.state.kv_events is not None:
+            print(f"kv events on tcp://127.0.0.1:{sim.state.kv_events.port}", flush=True)
         print(f"simulator listening on {sim.url}", flush=True)
         await stop.wait()
 
@@ -243,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     try:
         runner(_serve(config, args.host, args.port))
+    except KVEventsError as exc:
+        print(f"simulator: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"simulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

@@ -56,6 +56,7 @@ ROUTES: dict[str, tuple[str, str, Handler]] = {
     "/health": ("GET", "base", lambda c, r: c.reply_health(r)),
     "/metrics": ("GET", "base", lambda c, r: c.reply_metrics(r)),
     "/v1/models": ("GET", "base", lambda c, r: c.reply_models(r)),
+    "/kv_event_sources": ("GET", "base", lambda c, r: c.reply_kv_event_sources(r)),
     "/tokenize": ("POST", "base", api_tokens.tokenize),
     "/detokenize": ("POST", "base", api_tokens.detokenize),
     "/sim/stats": ("GET", "sim", lambda c, r: c.reply(r, 200, orjson.dumps(c.state.stats()))),
@@ -272,6 +273,9 @@ class SimProtocol(asyncio.Protocol):
         self.reply(req, 200, self.state.metrics(), b"text/plain; version=0.0.4; charset=utf-8",
                    count=False)  # fmt: skip
 
+    def reply_kv_event_sources(self, req: Req) -> None:
+        self.reply(req, 200, orjson.dumps(self.state.kv_event_sources()), count=False)
+
     def reply_models(self, req: Req) -> None:
         cfg = self.state.config
         body = render.models_body(cfg.models, max_model_len=cfg.max_model_len,
@@ -285,7 +289,7 @@ class SimProtocol(asyncio.Protocol):
             changes = orjson.loads(req.body) if req.body else {}
             if not isinstance(changes, dict):
                 raise ConfigError("the body must be a JSON object of knobs")
-            state.config = state.config.updated(changes)
+            state.configure(state.config.updated(changes))
         except (orjson.JSONDecodeError, ConfigError) as exc:
             self.reply(req, 400, render.error_body(str(exc), 400), count=False)
             return

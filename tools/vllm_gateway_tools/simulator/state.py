@@ -6,7 +6,12 @@ engine request (generation and pooling), so after traffic settles
 ``total == completed + aborted + failed + dropped``, overall and in each entry of ``routes``.
 
 Besides the counters it holds what the dev routes change: whether the engine sleeps or is paused
-(``holding``), the jobs held meanwhile, the loaded LoRA adapters, and the log of admin calls.
+(``holding``), the jobs held meanwhile, the loaded LoRA adapters, and the log of admin calls; and,
+when the config turns them on, the prefix cache model and the KV event publisher
+(``simulator.prefix_cache``, ``simulator.kv_events``), which ``configure`` keeps in step with the
+config. ``reset`` zeroes the cache's counters but keeps its blocks; ``reset_prefix_cache`` empties it.
+While the cache model is on, ``/metrics`` also counts finished requests by finish reason
+(``vllm:request_success_total``), so that a benchmark can tell how many requests each member served.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from vllm_gateway_tools.simulator.config import SimulatorConfig
+from vllm_gateway_tools.simulator.config import ConfigError, SimulatorConfig
+from vllm_gateway_tools.simulator.kv_events import KVEventPublisher, KVEventsError
+from vllm_gateway_tools.simulator.prefix_cache import PrefixCache
 from vllm_gateway_tools.simulator.tokenizer import Vocabulary, prompt_tokens
 
 __all__ = ["RECORDS_KEPT", "SimState", "authorized", "prompt_tokens"]
@@ -35,6 +42,9 @@ class SimState:
 
     def __init__(self, config: SimulatorConfig) -> None:
         self.config = config
+        self.prefix_cache: PrefixCache | None = None
+        self.kv_events: KVEventPublisher | None = None
+        self._sync_cache(None)
         self.created = int(time.time())
         self.connections: set[Any] = set()  # the open SimProtocol connections
         self.running = 0
@@ -51,10 +61,14 @@ class SimState:
 
     def reset(self) -> None:
         """Zero the counters and forget the records; ``running`` is a live gauge and stays."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset_counters()
         self.total = self.completed = self.aborted = self.failed = self.dropped = 0
         self.chunks = 0
         self.prompt_tokens: dict[str, int] = {}
         self.generation_tokens: dict[str, int] = {}
+        # Finished engine requests by (model, finish reason), as vllm:request_success_total.
+        self.finished: dict[tuple[str, str], int] = {}
         self.records: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
         self.admin: deque[dict[str, Any]] = deque(maxlen=RECORDS_KEPT)
         # Each route's running gauge survives, like the overall one.
@@ -64,6 +78,70 @@ class SimState:
             for route, c in old.items()
             if c["running"]
         }
+
+    # --- config, prefix cache and KV events -------------------------------------------------------
+    def configure(self, config: SimulatorConfig) -> None:
+        """Take a new config; rebuild the prefix cache (and say so with ``AllBlocksCleared``) or
+        reopen the event socket when their knobs changed. Raises ``ConfigError`` (and keeps the
+        old config) when the new event port cannot be bound."""
+        old, self.config = self.config, config
+        try:
+            self._sync_cache(old)
+        except KVEventsError as exc:
+            self.config = old
+            raise ConfigError(str(exc)) from None
+
+    def _sync_cache(self, old: SimulatorConfig | None) -> None:
+        cfg = self.config
+        if old is None or cfg.kv_events_port != old.kv_events_port:
+            fresh = None
+            if cfg.kv_events_port is not None:  # open the new socket before closing the old one
+                fresh = KVEventPublisher(cfg.kv_events_port, cfg.kv_events_topic)
+            if self.kv_events is not None:
+                self.kv_events.close()
+            self.kv_events = fresh
+        elif self.kv_events is not None:
+            self.kv_events.set_topic(cfg.kv_events_topic)
+        shape = (cfg.prefix_cache_blocks, cfg.block_size)
+        if old is None or shape != (old.prefix_cache_blocks, old.block_size):
+            had = self.prefix_cache is not None
+            self.prefix_cache = PrefixCache(*shape) if cfg.prefix_cache_blocks else None
+            if had and self.kv_events is not None:
+                self.kv_events.publish([{"type": "AllBlocksCleared"}])
+
+    def prefix_lookup(self, prompts: list[list[int]]) -> tuple[int, int]:
+        """Admit a request's prompts to the prefix cache and publish what changed.
+        Returns (cached tokens, tokens to compute); (0, 0) without a cache."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0, 0
+        publisher = self.kv_events
+        hit = total = 0
+        batch: list[Any] = []
+        for tokens in prompts:
+            found, events = cache.admit(tokens, events=publisher is not None)
+            hit += found
+            total += len(tokens)
+            batch += events
+        if publisher is not None:
+            publisher.publish(batch)
+        return hit, total - hit
+
+    def reset_prefix_cache(self) -> None:
+        """``POST /reset_prefix_cache``: forget every cached block; publish ``AllBlocksCleared``."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        if self.kv_events is not None:
+            self.kv_events.publish([{"type": "AllBlocksCleared"}])
+
+    def kv_event_sources(self) -> dict[str, Any]:
+        """``GET /kv_event_sources``: the publisher per data-parallel rank; ``{}`` when off."""
+        return {} if self.kv_events is None else {"0": self.kv_events.source()}
+
+    def close(self) -> None:
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
 
     @property
     def sleeping(self) -> bool:
@@ -105,6 +183,9 @@ class SimState:
         counters["running"] -= 1
         counters[name] += 1
         self.generation_tokens[job.model] = self.generation_tokens.get(job.model, 0) + tokens
+        if name != "failed":  # a simulated error is the API server's, not a finished request
+            key = (job.model, job.script.finish if name == "completed" else "abort")
+            self.finished[key] = self.finished.get(key, 0) + 1
         if self.idle_waiters and not self.active:
             waiters, self.idle_waiters = self.idle_waiters, []
             for wake in waiters:
@@ -163,7 +244,41 @@ class SimState:
             for model in self.config.models:
                 value = float(values.get(model, 0))
                 lines.append(f'{name}{{model_name="{model}",engine="0"}} {value}')
+        if self.prefix_cache is not None:
+            lines += self._cache_metrics(self.prefix_cache)
+            lines += [
+                "# HELP vllm:request_success_total Count of successfully processed requests.",
+                "# TYPE vllm:request_success_total counter",
+            ]
+            for (model, reason), count in sorted(self.finished.items()):
+                lines.append(
+                    f'vllm:request_success_total{{model_name="{model}",engine="0",'
+                    f'finished_reason="{reason}"}} {float(count)}'
+                )
         return ("\n".join(lines) + "\n").encode()
+
+    def _cache_metrics(self, cache: PrefixCache) -> list[str]:
+        """vLLM's prefix cache figures: one engine, labelled with the first served model."""
+        labels = f'model_name="{self.config.models[0]}",engine="0"'
+        rows = (
+            ("vllm:prefix_cache_queries_total", "Prefix cache queries, in terms of number of queried tokens.", "counter", cache.queries),
+            ("vllm:prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens.", "counter", cache.hits),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "gauge", cache.usage),
+        )  # fmt: skip
+        lines = []
+        for name, help_text, kind, value in rows:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            lines.append(f"{name}{{{labels}}} {float(value)}")
+        info = (
+            f'block_size="{cache.block_size}",enable_prefix_caching="True",engine="0",'
+            f'num_gpu_blocks="{cache.capacity}",prefix_caching_hash_algo="sha256"'
+        )
+        lines += [
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig",
+            "# TYPE vllm:cache_config_info gauge",
+            f"vllm:cache_config_info{{{info}}} 1.0",
+        ]
+        return lines
 
 
 def authorized(headers: dict[str, str], key: str) -> bool:
