@@ -4,6 +4,7 @@
 # `vllm-gateway bench` direct vs gateway in alternating rounds, and `vllm bench serve` through it.
 #
 #   scripts/gpu_bench.sh sweep OUT      # 64, 100, 256 users; gateway limit 256 (the relay's cost)
+#   scripts/gpu_bench.sh poisson OUT    # Poisson arrivals at RATE/s (open loop); gateway limit 256
 #   scripts/gpu_bench.sh seed OUT       # 1,000 users against the seed's limit of 100
 #   scripts/gpu_bench.sh vllm OUT       # vLLM's own client, direct and through the gateway
 #   scripts/gpu_bench.sh embedded OUT   # 100 users: two processes, then the embedded engine
@@ -14,8 +15,13 @@
 # GW_ARGS (more `vllm-gateway serve` flags, e.g. --upstream-idle-timeout 240 --log-level info),
 # ROUNDS (alternating rounds per level, default 1), PROFILE (seconds of py-spy sampling of the
 # gateway during the first level, when py-spy is installed), VLLM_URL, GW_PORT, SWEEP, USERS,
-# NUM (to try the script against the simulator first). Every phase also leaves the gateway's
-# /metrics and the kernel's listen-queue counters (before and after) in OUT.
+# NUM (to try the script against the simulator first), RATE (poisson: arrivals per second; or
+# RATE_FROM=a sweep's results.json, and the rate is its direct output tok/s over its max_tokens,
+# times RATE_SCALE, default 1). Every phase also leaves the gateway's /metrics and the kernel's
+# listen-queue counters (before and after) in OUT; sweep and poisson also sample, twice a second,
+# vLLM's gauges and histograms, the gateway's own-time histograms and the CPU time of the gateway
+# (all its processes), of vLLM's API server (its event-loop thread, and in all) and of vLLM's
+# engine processes (OUT/vllm-metrics.jsonl, for scripts/round_breakdown.py).
 set -euo pipefail
 phase=${1:?phase}
 out=${2:?output folder}
@@ -57,40 +63,105 @@ stop_gateway() {
     fi
 }
 
-sample_vllm() {  # sample_vllm FILE URL: vLLM's gauges and TTFT/queue histograms twice a second
+sample_vllm() {  # sample_vllm FILE URL: metrics and CPU times twice a second (see the header)
     # One JSON line per sample (scripts/round_breakdown.py splits them by round). Its output goes
     # to /dev/null: a background child holding the $(...) pipe would make the caller's command
-    # substitution wait for it forever.
-    "$PY" - "$1" "$2" > /dev/null 2>&1 <<'EOF' &
-import json, sys, time, urllib.request
-path, url = sys.argv[1], sys.argv[2]
-GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
-HISTS = {"vllm:time_to_first_token_seconds": "ttft", "vllm:request_queue_time_seconds": "queue"}
+    # substitution wait for it forever. The gateway's process is read from /root/gateway.pid.
+    "$PY" - "$1" "$2" "$GW_URL" > /dev/null 2>&1 <<'EOF' &
+import json, os, sys, time, urllib.request
+path, url, gw_url = sys.argv[1], sys.argv[2], sys.argv[3]
+TICK = os.sysconf("SC_CLK_TCK")
+API = "vllm.entrypoints.openai.api_server"
+VLLM_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
+VLLM_HISTS = {"vllm:time_to_first_token_seconds": "ttft", "vllm:request_queue_time_seconds": "queue"}
+GW_GAUGES = {"vllm_gateway_requests_in_flight": "gw_in_flight", "vllm_gateway_queue_depth": "gw_queued"}
+GW_HISTS = {"vllm_gateway_overhead_seconds": "gw_overhead", "vllm_gateway_queue_wait_seconds": "gw_queue"}
+
+
+def scrape(base, gauges, hists, row):
+    try:
+        text = urllib.request.urlopen(base + "/metrics", timeout=2).read().decode()
+    except Exception:
+        return
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name_labels, value = line.rsplit(" ", 1)
+        name = name_labels.split("{", 1)[0]
+        if name in gauges:
+            row[gauges[name]] = row.get(gauges[name], 0.0) + float(value)
+            continue
+        for base_name, key in hists.items():
+            if name == base_name + "_bucket":
+                le = name_labels.split('le="', 1)[1].split('"', 1)[0]
+                buckets = row.setdefault(key + "_buckets", {})
+                buckets[le] = buckets.get(le, 0.0) + float(value)
+            elif name in (base_name + "_sum", base_name + "_count"):
+                k = key + name[len(base_name):]
+                row[k] = row.get(k, 0.0) + float(value)
+
+
+def cpu(stat):  # utime + stime, seconds
+    try:
+        with open(stat, "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def processes():  # pid -> (parent pid, command line)
+    out = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                raw = open(f"/proc/{d}/stat", "rb").read()
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            out[int(d)] = (int(raw[raw.rindex(b")") + 2 :].split()[1]), cmd)
+    return out
+
+
+def tree(procs, root):
+    found, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo += [q for q, (pp, _) in procs.items() if pp == p and q not in found]
+    return found
+
+
+def roles():  # CPU key -> the /proc stat files it sums
+    procs = processes()
+    out = {}
+    try:
+        gw = int(open("/root/gateway.pid").read().strip())
+        out["gw_cpu"] = [f"/proc/{p}/stat" for p in sorted(tree(procs, gw))]
+    except (OSError, ValueError):
+        pass
+    api = [p for p, (pp, cmd) in procs.items() if API in cmd and API not in procs.get(pp, (0, ""))[1]]
+    if api:
+        out["vllm_api_cpu"] = [f"/proc/{api[0]}/stat"]
+        out["vllm_api_loop_cpu"] = [f"/proc/{api[0]}/task/{api[0]}/stat"]  # its main thread
+        out["vllm_engine_cpu"] = [f"/proc/{p}/stat" for p in sorted(tree(procs, api[0]) - {api[0]})]
+    return out
+
+
+who, who_at = roles(), time.time()
 with open(path, "w") as out:
     while True:
         t = time.time()
-        try:
-            text = urllib.request.urlopen(url + "/metrics", timeout=2).read().decode()
-        except Exception:
-            time.sleep(0.5)
-            continue
+        if t - who_at > 5:  # workers and engine processes started since
+            who, who_at = roles(), t
         row = {"t": round(t, 3)}
-        for line in text.splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            name_labels, value = line.rsplit(" ", 1)
-            name = name_labels.split("{", 1)[0]
-            if name in GAUGES:
-                row[GAUGES[name]] = row.get(GAUGES[name], 0.0) + float(value)
-                continue
-            for base, key in HISTS.items():
-                if name == base + "_bucket":
-                    le = name_labels.split('le="', 1)[1].split('"', 1)[0]
-                    buckets = row.setdefault(key + "_buckets", {})
-                    buckets[le] = buckets.get(le, 0.0) + float(value)
-                elif name in (base + "_sum", base + "_count"):
-                    k = key + name[len(base):]
-                    row[k] = row.get(k, 0.0) + float(value)
+        scrape(url, VLLM_GAUGES, VLLM_HISTS, row)
+        scrape(gw_url, GW_GAUGES, GW_HISTS, row)
+        for key, stats in who.items():
+            values = [v for v in map(cpu, stats) if v is not None]
+            if values:
+                row[key] = round(sum(values), 2)
         out.write(json.dumps(row) + "\n")
         out.flush()
         time.sleep(max(0.0, 0.5 - (time.time() - t)))
@@ -126,6 +197,26 @@ sweep)
     net_counters after
     stop_gateway
     ;;
+poisson)
+    rate=${RATE:-}
+    if [ -z "$rate" ]; then
+        rate=$("$PY" -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+tok = d["levels"][-1]["targets"]["direct"]["tokens_per_s"]
+print(round(tok / d["config"]["max_tokens"] * float(sys.argv[2]), 1))' \
+            "${RATE_FROM:?set RATE or RATE_FROM}" "${RATE_SCALE:-1}")
+    fi
+    echo "poisson: $rate arrivals/s"
+    start_gateway 256 --backend-url "$VLLM_URL"
+    net_counters before
+    sampler=$(sample_vllm "$out/vllm-metrics.jsonl" "$VLLM_URL")
+    start_profile
+    "${BENCH[@]}" --targets "direct=$VLLM_URL,gateway=$GW_URL" --gateway-pid "$(cat /root/gateway.pid)" \
+        --rate "$rate" --num-requests "${NUM:-512}" --rounds "$ROUNDS" --out "$out/poisson"
+    kill "$sampler" || true
+    net_counters after
+    stop_gateway
+    ;;
 seed)
     start_gateway 100 --backend-url "$VLLM_URL"
     sampler=$(sample_vllm "$out/vllm-metrics.jsonl" "$VLLM_URL")
@@ -146,6 +237,7 @@ vllm)
             --result-dir "$out" --result-filename "vllm-bench-$target.json" 2>&1 \
             | grep -vE "^\s*$|it/s\]$" | tail -40
     done
+    stop_gateway
     ;;
 embedded)
     # The two-process setup first, at the same load, for the comparison.
