@@ -1,16 +1,26 @@
-"""Where the time to first token goes, round by round, in a `scripts/gpu_bench.sh sweep` folder.
+"""Where the time to first token goes, round by round, in a `scripts/gpu_bench.sh sweep` (or
+`poisson`) folder.
 
     python scripts/round_breakdown.py OUT [--json FILE]
     python scripts/round_breakdown.py --results R.json --samples S.jsonl.gz --access A.log.gz
 
 The second form reads the files as kept in docs/results/gpu/ (gzipped where large).
 
-For every level, target and round of ``OUT/sweep/results.json`` it prints what the client saw
+For every level, target and round of ``OUT/sweep/results.json`` (or ``OUT/poisson/``) it prints
+what the client saw
 (TTFT and time to headers, p50/p99), what vLLM's engine saw in the same window (its own TTFT
 histogram, from arrival in the engine, and its queue time: ``OUT/vllm-metrics.jsonl``), and for
 the gateway's rounds what the gateway saw (``OUT/gateway-*.log`` access lines in JSON): its own
 time to first byte, and ``backend_ms``, the wait for vLLM's response headers, which covers vLLM's
 HTTP and preprocessing (chat template, tokenization) before the request reaches the engine.
+
+Where the samples hold them (``gpu_bench.sh`` since run 3), each round also gets: the requests
+in flight in vLLM (running and waiting, mean and max of the samples), in the gateway (holding a
+slot, queued), the gateway's own time before the upstream send (``vllm_gateway_overhead_seconds``)
+and its admission queue wait, and the CPU used, as a share of one core, by the gateway (all its
+processes), vLLM's API server (its event-loop thread and in all) and vLLM's engine processes.
+A second table sets each round pair side by side: round k of the gateway against round k of
+direct, with the TTFT p99 ratio of the pair, and over all rounds.
 
 Engine percentiles are interpolated inside the histogram's buckets (as PromQL's
 ``histogram_quantile`` does): read them as coarse; the means are exact.
@@ -85,6 +95,25 @@ def engine_window(samples: list[dict[str, Any]], start: float, end: float) -> di
         return {}
     a, b = before[-1], until[-1]
     out: dict[str, float] = {}
+    span = b["t"] - a["t"]
+    for key in CPU_KEYS:
+        if key in a and key in b and span > 0:
+            out[f"{key}_util"] = (b[key] - a[key]) / span
+    inside = [s for s in samples if start <= s["t"] <= end]
+    for key in ("running", "waiting", "gw_in_flight", "gw_queued"):
+        values = [s[key] for s in inside if key in s]
+        if values:
+            out[f"{key}_mean"] = sum(values) / len(values)
+            out[f"{key}_max"] = max(values)
+    for key in ("gw_overhead", "gw_queue"):
+        count = b.get(f"{key}_count", 0.0) - a.get(f"{key}_count", 0.0)
+        if count <= 0:
+            continue
+        out[f"{key}_n"] = count
+        out[f"{key}_mean_ms"] = 1000 * (b.get(f"{key}_sum", 0.0) - a.get(f"{key}_sum", 0.0)) / count
+        ba, bb = a.get(f"{key}_buckets", {}), b.get(f"{key}_buckets", {})
+        delta = {le: bb[le] - ba.get(le, 0.0) for le in bb}
+        out[f"{key}_p99_ms"] = 1000 * bucket_quantile(delta, 0.99)
     for key in ("ttft", "queue"):
         count = b.get(f"{key}_count", 0.0) - a.get(f"{key}_count", 0.0)
         if count <= 0:
@@ -98,6 +127,11 @@ def engine_window(samples: list[dict[str, Any]], start: float, end: float) -> di
             out["ttft_p50_ms"] = 1000 * bucket_quantile(delta, 0.50)
             out["ttft_p99_ms"] = 1000 * bucket_quantile(delta, 0.99)
     return out
+
+
+# CPU seconds in the samples: the gateway's processes, vLLM's API server (its main thread, which
+# runs its event loop, and in all) and vLLM's engine processes (the API server's children).
+CPU_KEYS = ("gw_cpu", "vllm_api_loop_cpu", "vllm_api_cpu", "vllm_engine_cpu")
 
 
 def load_access(logs: list[Path]) -> list[dict[str, Any]]:
@@ -125,8 +159,10 @@ def gateway_window(access: list[dict[str, Any]], start: float, end: float) -> di
         return {}
     backend = [r["backend_ms"] for r in recs if r.get("backend_ms") is not None]
     ttft = [r["ttft_ms"] for r in recs]
+    queue = [r.get("queue_wait_ms") or 0.0 for r in recs]
     return {
         "n": len(recs),
+        "queue_wait_p99_ms": percentile(queue, 99),
         "ttft_p50_ms": percentile(ttft, 50),
         "ttft_p99_ms": percentile(ttft, 99),
         "backend_p50_ms": percentile(backend, 50),
@@ -170,8 +206,9 @@ def _f(value: Any) -> str:
 def render(rows: list[dict[str, Any]]) -> str:
     out = [
         "| level | order | target | tok/s | client TTFT p50 / p99 | client headers p99 "
-        "| engine TTFT mean / p50 / p99 | engine queue mean | gateway backend_ms p50 / p99 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| engine TTFT mean / p50 / p99 | engine queue mean | gateway backend_ms p50 / p99 "
+        "| gateway TTFT p50 / p99 | gateway queue wait p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order: dict[str, int] = {}
     for r in rows:
@@ -182,9 +219,99 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"| {_f(c['ttft']['p50'])} / {_f(c['ttft']['p99'])} | {_f(c['headers']['p99'])} "
             f"| {_f(e.get('ttft_mean_ms'))} / {_f(e.get('ttft_p50_ms'))} / "
             f"{_f(e.get('ttft_p99_ms'))} | {_f(e.get('queue_mean_ms'))} "
-            f"| {_f(g.get('backend_p50_ms'))} / {_f(g.get('backend_p99_ms'))} |"
+            f"| {_f(g.get('backend_p50_ms'))} / {_f(g.get('backend_p99_ms'))} "
+            f"| {_f(g.get('ttft_p50_ms'))} / {_f(g.get('ttft_p99_ms'))} "
+            f"| {_g(g.get('queue_wait_p99_ms'))} |"
+        )
+    out += [
+        "",
+        "| level | order | target | in flight vLLM running / waiting, mean (max) "
+        "| gateway in flight / queued, mean (max) | gateway own time before send mean / p99 "
+        "| CPU (cores): gateway / vLLM API loop / API all / engine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = {}
+    for r in rows:
+        order[r["level"]] = order.get(r["level"], 0) + 1
+        e = r["engine"]
+
+        def mm(key: str, e: dict[str, float] = e) -> str:
+            return f"{_f(e.get(key + '_mean'))} ({_f(e.get(key + '_max'))})"
+
+        cpu = " / ".join(_c(e.get(f"{k}_util")) for k in CPU_KEYS)
+        out.append(
+            f"| {r['level']} | {order[r['level']]} | {r['target']} "
+            f"| {mm('running')} / {mm('waiting')} | {mm('gw_in_flight')} / {mm('gw_queued')} "
+            f"| {_g(e.get('gw_overhead_mean_ms'))} / {_g(e.get('gw_overhead_p99_ms'))} | {cpu} |"
         )
     return "\n".join(out)
+
+
+def pairs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Round k of each other target against round k of the first (the baseline)."""
+    out = []
+    for level in doc["levels"]:
+        names = list(level["targets"])
+        base = names[0]
+        for other in names[1:]:
+            a = level["targets"][base].get("per_round", [])
+            b = level["targets"][other].get("per_round", [])
+            for k, (ra, rb) in enumerate(zip(a, b, strict=False), 1):
+                out.append(_pair(level["label"], str(k), base, other, ra, rb))
+            ta, tb = level["targets"][base], level["targets"][other]
+            whole = _pair(level["label"], "all", base, other, ta, tb)
+            ratios = sorted(p["ttft_p99_ratio"] for p in out[-len(a) :] if a) if a else []
+            whole["median_pair_ratio"] = percentile(ratios, 50) if ratios else math.nan
+            out.append(whole)
+    return out
+
+
+def _pair(
+    label: str, k: str, base: str, other: str, ra: dict[str, Any], rb: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "level": label,
+        "pair": k,
+        "baseline": base,
+        "target": other,
+        "ttft_p50_ms": [ra["ttft_ms"]["p50"], rb["ttft_ms"]["p50"]],
+        "ttft_p99_ms": [ra["ttft_ms"]["p99"], rb["ttft_ms"]["p99"]],
+        "ttft_p99_ratio": rb["ttft_ms"]["p99"] / ra["ttft_ms"]["p99"],
+        "tokens_per_s": [ra["tokens_per_s"], rb["tokens_per_s"]],
+        "failed": [ra["failed"], rb["failed"]],
+    }
+
+
+def render_pairs(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| level | pair | TTFT p50 base / other | TTFT p99 base / other | p99 ratio "
+        "| tok/s base / other | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in rows:
+        note = ""
+        if p["pair"] == "all" and not math.isnan(p.get("median_pair_ratio", math.nan)):
+            note = f" (median of pairs {p['median_pair_ratio']:.3f})"
+        out.append(
+            f"| {p['level']} | {p['pair']} | {_f(p['ttft_p50_ms'][0])} / {_f(p['ttft_p50_ms'][1])} "
+            f"| {_f(p['ttft_p99_ms'][0])} / {_f(p['ttft_p99_ms'][1])} "
+            f"| {p['ttft_p99_ratio']:.3f}{note} "
+            f"| {_f(p['tokens_per_s'][0])} / {_f(p['tokens_per_s'][1])} "
+            f"| {p['failed'][0]} / {p['failed'][1]} |"
+        )
+    return "\n".join(out)
+
+
+def _c(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.2f}"
+
+
+def _g(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.1f}"
 
 
 def main() -> None:
@@ -196,7 +323,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args()
     if args.folder is not None:
-        results = args.results or args.folder / "sweep" / "results.json"
+        results = args.results or next(
+            (
+                args.folder / sub / "results.json"
+                for sub in ("sweep", "poisson", "seed1000")
+                if (args.folder / sub / "results.json").exists()
+            ),
+            args.folder / "sweep" / "results.json",
+        )
         samples = args.samples or args.folder / "vllm-metrics.jsonl"
         logs = args.access or sorted(args.folder.glob("gateway-*.log"))
     elif args.results is not None:
@@ -204,9 +338,12 @@ def main() -> None:
     else:
         parser.error("give a folder or --results")
     rows = breakdown(results, samples, logs)
+    pair_rows = pairs(json.loads(read_text(results)))
     print(render(rows))
+    print()
+    print(render_pairs(pair_rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        args.json.write_text(json.dumps({"rounds": rows, "pairs": pair_rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
