@@ -20,6 +20,7 @@ from tests.conftest import RunningGateway, free_port, run_gateway, wait_for
 from tests.integration.test_pool import sims
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.kv_events import MAX_MESSAGE_BYTES
+from vllm_gateway.backends.pool.prompt_chain import prompt_chain
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import Simulator
 
@@ -217,3 +218,41 @@ async def test_a_hostile_event_publisher_cannot_grow_the_gateway(tmp_path: Path)
     assert cache.counts["bad"] >= 2
     assert cache.counts["dropped"] == 5000  # 10,000 sent, 5,000 indexed
     assert grew < 64 * 1024, f"the gateway grew {grew} KiB"  # 5,000 entries are about 1 MiB
+
+
+async def test_the_index_follows_the_members_own_kv_events() -> None:
+    # Simulators that model vLLM's prefix cache and publish its KV-cache events: the gateway finds
+    # the endpoints through /kv_event_sources, indexes the blocks, links the prompt's text to
+    # them from the streamed prompt ids, and forgets a member's blocks when it resets its cache.
+    knobs = {"prefix_cache_blocks": 256, "block_size": 16, "kv_events_port": 0, "dev_mode": True}
+    async with sims(2, tokens=4, **knobs) as members:
+        settings = Settings(
+            backend_urls=tuple(m.url for m in members), pool_routing="cache_aware", **FAST
+        )
+        async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=30) as client:
+            messages = [{"role": "system", "content": "Index me, block by block. " * 40},
+                        {"role": "user", "content": "first"}]  # fmt: skip
+            answer = await converse(client, gw.url, messages)
+            holder = next(m for m in pool(gw).members if m.cache and m.cache.sent)
+            assert holder.cache is not None
+            await wait_for(lambda: holder.cache is not None and len(holder.cache.blocks) > 10)
+            assert holder.cache.events_live and holder.cache.block_size == 16
+            await wait_for(lambda: holder.engine.prefix_queries)  # its /metrics were read
+            messages += [{"role": "assistant", "content": answer},
+                         {"role": "user", "content": "second"}]  # fmt: skip
+            chain = prompt_chain({"model": "sim-model", "messages": messages})
+            assert chain is not None
+            links = pool(gw).cache_aware.links[16]  # type: ignore[union-attr]
+            sent = dict(holder.cache.sent)
+            holder.cache.sent.clear()  # what was sent aside: only its events can tell
+            predicted = holder.cache.hit_tokens(chain, links, 0.25)
+            assert predicted >= 16 * 10  # from its real blocks, in whole blocks
+            holder.cache.sent.update(sent)
+            await converse(client, gw.url, messages)
+            assert pool(gw).pool_stats()["cache_decisions"] == {"miss": 1, "hit": 1}
+            index = pool(gw).members.index(holder)
+            reset = await client.post(members[index].url + "/reset_prefix_cache")
+            assert reset.status_code == 200
+            await converse(client, gw.url, [{"role": "user", "content": "anything"}])  # a step
+            await wait_for(lambda: holder.cache is not None and not holder.cache.blocks)
+            assert holder.cache.hit_tokens(chain, links, 0.25) == 0  # its cache is empty now
