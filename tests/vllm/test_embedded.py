@@ -340,7 +340,7 @@ class _Borrowed(Backend):
 
 
 def test_embedded_mode_is_chosen_by_settings_and_rejects_several_workers() -> None:
-    from vllm_gateway.proxy.gateway import build_backend
+    from vllm_gateway.backends.factory import build_backend
     from vllm_gateway.settings import SettingsError, load_settings
 
     settings = load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_MODEL": "/models/x"})
