@@ -127,6 +127,35 @@ def test_a_prediction_follows_the_members_real_blocks() -> None:
     assert cache.hit_tokens(chain, links, 0.25) == len(chain.keys) * CHUNK // 4
 
 
+def test_events_alone_find_a_prompt_whose_first_pieces_are_shorter_than_a_block() -> None:
+    # vLLM's CPU blocks are 128 tokens: at 4 bytes a token the first four pieces of text lie
+    # inside the first block and have no link. Nothing was sent (another worker sent it, or the
+    # sent set forgot it): the member's own blocks must still be found, and chosen.
+    body = chat("Tell me about caches. " * 60)
+    chain = prompt_chain(body)
+    assert chain is not None
+    prompt_ids = list(range(1000, 1000 + chain.size // 4))
+    links = Links(128, kept=1000)
+    links.learn(chain, prompt_ids)
+    assert links.get(chain.keys[0]) is None
+    first = links.first(chain.keys)
+    assert first is not None and first[0] == 4 and first[1][1] == 1
+    a, b = member("a"), member("b")
+    for m in (a, b):
+        assert m.cache is not None
+        m.cache.events_live, m.cache.block_size = True, 128
+    assert b.cache is not None and not b.cache.sent
+    blocks = len(prompt_ids) // 128
+    b.cache.stored(list(range(blocks)), None, prompt_ids[: blocks * 128], 128)
+    hit = b.cache.hit_tokens(chain, links, 0.25)
+    assert hit == blocks * 128 or hit == (blocks - 1) * 128  # the last block may be held back
+    assert hit >= 128 and a.cache is not None and a.cache.hit_tokens(chain, links, 0.25) == 0
+    config = PoolConfig(routing="cache_aware")
+    assert choose_cached([a, b], chain, links, 0.25, config)[:3] == (b, "hit", hit)
+    b.cache.removed([0])  # its first block evicted: nothing after it can be used
+    assert b.cache.hit_tokens(chain, links, 0.25) == 0
+
+
 def test_links_are_bounded() -> None:
     links = Links(16, kept=5)
     for i in range(10):

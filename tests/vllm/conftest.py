@@ -17,6 +17,7 @@ set their own. The tests are skipped when vLLM is not installed (``scripts/insta
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -125,8 +126,23 @@ SERVER_FEATURES = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_RESPONSES_API_STORE
 
 @pytest.fixture(scope="session")
 def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
-    """A real vLLM OpenAI server on 127.0.0.1, shared by the whole session."""
-    yield from _start_server(str(vllm_model_dir), "vllm-server.log", env=SERVER_FEATURES)
+    """A real vLLM OpenAI server on 127.0.0.1, shared by the whole session. It publishes its
+    KV-cache events (ZMQ, on a free port it names at ``/kv_event_sources``) for cache-aware
+    routing's test."""
+    events = json.dumps(
+        {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{free_port()}",
+            "topic": "kv",
+        }
+    )
+    yield from _start_server(
+        str(vllm_model_dir),
+        "vllm-server.log",
+        extra=("--kv-events-config", events),
+        env=SERVER_FEATURES,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -255,9 +255,12 @@ def choose_cached(
     prompt); the last two go to the least loaded member, ties to the emptiest cache."""
     # One pass: each member's load, the least loaded (ties: the emptiest cache), and its hit.
     # A member that lacks the prompt's first piece is passed over without a search: in a large
-    # pool that is nearly all of them.
+    # pool that is nearly all of them (by its events: lacks the block of the first piece
+    # linked to one).
     first = chain.keys[0] if chain is not None and chain.keys else None
-    link = links.get(first) if links is not None and first is not None else None
+    # The first piece of text that covers a whole block, and that block (events speak from it).
+    first_link = links.first(chain.keys) if links is not None and chain is not None else None
+    link = first_link[1] if first_link is not None else None
     low = float("inf")
     emptiest = best = candidates[0]
     empty_size = 0
@@ -281,7 +284,7 @@ def choose_cached(
         elif first not in cache.sent:
             continue
         assert chain is not None
-        hit = cache.hit_tokens(chain, links, tokens_per_byte)
+        hit = cache.hit_tokens(chain, links, tokens_per_byte, first_link)
         if hit > best_hit or (hit == best_hit and load < best_load):
             best, best_hit, best_load = m, hit, load
     if chain is None or len(candidates) == 1:

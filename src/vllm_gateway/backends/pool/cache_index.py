@@ -36,6 +36,9 @@ __all__ = ["Links", "MemberCache", "token_chain"]
 
 _TOKEN_ROOT = 0x70C5
 DEFAULT_TOKENS_PER_BYTE = 0.25
+# Pieces scanned for a prompt's first link: 4 KiB of text, more than one block of any size
+# vLLM uses at any plausible tokens per byte.
+FIRST_LINK_SCAN = 32
 
 
 def token_chain(ids: Sequence[int], block_size: int, parent: int = _TOKEN_ROOT) -> list[int]:
@@ -74,7 +77,7 @@ class MemberCache:
         # not to be there, whatever was sent; a block never seen falls back to what was sent.
         self.gone: OrderedDict[int, None] = OrderedDict()
         self.block_size: int | None = None
-        self.events_live = False  # its events are being read and one has arrived
+        self.events_live = False  # connected to its event stream (or a message came)
         self.last_seq: int | None = None
         # events, orphans (blocks whose parent was never seen), dropped (over max_blocks),
         # gap / restart / bad (messages), resets (the index emptied).
@@ -153,8 +156,16 @@ class MemberCache:
 
     # --- what it holds of a request ----------------------------------------------------------
 
-    def hit_tokens(self, chain: PromptChain, links: Links | None, tokens_per_byte: float) -> int:
-        """The tokens of ``chain``'s prompt this member is expected to serve from its cache."""
+    def hit_tokens(
+        self,
+        chain: PromptChain,
+        links: Links | None,
+        tokens_per_byte: float,
+        first: tuple[int, tuple[int, int]] | None = None,
+    ) -> int:
+        """The tokens of ``chain``'s prompt this member is expected to serve from its cache.
+
+        ``first`` is ``links.first(chain.keys)`` when the caller has it already."""
         keys = chain.keys
         use_blocks = self.events_live and links is not None and links.block_size == self.block_size
         link_of = links.get if use_blocks and links is not None else None
@@ -170,9 +181,19 @@ class MemberCache:
                         return False
             return key in sent
 
-        if not keys or not present(keys[0]):
-            return 0  # most members of a large pool: nothing of this prompt
-        lo, hi = 1, len(keys)  # lo pieces are known present
+        if not keys:
+            return 0
+        if present(keys[0]):
+            lo = 1  # lo pieces are known present
+        else:
+            # The first pieces are shorter than a block, so only what was sent speaks for them;
+            # the events speak from the first piece that covers a whole block.
+            if link_of is not None and links is not None and first is None:
+                first = links.first(keys)
+            if link_of is None or first is None or first[1][0] not in blocks:
+                return 0  # most members of a large pool: nothing of this prompt
+            lo = first[0] + 1
+        hi = len(keys)
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if present(keys[mid - 1]):
@@ -204,6 +225,16 @@ class Links:
 
     def __len__(self) -> int:
         return len(self._links)
+
+    def first(self, keys: Sequence[int]) -> tuple[int, tuple[int, int]] | None:
+        """(index, link) of the first of ``keys`` linked to a block: the first piece of a prompt
+        is shorter than a block, so the first link comes a few pieces in (bounded scan)."""
+        get = self._links.get
+        for i, key in enumerate(keys[:FIRST_LINK_SCAN]):
+            link = get(key)
+            if link is not None:
+                return i, link
+        return None
 
     def learn(self, chain: PromptChain, prompt_ids: Sequence[int]) -> None:
         """Link each piece of ``chain`` to the token blocks of the same share of the prompt.

@@ -133,7 +133,7 @@ async def subscribe(endpoint: str, topic: str, cache: MemberCache, name: str) ->
         sock.setsockopt(zmq.RECONNECT_IVL, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoint)
         log.info("backend %s: reading its KV-cache events from %s", name, endpoint)
         poller = zmq.asyncio.Poller()
@@ -143,7 +143,9 @@ async def subscribe(endpoint: str, topic: str, cache: MemberCache, name: str) ->
             ready = dict(await poller.poll())
             if monitor in ready:
                 event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    cache.events_live = True  # from now on its changes arrive here
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
                     log.info("backend %s: its KV-cache events disconnected", name)
                     cache.note("disconnects")
                     cache.clear()
