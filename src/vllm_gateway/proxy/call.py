@@ -44,6 +44,7 @@ from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.proxy.admission import Permit
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, Body, Reach, Route
@@ -504,7 +505,7 @@ class ProxyCall:
         previous = b""
         start = first_deadline if first else min(deadline, loop.time() + idle)
         try:
-            async with asyncio.timeout_at(start) as timer:
+            async with IdleTimeout(start) as timer:
                 while not done:
                     try:
                         data = await anext(chunks)
@@ -540,7 +541,7 @@ class ProxyCall:
                     if resumable is not None or done:
                         block = b"".join(e + b"\n\n" for e in events)
                     if not block:
-                        timer.reschedule(min(deadline, loop.time() + idle))
+                        timer.push(min(deadline, loop.time() + idle))
                         continue
                     self.events += len(events)
                     if not self.response_started:
@@ -558,7 +559,7 @@ class ProxyCall:
                             timer.reschedule(deadline)
                             await ex.drain()
                     previous = block
-                    timer.reschedule(min(deadline, loop.time() + idle))
+                    timer.push(min(deadline, loop.time() + idle))
         except TimeoutError:
             if loop.time() >= deadline:
                 raise RequestTimeout() from None
