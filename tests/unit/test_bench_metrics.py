@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from vllm_gateway_tools.bench import metrics
 from vllm_gateway_tools.bench.client import RequestResult
+from vllm_gateway_tools.bench.runner import ProcMonitor
 
 
 def _req(
@@ -140,3 +146,26 @@ def test_fidelity_matches_by_request_index() -> None:
     ]
     f = metrics.fidelity(a, b)
     assert (f["compared"], f["identical"]) == (4, 3)
+
+
+def test_a_process_is_measured_with_its_children() -> None:
+    # A gateway with --workers N is a supervisor and N children: their CPU and memory count too.
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'x = bytearray(64 << 20)\\n"
+        "while True: pass'])\n"
+        "time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        monitor = ProcMonitor(parent.pid)
+        deadline = time.monotonic() + 20
+        while len(monitor._tree()) < 2 or (monitor.cpu() or 0) < 0.5:
+            assert time.monotonic() < deadline, "the child's CPU never showed"
+            time.sleep(0.1)
+        rss = monitor.rss()
+        assert rss is not None and rss > 64 << 20  # the child's buffer is counted
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the child too
+        parent.wait()
+    assert ProcMonitor(parent.pid).cpu() is None  # gone: nothing to read

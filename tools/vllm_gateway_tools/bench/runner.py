@@ -323,27 +323,49 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class ProcMonitor:
-    """CPU seconds (utime + stime) and RSS of one process, read from /proc/PID."""
+    """CPU seconds (utime + stime) and RSS of one process and its descendants (a gateway's
+    ``--workers``), read from /proc."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
+    def _tree(self) -> dict[int, bytes]:
+        """Each process of the tree: its ``stat`` fields after the command name."""
+        stats: dict[int, bytes] = {}
+        parents: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue  # ended meanwhile
+            # The command name may hold spaces; fields are counted after its closing ")".
+            rest = raw[raw.rindex(b")") + 2 :]
+            stats[int(entry)] = rest
+            parents.setdefault(int(rest.split(maxsplit=2)[1]), []).append(int(entry))
+        tree: dict[int, bytes] = {}
+        todo = [self.pid]
+        while todo:
+            pid = todo.pop()
+            if pid in stats:
+                tree[pid] = stats[pid]
+                todo.extend(parents.get(pid, ()))
+        return tree
+
     def cpu(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
+        tree = self._tree()
+        if self.pid not in tree:
             return None
-        # The command name may hold spaces; fields are counted after its closing ")".
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
+        return sum(int(f[11]) + int(f[12]) for f in (r.split() for r in tree.values())) / _TICK
 
     def rss(self) -> int | None:
-        try:
-            with open(f"/proc/{self.pid}/statm", "rb") as f:
-                return int(f.read().split()[1]) * _PAGE
-        except (OSError, IndexError, ValueError):
+        tree = self._tree()
+        if self.pid not in tree:
             return None
+        # RSS in pages is field 24 of stat (21 after the command name and state).
+        return sum(int(r.split()[21]) for r in tree.values()) * _PAGE
 
 
 @dataclass(slots=True)
