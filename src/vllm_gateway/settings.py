@@ -88,6 +88,8 @@ class Settings:
     pool_cache_balance_abs: int = 8
     pool_cache_balance_rel: float = 1.5
     pool_cache_min_share: float = 0.2
+    pool_cache_balance_share: float = 1.1
+    pool_cache_balance_window: int = 4096
     pool_cache_tokens: int = 65536
     pool_cache_index_blocks: int = 65536
     pool_cache_links_kept: int = 100_000
@@ -620,6 +622,21 @@ FIELDS: tuple[FieldSpec, ...] = (
         "--pool-cache-balance-rel",
         _positive_float,
         "cache_aware: ... and busier than this many times (least busy + 1)",
+    ),
+    FieldSpec(
+        "pool_cache_balance_share",
+        "VLLM_POOL_CACHE_BALANCE_SHARE",
+        "--pool-cache-balance-share",
+        _positive_float,
+        "cache_aware: a cached member given more than this times the mean share of recent "
+        "requests (plus the balance's abs) yields to a member under the mean",
+    ),
+    FieldSpec(
+        "pool_cache_balance_window",
+        "VLLM_POOL_CACHE_BALANCE_WINDOW",
+        "--pool-cache-balance-window",
+        _int_range(1, 1_000_000),
+        "cache_aware: the pool's last requests counted for that share",
     ),
     FieldSpec(
         "pool_cache_min_share",

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 
 from vllm_gateway.backends.http.backend import HTTPBackend
-from vllm_gateway.backends.pool.cache_aware import choose_cached
+from vllm_gateway.backends.pool.cache_aware import RecentShare, choose_cached
 from vllm_gateway.backends.pool.cache_index import Links, MemberCache, token_chain
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig, parse_backends
 from vllm_gateway.backends.pool.engine_metrics import parse_engine_metrics
@@ -331,3 +331,28 @@ def test_a_small_shared_prefix_is_no_reason_to_choose() -> None:
     a.cache.sent_chain([1])  # something else, smaller
     chosen, why, _ = choose_cached([a, b], long_prompt, None, 0.25, config)
     assert (chosen, why) == (a, "miss")  # equal load: the emptiest cache
+
+
+def test_a_member_over_its_share_of_recent_requests_yields_to_one_under_it() -> None:
+    # A shared system prompt draws every new conversation to the member that cached it first;
+    # in flight the members look alike, but over the recent requests one carries them all.
+    config = PoolConfig(routing="cache_aware", cache_balance_share=1.1, cache_balance_abs=2)
+    a, b, c = member("a"), member("b"), member("c")
+    body = chat("A new question. " * 20)
+    chain = prompt_chain(body)
+    assert chain is not None and b.cache is not None and c.cache is not None
+    b.cache.sent_chain(chain.keys)
+    c.cache.sent_chain(chain.keys[:6])  # c holds the start of it (the system prompt)
+    recent = RecentShare(window=8)
+    for m in (b, b, b, a, c, a):
+        recent.add(m.name)
+    # b: 3 of 6, mean 2, 3 <= 1.1 * 2 + 2: within its share, it keeps the request.
+    assert choose_cached([a, b, c], chain, None, 0.25, config, recent)[:2] == (b, "hit")
+    for _ in range(3):
+        recent.add(b.name)
+    # The window keeps 8: b 5, a 2, c 1; mean 8/3, 5 > 1.1 * 8/3 + 2. Among a and c (under the
+    # mean) c holds part of the prompt: c, not the emptier a.
+    assert recent.counts[b.name] == 5 and sum(recent.counts.values()) == 8
+    chosen, why, hit = choose_cached([a, b, c], chain, None, 0.25, config, recent)
+    assert (chosen, why) == (c, "yield") and hit > 0
+    assert choose_cached([a, b, c], chain, None, 0.25, config, None)[:2] == (b, "hit")

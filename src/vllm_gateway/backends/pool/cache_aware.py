@@ -28,7 +28,7 @@ import contextlib
 import functools
 import logging
 import os
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +42,7 @@ from vllm_gateway.backends.pool.member import Member
 from vllm_gateway.backends.pool.prompt_chain import CHUNK, PromptChain, prompt_chain
 from vllm_gateway.errors import GatewayError
 
-__all__ = ["CacheAware", "choose_cached"]
+__all__ = ["CacheAware", "RecentShare", "choose_cached"]
 
 log = logging.getLogger("vllm_gateway.backends.pool.cache_aware")
 
@@ -52,10 +52,28 @@ _DEFAULT_BLOCK = 16  # vLLM's default on GPUs, until a member says otherwise
 _RATIO_WEIGHT = 0.05  # of each new observation in the tokens-per-byte average
 
 
+class RecentShare:
+    """The pool's last ``window`` choices, counted per member (by name)."""
+
+    __slots__ = ("_order", "counts", "window")
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._order: deque[str] = deque()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, name: str) -> None:
+        self._order.append(name)
+        self.counts[name] += 1
+        if len(self._order) > self.window:
+            self.counts[self._order.popleft()] -= 1
+
+
 class CacheAware:
     def __init__(self, members: list[Member], config: PoolConfig) -> None:
         self.members = members
         self.config = config
+        self.recent = RecentShare(config.cache_balance_window)
         self.tokens_per_byte = 0.25
         self.links: dict[int, Links] = {}  # by block size
         self.decisions: Counter[str] = Counter()
@@ -180,9 +198,10 @@ class CacheAware:
     ) -> Member:
         links = self.links.get(_block_size(candidates))
         member, why, hit = choose_cached(
-            candidates, chain, links, self.tokens_per_byte, self.config
+            candidates, chain, links, self.tokens_per_byte, self.config, self.recent
         )
         self.decisions[why] += 1
+        self.recent.add(member.name)
         if chain is not None:
             assert member.cache is not None
             member.cache.sent_chain(chain.keys)
@@ -246,13 +265,20 @@ def choose_cached(
     links: Links | None,
     tokens_per_byte: float,
     config: PoolConfig,
+    recent: RecentShare | None = None,
 ) -> tuple[Member, str, int]:
     """(member, why, its predicted hit in tokens) among ``candidates`` (up, eligible, with room).
 
     ``why`` is ``hit`` (the member with the longest cached prefix), ``yield`` (that member was a
-    hot spot: ``cache_balance_abs`` more requests than the least loaded and over
-    ``cache_balance_rel`` * (least + 1)), or ``miss`` (no member holds ``cache_min_share`` of the
-    prompt); the last two go to the least loaded member, ties to the emptiest cache."""
+    hot spot, and the request went elsewhere), or ``miss`` (no member holds ``cache_min_share`` of
+    the prompt: the least loaded member, ties to the emptiest cache). A hot spot is a member
+    either busier now (``cache_balance_abs`` more requests in flight than the least loaded and
+    over ``cache_balance_rel`` * (least + 1): the request goes to the least loaded) or given more
+    than ``cache_balance_share`` times the mean share of the pool's recent requests plus
+    ``cache_balance_abs`` (a
+    shared system prompt draws every new conversation to where it is cached: the request goes to
+    the member with the best hit among those under the mean, so that a popular prefix is cached
+    on a second member and the conversations spread)."""
     # One pass: each member's load, the least loaded (ties: the emptiest cache), and its hit.
     # A member that lacks the prompt's first piece is passed over without a search: in a large
     # pool that is nearly all of them (by its events: lacks the block of the first piece
@@ -265,6 +291,7 @@ def choose_cached(
     emptiest = best = candidates[0]
     empty_size = 0
     best_hit, best_load = 0, 0.0
+    hits: dict[str, int] = {}
     for m in candidates:
         load = m.in_flight / m.weight + m.engine.waiting
         cache = m.cache
@@ -285,14 +312,32 @@ def choose_cached(
             continue
         assert chain is not None
         hit = cache.hit_tokens(chain, links, tokens_per_byte, first_link)
+        hits[m.name] = hit
         if hit > best_hit or (hit == best_hit and load < best_load):
             best, best_hit, best_load = m, hit, load
     if chain is None or len(candidates) == 1:
         return emptiest, "miss", 0
-    if best_hit <= 0 or best_hit < config.cache_min_share * chain.size * tokens_per_byte:
+    floor = config.cache_min_share * chain.size * tokens_per_byte
+    if best_hit <= 0 or best_hit < floor:
         return emptiest, "miss", 0
     if best_load - low > config.cache_balance_abs and best_load > config.cache_balance_rel * (
         low + 1
     ):
         return emptiest, "yield", 0
+    if recent is not None:
+        counts = recent.counts
+        mean = sum(counts[m.name] for m in candidates) / len(candidates)
+        if counts[best.name] > config.cache_balance_share * mean + config.cache_balance_abs:
+            alt, alt_hit, alt_key = best, -1, (0, 0.0)
+            for m in candidates:
+                count = counts[m.name]
+                if count > mean:
+                    continue
+                hit = hits.get(m.name, 0)
+                # The best hit; among equal hits the fewest recent requests, then the least load.
+                key = (count, m.in_flight / m.weight + m.engine.waiting)
+                if hit > alt_hit or (hit == alt_hit and key < alt_key):
+                    alt, alt_hit, alt_key = m, hit, key
+            if alt is not best:
+                return alt, "yield", alt_hit if alt_hit >= floor else 0
     return best, "hit", best_hit

@@ -74,6 +74,10 @@ class PoolConfig:
     cache_balance_abs: int = 8  # a cached member this much busier than the least busy yields...
     cache_balance_rel: float = 1.5  # ... when also busier than rel * (least + 1)
     cache_min_share: float = 0.2  # a hit under this share of the prompt is no reason to choose
+    # A cached member given more than this times the mean share of the pool's last
+    # cache_balance_window requests (plus cache_balance_abs) yields to a member under the mean.
+    cache_balance_share: float = 1.1
+    cache_balance_window: int = 4096
     cache_tokens: int = 65536  # a member's cache size until its metrics say
     cache_index_blocks: int = 65536  # per member, from its events
     cache_links_kept: int = 100_000
