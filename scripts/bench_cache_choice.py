@@ -14,7 +14,7 @@ import tracemalloc
 from typing import Any
 
 from vllm_gateway.backends.http.backend import HTTPBackend
-from vllm_gateway.backends.pool.cache_aware import choose_cached
+from vllm_gateway.backends.pool.cache_aware import RecentShare, choose_cached
 from vllm_gateway.backends.pool.cache_index import Links, MemberCache
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig
 from vllm_gateway.backends.pool.member import Member
@@ -82,10 +82,13 @@ def choosing() -> None:
             cache = members[i % count].cache
             assert cache is not None
             cache.sent_chain(chain.keys)
+        recent = RecentShare(config.cache_balance_window)  # the pool's last requests, even
+        for i in range(config.cache_balance_window):
+            recent.add(members[i % count].name)
         start = time.perf_counter()
         for _ in range(40):
             for chain in chains:
-                choose_cached(members, chain, None, 0.25, config)
+                choose_cached(members, chain, None, 0.25, config, recent)
         took = (time.perf_counter() - start) / (40 * len(chains))
         print(
             f"choose_cached: {count} members, {len(chains[0].keys)}-key prompt: {took * 1e6:.1f} us"
