@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from vllm_gateway_tools.bench.metrics import lookup
+
 __all__ = ["markdown"]
 
 # (label, path into a target's figures, decimals; None: a percentage)
@@ -25,14 +27,6 @@ ROWS: list[tuple[str, tuple[str, ...], int | None]] = [
     ("load spread: max - min share", ("spread", "share_gap"), None),
     ("gateway CPU per request (µs)", ("gateway_cpu_us_per_request",), 0),
 ]
-
-
-def _get(d: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(d, dict) or key not in d:
-            return None
-        d = d[key]
-    return d
 
 
 def _fmt(value: Any, decimals: int | None) -> str:
@@ -75,7 +69,7 @@ def markdown(doc: dict[str, Any]) -> str:
         out += ["", "| figure | " + " | ".join(available) + " |"]
         out.append("|---|" + "---:|" * len(available))
         for label, path, dec in ROWS:
-            values = [_get(policies[k], path) for k in available]
+            values = [lookup(policies[k], path) for k in available]
             if all(v is None for v in values):
                 continue
             out.append(f"| {label} | " + " | ".join(_fmt(v, dec) for v in values) + " |")

@@ -22,6 +22,7 @@ from vllm_gateway_tools.bench.client import RequestResult
 __all__ = [
     "GoodputLimits",
     "compare",
+    "lookup",
     "parse_goodput",
     "percentile",
     "summarise",
@@ -200,3 +201,12 @@ def compare(direct: Mapping[str, Any], gateway: Mapping[str, Any]) -> dict[str, 
         return b / a
 
     return {"added": _walk(direct, gateway, added), "ratio": _walk(direct, gateway, ratio)}
+
+
+def lookup(d: Any, path: tuple[str, ...]) -> Any:
+    """``d[path[0]][path[1]]...`` of a results document, or None where a step is missing."""
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from vllm_gateway_tools.bench import cache_report
+from vllm_gateway_tools.bench.metrics import lookup
 
 __all__ = ["markdown", "plot", "write"]
 
@@ -53,14 +54,6 @@ ROWS: list[tuple[str, tuple[str, ...], int]] = [
 ]
 
 
-def _get(d: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(d, dict) or key not in d:
-            return None
-        d = d[key]
-    return d
-
-
 def _fmt(value: Any, decimals: int) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -76,11 +69,11 @@ def _level_table(level: dict[str, Any], base: str, other: str) -> list[str]:
     cmp = level["comparison"].get(other, {})
     lines = [f"| figure | {base} | {other} | added | ratio |", "|---|---:|---:|---:|---:|"]
     for label, path, dec in ROWS:
-        bv, ov = _get(b, path), _get(o, path)
+        bv, ov = lookup(b, path), lookup(o, path)
         if bv is None and ov is None:
             continue
-        added = _get(cmp.get("added"), path)
-        ratio = _get(cmp.get("ratio"), path)
+        added = lookup(cmp.get("added"), path)
+        ratio = lookup(cmp.get("ratio"), path)
         lines.append(
             f"| {label} | {_fmt(bv, dec)} | {_fmt(ov, dec)} | {_fmt(added, dec)} | {_fmt(ratio, 3)} |"
         )
@@ -160,7 +153,7 @@ def _single_table(level: dict[str, Any], name: str) -> list[str]:
     s = level["targets"][name]
     lines = [f"| figure | {name} |", "|---|---:|"]
     for label, path, dec in ROWS:
-        if (v := _get(s, path)) is not None:
+        if (v := lookup(s, path)) is not None:
             lines.append(f"| {label} | {_fmt(v, dec)} |")
     return lines
 
@@ -192,7 +185,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         twin = ax.twinx() if title == "throughput" else None
         for n, name in enumerate(names):
             for k, (label, figure) in enumerate(series):
-                ys = [_get(lv["targets"].get(name), figure) for lv in levels]
+                ys = [lookup(lv["targets"].get(name), figure) for lv in levels]
                 ys = [math.nan if y is None else y for y in ys]
                 where = twin if twin is not None and k == 1 else ax
                 where.plot(
