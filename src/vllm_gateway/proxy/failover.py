@@ -61,15 +61,21 @@ _CARRIED = (
     "spaces_between_special_tokens",
     "priority",
 )
+_STRUCTURED = tuple(
+    (field, "structured")
+    for field in (
+        "response_format",
+        "structured_outputs",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    )
+)
 _CHAT_BLOCKERS = (
     ("tools", "tools"),
     ("functions", "tools"),
-    ("response_format", "structured"),
-    ("structured_outputs", "structured"),
-    ("guided_json", "structured"),
-    ("guided_regex", "structured"),
-    ("guided_choice", "structured"),
-    ("guided_grammar", "structured"),
+    *_STRUCTURED,
     ("logprobs", "logprobs"),
     ("top_logprobs", "logprobs"),
 )
@@ -78,12 +84,7 @@ _COMPLETION_BLOCKERS = (
     ("suffix", "suffix"),
     ("best_of", "best_of"),
     ("logprobs", "logprobs"),
-    ("response_format", "structured"),
-    ("structured_outputs", "structured"),
-    ("guided_json", "structured"),
-    ("guided_regex", "structured"),
-    ("guided_choice", "structured"),
-    ("guided_grammar", "structured"),
+    *_STRUCTURED,
 )
 # vLLM renders these as null unless asked for: what the client sees when it did not ask.
 _IDS = re.compile(rb'"(prompt_token_ids|token_ids)":\[[0-9,\s]*\]')
