@@ -129,10 +129,8 @@ def test_a_stop_during_warm_up_signals_the_whole_group_at_once(tmp_path: Path) -
     assert group_gone(child.pid)
 
 
-def test_a_starting_server_that_ignores_sigterm_is_killed_sooner(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(launcher, "STARTING_STOP_S", 0.5)
+def _stubborn_child(tmp_path: Path) -> launcher.VllmChild:
+    """A child that ignores SIGTERM, once it has said it is ready (within 20 s)."""
     script = tmp_path / "stubborn.py"
     script.write_text(
         "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
@@ -145,6 +143,14 @@ def test_a_starting_server_that_ignores_sigterm_is_killed_sooner(
     while "ready" not in (tmp_path / "v.log").read_text():
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return child
+
+
+def test_a_starting_server_that_ignores_sigterm_is_killed_sooner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launcher, "STARTING_STOP_S", 0.5)
+    child = _stubborn_child(tmp_path)
     started = time.monotonic()
     assert child.stop(timeout=30) == -signal.SIGKILL
     assert time.monotonic() - started < 10  # not the 30 s a serving vLLM may take
@@ -152,18 +158,7 @@ def test_a_starting_server_that_ignores_sigterm_is_killed_sooner(
 
 
 def test_a_server_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Path) -> None:
-    script = tmp_path / "stubborn.py"
-    script.write_text(
-        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        "print('ready', flush=True)\ntime.sleep(60)\n"
-    )
-    child = launcher.VllmChild.start(
-        [sys.executable, str(script)], dict(os.environ), tmp_path / "v.log", "x", 1
-    )
-    deadline = time.monotonic() + 20
-    while "ready" not in (tmp_path / "v.log").read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    child = _stubborn_child(tmp_path)
     child.serving = True
     assert child.stop(timeout=0.5) == -signal.SIGKILL
     assert group_gone(child.pid)
