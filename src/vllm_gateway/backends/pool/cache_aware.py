@@ -275,10 +275,9 @@ def choose_cached(
     either busier now (``cache_balance_abs`` more requests in flight than the least loaded and
     over ``cache_balance_rel`` * (least + 1): the request goes to the least loaded) or given more
     than ``cache_balance_share`` times the mean share of the pool's recent requests plus
-    ``cache_balance_abs`` (a
-    shared system prompt draws every new conversation to where it is cached: the request goes to
-    the member with the best hit among those under the mean, so that a popular prefix is cached
-    on a second member and the conversations spread)."""
+    ``cache_balance_abs`` (a shared system prompt draws every new conversation to where it is
+    cached: the request goes to the member with the best hit among those under the mean, so
+    that a popular prefix is cached on a second member and the conversations spread)."""
     # One pass: each member's load, the least loaded (ties: the emptiest cache), and its hit.
     # A member that lacks the prompt's first piece is passed over without a search: in a large
     # pool that is nearly all of them (by its events: lacks the block of the first piece
