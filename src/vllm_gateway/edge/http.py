@@ -330,6 +330,9 @@ class Connection(asyncio.Protocol):
         "_probe",
         "_send_timer",
         "_timer",
+        "_timer_armed",
+        "_timer_at",
+        "_timer_callback",
         "closing",
         "current",
         "half_closed",
@@ -353,7 +356,13 @@ class Connection(asyncio.Protocol):
         self.current: Exchange | None = None  # the request being read or answered
         self.pending: deque[Exchange] = deque()  # pipelined requests behind it
         self.task: asyncio.Task[None] | None = None
+        # The connection's one phase timer (header, body, idle, linger): ``_timer_callback`` runs
+        # at ``_timer_at``. The handle is armed for ``_timer_armed`` and rearms itself when the
+        # deadline moved later, so each phase change is a store, not a timer made and cancelled.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_armed = 0.0
+        self._timer_at = 0.0
+        self._timer_callback: Callable[[], None] | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -727,17 +736,36 @@ class Connection(asyncio.Protocol):
     # --- timers ----------------------------------------------------------------------------------
 
     def _set_timer(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        self._timer_at = when
+        self._timer_callback = callback
+        if self._timer is None or self._timer_armed > when:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_armed = when
+            self._timer = loop.call_at(when, self._on_timer)
 
     def _cancel_timer(self) -> None:
+        self._timer_callback = None  # an armed handle finds nothing to do
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        callback = self._timer_callback
+        if callback is None:
+            return
+        if self._timer_at > self._timer_armed:  # the deadline moved later since it was armed
+            self._timer_armed = self._timer_at
+            self._timer = asyncio.get_running_loop().call_at(self._timer_at, self._on_timer)
+            return
+        self._timer_callback = None
+        callback()
+
+    def _cancel_timers(self) -> None:
+        self._timer_callback = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_timer()
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
@@ -746,7 +774,6 @@ class Connection(asyncio.Protocol):
             self._probe = None
 
     def _on_header_timeout(self) -> None:
-        self._timer = None
         self.server.stats.header_timeouts += 1
         if self.current is None and not self._in_headers:
             self.abort()  # never sent a byte: nobody to answer
@@ -754,12 +781,10 @@ class Connection(asyncio.Protocol):
         self._refuse(errors.ClientTimeout("The request headers did not arrive in time."))
 
     def _on_body_timeout(self) -> None:
-        self._timer = None
         self.server.stats.body_timeouts += 1
         self._refuse(errors.ClientTimeout("The request body did not arrive in time."))
 
     def _on_idle_timeout(self) -> None:
-        self._timer = None
         self.server.stats.idle_closed += 1
         self.close()
 
@@ -771,7 +796,6 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     def _on_linger_timeout(self) -> None:
-        self._timer = None
         self.server.stats.send_timeouts += 1
         self.too_slow = True
         self.abort()
