@@ -28,7 +28,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+# Read-only by convention, not frozen: a frozen dataclass pays a call per field to build, on
+# every request.
+@dataclass(slots=True)
 class UpstreamRequest:
     method: str
     path: str  # a route of the table in proxy/routes.py (never a path a client chose freely)

@@ -77,12 +77,14 @@ def _failover_reason(exc: GatewayError) -> str:
     return "backend_error"
 
 
-def _is_json_object(body: bytes) -> bool:
-    """A 200 is relayed only if it is whole: a truncated or garbled body must not look complete."""
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    """The body's JSON object, or None. A 200 is relayed only if it is whole: a truncated or
+    garbled body must not look complete."""
     try:
-        return isinstance(orjson.loads(body), dict)
+        answer = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return False
+        return None
+    return answer if isinstance(answer, dict) else None
 
 
 _SSE_HEADERS = [
@@ -166,7 +168,7 @@ class ProxyCall:
         self.chunks = 0  # content events relayed
         self.events = 0  # every event relayed (a Responses error event numbers itself after)
         self.requested_tokens = 0
-        self.usage: bytes | None = None
+        self.usage: bytes | dict[str, Any] | None = None  # the usage event(s), or object
         self.upstream_sent_at: float | None = None
         self.upstream_answered_at: float | None = None
         self.ended_at: float | None = None
@@ -334,25 +336,40 @@ class ProxyCall:
         # A stored response is replayed as a stream when asked (GET ...?stream=true).
         self.stream = valid.stream or (route.kind == "store" and b"stream=true" in ex.query)
         first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
+        body = b""
         try:
-            async with asyncio.timeout_at(first_deadline):
+            # One timer for the request's wait on the backend: the first token's deadline until
+            # the answer's head, the request's own for a body read whole.
+            async with IdleTimeout(first_deadline, self._task) as timer:
                 self.upstream_sent_at = time.perf_counter()
-                self.upstream = await gw.backend.send(request)
+                upstream = self.upstream = await gw.backend.send(request)
                 self.upstream_answered_at = time.perf_counter()
+                if upstream.status == 200 and (
+                    self.stream
+                    # An upload says whether it wants a stream in a form field the gateway does
+                    # not parse: its answer tells.
+                    or (
+                        route.body is Body.MULTIPART
+                        and upstream.content_type.startswith("text/event-stream")
+                    )
+                ):
+                    self.stream = True
+                else:
+                    timer.push(deadline)
+                    limit = settings.max_backend_body_bytes if upstream.status == 200 else 1 << 20
+                    body = await upstream.read(limit, self._charge)
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
 
-        upstream = self.upstream
-        event_stream = upstream.content_type.startswith("text/event-stream")
-        if upstream.status != 200:
-            await self._relay_error_status(upstream, deadline)
-        elif self.stream or (event_stream and route.body is Body.MULTIPART):
-            # An upload says whether it wants a stream in a form field the gateway does not
-            # parse: its answer tells.
-            self.stream = True
+        if self.stream:
             await self._relay_stream(upstream, first_deadline, deadline)
+        elif upstream.status != 200:
+            self._relay_error_status(upstream, body)
         else:
-            await self._relay_body(upstream, first_deadline, deadline)
+            self.first_byte_at = time.perf_counter()
+            self._relay_body(upstream, body)
+            if ex.paused:
+                await ex.drain()
 
     def _upstream_request(self, valid: ValidRequest) -> UpstreamRequest:
         ex = self._ex
@@ -397,14 +414,9 @@ class ProxyCall:
             )
         self._charged += n
 
-    async def _relay_error_status(self, upstream: UpstreamResponse, deadline: float) -> None:
-        try:
-            async with asyncio.timeout_at(deadline):
-                body = await upstream.read(1 << 20, self._charge)
-        except TimeoutError:
-            raise RequestTimeout() from None
+    def _relay_error_status(self, upstream: UpstreamResponse, body: bytes) -> None:
         if 400 <= upstream.status < 500:
-            if not _is_json_object(body):
+            if _json_object(body) is None:
                 log.warning(
                     "request %s: backend answered %d without a JSON body: %.300r",
                     self.request_id,
@@ -421,27 +433,19 @@ class ProxyCall:
         )
         raise BadBackendResponse(f"The backend failed with status {upstream.status}.")
 
-    async def _relay_body(
-        self, upstream: UpstreamResponse, first_deadline: float, deadline: float
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(deadline):
-                body = await upstream.read(self._gw.settings.max_backend_body_bytes, self._charge)
-        except TimeoutError:
-            raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
-        self.first_byte_at = time.perf_counter()
+    def _relay_body(self, upstream: UpstreamResponse, body: bytes) -> None:
         content_type = "application/json"
         if not self._route.json_answer and upstream.content_type.startswith(_TEXT_ANSWERS):
             content_type = upstream.content_type  # a transcript as text, srt or vtt
-        elif "json" not in upstream.content_type or not _is_json_object(body):
-            raise BadBackendResponse("The backend's answer is not JSON.")
+            self.usage = body
+        else:
+            answer = _json_object(body) if "json" in upstream.content_type else None
+            if answer is None:
+                raise BadBackendResponse("The backend's answer is not JSON.")
+            usage = answer.get("usage")
+            self.usage = usage if isinstance(usage, dict) else None
         self.outcome = "completed"
-        self.usage = body
         self._respond(200, body, content_type)
-        ex = self._ex
-        if ex.paused:
-            await ex.drain()
 
     def _respond(self, status: int, body: bytes, content_type: str) -> None:
         self.status = status
@@ -505,7 +509,7 @@ class ProxyCall:
         previous = b""
         start = first_deadline if first else min(deadline, loop.time() + idle)
         try:
-            async with IdleTimeout(start) as timer:
+            async with IdleTimeout(start, self._task) as timer:
                 while not done:
                     try:
                         data = await anext(chunks)

@@ -13,14 +13,25 @@ from __future__ import annotations
 
 import asyncio
 from types import TracebackType
+from typing import Any
 
 __all__ = ["IdleTimeout"]
 
 
 class IdleTimeout:
-    __slots__ = ("_armed", "_cancelling", "_expired", "_handle", "_loop", "_target", "_task")
+    __slots__ = (
+        "_armed",
+        "_cancelling",
+        "_expired",
+        "_given",
+        "_handle",
+        "_loop",
+        "_target",
+        "_task",
+    )
 
-    def __init__(self, when: float) -> None:
+    def __init__(self, when: float, task: asyncio.Task[Any] | None = None) -> None:
+        self._given = task  # the task it cancels: the current one unless given
         self._target = when  # when the timeout expires (loop time)
         self._armed = when  # when the timer handle fires
         self._handle: asyncio.TimerHandle | None = None
@@ -28,11 +39,11 @@ class IdleTimeout:
         self._cancelling = 0
 
     async def __aenter__(self) -> IdleTimeout:
-        task = asyncio.current_task()
+        task = self._given or asyncio.current_task()
         if task is None:
             raise RuntimeError("IdleTimeout must be used inside a task")
         self._task = task
-        self._loop = asyncio.get_running_loop()
+        self._loop = task.get_loop()
         self._cancelling = task.cancelling()
         self._arm(self._target)
         return self

@@ -8,7 +8,7 @@ Times are ``time.perf_counter()`` values; None where the request never got that 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from vllm_gateway import errors
 
@@ -64,7 +64,7 @@ class CallRecord(Protocol):
     def admitted(self) -> bool: ...
 
     @property
-    def usage(self) -> bytes | None: ...
+    def usage(self) -> bytes | dict[str, Any] | None: ...
 
     @property
     def served_by(self) -> str | None: ...

@@ -35,7 +35,9 @@ MAX_N = 16
 _STREAMING = frozenset({CHAT, COMPLETIONS, RESPONSES_PATH, MESSAGES})
 
 
-@dataclass(frozen=True, slots=True)
+# Read-only by convention, not frozen: a frozen dataclass pays a call per field to build, on
+# every request.
+@dataclass(slots=True)
 class ValidRequest:
     body: bytes
     json: dict[str, Any] | None  # None for bodies the gateway does not parse

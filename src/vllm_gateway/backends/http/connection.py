@@ -295,17 +295,8 @@ class HTTPResponse(UpstreamResponse):
 
     async def __anext__(self) -> bytes:
         while True:
-            chunks = self._chunks
-            if chunks:
-                # Everything buffered goes out in one piece: under load, one wake-up per burst.
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                if self._paused:
-                    self._paused = False
-                    if self._conn is not None:
-                        self._conn.transport.resume_reading()  # type: ignore[union-attr]
-                return data
+            if self._chunks:
+                return self._take()
             if self._error is not None:
                 raise self._error
             if self._done or self._conn is None:
@@ -316,7 +307,27 @@ class HTTPResponse(UpstreamResponse):
             finally:
                 self._waiter = None
 
+    def _take(self) -> bytes:
+        """Everything buffered, in one piece: under load, one wake-up per burst."""
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            if self._conn is not None:
+                self._conn.transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
     async def read(self, limit: int, charge: Charge | None = None) -> bytes:
+        if self._done and self._chunks and (self._content_length or 0) <= limit:
+            # The whole message came with its head (a short answer): no iteration.
+            data = self._take()
+            if len(data) > limit:
+                raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+            if charge is not None:
+                charge(len(data))
+            return data
         return await read_capped(self, limit, self._content_length, charge)
 
     async def aclose(self) -> None:
