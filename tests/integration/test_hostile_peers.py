@@ -226,6 +226,28 @@ async def test_idle_keep_alive_connections_are_closed(simulator: Simulator) -> N
         writer.close()
 
 
+async def test_a_phase_deadline_moved_later_is_kept_not_fired_at_the_earlier_one(
+    simulator: Simulator,
+) -> None:
+    # The connection's one timer is armed for the header deadline (0.4 s) when it opens; the
+    # answer comes at once and the idle wait (1.5 s) moves the deadline later: the connection
+    # must stay open past the first deadline and close at the second.
+    settings = Settings(
+        backend_urls=(simulator.url,), client_header_timeout=0.4, client_idle_timeout=1.5
+    )
+    async with run_gateway(settings) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /health/live HTTP/1.1\r\nhost: gw\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        t0 = time.monotonic()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        assert 1.4 <= time.monotonic() - t0 < 1.5 + 3.0
+        writer.close()
+
+
 async def test_past_max_connections_one_more_gets_503_at_once(simulator: Simulator) -> None:
     settings = Settings(backend_urls=(simulator.url,), max_connections=20)
     async with run_gateway(settings) as gw:

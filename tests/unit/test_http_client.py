@@ -577,3 +577,28 @@ async def test_an_ipv6_backend() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_whole_body_that_came_with_its_head_is_still_held_to_the_read_limit() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.read_head()  # type: ignore[attr-defined]
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n%s\r\n0\r\n\r\n"
+                % (b"x" * 100)
+            )
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        resp = await pool.request("GET", "/")
+        await asyncio.sleep(0.05)  # the whole message is in before the read
+        assert resp.complete
+        with pytest.raises(BadBackendResponse):
+            await resp.read(99)  # no declared length: refused on what came
+        resp = await pool.request("GET", "/")
+        await asyncio.sleep(0.05)
+        charged: list[int] = []
+        assert await resp.read(100, charged.append) == b"x" * 100
+        assert charged == [100]
+        await pool.aclose()
+
