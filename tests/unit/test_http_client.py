@@ -602,3 +602,85 @@ async def test_a_whole_body_that_came_with_its_head_is_still_held_to_the_read_li
         assert charged == [100]
         await pool.aclose()
 
+
+
+class RecordingSink:
+    """A BodySink that records what the response hands it, and when."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.stops = 0
+        self.changed = asyncio.Event()
+
+    def body(self, data: bytes) -> None:
+        self.pieces.append(data)
+        self.changed.set()
+
+    def stopped(self) -> None:
+        self.stops += 1
+        self.changed.set()
+
+    async def next_change(self) -> None:
+        async with asyncio.timeout(2):
+            await self.changed.wait()
+        self.changed.clear()
+
+
+async def test_delivery_hands_the_body_over_as_it_comes_and_buffers_again_when_detached() -> None:
+    steps: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read_head()  # type: ignore[attr-defined]
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while (step := await steps.get()) is not None:
+            writer.write(step)
+            await writer.drain()
+        writer.transport.abort()  # cut mid-body
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        resp = await pool.request("GET", "/")
+        await steps.put(b"1\r\na\r\n")
+        await asyncio.sleep(0.05)  # buffered: nobody reads yet
+        sink = RecordingSink()
+        assert resp.deliver(sink) is True
+        assert sink.pieces == [b"a"]  # what was buffered, handed over at once
+        sink.changed.clear()
+        await steps.put(b"1\r\nb\r\n1\r\nc\r\n")  # two pieces in one read: one hand-over
+        await sink.next_change()
+        assert sink.pieces == [b"a", b"bc"]
+        assert resp.deliver(None) is True
+        await steps.put(b"1\r\nd\r\n")
+        await asyncio.sleep(0.05)
+        assert sink.pieces == [b"a", b"bc"]  # detached: kept for the iterator
+        assert await anext(resp.chunks()) == b"d"
+        assert resp.deliver(sink) is True and sink.stops == 0
+        await steps.put(None)  # the backend dies mid-body
+        await sink.next_change()
+        assert sink.stops == 1
+        with pytest.raises(BackendUnavailable):
+            await anext(resp.chunks())
+        await resp.aclose()
+        await pool.aclose()
+
+
+async def test_delivery_to_a_sink_after_the_end_stops_at_once_with_the_rest_first() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read_head()  # type: ignore[attr-defined]
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        await reader.read(1)  # keep-alive: the connection stays open
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        resp = await pool.request("GET", "/")
+        await asyncio.sleep(0.05)
+        sink = RecordingSink()
+        resp.deliver(sink)
+        assert (sink.pieces, sink.stops) == ([b"hello"], 1)
+        with pytest.raises(StopAsyncIteration):
+            await anext(resp.chunks())
+        assert pool.idle_connections() == 1  # ended whole: the connection is pooled
+        await pool.aclose()
