@@ -21,6 +21,9 @@
 #
 # Environment: PEERS_VENV (/tmp/peers), PYTHON (the project's interpreter, python3), USERS
 # (100 stream, 64 body), NUM (600 stream, 20000 body), NUM_SLOW (1000), ROUNDS (2).
+# BEFORE=DIR adds a fifth target, gateway-before: the gateway run from another checkout's src/
+# (e.g. `git worktree add DIR HEAD~1`), pinned beside the others: a change's before and after in
+# one run. NO_LITELLM=1 leaves LiteLLM out.
 set -euo pipefail
 mode=${1:?stream or body}
 out=${2:?output folder}
@@ -33,7 +36,7 @@ mkdir -p "$out"
 PY=${PYTHON:-python3}
 PEERS=${PEERS_VENV:-/tmp/peers}
 ROUNDS=${ROUNDS:-2}
-SIM_PORT=18101 GW_PORT=18102 ROUTER_PORT=18103 LITELLM_PORT=18104
+SIM_PORT=18101 GW_PORT=18102 ROUTER_PORT=18103 LITELLM_PORT=18104 BEFORE_PORT=18105
 KEY=sk-bench-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -78,6 +81,13 @@ wait_http "http://127.0.0.1:$SIM_PORT/health" simulator
 start vllm-gateway 0 "$PY" -m vllm_gateway serve --host 127.0.0.1 --port $GW_PORT \
     --backend-url "http://127.0.0.1:$SIM_PORT" --max-concurrent-requests 1000 --log-level warning \
     --api-keys "$KEY"
+proxies="vllm_gateway vllm_router"
+if [ -n "${BEFORE:-}" ]; then
+    PYTHONPATH="$BEFORE/src" start gateway-before 0 "$PY" -m vllm_gateway serve --host 127.0.0.1 \
+        --port $BEFORE_PORT --backend-url "http://127.0.0.1:$SIM_PORT" \
+        --max-concurrent-requests 1000 --log-level warning --api-keys "$KEY"
+    proxies+=" gateway_before"
+fi
 start vllm-router 0 "$PEERS/bin/vllm-router" --host 127.0.0.1 --port $ROUTER_PORT \
     --worker-urls "http://127.0.0.1:$SIM_PORT" --policy round_robin --log-level warning
 cat > "$out/litellm.yaml" <<EOF
@@ -88,16 +98,23 @@ model_list:
       api_base: http://127.0.0.1:$SIM_PORT/v1
       api_key: none
 EOF
-LITELLM_MASTER_KEY=$KEY start litellm 0 "$PEERS/bin/litellm" --config "$out/litellm.yaml" --host 127.0.0.1 \
-    --port $LITELLM_PORT --num_workers 1
+if [ -z "${NO_LITELLM:-}" ]; then
+    LITELLM_MASTER_KEY=$KEY start litellm 0 "$PEERS/bin/litellm" --config "$out/litellm.yaml" \
+        --host 127.0.0.1 --port $LITELLM_PORT --num_workers 1
+    proxies+=" litellm"
+fi
 wait_http "http://127.0.0.1:$GW_PORT/health/ready" vllm-gateway
 wait_http "http://127.0.0.1:$ROUTER_PORT/v1/models" vllm-router
-wait_http "http://127.0.0.1:$LITELLM_PORT/health/liveliness" litellm
+[ -n "${BEFORE:-}" ] && wait_http "http://127.0.0.1:$BEFORE_PORT/health/ready" gateway-before
+[ -z "${NO_LITELLM:-}" ] && wait_http "http://127.0.0.1:$LITELLM_PORT/health/liveliness" litellm
 
-targets="direct=http://127.0.0.1:$SIM_PORT,vllm-gateway=http://127.0.0.1:$GW_PORT"
-targets+=",vllm-router=http://127.0.0.1:$ROUTER_PORT,litellm=http://127.0.0.1:$LITELLM_PORT"
+fast="direct=http://127.0.0.1:$SIM_PORT,vllm-gateway=http://127.0.0.1:$GW_PORT"
+[ -n "${BEFORE:-}" ] && fast+=",gateway-before=http://127.0.0.1:$BEFORE_PORT"
+fast+=",vllm-router=http://127.0.0.1:$ROUTER_PORT"
+targets=$fast
+[ -z "${NO_LITELLM:-}" ] && targets+=",litellm=http://127.0.0.1:$LITELLM_PORT"
 cpu_all() {  # cpu_all LABEL: every proxy's CPU seconds so far
-    for name in vllm_gateway vllm_router litellm; do
+    for name in $proxies; do
         pid_var="${name}_pid"
         echo "$name $1 $(cpu_seconds "${!pid_var}")"
     done >> "$out/cpu.txt"
@@ -114,13 +131,14 @@ if [ "$mode" = stream ]; then
         --concurrency "${USERS:-100}" --num-requests "${NUM:-600}" --max-tokens 64 --stream
     cpu_all after
 else
-    fast=${targets%,litellm=*}
     bench "$fast" "$out/body" \
         --concurrency "${USERS:-64}" --num-requests "${NUM:-20000}" --max-tokens 16 --no-stream
     cpu_all after-fast
-    bench "direct=http://127.0.0.1:$SIM_PORT,litellm=http://127.0.0.1:$LITELLM_PORT" \
-        "$out/body-litellm" \
-        --concurrency "${USERS:-64}" --num-requests "${NUM_SLOW:-1000}" --max-tokens 16 --no-stream
-    cpu_all after
+    if [ -z "${NO_LITELLM:-}" ]; then
+        bench "direct=http://127.0.0.1:$SIM_PORT,litellm=http://127.0.0.1:$LITELLM_PORT" \
+            "$out/body-litellm" --concurrency "${USERS:-64}" --num-requests "${NUM_SLOW:-1000}" \
+            --max-tokens 16 --no-stream
+        cpu_all after
+    fi
 fi
 cat "$out/cpu.txt"
