@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="rig: start this instead, e.g. 'vllm-router --port {port} --worker-urls {backend}'",
     )
     where.add_argument(
+        "--gateway-ready",
+        default="/health/ready",
+        metavar="PATH",
+        help="rig: the gateway is ready when GET PATH answers 200 (vllm-router: /health)",
+    )
+    where.add_argument(
         "--no-gateway",
         action="store_true",
         help="rig: a second simulator stands in for the gateway",
@@ -245,6 +251,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 max_queued_requests=queued,
                 gateway=not args.no_gateway,
                 gateway_cmd=args.gateway_cmd,
+                ready_path=args.gateway_ready,
             )
             rig = await stack.enter_async_context(Rig(rig_cfg))
             if args.no_gateway:

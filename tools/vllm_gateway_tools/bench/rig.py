@@ -45,6 +45,7 @@ class RigConfig:
     gateway: bool = True
     # A shell-style template; {backend}, {host} and {port} are filled in.
     gateway_cmd: str | None = None
+    ready_path: str = "/health/ready"  # answers 200 once the gateway is ready
     gateway_args: tuple[str, ...] = ()
     gateway_core: int = 0
     rig_core: int = 1
@@ -64,9 +65,9 @@ def pin_command(cmd: list[str], core: int) -> list[str]:
     return cmd
 
 
-async def probe_ready(port: int) -> bool:
-    """Whether ``GET /health/ready`` on 127.0.0.1:``port`` answers 200 now."""
-    probe = f"GET /health/ready HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+async def probe_ready(port: int, path: str = "/health/ready") -> bool:
+    """Whether ``GET path`` on 127.0.0.1:``port`` answers 200 now."""
+    probe = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
     with contextlib.suppress(OSError, asyncio.TimeoutError):
         reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
         try:
@@ -195,7 +196,7 @@ class Rig:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise RigError(f"gateway exited with {proc.returncode} before it was ready")
-            if await probe_ready(port):
+            if await probe_ready(port, self.config.ready_path):
                 return
             await asyncio.sleep(0.1)
         raise RigError("gateway did not answer /health/ready with 200 in time")
