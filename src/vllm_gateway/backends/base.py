@@ -15,12 +15,11 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict
+from typing import Any, TypedDict
 
 __all__ = [
     "Backend",
     "BackendStats",
-    "BodySink",
     "Charge",
     "ConnectionCounts",
     "UpstreamRequest",
@@ -78,17 +77,6 @@ async def read_capped(
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-class BodySink(Protocol):
-    """Takes a response's body from the connection's own callback (``UpstreamResponse.deliver``):
-    no task wakes per piece. Neither method may raise or wait."""
-
-    def body(self, data: bytes) -> None:
-        """A piece of the body, as it arrived."""
-
-    def stopped(self) -> None:
-        """The body ended or failed: ``chunks()`` tells which (it raises, or it is exhausted)."""
-
-
 class UpstreamResponse(abc.ABC):
     """One response from a backend. Not reusable; ``aclose()`` is idempotent."""
 
@@ -109,14 +97,6 @@ class UpstreamResponse(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release the response; if it has not ended, abort the work behind it."""
-
-    def deliver(self, sink: BodySink | None) -> bool:
-        """Hand the body to ``sink`` as it arrives, from the I/O callback, until ``deliver(None)``
-        (after which it is buffered for ``chunks()`` again, within the same bounds). What is
-        already buffered is handed over at once, and ``sink.stopped()`` comes at once when the body
-        has already ended. False when this response cannot (then read ``chunks()``); so
-        ``deliver(None)`` also asks whether it can."""
-        return False
 
 
 class BackendStats(TypedDict, total=False):

@@ -497,51 +497,78 @@ class ProxyCall:
         self, upstream: UpstreamResponse, first_deadline: float, deadline: float, first: bool
     ) -> Any:
         """Relay one part of a stream (the first, or a continuation) to its end marker; the
-        part's remaining chunks (to read its end of body). Raises on a failure of the part.
-
-        Where the response can (``deliver``), its body is relayed from the connection's own
-        callback and this task wakes only at the end, on a failure, or to wait for a client that
-        is behind; else it reads ``chunks()``. Both feed the same ``_StreamPart.take``."""
+        part's remaining chunks (to read its end of body). Raises on a failure of the part."""
         loop = asyncio.get_running_loop()
         idle = self._gw.settings.stream_idle_timeout
         ex = self._ex
+        classify = self._protocol.classify
+        resumable = self._resumable
+        scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
+        done = False
+        previous = b""
         start = first_deadline if first else min(deadline, loop.time() + idle)
         try:
             async with IdleTimeout(start, self._task) as timer:
-                part = _StreamPart(self, upstream, first, timer, deadline, idle)
-                direct = upstream.deliver(None)
-                while not part.done:
-                    if direct and not ex.paused:
-                        waiter = part.waiter = loop.create_future()
-                        upstream.deliver(part)
-                        try:
-                            await waiter
-                        finally:
-                            part.waiter = None
-                            upstream.deliver(None)
-                        if part.error is not None:
-                            raise part.error
-                        if part.done:
-                            break
-                    if ex.paused:
-                        # The client is behind: wait for it (bounded by the server's send
-                        # timeout) rather than read more from the backend. That wait is the
-                        # client's, not the backend's idle time.
-                        timer.reschedule(deadline)
-                        await ex.drain()
-                        timer.push(min(deadline, loop.time() + idle))
-                        continue
+                while not done:
                     try:
                         data = await anext(chunks)
                     except StopAsyncIteration:
                         break
-                    part.take(data)
+                    try:
+                        block = scanner.feed(data)
+                    except FramingError as exc:
+                        raise BadBackendResponse("The backend sent an oversized event.") from exc
+                    if not block:
+                        continue
+                    events = split_events(block)
+                    if resumable is not None:
+                        # Note what the stream produced; a continuation's events become the
+                        # original stream's.
+                        events = self._follow(resumable, events, first)
+                    for i, event in enumerate(events):
+                        kind = classify(event)
+                        if kind == DONE:
+                            done = True
+                            del events[i + 1 :]  # nothing of a stream follows its end
+                            break
+                        if kind == ERROR:
+                            log.warning(
+                                "request %s: bad backend event: %.300r", self.request_id, event
+                            )
+                            if i:  # the whole events before it still reach the client
+                                self._send_events(b"".join(e + b"\n\n" for e in events[:i]))
+                                self.events += i
+                            raise BadBackendResponse("The backend reported an error mid-stream.")
+                        if kind != NOTE:
+                            self.chunks += 1
+                    if resumable is not None or done:
+                        block = b"".join(e + b"\n\n" for e in events)
+                    if not block:
+                        timer.push(min(deadline, loop.time() + idle))
+                        continue
+                    self.events += len(events)
+                    if not self.response_started:
+                        self._start_stream()
+                    if done:
+                        ex.end(block)
+                        # The usage chunk, when asked for, is the last event before [DONE].
+                        self.usage = previous + block
+                    else:
+                        ex.write(block)
+                        if ex.paused:
+                            # The client is behind: wait for it (bounded by the server's send
+                            # timeout) rather than read more from the backend. That wait is
+                            # the client's, not the backend's idle time.
+                            timer.reschedule(deadline)
+                            await ex.drain()
+                    previous = block
+                    timer.push(min(deadline, loop.time() + idle))
         except TimeoutError:
             if loop.time() >= deadline:
                 raise RequestTimeout() from None
             raise (StreamIdleTimeout() if self.response_started else FirstTokenTimeout()) from None
-        if not part.done:
+        if not done:
             raise BadBackendResponse(
                 f"The backend ended the stream without {self._protocol.end_marker}."
             )
@@ -657,121 +684,3 @@ class ProxyCall:
                     pass
         except (TimeoutError, GatewayError):
             pass  # aclose() drops the connection instead
-
-
-class _StreamPart:
-    """One part of a relayed stream: cuts the backend's bytes into whole events, checks and counts
-    them, and writes them to the client. ``take`` is called per piece, by the call's task or by
-    the connection's callback (as the response's ``BodySink``); it never waits."""
-
-    __slots__ = (
-        "_call",
-        "_classify",
-        "_deadline",
-        "_first",
-        "_idle",
-        "_previous",
-        "_resumable",
-        "_scanner",
-        "_time",
-        "_timer",
-        "_upstream",
-        "done",
-        "error",
-        "waiter",
-    )
-
-    def __init__(
-        self,
-        call: ProxyCall,
-        upstream: UpstreamResponse,
-        first: bool,
-        timer: IdleTimeout,
-        deadline: float,
-        idle: float,
-    ) -> None:
-        self._call = call
-        self._upstream = upstream
-        self._first = first
-        self._timer = timer
-        self._time = asyncio.get_running_loop().time
-        self._deadline = deadline
-        self._idle = idle
-        self._classify = call._protocol.classify
-        self._resumable = call._resumable
-        self._scanner = EventScanner(MAX_EVENT_BYTES)
-        self._previous = b""
-        self.done = False  # the end marker was relayed
-        self.error: Exception | None = None  # what ``take`` raised under the callback
-        self.waiter: asyncio.Future[None] | None = None  # the task waits on it under the callback
-
-    # --- as the response's BodySink ---------------------------------------------------------
-
-    def body(self, data: bytes) -> None:
-        try:
-            self.take(data)
-        except Exception as exc:  # the task raises it
-            self.error = exc
-            self._wake()
-            return
-        if self.done or self._call._ex.paused:
-            self._wake()
-
-    def stopped(self) -> None:
-        self._wake()
-
-    def _wake(self) -> None:
-        self._upstream.deliver(None)  # what comes next waits in the response's bounded buffer
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # --- the relay --------------------------------------------------------------------------
-
-    def take(self, data: bytes) -> None:
-        """Relay the whole events ``data`` completes; raises ``BadBackendResponse`` on a broken
-        or failed stream (after relaying the whole events before the failure)."""
-        call = self._call
-        try:
-            block = self._scanner.feed(data)
-        except FramingError as exc:
-            raise BadBackendResponse("The backend sent an oversized event.") from exc
-        if not block:
-            return
-        events = split_events(block)
-        resumable = self._resumable
-        if resumable is not None:
-            # Note what the stream produced; a continuation's events become the original
-            # stream's.
-            events = call._follow(resumable, events, self._first)
-        classify = self._classify
-        done = False
-        for i, event in enumerate(events):
-            kind = classify(event)
-            if kind == DONE:
-                done = True
-                del events[i + 1 :]  # nothing of a stream follows its end
-                break
-            if kind == ERROR:
-                log.warning("request %s: bad backend event: %.300r", call.request_id, event)
-                if i:  # the whole events before it still reach the client
-                    call._send_events(b"".join(e + b"\n\n" for e in events[:i]))
-                    call.events += i
-                raise BadBackendResponse("The backend reported an error mid-stream.")
-            if kind != NOTE:
-                call.chunks += 1
-        if resumable is not None or done:
-            block = b"".join(e + b"\n\n" for e in events)
-        if block:
-            call.events += len(events)
-            if not call.response_started:
-                call._start_stream()
-            if done:
-                self.done = True
-                call._ex.end(block)
-                # The usage chunk, when asked for, is the last event before [DONE].
-                call.usage = self._previous + block
-            else:
-                call._ex.write(block)
-            self._previous = block
-        self._timer.push(min(self._deadline, self._time() + self._idle))

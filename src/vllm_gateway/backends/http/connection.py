@@ -32,7 +32,7 @@ from typing import Protocol
 
 import httptools
 
-from vllm_gateway.backends.base import BodySink, Charge, UpstreamResponse, read_capped
+from vllm_gateway.backends.base import Charge, UpstreamResponse, read_capped
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse, UpstreamError
 
 __all__ = ["HIGH_WATER", "MAX_HEAD_BYTES", "Connection", "HTTPResponse", "Stale"]
@@ -116,7 +116,6 @@ class HTTPResponse(UpstreamResponse):
         "_loop",
         "_parser",
         "_paused",
-        "_sink",
         "_until_eof",
         "_waiter",
         "content_type",
@@ -133,7 +132,6 @@ class HTTPResponse(UpstreamResponse):
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
-        self._sink: BodySink | None = None
         self._done = False
         self._keep_alive = False
         self._extra = False  # bytes after the end of the message: the connection is not reusable
@@ -171,8 +169,6 @@ class HTTPResponse(UpstreamResponse):
                     BadBackendResponse("The backend's response headers are too large."), None
                 )
                 return
-        if self._sink is not None and self._chunks:
-            self._sink.body(self._take())  # one hand-over per read, however many pieces
         if self._done and self._conn is not None:
             self._hand_back()
 
@@ -207,13 +203,6 @@ class HTTPResponse(UpstreamResponse):
             self._wake()
 
     def _wake(self) -> None:
-        sink = self._sink
-        if sink is not None:
-            if self._chunks:
-                sink.body(self._take())
-            if self._sink is sink:
-                sink.stopped()
-            return
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -318,18 +307,8 @@ class HTTPResponse(UpstreamResponse):
             finally:
                 self._waiter = None
 
-    def deliver(self, sink: BodySink | None) -> bool:
-        self._sink = sink
-        if sink is None:
-            return True
-        if self._chunks:
-            sink.body(self._take())
-        if self._sink is sink and (self._done or self._error is not None or self._conn is None):
-            sink.stopped()
-        return True
-
     def _take(self) -> bytes:
-        """Everything buffered, in one piece: under load, one wake-up (or hand-over) per burst."""
+        """Everything buffered, in one piece: under load, one wake-up per burst."""
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
