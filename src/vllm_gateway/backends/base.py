@@ -24,6 +24,7 @@ __all__ = [
     "ConnectionCounts",
     "UpstreamRequest",
     "UpstreamResponse",
+    "count_piece",
     "read_capped",
 ]
 
@@ -52,6 +53,20 @@ class UpstreamRequest:
 Charge = Callable[[int], None]
 
 
+def count_piece(size: int, n: int, limit: int, charge: Charge | None = None) -> int:
+    """The size of a body being kept, ``size`` bytes so far, with a piece of ``n`` bytes more;
+    ``BadBackendResponse`` when that exceeds ``limit`` bytes. ``charge(n)`` is called before the
+    piece is kept (it raises to refuse: a memory budget)."""
+    from vllm_gateway.errors import BadBackendResponse
+
+    size += n
+    if size > limit:
+        raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+    if charge is not None:
+        charge(n)
+    return size
+
+
 async def read_capped(
     chunks: AsyncIterator[bytes],
     limit: int,
@@ -60,19 +75,13 @@ async def read_capped(
 ) -> bytes:
     """A whole body from its pieces; ``BadBackendResponse`` as soon as it exceeds ``limit`` bytes
     (at once when a declared length already does), so a broken backend cannot make us hold more.
-    ``charge(n)`` is called before each piece is kept (it raises to refuse: a memory budget)."""
-    from vllm_gateway.errors import BadBackendResponse
-
-    if declared_length is not None and declared_length > limit:
-        raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
+    ``charge(n)`` is called before each piece is kept (``count_piece``)."""
+    if declared_length is not None:
+        count_piece(0, declared_length, limit)  # refused on the declared length alone
     parts: list[bytes] = []
     size = 0
     async for data in chunks:
-        size += len(data)
-        if size > limit:
-            raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
-        if charge is not None:
-            charge(len(data))
+        size = count_piece(size, len(data), limit, charge)
         parts.append(data)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import httptools
 
-from vllm_gateway.backends.base import Charge, UpstreamResponse, read_capped
+from vllm_gateway.backends.base import Charge, UpstreamResponse, count_piece, read_capped
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse, UpstreamError
 
 __all__ = ["HIGH_WATER", "MAX_HEAD_BYTES", "Connection", "HTTPResponse", "Stale"]
@@ -323,10 +323,7 @@ class HTTPResponse(UpstreamResponse):
         if self._done and self._chunks and (self._content_length or 0) <= limit:
             # The whole message came with its head (a short answer): no iteration.
             data = self._take()
-            if len(data) > limit:
-                raise BadBackendResponse(f"The backend's response is larger than {limit} bytes.")
-            if charge is not None:
-                charge(len(data))
+            count_piece(0, len(data), limit, charge)
             return data
         return await read_capped(self, limit, self._content_length, charge)
 
