@@ -8,7 +8,7 @@ import random
 import pytest
 
 from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
-from vllm_gateway.proxy.admission import Admission, Permit
+from vllm_gateway.proxy.admission import Admission, Permit, Ticket
 
 
 async def test_admits_up_to_the_limit_at_once() -> None:
@@ -248,3 +248,86 @@ async def test_full_queue_makes_room_for_a_smaller_tenant() -> None:
         await adm2.acquire(tenant="a")
     h2.release()
     (await first).release()
+
+
+# --- places taken at arrival (``arrive``), as the front door takes them -------------------------
+
+
+async def test_places_taken_at_arrival_are_served_in_arrival_order() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = adm.arrive()
+    assert isinstance(held, Permit)
+    first, second = adm.arrive(), adm.arrive()
+    assert isinstance(first, Ticket) and isinstance(second, Ticket)
+    assert adm.queued == 2
+    held.release()
+    # The slot went to the first place while nobody waited on it yet; the second still queues.
+    permit = await asyncio.wait_for(first.wait(), 1)
+    assert adm.in_flight == 1 and adm.queued == 1
+    late = adm.arrive()  # no barging past the second place
+    assert isinstance(late, Ticket)
+    permit.release()
+    (await asyncio.wait_for(second.wait(), 1)).release()
+    (await asyncio.wait_for(late.wait(), 1)).release()
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+async def test_a_place_given_up_in_the_queue_leaves_it_once() -> None:
+    adm = Admission(limit=1, max_queued=1, queue_timeout=5)
+    held = adm.arrive()
+    gone = adm.arrive()
+    assert isinstance(gone, Ticket)
+    with pytest.raises(Overloaded):
+        adm.arrive()  # the queue of one is full
+    gone.release()
+    gone.release()  # idempotent: the count moves once
+    assert adm.queued == 0
+    nxt = adm.arrive()  # its place is free again
+    assert isinstance(nxt, Ticket) and adm.queued == 1
+    held.release()
+    (await asyncio.wait_for(nxt.wait(), 1)).release()
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+async def test_a_permit_that_reached_a_given_up_place_passes_on() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = adm.arrive()
+    abandoned, after = adm.arrive(), adm.arrive()
+    assert isinstance(abandoned, Ticket) and isinstance(after, Ticket)
+    held.release()  # the slot reaches the first place before anyone waits on it
+    abandoned.release()  # its request is refused (or its client left) before its wait
+    assert adm.in_flight == 1 and adm.queued == 0
+    (await asyncio.wait_for(after.wait(), 1)).release()
+    assert adm.in_flight == 0
+
+
+async def test_the_queue_timeout_counts_from_arrival_not_from_the_wait() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=0.5)
+    held = adm.arrive()
+    place = adm.arrive()
+    assert isinstance(place, Ticket)
+    await asyncio.sleep(0.45)  # the request's own setup, however long, is part of its wait
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(QueueTimeout):
+        await place.wait()
+    # From arrival: about 0.05 s left. From the wait it would be the whole 0.5 s.
+    assert loop.time() - start < 0.3
+    assert adm.queued == 0 and adm.rejected_timeout_total == 1
+    held.release()
+    assert adm.in_flight == 0
+
+
+async def test_arrivals_after_close_are_shut_out_and_queued_places_told() -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = adm.arrive()
+    place = adm.arrive()
+    assert isinstance(place, Ticket)
+    adm.close()
+    with pytest.raises(ShuttingDown):
+        adm.arrive()
+    with pytest.raises(ShuttingDown):
+        await place.wait()
+    place.release()  # the admission took the place back itself: nothing to undo
+    held.release()
+    assert adm.in_flight == 0 and adm.queued == 0

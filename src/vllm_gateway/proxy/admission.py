@@ -14,6 +14,8 @@ Invariants (tested in tests/unit/test_admission.py):
 - a waiter leaves the queue when its wait times out or its task is cancelled (client gone), and a
   permit handed to it in that same instant is passed on, never lost;
 - ``Permit.release()`` is idempotent, so every path may call it and the count moves exactly once;
+- a place taken at arrival (``arrive``) and given up before or during its wait (``Ticket.release``,
+  also idempotent) leaves the queue once, and a permit that had reached it passes on;
 - after ``close()`` (drain), queued waiters and new arrivals get ``ShuttingDown`` at once.
 
 No locks: everything runs on the event loop, and the only suspension point is the waiter's future.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
 
-__all__ = ["Admission", "Permit"]
+__all__ = ["Admission", "Permit", "Ticket"]
 
 # How many recent releases the Retry-After estimate looks at.
 _RATE_WINDOW = 64
@@ -59,6 +61,82 @@ class _Queue:
     def __init__(self) -> None:
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.live = 0
+
+
+class Ticket:
+    """A place in the queue, taken at arrival. ``wait`` turns it into the permit, within the queue
+    timeout counted from arrival; ``release`` gives the place up (the request was refused, or its
+    client left, before its wait), passing on a permit that had already reached it."""
+
+    __slots__ = (
+        "_admission",
+        "_deadline",
+        "_fut",
+        "_key",
+        "_queue",
+        "arrived_at",
+        "position",
+        "released",
+    )
+
+    def __init__(
+        self,
+        admission: Admission,
+        key: tuple[int, str],
+        queue: _Queue,
+        fut: asyncio.Future[None],
+        arrived_at: float,
+        loop_arrived_at: float,
+        position: int,
+    ) -> None:
+        self._admission = admission
+        self._key = key
+        self._queue = queue
+        self._fut = fut
+        self._deadline = loop_arrived_at  # the loop's clock at arrival; the timeout is added
+        self.arrived_at = arrived_at
+        self.position = position
+        self.released = False
+
+    async def wait(self, timeout: float | None = None) -> Permit:
+        """The permit; raise ``QueueTimeout`` when none comes within ``timeout`` (default: the
+        queue timeout) of arrival, ``Overloaded`` or ``ShuttingDown`` when the place is taken back."""
+        adm = self._admission
+        limit = adm.queue_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout_at(self._deadline + limit):
+                await self._fut
+        except BaseException as exc:
+            self.release()
+            if isinstance(exc, TimeoutError):
+                adm.rejected_timeout_total += 1
+                raise QueueTimeout(
+                    f"No slot became free within {limit:g} s "
+                    f"(queue position {self.position} of {adm._queued + 1}); retry later.",
+                    retry_after=adm._estimate_wait(max(1, adm._queued)),
+                ) from None
+            raise
+        # A future completed by ``_release`` carries a slot already counted in ``_in_flight``.
+        self.released = True  # the place became the permit: nothing left to give up
+        adm.admitted_total += 1
+        now = adm._clock()
+        return Permit(adm, now, now - self.arrived_at)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        fut = self._fut
+        if fut.cancelled() or not fut.done():
+            # Still queued (a cancelled wait may have cancelled the future already): leave the
+            # queue; the abandoned future is skipped when its turn comes.
+            fut.cancel()
+            self._admission._forget(self._key, self._queue)
+        elif fut.exception() is None:
+            # The permit reached this place in the same instant as the timeout, the cancellation
+            # or the refusal: hand it on rather than lose it.
+            self._admission._release()
+        # Else the admission took the place back itself (evicted, or closed): nothing to undo.
 
 
 class Admission:
@@ -119,22 +197,23 @@ class Admission:
         self.admitted_total += 1
         return Permit(self, self._clock(), 0.0)
 
-    async def acquire(
-        self, timeout: float | None = None, tenant: str = "", priority: int = 0
-    ) -> Permit:
-        """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
+    def arrive(self, tenant: str = "", priority: int = 0) -> Permit | Ticket:
+        """Take a place at once, without waiting: a permit when a slot is free and nobody waits,
+        else a place at the end of the tenant's queue (``Ticket.wait`` for the permit). Raise
+        ``Overloaded`` when the queue is full and no room can be made, ``ShuttingDown`` after
+        ``close()``. The front door calls this when a request is whole, before its task runs, so
+        places are taken in arrival order and a full gateway refuses at once."""
         if self._closed:
             raise ShuttingDown(retry_after=self._estimate_wait(1))
         permit = self.try_acquire()
         if permit is not None:
             return permit
-        start = self._clock()
         key = (priority, tenant)
         if self._queued >= self.max_queued and not self._make_room(key):
             self.rejected_full_total += 1
             raise Overloaded(retry_after=self._estimate_wait(self._queued + 1))
-
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue()
@@ -143,31 +222,16 @@ class Admission:
         queue.waiters.append(fut)
         queue.live += 1
         self._queued += 1
-        position = self._queued
-        try:
-            async with asyncio.timeout(self.queue_timeout if timeout is None else timeout):
-                await fut
-        except BaseException as exc:
-            if fut.cancelled() or not fut.done():
-                # Still queued (the task's cancellation may have cancelled the future already):
-                # leave the queue; the abandoned future is skipped when its turn comes.
-                fut.cancel()
-                self._forget(key, queue)
-            elif fut.exception() is None:
-                # The permit reached us in the same instant as the timeout or the cancellation:
-                # we own it, so hand it on rather than lose it.
-                self._release()
-            if isinstance(exc, TimeoutError):
-                self.rejected_timeout_total += 1
-                raise QueueTimeout(
-                    f"No slot became free within {self.queue_timeout:g} s "
-                    f"(queue position {position} of {self._queued + 1}); retry later.",
-                    retry_after=self._estimate_wait(max(1, self._queued)),
-                ) from None
-            raise
-        # A future completed by ``_release`` carries a slot already counted in ``_in_flight``.
-        self.admitted_total += 1
-        return Permit(self, self._clock(), self._clock() - start)
+        return Ticket(self, key, queue, fut, self._clock(), loop.time(), self._queued)
+
+    async def acquire(
+        self, timeout: float | None = None, tenant: str = "", priority: int = 0
+    ) -> Permit:
+        """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
+        place = self.arrive(tenant, priority)
+        if isinstance(place, Permit):
+            return place
+        return await place.wait(timeout)
 
     def _forget(self, key: tuple[int, str], queue: _Queue) -> None:
         """A live waiter of ``queue`` left: count it out, and drop the tenant's turn if empty."""
