@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 import time
 from typing import Any
 
@@ -268,6 +269,81 @@ async def test_past_max_connections_one_more_gets_503_at_once(simulator: Simulat
             assert (await client.post(gw.url + CHAT, json=chat_body())).status_code == 200
         for sock in held[5:]:
             sock.close()
+
+
+async def _hold_a_stream(port: int) -> socket.socket:
+    """A raw client whose stream holds a permit until it is read to its end."""
+    sock = await raw_connect(port)
+    await asyncio.get_running_loop().sock_sendall(sock, _request(chat_body(stream=True)))
+    assert b"data: " in await read_until(sock, b"data: ", timeout=5)
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset (RST), as a client killed mid-request does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_clients_that_reset_right_after_a_whole_request_leave_no_place_held(
+    simulator: Simulator,
+) -> None:
+    # A request takes its permit or queue place when it is whole, before its task runs; a client
+    # that resets in that instant (before the task, or during it) must give the place back.
+    simulator.configure(itl=0.05, tokens=80)
+    settings = Settings(
+        backend_urls=(simulator.url,), max_concurrent_requests=2, max_queued_requests=1
+    )
+    async with run_gateway(settings) as gw:
+        adm = gw.gateway.admission
+        held = await _hold_a_stream(gw.port)
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            # One takes the free permit, the next the one queue place, a third is refused.
+            socks = [await raw_connect(gw.port) for _ in range(3)]
+            for sock in socks:
+                await loop.sock_sendall(sock, _request(chat_body(stream=True)))
+            for sock in socks:
+                _reset(sock)
+            await asyncio.sleep(0)
+        await wait_for(
+            lambda: adm.in_flight == 1 and adm.queued == 0 and len(gw.gateway.active) == 1,
+            timeout=5,
+        )
+        held.close()
+        await wait_for(lambda: adm.in_flight == 0, timeout=10)
+        async with httpx.AsyncClient() as client:
+            answers = await asyncio.gather(
+                *(client.post(gw.url + CHAT, json=chat_body()) for _ in range(2))
+            )
+        assert [a.status_code for a in answers] == [200, 200]  # both permits are free again
+
+
+async def test_a_full_gateway_refuses_at_once_and_keeps_the_connection(
+    simulator: Simulator,
+) -> None:
+    simulator.configure(itl=0.05, tokens=40)
+    settings = Settings(
+        backend_urls=(simulator.url,), max_concurrent_requests=1, max_queued_requests=0
+    )
+    async with run_gateway(settings) as gw:
+        held = await _hold_a_stream(gw.port)
+        sock = await raw_connect(gw.port)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, _request(chat_body()))
+        refused = await read_until(sock, b"}", timeout=5)
+        assert _status(refused) == 503
+        assert _json_body(refused)["error"]["type"] == "overloaded"
+        assert b"retry-after: " in refused.lower()
+        assert gw.gateway.admission.rejected_full_total == 1
+        await read_until(held, b"[DONE]", timeout=10)  # the stream ends; its permit is free
+        held.close()
+        await wait_for(lambda: gw.gateway.admission.in_flight == 0, timeout=5)
+        # The refusal came after the whole request: the same connection goes on.
+        await loop.sock_sendall(sock, _request(chat_body()))
+        answer = await read_until(sock, b'"usage"', timeout=5)
+        sock.close()
+        assert _status(answer) == 200
 
 
 @pytest.mark.parametrize("stream", [False, True])

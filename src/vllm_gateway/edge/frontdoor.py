@@ -5,7 +5,9 @@ the server's ``Exchange``, with no ASGI, no middleware and no re-serialisation. 
 (health, models, metrics, the OpenAPI document) is an ordinary FastAPI route, served through the
 ASGI bridge. What can be decided from the headers alone (API key, method, media type, draining,
 the body's declared length) is decided in ``admit`` before the body is read, so a refused client
-never gets to send it.
+never gets to send it. When the request is whole, ``ready`` takes its place in admission (a permit
+or a place in the queue) before its task is made: places follow arrival order, and a full gateway
+refuses in the callback that read the request, not behind the setup of the requests before it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from vllm_gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown, Un
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.ids import new_request_id
 from vllm_gateway.observability.connections import ConnectionStats
+from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.call import ProxyCall
 from vllm_gateway.proxy.gateway import Gateway
@@ -132,6 +135,23 @@ class GatewayApp:
             ex.body_limit = self._max_body
         return None
 
+    def ready(self, ex: Exchange) -> GatewayError | None:
+        found = ex.state.get("route")
+        admission = self.gateway.admission
+        # Several workers share the supervisor's admission, which answers over a socket: their
+        # requests ask from their task (``ProxyCall``).
+        if found is None or not found[0].admitted or not isinstance(admission, Admission):
+            return None
+        identity = ex.state["identity"]
+        try:
+            place = admission.arrive(identity.tenant, identity.priority)
+        except GatewayError as err:
+            return err
+        ex.state["place"] = place
+        # Until its task owns the place: a client that leaves first gives it up.
+        ex.on_gone = place.release
+        return None
+
     async def handle(self, ex: Exchange) -> None:
         if self._cors is not None and Cors.is_preflight(ex.method, ex.headers):
             status, headers = self._cors.preflight(
@@ -165,4 +185,4 @@ class GatewayApp:
 
     def refused(self, ex: Exchange, err: GatewayError) -> None:
         """The server answered ``err`` itself: count it like any other ended request."""
-        self.gateway.request_ended(RejectedCall(ex.request_id, ex.path, err))
+        self.gateway.request_ended(RejectedCall(ex.request_id, ex.path, err, ex.arrived_at or None))

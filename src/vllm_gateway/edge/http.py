@@ -98,10 +98,13 @@ class Limits:
 
 
 class Handler(Protocol):
-    """What the server calls. ``admit`` runs in the protocol's callback (no await); it returns None
-    to go on (the body is read, up to ``exchange.body_limit``) or an error to answer at once."""
+    """What the server calls. ``admit`` (the head is in) and ``ready`` (the request is whole, its
+    task not yet made) run in the protocol's callback (no await); each returns None to go on or an
+    error to answer at once. After ``admit`` the body is read, up to ``exchange.body_limit``."""
 
     def admit(self, exchange: Exchange) -> GatewayError | None: ...
+
+    def ready(self, exchange: Exchange) -> GatewayError | None: ...
 
     def handle(self, exchange: Exchange) -> Awaitable[None]: ...
 
@@ -138,6 +141,7 @@ class Exchange:
         "_gone",
         "_head",
         "_head_only",
+        "arrived_at",
         "body_limit",
         "client",
         "complete",
@@ -181,6 +185,7 @@ class Exchange:
         self._body: list[bytes] = []
         self._charged = 0
         self.received = False  # the whole request (body included) is in
+        self.arrived_at = 0.0  # perf_counter when it was whole: where its gateway time starts
         self.error: GatewayError | None = None  # a refusal decided while reading
         self.state: dict[str, Any] = {}  # the handler's own per-request values
         self.on_gone: Callable[[], None] | None = None
@@ -567,6 +572,7 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange = self._parsing()
         exchange.received = True
+        exchange.arrived_at = time.perf_counter()
         if exchange is self.current:
             self._cancel_timer()
             self._dispatch(exchange)
@@ -583,6 +589,11 @@ class Connection(asyncio.Protocol):
     def _dispatch(self, exchange: Exchange) -> None:
         if exchange.error is not None:
             self._answer_error(exchange, exchange.error)
+            return
+        err = self.server.handler.ready(exchange)
+        if err is not None:
+            # The request is whole, so the connection may go on.
+            self._answer_error(exchange, err, keep_alive=exchange.keep_alive)
             return
         task = self.task = asyncio.get_running_loop().create_task(
             self.server.handler.handle(exchange)  # type: ignore[arg-type]
@@ -610,8 +621,10 @@ class Connection(asyncio.Protocol):
         else:
             self.abort()
 
-    def _answer_error(self, exchange: Exchange, err: GatewayError) -> None:
-        exchange.keep_alive = False
+    def _answer_error(
+        self, exchange: Exchange, err: GatewayError, keep_alive: bool = False
+    ) -> None:
+        exchange.keep_alive = keep_alive
         exchange.respond(
             err.status,
             _error_headers(err, exchange.request_id),

@@ -41,7 +41,7 @@ from vllm_gateway.errors import (
     UpstreamError,
 )
 from vllm_gateway.identity import ANONYMOUS
-from vllm_gateway.proxy.admission import Permit
+from vllm_gateway.proxy.admission import Permit, Ticket
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
@@ -158,7 +158,8 @@ class ProxyCall:
         self.upstream: UpstreamResponse | None = None
         self.response_started = False
         self.finished = False
-        self.started_at = time.perf_counter()
+        # From when the request was whole: the wait for its task is the gateway's time too.
+        self.started_at = exchange.arrived_at or time.perf_counter()
         self.first_byte_at: float | None = None
         self.queue_wait = 0.0
         self.status = 0
@@ -202,10 +203,13 @@ class ProxyCall:
         assert task is not None  # always run as a task by the server
         gw = self._gw
         gw.active.add(self)
-        self._ex.on_gone = self._client_gone
+        ex = self._ex
+        # The admission place the front door took when the request was whole (one process).
+        place: Permit | Ticket | None = ex.state.pop("place", None)
+        ex.on_gone = self._client_gone
         try:
             try:
-                await self._proxy()
+                await self._proxy(place)
             except asyncio.CancelledError:
                 if self.cancel_reason is None:
                     # Not ours (the server is cancelling the task): let it propagate.
@@ -235,6 +239,8 @@ class ProxyCall:
             if self._charged:
                 self._ex.budget.give(self._charged)
                 self._charged = 0
+            if place is not None:
+                place.release()  # a place never turned into the permit (refused, or client gone)
             if self.permit is not None:
                 self.permit.release()
             gw.active.discard(self)
@@ -302,11 +308,13 @@ class ProxyCall:
             # connection: nothing here waits for it.
             ex.end(self._protocol.error_event(err, self.request_id, self.events))
 
-    async def _proxy(self) -> None:
+    async def _proxy(self, place: Permit | Ticket | None) -> None:
         gw = self._gw
         settings = gw.settings
         ex = self._ex
         route = self._route
+        if ex.gone:
+            raise ClientGone()  # left before its task ran (any place it held is given back)
         valid = validate(route, ex.body, settings.model_aliases)
         self.model = valid.model
         loop = asyncio.get_running_loop()
@@ -322,7 +330,13 @@ class ProxyCall:
             await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
         if route.admitted:
-            permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
+            permit: Permit | RemotePermit
+            if place is None:
+                permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
+            elif isinstance(place, Ticket):
+                permit = await place.wait()
+            else:
+                permit = place
             self.permit = permit
             self.queue_wait = permit.queue_wait
         deadline = loop.time() + settings.request_timeout

@@ -32,6 +32,7 @@ class Responder(Protocol):
     on_gone: Callable[[], None] | None
     headers: list[tuple[bytes, bytes]]  # the request's, names in lower case
     extra_headers: list[tuple[bytes, bytes]]
+    arrived_at: float  # perf_counter when the request was whole (0.0: not stamped)
 
     @property
     def body(self) -> bytes: ...
