@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from vllm_gateway_tools.bench import metrics
 from vllm_gateway_tools.bench.client import RequestResult
 from vllm_gateway_tools.bench.runner import ProcMonitor
+from vllm_gateway_tools.bench.scenarios import gateway_refusals_ms
 
 
 def _req(
@@ -169,3 +171,21 @@ def test_a_process_is_measured_with_its_children() -> None:
         os.killpg(parent.pid, signal.SIGKILL)  # the child too
         parent.wait()
     assert ProcMonitor(parent.pid).cpu() is None  # gone: nothing to read
+
+
+def test_the_gateways_own_refusal_times_are_read_from_its_access_log(tmp_path: Path) -> None:
+    log = tmp_path / "gateway.log"
+    log.write_bytes(
+        b"2026-12-01 20:12:53,515 INFO    vllm_gateway.access: request b1c5 /v1/chat/completions "
+        b"503 overloaded model=None backend=http://127.0.0.1:40327 tenant=None queue_wait_ms=0.0 "
+        b"ttft_ms=- backend_ms=- duration_ms=0.2 chunks=0 tokens=-/-\n"
+        b"2026-12-01 20:12:53,581 INFO    vllm_gateway.access: request b1c6 /v1/chat/completions "
+        b"200 completed model=sim-model backend=http://127.0.0.1:40327 tenant=anonymous "
+        b"queue_wait_ms=0.0 ttft_ms=20.2 backend_ms=18.6 duration_ms=72.5 chunks=4 tokens=50/2\n"
+        b"2026-12-01 20:12:53,600 INFO    vllm_gateway.access: request b1c7 /v1/chat/completions "
+        b"503 overloaded model=None backend=- tenant=None queue_wait_ms=0.0 ttft_ms=- "
+        b"backend_ms=- duration_ms=12.5 chunks=0 tokens=-/-\n"
+    )
+    assert gateway_refusals_ms(str(log)) == [0.2, 12.5]  # the 200 is not a refusal
+    assert gateway_refusals_ms(str(tmp_path / "absent.log")) == []
+    assert gateway_refusals_ms(None) == []

@@ -182,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _gateway_log(args: argparse.Namespace) -> str | None:
+    """Where the rig keeps the gateway's output: OUT/gateway.log for the admission preset."""
+    if args.scenario != "admission" or not args.out or args.gateway_cmd or args.no_gateway:
+        return None
+    path = Path(args.out) / "gateway.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")  # this run's lines only
+    return str(path)
+
+
 def _preset(args: argparse.Namespace) -> Preset:
     if args.scenario and args.scenario in PRESETS:
         return PRESETS[args.scenario].sized(args.quick)
@@ -252,6 +262,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 gateway=not args.no_gateway,
                 gateway_cmd=args.gateway_cmd,
                 ready_path=args.gateway_ready,
+                # The admission preset reads the gateway's own refusal times from its access log.
+                gateway_log=_gateway_log(args),
             )
             rig = await stack.enter_async_context(Rig(rig_cfg))
             if args.no_gateway:
@@ -290,6 +302,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             client_procs=args.client_procs,
             warmup=args.warmup,
         )
+        if rig is not None:
+            session.gateway_log = rig.config.gateway_log
         stack.callback(session.close)
         started = time.time()
         if args.scenario:

@@ -50,6 +50,7 @@ class RigConfig:
     gateway_core: int = 0
     rig_core: int = 1
     start_timeout: float = 60.0
+    gateway_log: str | None = None  # write the gateway's output (its access log) here
 
 
 def free_port() -> int:
@@ -168,7 +169,7 @@ class Rig:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
-        self._drain.append(asyncio.create_task(discard_output(self.gateway_proc)))
+        self._drain.append(asyncio.create_task(discard_output(self.gateway_proc, c.gateway_log)))
         self.gateway_url = f"http://127.0.0.1:{port}"
         await self._await_ready(self.gateway_proc, port)
 
@@ -226,8 +227,14 @@ class Rig:
             self._affinity = None
 
 
-async def discard_output(proc: asyncio.subprocess.Process) -> None:
-    """Read and drop ``proc``'s output, so that a full pipe never blocks it."""
+async def discard_output(proc: asyncio.subprocess.Process, keep: str | None = None) -> None:
+    """Read ``proc``'s output, so that a full pipe never blocks it: dropped, or appended to the
+    file ``keep``."""
     assert proc.stdout is not None
-    while await proc.stdout.read(65536):
-        pass
+    if keep is None:
+        while await proc.stdout.read(65536):
+            pass
+        return
+    with await asyncio.to_thread(open, keep, "ab") as f:
+        while data := await proc.stdout.read(65536):
+            f.write(data)  # a local file, a few lines at a time

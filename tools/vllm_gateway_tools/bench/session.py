@@ -91,6 +91,7 @@ class Session:
         self.monitors = monitors or {}
         self.client_procs = max(1, client_procs)
         self.warmup = warmup
+        self.gateway_log: str | None = None  # the rig's gateway's output, when it is kept
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._bodies: dict[LoadSpec, list[bytes]] = {}
 
