@@ -346,6 +346,55 @@ async def test_a_full_gateway_refuses_at_once_and_keeps_the_connection(
         assert _status(answer) == 200
 
 
+async def test_a_request_naming_an_unknown_model_holds_no_permit_while_the_list_is_slow() -> None:
+    # A request takes its place when it is whole; one whose model must be checked against a model
+    # list that is slow to come gives the place back for that wait, so that naming unknown models
+    # cannot hold the permits other requests need.
+    models_asked = 0
+
+    async def backend(head: bytes, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal models_asked
+        if head.startswith(b"GET /v1/models"):
+            models_asked += 1
+            if models_asked > 1:
+                await asyncio.sleep(5)  # every later list is slow
+            body = b'{"object":"list","data":[{"id":"m","object":"model"}]}'
+        else:
+            body = (
+                b'{"id":"c","object":"chat.completion","model":"m","choices":[{"index":0,'
+                b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}]}'
+            )
+        w.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(body), body)
+        )
+        await w.drain()
+
+    rogue = RogueBackend(backend)
+    async with rogue.running():
+        settings = Settings(
+            backend_urls=(rogue.url,),
+            max_concurrent_requests=1,
+            max_queued_requests=0,
+            model_check_timeout=3.0,
+        )
+        async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=10) as client:
+            first = await client.post(gw.url + CHAT, json={**NO_MODEL, "model": "m"})
+            assert first.status_code == 200  # the list is in (and fresh)
+            await asyncio.sleep(1.2)  # past the least time between two fetches
+            unknown = asyncio.create_task(
+                client.post(gw.url + CHAT, json={**NO_MODEL, "model": "nope"})
+            )
+            await wait_for(lambda: models_asked == 2, timeout=5)  # it waits for the list
+            known = await client.post(gw.url + CHAT, json={**NO_MODEL, "model": "m"})
+            assert known.status_code == 200, known.text  # not 503: the permit was free
+            # Still waiting for the list, and holding nothing.
+            await wait_for(lambda: gw.gateway.admission.in_flight == 0, timeout=2)
+            assert not unknown.done()
+            # The check gives up at its timeout and the backend judges the model.
+            assert (await unknown).status_code == 200
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_client_that_half_closes_after_its_request_gets_its_answer(
     simulator: Simulator, stream: bool

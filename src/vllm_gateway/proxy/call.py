@@ -87,6 +87,12 @@ def _json_object(body: bytes) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
+def _give_back(place: Permit | Ticket | None) -> None:
+    """Give up an admission place before a wait that is not the admission's own."""
+    if place is not None:
+        place.release()
+
+
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -322,11 +328,18 @@ class ProxyCall:
             valid.model is not None
             and route.kind in _CHECKS_MODEL
             and not gw.models.known(valid.model)
-            and await gw.models.check(valid.model) is False
         ):
-            raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
+            # The check may wait for the backend's model list: hold no place meanwhile (naming
+            # unknown models must not let a client hold permits); admission is asked again after.
+            _give_back(place)
+            place = None
+            if await gw.models.check(valid.model) is False:
+                raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
         if gw.ratelimiter is not None and route.kind != "admin":
             self.requested_tokens = valid.requested_tokens
+            if gw.ratelimiter.mode == "redis":
+                _give_back(place)  # a round trip to Redis: the same
+                place = None
             await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
         if route.admitted:
