@@ -301,11 +301,16 @@ async def test_a_permit_that_reached_a_given_up_place_passes_on() -> None:
     assert adm.in_flight == 0
 
 
+def _one_held_one_queued(queue_timeout: float) -> tuple[Admission, Permit, Ticket]:
+    """An admission of one slot, held, with one place queued behind it."""
+    adm = Admission(limit=1, max_queued=10, queue_timeout=queue_timeout)
+    held, place = adm.arrive(), adm.arrive()
+    assert isinstance(held, Permit) and isinstance(place, Ticket)
+    return adm, held, place
+
+
 async def test_the_queue_timeout_counts_from_arrival_not_from_the_wait() -> None:
-    adm = Admission(limit=1, max_queued=10, queue_timeout=0.5)
-    held = adm.arrive()
-    place = adm.arrive()
-    assert isinstance(place, Ticket)
+    adm, held, place = _one_held_one_queued(queue_timeout=0.5)
     await asyncio.sleep(0.45)  # the request's own setup, however long, is part of its wait
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -319,10 +324,7 @@ async def test_the_queue_timeout_counts_from_arrival_not_from_the_wait() -> None
 
 
 async def test_arrivals_after_close_are_shut_out_and_queued_places_told() -> None:
-    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
-    held = adm.arrive()
-    place = adm.arrive()
-    assert isinstance(place, Ticket)
+    adm, held, place = _one_held_one_queued(queue_timeout=5)
     adm.close()
     with pytest.raises(ShuttingDown):
         adm.arrive()
