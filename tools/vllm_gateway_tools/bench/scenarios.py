@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vllm_gateway_tools.bench import metrics
 from vllm_gateway_tools.bench.runner import LoadSpec, progress
 from vllm_gateway_tools.bench.session import LevelResult, Session
 
@@ -329,15 +330,11 @@ async def _admission(session: Session, spec: LoadSpec, p: Preset) -> dict[str, A
         findings["refused"] = sum(s["errors"].get(k, 0) for k in refusals)
         findings["admitted"] = s["completed"]
         findings["refusal_ms"] = refusals
-        own = sorted(gateway_refusals_ms(session.gateway_log))
-        own_p99 = own[min(len(own) - 1, int(len(own) * 0.99))] if own else None
+        own = gateway_refusals_ms(session.gateway_log)
+        own_p99 = None
         if own:
-            findings["gateway_refusal_ms"] = {
-                "n": len(own),
-                "p50": own[len(own) // 2],
-                "p99": own_p99,
-                "max": own[-1],
-            }
+            findings["gateway_refusal_ms"] = metrics.summary_stats(own, scale=1.0)
+            own_p99 = findings["gateway_refusal_ms"]["p99"]
         cmp = level.comparison[gw]
         goals = [
             _goal("admission", "excess refused within (p99 ms), as the client saw it", worst, 5),
