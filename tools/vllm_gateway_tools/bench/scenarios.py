@@ -330,7 +330,10 @@ async def _admission(session: Session, spec: LoadSpec, p: Preset) -> dict[str, A
         findings["refused"] = sum(s["errors"].get(k, 0) for k in refusals)
         findings["admitted"] = s["completed"]
         findings["refusal_ms"] = refusals
-        own = gateway_refusals_ms(session.gateway_log)
+        # The log's last refusals are the measured rounds' (the warm-up round comes first): as
+        # many as the client counted.
+        refused = findings["refused"]
+        own = gateway_refusals_ms(session.gateway_log)[-refused:] if refused else []
         own_p99 = None
         if own:
             findings["gateway_refusal_ms"] = metrics.summary_stats(own, scale=1.0)
