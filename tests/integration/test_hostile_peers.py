@@ -395,6 +395,14 @@ async def test_a_request_naming_an_unknown_model_holds_no_permit_while_the_list_
             assert (await unknown).status_code == 200
 
 
+async def test_the_model_list_is_asked_for_at_start(simulator: Simulator) -> None:
+    # So that the first burst after a start finds its model known and keeps the places it took
+    # at arrival, instead of every request giving its place back to wait for the list.
+    async with run_gateway(Settings(backend_urls=(simulator.url,))) as gw:
+        await wait_for(lambda: gw.gateway.models.known("sim-model"), timeout=5)
+        assert simulator.stats()["completed"] == 0  # no request was needed for it
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_client_that_half_closes_after_its_request_gets_its_answer(
     simulator: Simulator, stream: bool

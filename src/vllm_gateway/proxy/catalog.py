@@ -8,6 +8,7 @@ reaching the backend, and a request naming a known one pays nothing for the chec
   waits for it at most ``check_timeout``. It answers True or False when the list says, and None
   when the list cannot be had in time: the request then goes on and the backend judges the model.
   Nothing here ever makes one request wait for another.
+- ``prefetch()`` starts the first fetch when the gateway starts, without waiting for it.
 - A fetch is bounded by ``fetch_timeout``; a list that failed to come is asked for again at most
   once a second, and a model missing from a fresh list is not asked about again for a second.
 """
@@ -78,6 +79,11 @@ class ModelCatalog:
         found = model in ids
         self.checks["found" if found else "unknown"] += 1
         return found
+
+    def prefetch(self) -> None:
+        """Ask for the list now, in the background (at start): the first requests then find their
+        model known instead of waiting for the list, and keep the admission place they took."""
+        self._refresh()
 
     def _refresh(self) -> asyncio.Task[None]:
         """The fetch in flight, or a new one."""

@@ -75,6 +75,7 @@ class Gateway:
         await self.backend.start()
         if self.ratelimiter is not None:
             await self.ratelimiter.start()
+        self.models.prefetch()
 
     async def aclose(self) -> None:
         await self.models.aclose()
