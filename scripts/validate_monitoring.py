@@ -63,6 +63,10 @@ OUTCOMES = {
     "too_many_connections",
     "forbidden",
     "client_error",
+    "uri_too_long",
+    "expectation_failed",
+    "unsupported_transfer_coding",
+    "version_not_supported",
     "cancelled",
     "other",
     "authentication_error",
@@ -87,7 +91,7 @@ OUTCOMES = {
     "unavailable",
     "unsupported_media_type",
 }
-# Outcomes that are the service's fault (the error types with a 5xx status; the timeouts and
+# Outcomes that are the service's fault (the 5xx error types that are not a ClientError; the timeouts and
 # backend errors among them may also end a stream that started with 200). The error-ratio panel
 # and alert count exactly these; client disconnects and 4xx are the client's doing.
 SERVER_SIDE_OUTCOMES = {

@@ -14,9 +14,13 @@ The tree::
     │   ├── MethodNotAllowed           405 method_not_allowed
     │   ├── ClientTimeout              408 client_timeout (headers or body too slow to arrive)
     │   ├── BodyTooLarge               413 body_too_large
+    │   ├── UriTooLong                 414 uri_too_long
     │   ├── UnsupportedMediaType       415 unsupported_media_type
+    │   ├── ExpectationFailed          417 expectation_failed (an Expect other than 100-continue)
     │   ├── RateLimited                429 rate_limited (Retry-After)
-    │   ├── HeadersTooLarge            431 headers_too_large
+    │   ├── HeadersTooLarge            431 headers_too_large (head or trailers past their bounds)
+    │   ├── UnsupportedTransferCoding  501 unsupported_transfer_coding (a coding besides chunked)
+    │   ├── VersionNotSupported        505 version_not_supported (neither HTTP/1.1 nor HTTP/1.0)
     │   └── BackendRejected            4xx backend_rejected (the backend's 4xx had no JSON body)
     ├── Unavailable                    503: the gateway will not take the request now (Retry-After)
     │   ├── Overloaded                 503 overloaded (queue full, or the body memory budget)
@@ -48,6 +52,7 @@ __all__ = [
     "BodyTooLarge",
     "ClientError",
     "ClientTimeout",
+    "ExpectationFailed",
     "FirstTokenTimeout",
     "Forbidden",
     "GatewayError",
@@ -69,7 +74,10 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnsupportedMediaType",
+    "UnsupportedTransferCoding",
     "UpstreamError",
+    "UriTooLong",
+    "VersionNotSupported",
     "error_object",
     "json_body",
     "sse_event",
@@ -173,6 +181,31 @@ class BodyTooLarge(ClientError):
     status = 413
     type = "body_too_large"
     default_message = "The request body is too large."
+
+
+class UriTooLong(ClientError):
+    status = 414
+    type = "uri_too_long"
+    default_message = "The request target is too long."
+
+
+class ExpectationFailed(ClientError):
+    status = 417
+    type = "expectation_failed"
+    default_message = "The only expectation the gateway meets is '100-continue'."
+
+
+class UnsupportedTransferCoding(ClientError):
+    # 501 by RFC 9112 6.1: a transfer coding the server does not understand.
+    status = 501
+    type = "unsupported_transfer_coding"
+    default_message = "The only transfer coding the gateway accepts is 'chunked'."
+
+
+class VersionNotSupported(ClientError):
+    status = 505
+    type = "version_not_supported"
+    default_message = "The gateway speaks HTTP/1.1 and HTTP/1.0."
 
 
 class UnsupportedMediaType(ClientError):

@@ -101,6 +101,7 @@ class Settings:
     client_idle_timeout: float = 30.0
     client_send_timeout: float = 30.0
     max_header_bytes: int = 32 * 1024
+    max_header_count: int = 100
     max_connections: int = 4096
     buffer_budget_bytes: int = 256 * 1024 * 1024
     max_backend_body_bytes: int = 16 * 1024 * 1024
@@ -716,7 +717,14 @@ FIELDS: tuple[FieldSpec, ...] = (
         "VLLM_MAX_HEADER_BYTES",
         "--max-header-bytes",
         _int_range(1024, 1 << 20),
-        "largest request line plus headers (431 beyond)",
+        "largest request line plus headers, and largest trailer section (431 beyond)",
+    ),
+    FieldSpec(
+        "max_header_count",
+        "VLLM_MAX_HEADER_COUNT",
+        "--max-header-count",
+        _int_range(8, 10_000),
+        "most header fields in a request, and most trailer fields (431 beyond)",
     ),
     FieldSpec(
         "max_connections",

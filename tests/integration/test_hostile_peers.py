@@ -449,6 +449,110 @@ async def test_a_32_mib_header_gets_431_and_memory_stays_flat(simulator: Simulat
         assert peak - base < 8 * 1024, f"peak RSS grew by {peak - base} KiB"
 
 
+@pytest.mark.parametrize("shape", ["one_value", "tiny_fields"])
+async def test_trailers_past_their_bounds_get_431_and_memory_stays_flat(
+    simulator: Simulator, shape: str
+) -> None:
+    """32 MiB of one trailer value once added 64 MiB of RSS, and 6 MiB of tiny trailer fields
+    92 MiB, merged into the request's headers."""
+    with spawn_gateway({"VLLM_BACKEND_URL": simulator.url}, name=f"trailers-{shape}") as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        pid = gw.process.pid
+        _clear_peak(pid)
+        base, _ = rss_kib(pid)
+        sock = await raw_connect(port)
+        loop = asyncio.get_running_loop()
+        body = orjson.dumps(chat_body())
+        await loop.sock_sendall(
+            sock,
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+            b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"%x\r\n%s\r\n0\r\n"
+            % (len(body), body)
+            + (b"x-trailer: " if shape == "one_value" else b""),
+        )
+
+        async def send_junk() -> None:
+            if shape == "one_value":
+                piece = b"a" * (1 << 20)
+                for _ in range(32):
+                    await loop.sock_sendall(sock, piece)
+            else:
+                piece = b"t: 1\r\n" * (1 << 17)
+                for _ in range(6):
+                    await loop.sock_sendall(sock, piece)
+
+        sender = asyncio.create_task(send_junk())
+        data = await read_until_closed(sock, timeout=10)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await sender
+        sock.close()
+        assert _status(data) == 431
+        assert _json_body(data)["error"]["type"] == "headers_too_large"
+        _, peak = rss_kib(pid)
+        assert peak - base < 8 * 1024, f"peak RSS grew by {peak - base} KiB"
+        assert simulator.stats()["total"] == 0
+
+
+async def test_a_valid_request_followed_by_junk_gets_its_own_answer(simulator: Simulator) -> None:
+    """The junk behind a valid request once got the 400 while the backend ran the request: the
+    client was told it failed and the GPU did the work. Now: the request's 200, then the junk's
+    400, and the backend ran exactly the one request."""
+    async with run_gateway(backend_urls=(simulator.url,)) as gw:
+        sock = await raw_connect(gw.port)
+        await asyncio.get_running_loop().sock_sendall(sock, _request(chat_body()) + b"JUNK\r\n\r\n")
+        data = await read_until_closed(sock, timeout=10)
+        sock.close()
+        first, _, rest = data.partition(b"HTTP/1.1 400")
+        assert _status(first) == 200 and _json_body(first)["choices"]
+        assert rest, "the junk got no answer of its own"
+        assert simulator.stats()["total"] == 1
+        await wait_for(lambda: not gw.runner.http.connections and gw.app.budget.used == 0)
+
+
+async def test_refused_pipelines_give_every_buffered_byte_back(simulator: Simulator) -> None:
+    """A lasting denial of service from anyone: bodies read ahead behind an early refusal were
+    never given back to the buffer budget. With a 1 MiB budget, ten such connections once left it
+    full and every later request with a body got 503 until a restart."""
+    filler = {"user": "x" * 100_000}  # a body of 100 KB that the backend takes
+    async with run_gateway(backend_urls=(simulator.url,), buffer_budget_bytes=1 << 20) as gw:
+        loop = asyncio.get_running_loop()
+        for _ in range(10):
+            sock = await raw_connect(gw.port)
+            await loop.sock_sendall(
+                sock,
+                _request(chat_body(stream=True, max_tokens=32))
+                + _request({**chat_body(), **filler})
+                + b"\x00junk\r\n\r\n",
+            )
+            await read_until_closed(sock, timeout=10)
+            sock.close()
+        await wait_for(lambda: not gw.runner.http.connections and gw.app.budget.used == 0)
+        async with httpx.AsyncClient() as client:
+            resp = await client.post(gw.url + CHAT, json={**chat_body(), **filler}, timeout=10)
+        assert resp.status_code == 200, resp.text
+
+
+async def test_an_upgrade_on_a_stored_response_route_is_refused_and_not_forwarded(
+    simulator: Simulator,
+) -> None:
+    """'Upgrade: h2c' once got a 400 while the GET (or a cancel) still went to the backend."""
+    async with run_gateway(backend_urls=(simulator.url,)) as gw:
+        for head in (
+            b"GET /v1/responses/resp_1 HTTP/1.1\r\nhost: gw\r\n",
+            b"POST /v1/responses/resp_1/cancel HTTP/1.1\r\nhost: gw\r\ncontent-length: 0\r\n",
+        ):
+            sock = await raw_connect(gw.port)
+            await asyncio.get_running_loop().sock_sendall(
+                sock, head + b"upgrade: h2c\r\nconnection: Upgrade, HTTP2-Settings\r\n\r\n"
+            )
+            data = await read_until_closed(sock, timeout=5)
+            sock.close()
+            assert _status(data) == 400
+        assert simulator.stats()["total"] == 0
+
+
 async def test_headers_past_the_limit_in_one_read_get_431(simulator: Simulator) -> None:
     settings = Settings(backend_urls=(simulator.url,), max_header_bytes=8192)
     async with run_gateway(settings) as gw:

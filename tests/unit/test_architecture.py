@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "vllm_gateway"
 
 # Lowest first. A module may import from its own room or a lower one.
 ROOMS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("vllm_gateway", "errors", "settings", "ids", "identity")),
+    ("base", ("vllm_gateway", "errors", "settings", "ids", "identity", "http1")),
     ("backends", ("backends",)),
     ("proxy", ("proxy",)),
     ("observability", ("observability",)),

@@ -21,7 +21,7 @@ import pytest
 from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.http.backend import HTTPBackend
 from vllm_gateway.backends.http.client import ConnectionPool, TLSOptions
-from vllm_gateway.backends.http.connection import MAX_HEAD_BYTES
+from vllm_gateway.backends.http.connection import MAX_HEAD_BYTES, MAX_HEADER_COUNT
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse
 
 pytestmark = pytest.mark.timeout(20)
@@ -558,6 +558,83 @@ async def test_an_oversized_response_head_is_refused() -> None:
         await pool.aclose()
 
 
+_CHUNKED_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+async def test_response_trailers_are_dropped_and_the_connection_kept() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.read_head()  # type: ignore[attr-defined]
+            writer.write(_CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n")
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        for _ in range(2):
+            resp = await pool.request("GET", "/")
+            assert await body_of(resp) == b"hello"
+            assert all(name.lower() != b"x-trailer" for name, _ in resp.headers)
+        assert pool.open_connections() == 1
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("trickled", [False, True])
+async def test_response_trailers_past_the_bound_are_an_error_not_held(trickled: bool) -> None:
+    """21 MB of trailers were once kept: now one trailer value past the head's bound, in one
+    write or trickled across many, ends the body with an error."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read_head()  # type: ignore[attr-defined]
+        writer.write(_CHUNKED_HEAD + b"5\r\nhello\r\n0\r\nX-Big: ")
+        if trickled:
+            for _ in range(4 * MAX_HEAD_BYTES // 4096):
+                writer.write(b"v" * 4096)
+                await writer.drain()
+                await asyncio.sleep(0)
+        else:
+            writer.write(b"v" * (MAX_HEAD_BYTES + 10))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        resp = await pool.request("GET", "/")
+        with pytest.raises(BadBackendResponse):
+            await body_of(resp)
+        await pool.aclose()
+
+
+async def test_too_many_response_trailer_fields_are_an_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read_head()  # type: ignore[attr-defined]
+        fields = b"".join(b"T%d: 1\r\n" % i for i in range(MAX_HEADER_COUNT + 1))
+        writer.write(_CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n" + fields + b"\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        resp = await pool.request("GET", "/")
+        with pytest.raises(BadBackendResponse):
+            await body_of(resp)
+        await pool.aclose()
+
+
+async def test_too_many_response_header_fields_are_refused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read_head()  # type: ignore[attr-defined]
+        fields = b"".join(b"H%d: 1\r\n" % i for i in range(MAX_HEADER_COUNT + 1))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + fields + b"\r\n")
+        await writer.drain()
+
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        with pytest.raises(BadBackendResponse):
+            await pool.request("GET", "/")
+        await pool.aclose()
+
+
 async def test_an_ipv6_backend() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -601,4 +678,3 @@ async def test_a_whole_body_that_came_with_its_head_is_still_held_to_the_read_li
         assert await resp.read(100, charged.append) == b"x" * 100
         assert charged == [100]
         await pool.aclose()
-

@@ -17,12 +17,17 @@ Bounds (each a field of ``Limits``, each a setting; docs/reliability.md lists th
   client does not take what it is sent); then the connection is aborted, which ends the request
   (its permit is released and its upstream request aborted). A connection that is closing with
   bytes still buffered gets the same bound. Nothing ever awaits a send without it;
-- ``max_header_bytes``: request line and headers; beyond it 431 and close;
+- ``max_header_bytes`` and ``max_header_count``: a request's line and headers, and apart its
+  trailer fields (counted, never kept); beyond them 431 and close. Counted per request, never per
+  read: what the parser holds of an unfinished line is bounded from the reads (``http1``);
 - ``max_connections``: open client connections; one more gets a canned 503 and is closed at once;
 - request bodies: a cap per route (413, as soon as the length says so or the bytes pass it) and a
   budget for all bodies held by the process together (``BufferBudget``; 503 beyond it);
-- pipelining: at most ``max_pipelined`` requests wait behind the one being answered, and reading
-  pauses while any waits.
+- pipelining: at most ``max_pipelined`` requests are read ahead of the one being answered, and
+  reading pauses while any waits. Answers go strictly in request order: a request refused while
+  read ahead (malformed bytes, its head refused, one too many, its body past a bound) keeps its
+  turn, is answered after the requests before it, runs nowhere, and ends the connection; nothing
+  after it is read. Every body read ahead is given back to the budget on every path.
 
 Exchanges: a request and its response are one ``Exchange``. The handler's ``admit`` sees it when
 its headers are complete and may refuse it at once (the server sends the answer and closes without
@@ -60,6 +65,7 @@ import httptools
 
 from vllm_gateway import errors
 from vllm_gateway.errors import GatewayError
+from vllm_gateway.http1 import held_tail
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.responder import ClientGone
@@ -87,7 +93,8 @@ class Limits:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
     send_timeout: float = 30.0
-    max_header_bytes: int = 32 * 1024
+    max_header_bytes: int = 32 * 1024  # request line and headers; the trailers apart
+    max_header_count: int = 100  # header fields; the trailers apart
     max_connections: int = 4096
     max_pipelined: int = 16
     write_high_water: int = 64 * 1024
@@ -147,8 +154,10 @@ class Exchange:
         "complete",
         "conn",
         "error",
+        "expects_continue",
         "extra_headers",
         "header_bytes",
+        "header_count",
         "headers",
         "http_version",
         "keep_alive",
@@ -164,6 +173,8 @@ class Exchange:
         "started",
         "state",
         "status",
+        "trailer_bytes",
+        "trailer_count",
     )
 
     def __init__(self, conn: Connection) -> None:
@@ -174,6 +185,10 @@ class Exchange:
         self.query = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes = 0
+        self.header_count = 0
+        self.trailer_bytes = 0  # trailer fields are counted and bounded, never kept
+        self.trailer_count = 0
+        self.expects_continue = False
         self.http_version = "1.1"
         self.keep_alive = True
         self.client = conn.peer
@@ -327,12 +342,14 @@ class Connection(asyncio.Protocol):
     """One client connection: reads requests one at a time, answers them in order."""
 
     __slots__ = (
+        "_carry",
         "_drain_waiters",
-        "_header_bytes",
         "_idle_wait",
         "_in_headers",
         "_lingering",
+        "_maybe_trailers",
         "_probe",
+        "_seen",
         "_send_timer",
         "_timer",
         "_timer_armed",
@@ -348,6 +365,7 @@ class Connection(asyncio.Protocol):
         "pending",
         "reading",
         "server",
+        "stopped",
         "task",
         "too_slow",
         "transport",
@@ -371,8 +389,16 @@ class Connection(asyncio.Protocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._probe: asyncio.TimerHandle | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
-        self._header_bytes = 0
+        # What the parser holds unseen (an unfinished header or trailer line), bounded from the
+        # reads themselves: ``http1.held_tail``; ``seen`` counts the bytes of the current read
+        # that callbacks accounted for.
+        self._carry = 0
+        self._seen = 0
         self._in_headers = False  # the parser is inside a request line or headers
+        self._maybe_trailers = False  # after a chunk-size line: the last one's trailers may follow
+        # Parsing stopped for good: a request read ahead failed (it is answered in its turn, after
+        # the ones before it), or bytes came after a request that closes the connection.
+        self.stopped = False
         self._idle_wait = False  # between two requests of a keep-alive connection
         self._lingering = False
         self.paused = False  # the client is not taking what it is sent
@@ -408,30 +434,57 @@ class Connection(asyncio.Protocol):
         self._set_timer(limits.header_timeout, self._on_header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
-            return  # lingering after an early answer, or shutting down: discard
+        if self.closing or self.stopped:
+            return  # lingering after an early answer, shutting down, or parsing over: discard
         if self._idle_wait:
             # The first byte after a keep-alive wait: the header clock starts.
             self._idle_wait = False
             self._set_timer(self.server.limits.header_timeout, self._on_header_timeout)
+        self._seen = 0
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._refuse(errors.InvalidRequest("Protocol upgrades are not supported here."))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if not isinstance(exc.__context__, _Refused):  # else a callback has answered
+                self._malformed(exc)
             return
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _Refused):
-                return  # a callback has already answered
-            self.server.stats.malformed += 1
-            self._refuse(errors.MalformedRequest())
+        if self._in_headers or self._maybe_trailers:
+            self._check_held(data)
+
+    def _malformed(self, exc: Exception) -> None:
+        """The parser rejected the bytes: the request they belong to is refused; the requests
+        before it on this connection still get their own answers first."""
+        exchange = self._parsing()
+        if exchange is not None and exchange.received:
+            # The bytes came after a whole request and began no new one.
+            if not exchange.keep_alive:
+                self.stopped = True  # after 'Connection: close' (or HTTP/1.0): ignored
+                self._pause_reading()
+                return
+            exchange = Exchange(self)
+            self.pending.append(exchange)
+        if exchange is None:
+            exchange = self.current = Exchange(self)
+        self.server.stats.malformed += 1
+        if isinstance(exc, httptools.HttpParserUpgrade):
+            err: GatewayError = errors.InvalidRequest("Protocol upgrades are not supported here.")
+        else:
+            err = errors.MalformedRequest()
+        self._fail(exchange, err)
+
+    def _check_held(self, data: bytes) -> None:
+        """The read ended inside a head or a trailer section: bound what it holds, per message."""
+        exchange = self._parsing()
+        if exchange is None:
             return
+        self._carry = held_tail(data, self._carry, self._seen)
+        limits = self.server.limits
         if self._in_headers:
-            # Bytes of a request line and headers not yet complete: httptools holds them until
-            # they are, so this is what bounds the memory one header line can take.
-            self._header_bytes += len(data)
-            if self._header_bytes > self.server.limits.max_header_bytes:
-                self.server.stats.headers_too_large += 1
-                self._refuse(errors.HeadersTooLarge())
+            held = self._carry + exchange.header_bytes + len(exchange.raw_path)
+        else:
+            held = self._carry + exchange.trailer_bytes
+        if held > limits.max_header_bytes:
+            self.server.stats.headers_too_large += 1
+            self._fail(exchange, errors.HeadersTooLarge())
 
     def eof_received(self) -> bool | None:
         current = self.current
@@ -490,44 +543,76 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_headers = True
-        self._header_bytes = 0
+        self._carry = 0
         exchange = Exchange(self)
         if self.current is None:
             self.current = exchange
             return
-        if len(self.pending) >= self.server.limits.max_pipelined:
-            raise self._refuse(errors.MalformedRequest("Too many pipelined requests."))
         self.pending.append(exchange)
         self._pause_reading()
+        if len(self.pending) > self.server.limits.max_pipelined:
+            raise self._fail(exchange, errors.MalformedRequest("Too many pipelined requests."))
 
     def on_url(self, url: bytes) -> None:
-        self._parsing().raw_path += url
+        exchange = self._parsing_now()
+        exchange.raw_path += url
+        self._seen += len(url)
+        if len(exchange.raw_path) > self.server.limits.max_header_bytes:
+            raise self._fail(exchange, errors.UriTooLong())
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        exchange = self._parsing()
-        exchange.header_bytes += len(name) + len(value) + 4
-        exchange.headers.append((name.lower(), value))
+        exchange = self._parsing_now()
+        size = len(name) + len(value)
+        self._seen += size
+        self._carry = 0  # the line the parser held is now handed over
+        limits = self.server.limits
+        if self._in_headers:
+            exchange.header_bytes += size + 4
+            exchange.header_count += 1
+            if (
+                exchange.header_count > limits.max_header_count
+                or exchange.header_bytes + len(exchange.raw_path) > limits.max_header_bytes
+            ):
+                self.server.stats.headers_too_large += 1
+                raise self._fail(exchange, errors.HeadersTooLarge())
+            exchange.headers.append((name.lower(), value))
+            return
+        # A trailer field (after the last chunk): counted and bounded like the headers, then
+        # dropped; the request's meaning is in its head, and a trailer never joins it.
+        exchange.trailer_bytes += size + 4
+        exchange.trailer_count += 1
+        if (
+            exchange.trailer_count > limits.max_header_count
+            or exchange.trailer_bytes > limits.max_header_bytes
+        ):
+            self.server.stats.headers_too_large += 1
+            raise self._fail(
+                exchange, errors.HeadersTooLarge("The request's trailer fields are too large.")
+            )
 
     def on_headers_complete(self) -> None:
-        exchange = self._parsing()
+        exchange = self._parsing_now()
         parser = self.parser
         self._in_headers = False
-        self._header_bytes = 0
+        self._carry = 0
         if exchange.header_bytes + len(exchange.raw_path) > self.server.limits.max_header_bytes:
-            # Headers that arrived whole in one read, past the limit.
             self.server.stats.headers_too_large += 1
-            raise self._refuse(errors.HeadersTooLarge())
+            raise self._fail(exchange, errors.HeadersTooLarge())
         exchange.method = parser.get_method().decode("ascii", "replace")
         exchange.http_version = parser.get_http_version()
         exchange.keep_alive = parser.should_keep_alive() and exchange.http_version == "1.1"
+        exchange.request_id = self.server.handler.new_request_id(exchange.headers)
+        err = _framing_error(exchange, parser.should_upgrade())
+        if err is not None:
+            exchange.keep_alive = False
+            raise self._fail(exchange, err)
         try:
             url = httptools.parse_url(exchange.raw_path)
         except httptools.HttpParserInvalidURLError:
-            raise self._refuse(errors.MalformedRequest("Invalid request target.")) from None
+            raise self._fail(exchange, errors.MalformedRequest("Invalid request target.")) from None
         raw = url.path or b"/"
         exchange.path = unquote(raw.decode("latin-1")) if b"%" in raw else raw.decode("latin-1")
         exchange.query = url.query or b""
-        exchange.request_id = self.server.handler.new_request_id(exchange.headers)
         current = exchange is self.current
         if current:
             self._set_timer(self.server.limits.body_timeout, self._on_body_timeout)
@@ -537,18 +622,22 @@ class Connection(asyncio.Protocol):
             if length is not None and length.isdigit() and int(length) > exchange.body_limit:
                 err = errors.BodyTooLarge(f"The request body exceeds {exchange.body_limit} bytes.")
         if err is not None:
-            exchange.error = err
-            if current:
-                raise self._refuse(err)
-            return  # answered in its turn (pipelined)
-        expect = exchange.header(b"expect")
-        if current and expect is not None and expect.lower() == b"100-continue":
+            raise self._fail(exchange, err)
+        if current and exchange.expects_continue:
             self.write(_CONTINUE)
 
+    def on_chunk_header(self) -> None:
+        self._maybe_trailers = True  # a data chunk's bytes follow, or the last chunk's trailers
+
+    def on_chunk_complete(self) -> None:
+        self._maybe_trailers = False
+        self._carry = 0
+
     def on_body(self, body: bytes) -> None:
-        exchange = self._parsing()
-        if exchange.error is not None:
-            return
+        exchange = self._parsing_now()
+        self._maybe_trailers = False
+        self._carry = 0
+        self._seen += len(body)
         size = exchange._charged + len(body)
         if size > exchange.body_limit:
             err: GatewayError = errors.BodyTooLarge(
@@ -564,13 +653,12 @@ class Connection(asyncio.Protocol):
             exchange._charged = size
             exchange._body.append(body)
             return
-        exchange.error = err
-        exchange._release_body()
-        if exchange is self.current:
-            raise self._refuse(err)
+        raise self._fail(exchange, err)
 
     def on_message_complete(self) -> None:
-        exchange = self._parsing()
+        exchange = self._parsing_now()
+        self._maybe_trailers = False
+        self._carry = 0
         exchange.received = True
         exchange.arrived_at = time.perf_counter()
         if exchange is self.current:
@@ -579,15 +667,22 @@ class Connection(asyncio.Protocol):
 
     # --- dispatch and the end of an exchange -----------------------------------------------------
 
-    def _parsing(self) -> Exchange:
-        """The exchange whose request the parser is reading now."""
+    def _parsing(self) -> Exchange | None:
+        """The exchange whose request the parser is reading (or read last), if any."""
         if self.pending:
             return self.pending[-1]
-        assert self.current is not None
         return self.current
+
+    def _parsing_now(self) -> Exchange:
+        exchange = self._parsing()
+        assert exchange is not None  # a callback runs inside a message
+        return exchange
 
     def _dispatch(self, exchange: Exchange) -> None:
         if exchange.error is not None:
+            # Refused while it was read ahead: its answer, then the connection ends (what came
+            # after it was never read).
+            self._lingering = True
             self._answer_error(exchange, exchange.error)
             return
         err = self.server.handler.ready(exchange)
@@ -644,8 +739,11 @@ class Connection(asyncio.Protocol):
         if self._lingering:
             self._linger()
             return
-        if not exchange.keep_alive or self.half_closed or self.closing or self.server.closing:
+        if not exchange.keep_alive or self.closing or self.server.closing:
             self.close()
+            return
+        if self.half_closed and not (self.pending and self.pending[0].received):
+            self.close()  # the client sent its last request and this was its answer
             return
         if self.pending:
             nxt = self.current = self.pending.popleft()
@@ -653,8 +751,12 @@ class Connection(asyncio.Protocol):
                 self._resume_reading()
             if nxt.received:
                 self._dispatch(nxt)
+            elif not nxt.method:  # still in its head
+                self._set_timer(self.server.limits.header_timeout, self._on_header_timeout)
             else:
                 self._set_timer(self.server.limits.body_timeout, self._on_body_timeout)
+                if nxt.expects_continue:
+                    self.write(_CONTINUE)  # its turn has come: now it may send its body
             return
         self._idle_wait = True
         self._set_timer(self.server.limits.idle_timeout, self._on_idle_timeout)
@@ -704,14 +806,28 @@ class Connection(asyncio.Protocol):
         else:
             self.closing = True
 
+    def _fail(self, exchange: Exchange, err: GatewayError) -> _Refused:
+        """Refuse ``exchange`` while it is being read. The one being read now is answered at once
+        (``_refuse``); one read ahead behind a request still being answered is answered in its
+        turn, after that one, and parsing stops there: it never runs, and what follows it is
+        never read. Returns the exception a parser callback raises to stop the parser."""
+        if exchange is self.current and not exchange.received:
+            return self._refuse(err)
+        exchange.error = err
+        exchange.received = True
+        exchange._release_body()
+        self.stopped = True
+        self._pause_reading()
+        return _Refused()
+
     def _refuse(self, err: GatewayError) -> _Refused:
-        """Answer ``err`` before the request was read whole, then linger and close. Returns the
-        exception a parser callback raises to stop the parser."""
+        """Answer ``err`` for the request being read now (its body not read whole), then linger
+        and close. Returns the exception a parser callback raises to stop the parser."""
         if self.closing or self.lost:
             return _Refused()
         current = self.current
-        if current is not None and current.started:
-            # Junk behind a response in progress: finish that one, then close.
+        if current is not None and current.received:
+            # Handed on already: its own answer is coming; the connection ends after it.
             self.closing = True
             self._pause_reading()
             return _Refused()
@@ -720,11 +836,13 @@ class Connection(asyncio.Protocol):
         if current is None:
             # Nothing parsed yet (a bad first line, a header timeout before any byte...).
             current = self.current = Exchange(self)
-            current.received = True
+        current.received = True
         if not current.request_id:
             current.request_id = self.server.handler.new_request_id(current.headers)
         current.error = err
-        self.pending.clear()
+        current._release_body()
+        while self.pending:  # none can be read ahead of an unread request; kept for safety
+            self.pending.popleft()._release_body()
         self._answer_error(current, err)
         return _Refused()
 
@@ -848,6 +966,45 @@ class Connection(asyncio.Protocol):
         if not self.reading and self.transport is not None and not self.lost:
             self.reading = True
             self.transport.resume_reading()
+
+
+def _framing_error(exchange: Exchange, upgrade: bool) -> GatewayError | None:
+    """The RFC 9112/9110 rules on a request's head that llhttp leaves to its caller; the
+    conformance table (tests/integration/test_edge_conformance.py) states each with its answer."""
+    if exchange.http_version not in ("1.1", "1.0"):
+        return errors.VersionNotSupported()
+    if upgrade:
+        return errors.InvalidRequest("Protocol upgrades are not supported here.")
+    hosts = 0
+    codings: list[bytes] = []
+    expect: bytes | None = None
+    for name, value in exchange.headers:
+        if name == b"host":
+            hosts += 1
+        elif name == b"transfer-encoding":
+            codings.extend(c.strip().lower() for c in value.split(b","))
+        elif name == b"expect":
+            expect = value.strip().lower()
+    if exchange.http_version == "1.1" and hosts != 1:
+        # RFC 9112 3.2: exactly one Host in an HTTP/1.1 request, else 400.
+        return errors.MalformedRequest("An HTTP/1.1 request must carry exactly one Host header.")
+    if hosts > 1:
+        return errors.MalformedRequest("A request must not carry more than one Host header.")
+    if codings:
+        if exchange.http_version != "1.1":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            return errors.MalformedRequest("Transfer-Encoding is not allowed in HTTP/1.0.")
+        if codings[-1] != b"chunked":
+            # RFC 9112 6.3: without chunked last, the body's length cannot be known.
+            return errors.MalformedRequest("Transfer-Encoding must end with 'chunked'.")
+        if codings != [b"chunked"]:
+            return errors.UnsupportedTransferCoding()
+    if expect is not None and exchange.http_version == "1.1":
+        # RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored.
+        if expect != b"100-continue":
+            return errors.ExpectationFailed()
+        exchange.expects_continue = True
+    return None
 
 
 class _Refused(Exception):

@@ -41,6 +41,7 @@ def limits_of(settings: Settings) -> Limits:
         idle_timeout=settings.client_idle_timeout,
         send_timeout=settings.client_send_timeout,
         max_header_bytes=settings.max_header_bytes,
+        max_header_count=settings.max_header_count,
         max_connections=settings.max_connections,
     )
 

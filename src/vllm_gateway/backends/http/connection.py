@@ -18,7 +18,10 @@ Invariants:
   how vLLM learns to abort the request and free its KV cache.
 - The body is delivered as it arrives. When the consumer falls more than ``HIGH_WATER`` bytes
   behind, reading from the socket pauses until it catches up, so a stalled consumer holds a bounded
-  buffer. The status line and headers are bounded by ``MAX_HEAD_BYTES``.
+  buffer. The status line and headers are bounded by ``MAX_HEAD_BYTES`` and ``MAX_HEADER_COUNT``;
+  trailer fields are counted against the same bounds and dropped (never kept, never merged into
+  the headers). An unfinished trailer line the parser holds is bounded from the reads that carry
+  it (``http1.held_tail``), within one read of the bound.
 - An abrupt close before the message is complete is an error, never a clean end. Every failure
   becomes ``BackendUnavailable`` (or ``BadBackendResponse`` for a malformed answer) here and only
   here.
@@ -34,12 +37,21 @@ import httptools
 
 from vllm_gateway.backends.base import Charge, UpstreamResponse, count_piece, read_capped
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse, UpstreamError
+from vllm_gateway.http1 import held_tail
 
-__all__ = ["HIGH_WATER", "MAX_HEAD_BYTES", "Connection", "HTTPResponse", "Stale"]
+__all__ = [
+    "HIGH_WATER",
+    "MAX_HEADER_COUNT",
+    "MAX_HEAD_BYTES",
+    "Connection",
+    "HTTPResponse",
+    "Stale",
+]
 
 HIGH_WATER = 256 << 10  # pause reading when this much body is buffered and unread
 # Bound on a response's status line and headers (httptools holds an unfinished header line whole).
 MAX_HEAD_BYTES = 64 << 10
+MAX_HEADER_COUNT = 100  # header fields of a response; its trailer fields apart
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -102,6 +114,7 @@ class HTTPResponse(UpstreamResponse):
 
     __slots__ = (
         "_buffered",
+        "_carry",
         "_chunks",
         "_conn",
         "_content_length",
@@ -116,6 +129,8 @@ class HTTPResponse(UpstreamResponse):
         "_loop",
         "_parser",
         "_paused",
+        "_trailer_bytes",
+        "_trailer_count",
         "_until_eof",
         "_waiter",
         "content_type",
@@ -139,6 +154,9 @@ class HTTPResponse(UpstreamResponse):
         self._got_bytes = False
         self._head_bytes = 0  # bytes received before the head was complete
         self._header_size = 0  # bytes of the header lines parsed
+        self._trailer_bytes = 0  # trailer fields: counted and bounded, then dropped
+        self._trailer_count = 0
+        self._carry = 0  # an unfinished trailer line the parser may hold (http1.held_tail)
         self._until_eof = False
         self._content_length: int | None = None
         self.status = 0
@@ -149,6 +167,8 @@ class HTTPResponse(UpstreamResponse):
 
     def _feed(self, data: bytes) -> None:
         self._got_bytes = True
+        body_before = self._buffered
+        trailers_before = self._trailer_bytes
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -169,6 +189,20 @@ class HTTPResponse(UpstreamResponse):
                     BadBackendResponse("The backend's response headers are too large."), None
                 )
                 return
+        elif not self._done:
+            body = self._buffered - body_before
+            if body and data.endswith(b"\n"):
+                self._carry = 0  # a read of body that ends at a line end: nothing is held
+            else:
+                # What the parser may hold: an unfinished trailer line (continued from the last
+                # read when this one brought no body).
+                seen = body + self._trailer_bytes - trailers_before
+                self._carry = held_tail(data, 0 if body else self._carry, seen)
+                if self._carry + self._trailer_bytes > MAX_HEAD_BYTES:
+                    self._fail(
+                        BadBackendResponse("The backend's response trailers are too large."), None
+                    )
+                    return
         if self._done and self._conn is not None:
             self._hand_back()
 
@@ -232,7 +266,17 @@ class HTTPResponse(UpstreamResponse):
     # --- httptools callbacks ----------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_size += len(name) + len(value) + 4
+        size = len(name) + len(value) + 4
+        if self._head is None and self.status >= 200:
+            # A trailer field: counted against the head's bounds, then dropped.
+            self._trailer_bytes += size
+            self._trailer_count += 1
+            if self._trailer_count > MAX_HEADER_COUNT or self._trailer_bytes > MAX_HEAD_BYTES:
+                raise _HeadTooLarge
+            return
+        self._header_size += size
+        if len(self.headers) >= MAX_HEADER_COUNT:
+            raise _HeadTooLarge
         self.headers.append((name, value))
         lname = name.lower()
         if lname == b"content-type":
