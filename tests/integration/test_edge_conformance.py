@@ -1,6 +1,6 @@
 """The edge's specification: RFC 9112/9110 cases, each with the answer the server must give.
 
-Each row is sent as raw bytes over a real socket to the gateway's HTTP server (``edge/http.py``)
+Each row is sent as raw bytes over a real socket to the gateway's HTTP server (``edge/http/``)
 on loopback, whose handler answers every request it is handed with 200 and records it. A row
 says which answers come back, in order, which requests the handler ran, and whether the server
 closes the connection. After every row the server holds nothing: no connection, and not one byte

@@ -1,76 +1,30 @@
-"""The gateway's HTTP/1.1 server: one ``asyncio.Protocol`` per client connection, parsed by
-httptools, with a bound on everything a client controls.
-
-Why its own server: the promise ("every request ends within bounds the settings give; nothing is
-held") must hold against clients that are slow or hostile, and uvicorn's httptools server gives no
-bound on reading a request's headers or body, none on the size of its headers, and none on a send
-to a client that stops reading: the permit of a stream waited in that send for as long as the
-client liked. Owning the connection also takes the ASGI message per chunk off the hot path.
-
-Bounds (each a field of ``Limits``, each a setting; docs/reliability.md lists them with their tests):
-
-- ``header_timeout``: from a connection's open, or a request's first byte, to the end of its
-  headers; then 408 and the connection closes (slowloris, and connections that never send a byte);
-- ``body_timeout``: from the end of the headers to the end of the body; then 408 and close;
-- ``idle_timeout``: a keep-alive connection between requests; then it is closed;
-- ``send_timeout``: how long the connection's write buffer may stay above its high-water mark (the
-  client does not take what it is sent); then the connection is aborted, which ends the request
-  (its permit is released and its upstream request aborted). A connection that is closing with
-  bytes still buffered gets the same bound. Nothing ever awaits a send without it;
-- ``max_header_bytes`` and ``max_header_count``: a request's line and headers, and apart its
-  trailer fields (counted, never kept); beyond them 431 and close. Counted per request, never per
-  read: what the parser holds of an unfinished line is bounded from the reads (``http1``);
-- ``max_connections``: open client connections; one more gets a canned 503 and is closed at once;
-- request bodies: a cap per route (413, as soon as the length says so or the bytes pass it) and a
-  budget for all bodies held by the process together (``BufferBudget``; 503 beyond it);
-- pipelining: at most ``max_pipelined`` requests are read ahead of the one being answered, and
-  reading pauses while any waits. Answers go strictly in request order: a request refused while
-  read ahead (malformed bytes, its head refused, one too many, its body past a bound) keeps its
-  turn, is answered after the requests before it, runs nowhere, and ends the connection; nothing
-  after it is read. Every body read ahead is given back to the budget on every path.
-
-Exchanges: a request and its response are one ``Exchange``. The handler's ``admit`` sees it when
-its headers are complete and may refuse it at once (the server sends the answer and closes without
-reading the body); ``handle`` runs as a task once the body is in. The handler answers with
-``start``/``write``/``end`` (no await: bytes go to the transport's buffer) and awaits ``drain()``
-only when ``paused``. When the client goes away before the response is complete, ``on_gone`` is
-called once.
-
-A client that half-closes after a complete request may still be reading. Once its response has
-started, the gateway keeps writing (a client that has really gone shows at the next write). Before
-that, on Linux, the gateway tells the two apart by sending an interim ``100 Continue`` (legal for an
-HTTP/1.1 client at any time) and looking at the socket a couple of round trips later: a closed peer
-has answered with a reset. Elsewhere, and for HTTP/1.0, a half-close before the response is a
-client gone.
-"""
+"""One client connection: an ``asyncio.Protocol`` whose bytes httptools parses, its requests
+answered one after another, every bound a client controls enforced here (``Limits``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import http
 import logging
 import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from email.utils import formatdate
-from typing import Any, Protocol
+from collections.abc import Callable
 from urllib.parse import unquote
 
 import httptools
 
 from vllm_gateway import errors
+from vllm_gateway.edge.http.contract import Server
+from vllm_gateway.edge.http.exchange import Exchange
+from vllm_gateway.edge.http.framing import CONTINUE, error_headers, error_response, head_error
 from vllm_gateway.errors import GatewayError
 from vllm_gateway.http1 import held_tail
-from vllm_gateway.observability.connections import ConnectionStats
-from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.responder import ClientGone
 
-__all__ = ["Exchange", "Handler", "HttpServer", "Limits"]
+__all__ = ["Connection"]
 
 log = logging.getLogger("vllm_gateway.http")
 
@@ -79,263 +33,6 @@ log = logging.getLogger("vllm_gateway.http")
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _TCP_CLOSE = 7
 _TCP_INFO_LEN = 104
-
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_STATUS_LINES = {
-    s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode("latin-1")) for s in http.HTTPStatus
-}
-_NO_BODY_STATUS = frozenset({204, 304})
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    idle_timeout: float = 30.0
-    send_timeout: float = 30.0
-    max_header_bytes: int = 32 * 1024  # request line and headers; the trailers apart
-    max_header_count: int = 100  # header fields; the trailers apart
-    max_connections: int = 4096
-    max_pipelined: int = 16
-    write_high_water: int = 64 * 1024
-    write_low_water: int = 16 * 1024
-    # How long an early answer (a refusal before the body was read) keeps reading and discarding
-    # what the client still sends, so that the answer is not lost to a reset.
-    linger: float = 2.0
-
-
-class Handler(Protocol):
-    """What the server calls. ``admit`` (the head is in) and ``ready`` (the request is whole, its
-    task not yet made) run in the protocol's callback (no await); each returns None to go on or an
-    error to answer at once. After ``admit`` the body is read, up to ``exchange.body_limit``."""
-
-    def admit(self, exchange: Exchange) -> GatewayError | None: ...
-
-    def ready(self, exchange: Exchange) -> GatewayError | None: ...
-
-    def handle(self, exchange: Exchange) -> Awaitable[None]: ...
-
-    def new_request_id(self, headers: list[tuple[bytes, bytes]]) -> str: ...
-
-
-class _Date:
-    """The Date header, formatted once a second."""
-
-    __slots__ = ("_line", "_second")
-
-    def __init__(self) -> None:
-        self._second = -1
-        self._line = b""
-
-    def line(self) -> bytes:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._line = b"date: %s\r\n" % formatdate(now, usegmt=True).encode("latin-1")
-        return self._line
-
-
-_DATE = _Date()
-
-
-class Exchange:
-    """One request and its response on a connection."""
-
-    __slots__ = (
-        "_body",
-        "_charged",
-        "_chunked",
-        "_gone",
-        "_head",
-        "_head_only",
-        "arrived_at",
-        "body_limit",
-        "client",
-        "complete",
-        "conn",
-        "error",
-        "expects_continue",
-        "extra_headers",
-        "header_bytes",
-        "header_count",
-        "headers",
-        "http_version",
-        "keep_alive",
-        "method",
-        "on_gone",
-        "path",
-        "query",
-        "raw_path",
-        "received",
-        "render_error",
-        "request_id",
-        "response_bytes",
-        "started",
-        "state",
-        "status",
-        "trailer_bytes",
-        "trailer_count",
-    )
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.method = ""
-        self.raw_path = b""
-        self.path = ""
-        self.query = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
-        self.header_count = 0
-        self.trailer_bytes = 0  # trailer fields are counted and bounded, never kept
-        self.trailer_count = 0
-        self.expects_continue = False
-        self.http_version = "1.1"
-        self.keep_alive = True
-        self.client = conn.peer
-        self.request_id = ""
-        self.extra_headers: list[tuple[bytes, bytes]] = []  # added to every response head (CORS)
-        # The body of an error answered on this exchange, in its route's protocol.
-        self.render_error: Callable[[GatewayError, str | None], bytes] = errors.json_body
-        self.body_limit = 0
-        self._body: list[bytes] = []
-        self._charged = 0
-        self.received = False  # the whole request (body included) is in
-        self.arrived_at = 0.0  # perf_counter when it was whole: where its gateway time starts
-        self.error: GatewayError | None = None  # a refusal decided while reading
-        self.state: dict[str, Any] = {}  # the handler's own per-request values
-        self.on_gone: Callable[[], None] | None = None
-        self._gone = False
-        # Response side.
-        self.started = False
-        self.complete = False
-        self.status = 0
-        self.response_bytes = 0
-        self._head = b""
-        self._chunked = False
-        self._head_only = False
-
-    # --- the request ---------------------------------------------------------------------------
-
-    @property
-    def body(self) -> bytes:
-        parts = self._body
-        if len(parts) == 1:
-            return parts[0]
-        joined = b"".join(parts)
-        self._body = [joined]
-        return joined
-
-    def header(self, name: bytes) -> bytes | None:
-        """The first value of a header (``name`` in lower case)."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-    @property
-    def gone(self) -> bool:
-        return self._gone
-
-    @property
-    def too_slow(self) -> bool:
-        return self.conn.too_slow
-
-    @property
-    def budget(self) -> BufferBudget:
-        return self.conn.server.budget
-
-    # --- the response: no await, bytes go to the transport's buffer ----------------------------
-
-    def start(
-        self, status: int, headers: list[tuple[bytes, bytes]], length: int | None = None
-    ) -> None:
-        """Begin the response; its head goes out with the first ``write`` or ``end``."""
-        if self.started:
-            raise RuntimeError("response already started")
-        self.started = True
-        self.status = status
-        conn = self.conn
-        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
-        lines.extend(b"%s: %s\r\n" % pair for pair in headers)
-        if self.extra_headers:
-            lines.extend(b"%s: %s\r\n" % pair for pair in self.extra_headers)
-        lines.append(_DATE.line())
-        self._head_only = self.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
-        if length is not None:
-            lines.append(b"content-length: %d\r\n" % length)
-        elif not self._head_only:
-            if self.http_version == "1.1":
-                self._chunked = True
-                lines.append(b"transfer-encoding: chunked\r\n")
-            else:
-                self.keep_alive = False  # the body ends with the connection
-        if not self.keep_alive or conn.closing:
-            self.keep_alive = False
-            lines.append(b"connection: close\r\n")
-        lines.append(b"\r\n")
-        self._head = b"".join(lines)
-
-    def write(self, data: bytes) -> None:
-        if self._head_only or not data:
-            if self._head:
-                data, self._head = self._head, b""
-                self.conn.write(data)
-            return
-        if self._chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        if self._head:
-            data, self._head = self._head + data, b""
-        self.response_bytes += len(data)
-        self.conn.write(data)
-
-    def end(self, data: bytes = b"") -> None:
-        """Finish the response (with ``data`` as its last bytes)."""
-        if self.complete:
-            return
-        if self._head_only:
-            data = b""
-        elif self._chunked:
-            data = (b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)) if data else b"0\r\n\r\n"
-        if self._head:
-            data, self._head = self._head + data, b""
-        self.complete = True
-        self.response_bytes += len(data)
-        if data:
-            self.conn.write(data)
-        self.conn.exchange_done(self)
-
-    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        """A whole response in one write."""
-        self.start(status, headers, len(body))
-        self.end(body)
-
-    @property
-    def paused(self) -> bool:
-        """True while the client is not taking what it is sent: await ``drain()`` before more."""
-        return self.conn.paused
-
-    async def drain(self) -> None:
-        """Wait until the client takes what it was sent. Raises ``ClientGone`` when it leaves or
-        is dropped for not reading within the send timeout (the connection's own timer)."""
-        await self.conn.drain()
-
-    # --- called by the connection --------------------------------------------------------------
-
-    def _set_gone(self) -> None:
-        if self._gone:
-            return
-        self._gone = True
-        callback, self.on_gone = self.on_gone, None
-        if callback is not None:
-            try:
-                callback()
-            except Exception:
-                log.exception("on_gone callback failed")
-
-    def _release_body(self) -> None:
-        if self._charged:
-            self.conn.server.budget.give(self._charged)
-            self._charged = 0
 
 
 class Connection(asyncio.Protocol):
@@ -355,6 +52,7 @@ class Connection(asyncio.Protocol):
         "_timer_armed",
         "_timer_at",
         "_timer_callback",
+        "budget",
         "closing",
         "current",
         "half_closed",
@@ -371,8 +69,9 @@ class Connection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
+        self.budget = server.budget
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer: tuple[str, int] | None = None
@@ -413,18 +112,17 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         server = self.server
-        server.connections.add(self)
-        server.stats.open = len(server.connections)
+        open_now = server.opened(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = (str(peer[0]), int(peer[1]))
         limits = server.limits
-        if len(server.connections) > limits.max_connections or server.closing:
+        if open_now > limits.max_connections or server.closing:
             # Refused cheaply: one canned answer, no parsing, no timer, closed at once.
             server.stats.refused += 1
             err = errors.ShuttingDown() if server.closing else errors.TooManyConnections()
             self.closing = True
-            self.transport.write(_error_response(err, server.handler.new_request_id([])))  # type: ignore[union-attr]
+            self.transport.write(error_response(err, server.handler.new_request_id([])))  # type: ignore[union-attr]
             self.transport.close()  # type: ignore[union-attr]
             return
         server.stats.accepted += 1
@@ -497,7 +195,7 @@ class Connection(asyncio.Protocol):
             self._client_left()
             return False
         # Half-closed before any answer: a peer that has closed resets when it is sent something.
-        self.write(_CONTINUE)
+        self.write(CONTINUE)
         self._probe = asyncio.get_running_loop().call_later(
             min(1.0, max(0.005, 4 * self._rtt())), self._check_peer
         )
@@ -507,8 +205,6 @@ class Connection(asyncio.Protocol):
         self.lost = True
         self.closing = True
         self._cancel_timers()
-        self.server.connections.discard(self)
-        self.server.stats.open = len(self.server.connections)
         waiters, self._drain_waiters = self._drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -520,7 +216,7 @@ class Connection(asyncio.Protocol):
             current._set_gone()
             if not current.received:  # never handed to a handler: its body is ours to free
                 current._release_body()
-        self.server._connection_closed()
+        self.server.closed(self)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -602,7 +298,9 @@ class Connection(asyncio.Protocol):
         exchange.http_version = parser.get_http_version()
         exchange.keep_alive = parser.should_keep_alive() and exchange.http_version == "1.1"
         exchange.request_id = self.server.handler.new_request_id(exchange.headers)
-        err = _framing_error(exchange, parser.should_upgrade())
+        err, exchange.expects_continue = head_error(
+            exchange.http_version, exchange.headers, parser.should_upgrade()
+        )
         if err is not None:
             exchange.keep_alive = False
             raise self._fail(exchange, err)
@@ -624,7 +322,7 @@ class Connection(asyncio.Protocol):
         if err is not None:
             raise self._fail(exchange, err)
         if current and exchange.expects_continue:
-            self.write(_CONTINUE)
+            self.write(CONTINUE)
 
     def on_chunk_header(self) -> None:
         self._maybe_trailers = True  # a data chunk's bytes follow, or the last chunk's trailers
@@ -722,7 +420,7 @@ class Connection(asyncio.Protocol):
         exchange.keep_alive = keep_alive
         exchange.respond(
             err.status,
-            _error_headers(err, exchange.request_id),
+            error_headers(err, exchange.request_id),
             exchange.render_error(err, exchange.request_id),
         )
         self.server.refused(exchange, err)
@@ -756,7 +454,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._set_timer(self.server.limits.body_timeout, self._on_body_timeout)
                 if nxt.expects_continue:
-                    self.write(_CONTINUE)  # its turn has come: now it may send its body
+                    self.write(CONTINUE)  # its turn has come: now it may send its body
             return
         self._idle_wait = True
         self._set_timer(self.server.limits.idle_timeout, self._on_idle_timeout)
@@ -968,138 +666,5 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
 
-def _framing_error(exchange: Exchange, upgrade: bool) -> GatewayError | None:
-    """The RFC 9112/9110 rules on a request's head that llhttp leaves to its caller; the
-    conformance table (tests/integration/test_edge_conformance.py) states each with its answer."""
-    if exchange.http_version not in ("1.1", "1.0"):
-        return errors.VersionNotSupported()
-    if upgrade:
-        return errors.InvalidRequest("Protocol upgrades are not supported here.")
-    hosts = 0
-    codings: list[bytes] = []
-    expect: bytes | None = None
-    for name, value in exchange.headers:
-        if name == b"host":
-            hosts += 1
-        elif name == b"transfer-encoding":
-            codings.extend(c.strip().lower() for c in value.split(b","))
-        elif name == b"expect":
-            expect = value.strip().lower()
-    if exchange.http_version == "1.1" and hosts != 1:
-        # RFC 9112 3.2: exactly one Host in an HTTP/1.1 request, else 400.
-        return errors.MalformedRequest("An HTTP/1.1 request must carry exactly one Host header.")
-    if hosts > 1:
-        return errors.MalformedRequest("A request must not carry more than one Host header.")
-    if codings:
-        if exchange.http_version != "1.1":
-            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
-            return errors.MalformedRequest("Transfer-Encoding is not allowed in HTTP/1.0.")
-        if codings[-1] != b"chunked":
-            # RFC 9112 6.3: without chunked last, the body's length cannot be known.
-            return errors.MalformedRequest("Transfer-Encoding must end with 'chunked'.")
-        if codings != [b"chunked"]:
-            return errors.UnsupportedTransferCoding()
-    if expect is not None and exchange.http_version == "1.1":
-        # RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored.
-        if expect != b"100-continue":
-            return errors.ExpectationFailed()
-        exchange.expects_continue = True
-    return None
-
-
 class _Refused(Exception):
     """Raised from a parser callback once the server has answered; stops the parser."""
-
-
-def _error_response(err: GatewayError, request_id: str) -> bytes:
-    """A whole error response that closes the connection, for answers made outside an exchange."""
-    body = errors.json_body(err, request_id)
-    return b"".join(
-        [
-            _STATUS_LINES[err.status],
-            *(b"%s: %s\r\n" % pair for pair in _error_headers(err, request_id)),
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
-            body,
-        ]
-    )
-
-
-def _error_headers(err: GatewayError, request_id: str) -> list[tuple[bytes, bytes]]:
-    return [
-        (b"content-type", b"application/json"),
-        (b"x-request-id", request_id.encode("latin-1")),
-        *err.headers(),
-    ]
-
-
-class HttpServer:
-    """Listening sockets and the connections they accepted."""
-
-    def __init__(
-        self,
-        handler: Handler,
-        limits: Limits,
-        budget: BufferBudget | None = None,
-        stats: ConnectionStats | None = None,
-    ) -> None:
-        self.handler = handler
-        self.limits = limits
-        self.budget = budget if budget is not None else BufferBudget(256 << 20)
-        self.connections: set[Connection] = set()
-        self.stats = stats if stats is not None else ConnectionStats()
-        self.closing = False
-        self._servers: list[asyncio.AbstractServer] = []
-        self._idle: asyncio.Event | None = None
-        self.on_refused: Callable[[Exchange, GatewayError], None] | None = None
-
-    async def listen(
-        self, host: str | None = None, port: int = 0, sock: socket.socket | None = None
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        if sock is not None:
-            server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=4096)
-        else:
-            server = await loop.create_server(
-                lambda: Connection(self), host, port, reuse_address=True, backlog=4096
-            )
-        self._servers.append(server)
-
-    @property
-    def sockets(self) -> list[Any]:
-        return [sock for server in self._servers for sock in getattr(server, "sockets", ())]
-
-    def refused(self, exchange: Exchange, err: GatewayError) -> None:
-        """The server answered ``err`` itself (a malformed or slow request, a full house...)."""
-        if self.on_refused is not None:
-            try:
-                self.on_refused(exchange, err)
-            except Exception:
-                log.exception("refusal observer failed")
-
-    def _connection_closed(self) -> None:
-        if not self.connections and self._idle is not None:
-            self._idle.set()
-
-    async def shutdown(self, timeout: float) -> None:
-        """Stop listening, close idle connections, let responses in progress end within
-        ``timeout``, then drop what is left."""
-        self.closing = True
-        for server in self._servers:
-            server.close()
-        for conn in list(self.connections):
-            conn.close_if_idle()
-        if self.connections:
-            self._idle = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    while self.connections:
-                        await self._idle.wait()
-                        self._idle.clear()
-        for conn in list(self.connections):
-            if conn.task is not None:
-                conn.task.cancel()
-            conn.abort()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await server.wait_closed()
