@@ -76,7 +76,7 @@ class GatewayApp:
         if route is not None:
             ex.render_error = route.protocol.error_body
         if route is not None and route.kind == "admin" and not preflight:
-            return self._admit_admin(ex, route)
+            return self._admit_admin(ex, route, found[1] if found is not None else None)
         identity = ANONYMOUS
         if self._keys and path not in OPEN_ROUTES and not preflight:
             known = self._keys.identify(ex.headers)
@@ -92,7 +92,7 @@ class GatewayApp:
         ex.state["route"] = found
         return self._admit_route(ex, route)
 
-    def _admit_admin(self, ex: Exchange, route: Route) -> GatewayError | None:
+    def _admit_admin(self, ex: Exchange, route: Route, param: str | None) -> GatewayError | None:
         """Admin routes are closed unless admin keys are configured, and then open to them only:
         a client key, however privileged, never opens them."""
         if not self._admin_keys:
@@ -108,7 +108,7 @@ class GatewayApp:
             return errors.Forbidden()
         ex.state["identity"] = identity
         ex.state["client_address"] = ex.client[0] if ex.client else None
-        ex.state["route"] = (route, None)
+        ex.state["route"] = (route, param)  # param: an adapter's name
         ex.state["admin"] = True
         return self._admit_route(ex, route)
 

@@ -47,7 +47,7 @@ from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, Body, Reach, Route
+from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, Body, Reach, Route, target
 from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import parse_usage
@@ -402,9 +402,7 @@ class ProxyCall:
         ex = self._ex
         route = self._route
         session = ex.header(b"x-session-id")
-        path = route.name
-        if self._param is not None:  # a template: the parameter matched routes' pattern
-            path = ex.path
+        path = target(route, self._param)
         content_type = "application/json"
         if route.body is not Body.JSON:
             given = ex.header(b"content-type")
