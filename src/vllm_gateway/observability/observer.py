@@ -106,6 +106,12 @@ _PEER_SCRAPE_TIMEOUT = 1.5
 HEALTH_INTERVAL = 5.0
 
 
+_ACCESS_LINE = (
+    "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
+    "backend_ms=%s duration_ms=%.1f chunks=%d tokens=%s/%s"
+)
+
+
 def _span_ms(start: float | None, end: float | None) -> float | None:
     return None if start is None or end is None else round((end - start) * 1000, 3)
 
@@ -518,10 +524,13 @@ class Observer:
         prompt: int | None,
         completion: int | None,
     ) -> None:
+        model = call.model
+        upstream_id = call.upstream_id
         fields = {
             "request_id": call.request_id,
+            "upstream_id": upstream_id,
             "tenant": call.tenant,
-            "model": call.model,
+            "model": model,
             # Every member a failed-over stream used, in order; else the one that served.
             "backend": ",".join(call.members)
             if len(call.members) > 1
@@ -538,14 +547,18 @@ class Observer:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
         }
+        text = _ACCESS_LINE
+        args: tuple[Any, ...] = ()
+        if upstream_id is not None and upstream_id != call.request_id:
+            # The client named the request: vLLM's logs know it by the gateway's id.
+            text, args = _ACCESS_LINE + " upstream_id=%s", (upstream_id,)
         access_log.info(
-            "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
-            "backend_ms=%s duration_ms=%.1f chunks=%d tokens=%s/%s",
+            text,
             call.request_id,
             route,
             call.status,
             outcome,
-            call.model,
+            model,
             fields["backend"],
             fields["tenant"],
             call.queue_wait * 1000,
@@ -555,6 +568,7 @@ class Observer:
             call.chunks,
             "-" if prompt is None else prompt,
             "-" if completion is None else completion,
+            *args,
             extra=fields,
         )
 

@@ -41,6 +41,7 @@ from vllm_gateway.errors import (
     UpstreamError,
 )
 from vllm_gateway.identity import ANONYMOUS
+from vllm_gateway.ids import fresh_id
 from vllm_gateway.proxy.admission import Permit, Ticket
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
@@ -138,6 +139,7 @@ class ProxyCall:
         "tenant",
         "upstream",
         "upstream_answered_at",
+        "upstream_id",
         "upstream_sent_at",
         "usage",
     )
@@ -155,6 +157,11 @@ class ProxyCall:
         self.failovers: list[tuple[str, str]] = []  # (reason, outcome) of each failover
         self.members: list[str] = []  # every member this request used, in order
         self.request_id = exchange.request_id
+        # The id vLLM sees: the gateway's own, never a client's (which could collide with
+        # another's); the request's own when the gateway made that one.
+        self.upstream_id = (
+            self.request_id if exchange.header(b"x-request-id") is None else fresh_id()
+        )
         self.path: str = route.name
         self.request_headers = exchange.headers
         self._task: asyncio.Task[Any] | None = None
@@ -419,7 +426,7 @@ class ProxyCall:
             body,
             valid.json,
             valid.stream,
-            self.request_id,
+            self.upstream_id,
             valid.model,
             {"x-session-id": session.decode("latin-1")} if session else {},
             query=ex.query.decode("latin-1") if route.kind in ("store", "admin") else "",
@@ -612,7 +619,7 @@ class ProxyCall:
                 known = resumable.prompt_ids is not None
                 out.append(resumable.observe(event))
                 if not known and resumable.prompt_ids is not None:
-                    self._gw.backend.note_prompt_ids(self.request_id, resumable.prompt_ids)
+                    self._gw.backend.note_prompt_ids(self.upstream_id, resumable.prompt_ids)
                 continue
             if event.startswith(b"data: [DONE]"):
                 out.append(resumable.closing().rstrip(b"\n"))  # split_events form
@@ -661,7 +668,7 @@ class ProxyCall:
             raw,
             body,
             True,
-            self.request_id,
+            self.upstream_id,
             self.model,
             avoid=frozenset(self.members),
         )
