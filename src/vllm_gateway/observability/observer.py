@@ -34,7 +34,7 @@ from vllm_gateway import errors
 from vllm_gateway.backends.base import BackendStats
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.prometheus import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
-from vllm_gateway.observability.status import StatusBoard, install_status_routes
+from vllm_gateway.observability.status import StatusBoard, clip, install_status_routes
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
@@ -524,7 +524,8 @@ class Observer:
         prompt: int | None,
         completion: int | None,
     ) -> None:
-        model = call.model
+        # A model name is the client's: cut to a bound (the text formatter escapes what remains).
+        model = clip(call.model)
         upstream_id = call.upstream_id
         fields = {
             "request_id": call.request_id,

@@ -12,6 +12,9 @@ work) plus those of the calls that ended, and takes the difference from the last
 
 Routes: ``GET /status`` (static HTML, vanilla JS, no external assets) and ``GET /status/data``
 (JSON snapshot: live gauges read at request time, the ring, backends, recent failed requests).
+
+The failed requests are the last ``recent_errors``, each field a client chose (model, path) cut to
+``FIELD_CHARS``: a peer cannot make the board hold more than that.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from vllm_gateway.backends.base import BackendStats
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
 
-__all__ = ["StatusBoard", "install_status_routes"]
+__all__ = ["FIELD_CHARS", "StatusBoard", "clip", "install_status_routes"]
+
+# The most characters of a client-chosen value (a model name, a path) the board or a log line keeps.
+FIELD_CHARS = 256
 
 SERIES = (
     "t",
@@ -51,6 +57,13 @@ def _quantile(values: list[float], q: float) -> float | None:
         return None
     values.sort()
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def clip(value: str | None, limit: int = FIELD_CHARS) -> str | None:
+    """``value`` cut to ``limit`` characters, the cut marked with how much was left out."""
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...({len(value) - limit} more)"
 
 
 def _task_count() -> int | None:
@@ -99,8 +112,8 @@ class StatusBoard:
                     "request_id": call.request_id,
                     "outcome": outcome,
                     "status": call.status,
-                    "route": call.path,
-                    "model": call.model,
+                    "route": clip(call.path),
+                    "model": clip(call.model),
                     "time": time.time(),
                 }
             )
