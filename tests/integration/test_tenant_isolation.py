@@ -1,7 +1,11 @@
-"""Cases S10 (request ids) and S11 of docs/reliability.md, against the real gateway in front of the
-simulator with two tenants' keys (and, for the default text log, the gateway as a child process).
+"""Cases S10 and S11 of docs/reliability.md: tenants do not reach each other's stored state, and
+peers cannot write into the gateway's logs or memory. Two tenants' keys against the real gateway
+in front of the simulator (and, for the default text log, the gateway as a child process).
 
-S10: the client's ``X-Request-ID`` never reaches vLLM and the gateway's own ids cannot be guessed.
+S10: a stored response (retrieve, stream replay, cancel, ``previous_response_id``) named by
+another tenant is the same 404 as an id that never existed, and the backend never hears of it;
+ownership holds across a restart and across replicas; the client's ``X-Request-ID`` never reaches
+vLLM and the gateway's own ids cannot be guessed; ``/status/data`` shows a tenant its own requests.
 S11: a model name with a line break or of a mebibyte, and a decoded path, leave one log line per
 request, a bounded status board, and nothing upstream.
 """
@@ -9,14 +13,16 @@ request, a bounded status board, and nothing upstream.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
-from tests.conftest import chat_body, run_gateway, spawn_gateway, wait_for
+from tests.conftest import RunningGateway, chat_body, run_gateway, spawn_gateway, wait_for
 from tests.integration.rogue import RogueBackend, rss_kib
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
@@ -43,7 +49,134 @@ async def sim() -> AsyncIterator[Simulator]:
         yield s
 
 
-# --- S10: request ids ---------------------------------------------------------------------------
+def _store_calls(sim: Simulator) -> int:
+    """Requests the simulator answered on the Responses routes (create, retrieve, cancel)."""
+    routes = sim.stats()["routes"]
+    return sum(v["total"] for k, v in routes.items() if k.startswith("/v1/responses"))
+
+
+def _never_minted() -> str:
+    """An id of the very form the gateway gives, that it never gave."""
+    return "resp_" + os.urandom(32).hex()
+
+
+def _shape(resp: httpx.Response, rid: str) -> tuple[int, str, dict[str, Any]]:
+    """What a 404 tells: status, type, and body with the id and the request id taken out."""
+    body = orjson.loads(resp.content)
+    body["error"].pop("request_id", None)
+    body["error"]["message"] = body["error"]["message"].replace(rid, "<id>")
+    return resp.status_code, resp.headers["content-type"], body
+
+
+async def _create(
+    client: httpx.AsyncClient, gw: RunningGateway, headers: dict[str, str], **extra: Any
+) -> str:
+    resp = await client.post(
+        gw.url + "/v1/responses", json={"model": MODEL, "input": "hi", **extra}, headers=headers
+    )
+    assert resp.status_code == 200, resp.text
+    rid = resp.json()["id"]
+    assert isinstance(rid, str)
+    return rid
+
+
+async def _each_store_route(
+    client: httpx.AsyncClient, gw: RunningGateway, rid: str, headers: dict[str, str]
+) -> list[httpx.Response]:
+    """Retrieve, stream replay, cancel and a continuation naming ``rid``."""
+    url = f"{gw.url}/v1/responses/{rid}"
+    return [
+        await client.get(url, headers=headers),
+        await client.get(url + "?stream=true", headers=headers),
+        await client.post(url + "/cancel", headers=headers),
+        await client.post(
+            gw.url + "/v1/responses",
+            json={"model": MODEL, "input": "more", "previous_response_id": rid},
+            headers=headers,
+        ),
+    ]
+
+
+# --- S10: stored Responses are their tenant's ---------------------------------------------------
+
+
+async def test_s10_another_tenant_meets_the_404_of_an_id_that_never_existed(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    sim.configure(tokens=400)  # a background response that runs for 20 s
+    async with run_gateway(_settings(sim)) as gw:
+        rid = await _create(client, gw, A, background=True)
+        # The id is the gateway's, whatever the client asked for.
+        chosen = await _create(
+            client, gw, A, request_id="resp_chosen_by_the_client", max_output_tokens=2
+        )
+        assert chosen != "resp_chosen_by_the_client" and chosen.startswith("resp_")
+        before = _store_calls(sim)
+        theirs = await _each_store_route(client, gw, rid, B)
+        ghost = _never_minted()
+        never = await _each_store_route(client, gw, ghost, B)
+        for foreign, unknown in zip(theirs, never, strict=True):
+            assert foreign.status_code == 404, foreign.text
+            assert _shape(foreign, rid) == _shape(unknown, ghost)
+        assert theirs[0].json()["error"]["type"] == "not_found"
+        # Nothing of B's reached the backend: no retrieve, no cancel, no continuation.
+        assert _store_calls(sim) == before
+        # A still has all of it: B's cancel cancelled nothing.
+        got = await client.get(f"{gw.url}/v1/responses/{rid}", headers=A)
+        assert got.status_code == 200 and got.json()["status"] in ("queued", "in_progress")
+        more = await client.post(
+            gw.url + "/v1/responses",
+            json={
+                "model": MODEL,
+                "input": "more",
+                "previous_response_id": chosen,
+                "max_output_tokens": 2,
+            },
+            headers=A,
+        )
+        assert more.status_code == 200, more.text
+        # An admin key reads (and may cancel) any tenant's.
+        seen = await client.get(f"{gw.url}/v1/responses/{rid}", headers=ROOT)
+        assert seen.status_code == 200 and seen.json()["id"] == rid
+        cancelled = await client.post(f"{gw.url}/v1/responses/{rid}/cancel", headers=A)
+        assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+
+
+async def test_s10_ownership_holds_across_replicas_and_a_restart(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    settings = _settings(sim)
+    async with run_gateway(settings) as one, run_gateway(settings) as two:
+        rid = await _create(client, one, A)
+        assert (await client.get(f"{two.url}/v1/responses/{rid}", headers=A)).status_code == 200
+        before = _store_calls(sim)
+        assert (await client.get(f"{two.url}/v1/responses/{rid}", headers=B)).status_code == 404
+        assert _store_calls(sim) == before
+    async with run_gateway(settings) as again:
+        assert (await client.get(f"{again.url}/v1/responses/{rid}", headers=A)).status_code == 200
+        before = _store_calls(sim)
+        assert (await client.get(f"{again.url}/v1/responses/{rid}", headers=B)).status_code == 404
+        assert _store_calls(sim) == before
+
+
+async def test_s10_a_response_id_secret_keeps_ids_across_a_key_rotation(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    rotated = frozenset({"key-a2:alpha", "key-b:beta"})
+    # Without the secret, a tenant's ids are keyed by its API keys: rotating them forgets its ids.
+    async with run_gateway(_settings(sim)) as gw:
+        rid = await _create(client, gw, A)
+    async with run_gateway(_settings(sim, api_keys=rotated)) as gw:
+        got = await client.get(f"{gw.url}/v1/responses/{rid}", headers={"x-api-key": "key-a2"})
+        assert got.status_code == 404
+    # With it, the tenant keeps them, and the other tenant still cannot name them.
+    secret = "a shared secret of the replicas"
+    async with run_gateway(_settings(sim, response_id_secret=secret)) as gw:
+        rid = await _create(client, gw, A)
+    async with run_gateway(_settings(sim, api_keys=rotated, response_id_secret=secret)) as gw:
+        got = await client.get(f"{gw.url}/v1/responses/{rid}", headers={"x-api-key": "key-a2"})
+        assert got.status_code == 200 and got.json()["id"] == rid
+        assert (await client.get(f"{gw.url}/v1/responses/{rid}", headers=B)).status_code == 404
 
 
 async def test_s10_the_clients_request_id_never_reaches_the_backend(
@@ -76,6 +209,31 @@ async def test_s10_the_clients_request_id_never_reaches_the_backend(
         assert len({i[:12] for i in fresh}) == 20  # no shared prefix, no counter
         # Without a client's id, the backend knows the request by the one the client was told.
         assert [r["request_id"] for r in sim.stats()["requests"]][-20:] == fresh
+
+
+async def test_s10_status_data_shows_a_tenant_its_own_failures_only(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    async with run_gateway(_settings(sim)) as gw:
+        for headers, rid in ((A, "a-failed"), (B, "b-failed")):
+            resp = await client.post(
+                gw.url + "/v1/chat/completions",
+                json=chat_body(model="no-such-model"),
+                headers={**headers, "x-request-id": rid},
+            )
+            assert resp.status_code == 404
+
+        async def failed(headers: dict[str, str]) -> set[str]:
+            resp = await client.get(gw.url + "/status/data", headers=headers)
+            assert resp.status_code == 200
+            return {e["request_id"] for e in resp.json()["errors"]}
+
+        assert await failed(A) == {"a-failed"}
+        assert await failed(B) == {"b-failed"}
+        assert await failed(ROOT) == {"a-failed", "b-failed"}
+        # The admin key opens reading, not the clients' routes.
+        resp = await client.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=ROOT)
+        assert resp.status_code == 401
 
 
 # --- S11: what a peer writes stays one bounded line -----------------------------------------------

@@ -34,6 +34,7 @@ from vllm_gateway.errors import (
     FirstTokenTimeout,
     GatewayError,
     ModelNotFound,
+    NotFound,
     RequestTimeout,
     ShuttingDown,
     StreamIdleTimeout,
@@ -48,11 +49,11 @@ from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, Body, Reach, Route, target
+from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
 from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import parse_usage
-from vllm_gateway.proxy.validation import ValidRequest, validate
+from vllm_gateway.proxy.validation import ValidRequest, set_response_id, validate
 
 __all__ = ["ProxyCall"]
 
@@ -408,6 +409,8 @@ class ProxyCall:
     def _upstream_request(self, valid: ValidRequest) -> UpstreamRequest:
         ex = self._ex
         route = self._route
+        if route.kind == "store" or route.name == RESPONSES_PATH:
+            self._own_responses(valid)
         session = ex.header(b"x-session-id")
         path = target(route, self._param)
         content_type = "application/json"
@@ -434,6 +437,23 @@ class ProxyCall:
             locate=locate,
             broadcast=route.reach is Reach.ALL,
         )
+
+    def _own_responses(self, valid: ValidRequest) -> None:
+        """Stored Responses are their creator's: a response id another tenant minted, or one
+        never minted, is the same 404 and nothing goes upstream (an admin key reads any). A
+        create gets the id vLLM will give it: the requester's."""
+        ids = self._gw.response_ids
+        tenant = self.tenant
+        if self._route.kind == "store":
+            named, param = self._param, "response_id"
+            if self._ex.state.get("admin"):
+                return
+        else:
+            named, param = valid.previous_response_id, "previous_response_id"
+        if named is not None and not ids.owns(tenant, named):
+            raise NotFound(f"Response with id '{named[:200]}' not found.", param=param)
+        if self._route.kind != "store":
+            set_response_id(valid, ids.mint(tenant))
 
     def _charge(self, n: int) -> None:
         """Count ``n`` more bytes of a buffered backend body in the process's buffer budget, or
