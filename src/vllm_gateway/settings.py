@@ -62,6 +62,7 @@ class Settings:
     # Client-facing protection.
     api_keys: frozenset[str] = field(default=frozenset(), repr=False)
     admin_api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    response_id_secret: str | None = field(default=None, repr=False)
     max_upload_bytes: int = 25 * 1024 * 1024
     rate_limit_rpm: float | None = None
     rate_limit_tpm: float | None = None
@@ -454,6 +455,14 @@ FIELDS: tuple[FieldSpec, ...] = (
         _key_set,
         "comma-separated keys that open vLLM's admin routes (/sleep, /wake_up, LoRA loading...); "
         "empty: those routes are closed. A client key never opens them",
+    ),
+    FieldSpec(
+        "response_id_secret",
+        "VLLM_RESPONSE_ID_SECRET",
+        "--response-id-secret",
+        _optional_str,
+        "key of the MAC in stored Responses' ids that names their tenant (the same on every "
+        "replica); empty: one per tenant, derived from its API keys",
     ),
     FieldSpec(
         "max_upload_bytes",

@@ -34,9 +34,9 @@ def _json(status: int, obj: object) -> bytes:
 class Vllm:
     """A backend that records each request line and answers from a small table."""
 
-    def __init__(self, name: str, holds: frozenset[str] = frozenset(), fail: bool = False) -> None:
+    def __init__(self, name: str, fail: bool = False) -> None:
         self.name = name
-        self.holds = holds  # stored response ids
+        self.holds: set[str] = set()  # stored response ids
         self.fail = fail
         self.lines: list[bytes] = []
         self.heads: list[bytes] = []
@@ -145,19 +145,22 @@ async def test_a_pool_sends_admin_calls_to_every_member_and_lists_their_answers(
 
 
 async def test_a_pool_sends_a_stored_response_s_requests_to_its_holder() -> None:
-    a, b = Vllm("a"), Vllm("b", holds=frozenset({"resp_abc"}))
+    a, b = Vllm("a"), Vllm("b")
     async with a.backend.running(), b.backend.running():
         settings = Settings(backend_urls=(a.backend.url, b.backend.url))
         async with run_gateway(settings) as gw, httpx.AsyncClient() as client:
+            # An id the gateway gave a response b holds (ids name their tenant: tenant_isolation).
+            rid = gw.gateway.response_ids.mint("anonymous")
+            b.holds.add(rid)
             for _ in range(3):  # whatever the balance would have chosen
-                resp = await client.get(gw.url + "/v1/responses/resp_abc")
+                resp = await client.get(gw.url + f"/v1/responses/{rid}")
                 assert resp.status_code == 200 and resp.json()["status"] == "completed"
-            resp = await client.post(gw.url + "/v1/responses/resp_abc/cancel")
+            resp = await client.post(gw.url + f"/v1/responses/{rid}/cancel")
             assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
             for _ in range(3):
                 resp = await client.post(
                     gw.url + "/v1/responses",
-                    json={"model": "smol", "input": "more", "previous_response_id": "resp_abc"},
+                    json={"model": "smol", "input": "more", "previous_response_id": rid},
                 )
                 assert resp.status_code == 200, resp.text
                 assert resp.json()["served_by"] == "b"
@@ -166,6 +169,8 @@ async def test_a_pool_sends_a_stored_response_s_requests_to_its_holder() -> None
     # The holder was asked for once and then remembered; the other member served nothing of it.
     assert a.saw(b"/cancel") == 0 and a.saw(b"POST /v1/responses") == 0
     assert b.saw(b"/cancel") == 1 and b.saw(b"POST /v1/responses ") == 3
+    # An id the gateway never gave is answered by the gateway: no member is asked.
+    assert a.saw(b"resp_unknown") == 0 and b.saw(b"resp_unknown") == 0
 
 
 async def test_tokenizer_routes_do_not_wait_behind_generations() -> None:

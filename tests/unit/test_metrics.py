@@ -30,6 +30,7 @@ class FakeCall:
     def __init__(self, **fields: Any) -> None:
         now = time.perf_counter()
         self.request_id = "req-1"
+        self.upstream_id: str | None = None
         self.path = CHAT
         self.model = "m"
         self.tenant: str | None = None

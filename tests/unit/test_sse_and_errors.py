@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from vllm_gateway import errors
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE, OK, OPENAI
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
-from vllm_gateway.proxy.validation import CHAT, COMPLETIONS, validate_body
+from vllm_gateway.proxy.validation import CHAT, COMPLETIONS, set_response_id, validate_body
 
 classify = OPENAI.classify
 
@@ -129,3 +129,16 @@ def test_valid_body_is_forwarded_unchanged_unless_aliased() -> None:
     assert valid.body is body and valid.stream and valid.model == "m"
     aliased = validate_body(CHAT, body, {"m": "org/m"})
     assert aliased.model == "org/m" and orjson.loads(aliased.body)["model"] == "org/m"
+
+
+def test_the_gateway_names_a_responses_create_and_keeps_the_rest_of_its_bytes() -> None:
+    body = b' \n{"model": "m", "input": "hi"}'
+    valid = validate_body("/v1/responses", body, {})
+    set_response_id(valid, "resp_ours")
+    assert valid.body == b' \n{"request_id":"resp_ours","model": "m", "input": "hi"}'
+    assert orjson.loads(valid.body) == {"request_id": "resp_ours", "model": "m", "input": "hi"}
+    # One the client chose is replaced, not shadowed by a second key.
+    valid = validate_body("/v1/responses", b'{"input": "hi", "request_id": "resp_mine"}', {})
+    set_response_id(valid, "resp_ours")
+    assert valid.body.count(b"request_id") == 1
+    assert orjson.loads(valid.body)["request_id"] == valid.json["request_id"] == "resp_ours"  # type: ignore[index]

@@ -41,6 +41,9 @@ admin_log = logging.getLogger("vllm_gateway.admin")
 
 # The FastAPI routes take no body worth the name.
 _SMALL_BODY = 64 * 1024
+# Routes an admin key opens besides the admin routes: what reads any tenant's state (the stored
+# Responses' routes are the other, by their kind).
+_ADMIN_READS = frozenset({"/status/data"})
 
 
 class GatewayApp:
@@ -76,10 +79,19 @@ class GatewayApp:
         if route is not None:
             ex.render_error = route.protocol.error_body
         if route is not None and route.kind == "admin" and not preflight:
-            return self._admit_admin(ex, route)
+            return self._admit_admin(ex, route, found[1] if found is not None else None)
         identity = ANONYMOUS
         if self._keys and path not in OPEN_ROUTES and not preflight:
-            known = self._keys.identify(ex.headers)
+            known = None
+            if self._admin_keys and (
+                path in _ADMIN_READS or (route is not None and route.kind == "store")
+            ):
+                # Any tenant's stored responses and failed requests, to an operator.
+                known = self._admin_keys.identify(ex.headers)
+                if known is not None:
+                    ex.state["admin"] = True
+            if known is None:
+                known = self._keys.identify(ex.headers)
             if known is None:
                 return Unauthorized()
             identity = known
@@ -92,7 +104,7 @@ class GatewayApp:
         ex.state["route"] = found
         return self._admit_route(ex, route)
 
-    def _admit_admin(self, ex: Exchange, route: Route) -> GatewayError | None:
+    def _admit_admin(self, ex: Exchange, route: Route, param: str | None) -> GatewayError | None:
         """Admin routes are closed unless admin keys are configured, and then open to them only:
         a client key, however privileged, never opens them."""
         if not self._admin_keys:
@@ -108,7 +120,7 @@ class GatewayApp:
             return errors.Forbidden()
         ex.state["identity"] = identity
         ex.state["client_address"] = ex.client[0] if ex.client else None
-        ex.state["route"] = (route, None)
+        ex.state["route"] = (route, param)  # param: an adapter's name
         ex.state["admin"] = True
         return self._admit_route(ex, route)
 
@@ -180,9 +192,14 @@ class GatewayApp:
             "request_id": ex.request_id,
             "identity": ex.state["identity"],
             "client_address": ex.state["client_address"],
+            "admin": ex.state.get("admin", False),
         }
         await serve_asgi(self.api, ex, state)
 
     def refused(self, ex: Exchange, err: GatewayError) -> None:
         """The server answered ``err`` itself: count it like any other ended request."""
-        self.gateway.request_ended(RejectedCall(ex.request_id, ex.path, err, ex.arrived_at or None))
+        record = RejectedCall(ex.request_id, ex.path, err, ex.arrived_at or None)
+        identity = ex.state.get("identity")
+        if identity is not None:  # refused after its key was known: the tenant's own failure
+            record.tenant = identity.tenant
+        self.gateway.request_ended(record)

@@ -34,7 +34,7 @@ from vllm_gateway import errors
 from vllm_gateway.backends.base import BackendStats
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.prometheus import CONTENT_TYPE, Counter, Gauge, Histogram, Registry
-from vllm_gateway.observability.status import StatusBoard, install_status_routes
+from vllm_gateway.observability.status import StatusBoard, clip, install_status_routes
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
@@ -104,6 +104,12 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _PEER_SCRAPE_TIMEOUT = 1.5
 # How often the backend's health is sampled for ``backend_healthy`` when it has no ``stats()``.
 HEALTH_INTERVAL = 5.0
+
+
+_ACCESS_LINE = (
+    "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
+    "backend_ms=%s duration_ms=%.1f chunks=%d tokens=%s/%s"
+)
 
 
 def _span_ms(start: float | None, end: float | None) -> float | None:
@@ -518,10 +524,14 @@ class Observer:
         prompt: int | None,
         completion: int | None,
     ) -> None:
+        # A model name is the client's: cut to a bound (the text formatter escapes what remains).
+        model = clip(call.model)
+        upstream_id = call.upstream_id
         fields = {
             "request_id": call.request_id,
+            "upstream_id": upstream_id,
             "tenant": call.tenant,
-            "model": call.model,
+            "model": model,
             # Every member a failed-over stream used, in order; else the one that served.
             "backend": ",".join(call.members)
             if len(call.members) > 1
@@ -538,14 +548,18 @@ class Observer:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
         }
+        text = _ACCESS_LINE
+        args: tuple[Any, ...] = ()
+        if upstream_id is not None and upstream_id != call.request_id:
+            # The client named the request: vLLM's logs know it by the gateway's id.
+            text, args = _ACCESS_LINE + " upstream_id=%s", (upstream_id,)
         access_log.info(
-            "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
-            "backend_ms=%s duration_ms=%.1f chunks=%d tokens=%s/%s",
+            text,
             call.request_id,
             route,
             call.status,
             outcome,
-            call.model,
+            model,
             fields["backend"],
             fields["tenant"],
             call.queue_wait * 1000,
@@ -555,6 +569,7 @@ class Observer:
             call.chunks,
             "-" if prompt is None else prompt,
             "-" if completion is None else completion,
+            *args,
             extra=fields,
         )
 

@@ -12,6 +12,10 @@ work) plus those of the calls that ended, and takes the difference from the last
 
 Routes: ``GET /status`` (static HTML, vanilla JS, no external assets) and ``GET /status/data``
 (JSON snapshot: live gauges read at request time, the ring, backends, recent failed requests).
+
+The failed requests are the last ``recent_errors``, each field a client chose (model, path) cut to
+``FIELD_CHARS``: a peer cannot make the board hold more than that. A tenant's key sees its own
+failed requests only; an admin key, or anyone when no client keys are set, sees them all.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from vllm_gateway.backends.base import BackendStats
+from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
 
-__all__ = ["StatusBoard", "install_status_routes"]
+__all__ = ["FIELD_CHARS", "StatusBoard", "clip", "install_status_routes"]
+
+# The most characters of a client-chosen value (a model name, a path) the board or a log line keeps.
+FIELD_CHARS = 256
 
 SERIES = (
     "t",
@@ -51,6 +59,13 @@ def _quantile(values: list[float], q: float) -> float | None:
         return None
     values.sort()
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def clip(value: str | None, limit: int = FIELD_CHARS) -> str | None:
+    """``value`` cut to ``limit`` characters, the cut marked with how much was left out."""
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...({len(value) - limit} more)"
 
 
 def _task_count() -> int | None:
@@ -97,10 +112,11 @@ class StatusBoard:
             self.errors.append(
                 {
                     "request_id": call.request_id,
+                    "tenant": call.tenant,
                     "outcome": outcome,
                     "status": call.status,
-                    "route": call.path,
-                    "model": call.model,
+                    "route": clip(call.path),
+                    "model": clip(call.model),
                     "time": time.time(),
                 }
             )
@@ -141,7 +157,8 @@ class StatusBoard:
             next_at += interval
             self.tick()
 
-    def snapshot(self, window: int = 300) -> dict[str, Any]:
+    def snapshot(self, window: int = 300, tenant: str | None = None) -> dict[str, Any]:
+        """The page's data; with ``tenant``, only that tenant's failed requests."""
         gw = self.gateway
         adm = gw.admission
         points = list(self.points)[-window:] if window > 0 else []
@@ -166,7 +183,7 @@ class StatusBoard:
             },
             "series": series,
             "backends": self.backends(),
-            "errors": list(reversed(self.errors)),
+            "errors": [e for e in reversed(self.errors) if tenant is None or e["tenant"] == tenant],
         }
 
 
@@ -180,6 +197,10 @@ def install_status_routes(api: FastAPI, board: StatusBoard) -> None:
         return HTMLResponse(page, headers={"cache-control": "no-cache"})
 
     @api.get("/status/data", include_in_schema=False)
-    async def status_data(window: int = 300) -> Response:
+    async def status_data(request: Request, window: int = 300) -> Response:
         window = max(0, min(window, board.points.maxlen or 600))
-        return JSONResponse(board.snapshot(window), headers={"cache-control": "no-store"})
+        identity = getattr(request.state, "identity", ANONYMOUS)
+        # Without client keys everyone is the one anonymous tenant: all of it is theirs.
+        everyone = identity is ANONYMOUS or getattr(request.state, "admin", False)
+        data = board.snapshot(window, None if everyone else identity.tenant)
+        return JSONResponse(data, headers={"cache-control": "no-store"})

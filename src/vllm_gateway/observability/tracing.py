@@ -24,6 +24,7 @@ from typing import Any
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Status, StatusCode
 
+from vllm_gateway.observability.status import clip
 from vllm_gateway.proxy.record import CallRecord
 
 __all__ = ["TracingObserver"]
@@ -74,7 +75,7 @@ class TracingObserver:
             parent = propagate.extract(carrier)
         attrs = {
             "vllm_gateway.request_id": call.request_id,
-            "http.route": call.path,
+            "http.route": clip(call.path),  # a refused request's path is the client's
             "http.response.status_code": call.status,
             "vllm_gateway.outcome": call.outcome,
             "vllm_gateway.stream": bool(call.stream),
@@ -83,7 +84,7 @@ class TracingObserver:
             "vllm_gateway.backends.base": self._backend,
         }
         if call.model:
-            attrs["gen_ai.request.model"] = call.model
+            attrs["gen_ai.request.model"] = clip(call.model)
         tenant = call.tenant
         if tenant:
             attrs["vllm_gateway.tenant"] = str(tenant)

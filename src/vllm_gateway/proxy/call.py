@@ -34,6 +34,7 @@ from vllm_gateway.errors import (
     FirstTokenTimeout,
     GatewayError,
     ModelNotFound,
+    NotFound,
     RequestTimeout,
     ShuttingDown,
     StreamIdleTimeout,
@@ -41,17 +42,18 @@ from vllm_gateway.errors import (
     UpstreamError,
 )
 from vllm_gateway.identity import ANONYMOUS
+from vllm_gateway.ids import fresh_id
 from vllm_gateway.proxy.admission import Permit, Ticket
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, Body, Reach, Route
+from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
 from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import parse_usage
-from vllm_gateway.proxy.validation import ValidRequest, validate
+from vllm_gateway.proxy.validation import ValidRequest, set_response_id, validate
 
 __all__ = ["ProxyCall"]
 
@@ -138,6 +140,7 @@ class ProxyCall:
         "tenant",
         "upstream",
         "upstream_answered_at",
+        "upstream_id",
         "upstream_sent_at",
         "usage",
     )
@@ -155,6 +158,11 @@ class ProxyCall:
         self.failovers: list[tuple[str, str]] = []  # (reason, outcome) of each failover
         self.members: list[str] = []  # every member this request used, in order
         self.request_id = exchange.request_id
+        # The id vLLM sees: the gateway's own, never a client's (which could collide with
+        # another's); the request's own when the gateway made that one.
+        self.upstream_id = (
+            self.request_id if exchange.header(b"x-request-id") is None else fresh_id()
+        )
         self.path: str = route.name
         self.request_headers = exchange.headers
         self._task: asyncio.Task[Any] | None = None
@@ -401,10 +409,10 @@ class ProxyCall:
     def _upstream_request(self, valid: ValidRequest) -> UpstreamRequest:
         ex = self._ex
         route = self._route
+        if route.kind == "store" or route.name == RESPONSES_PATH:
+            self._own_responses(valid)
         session = ex.header(b"x-session-id")
-        path = route.name
-        if self._param is not None:  # a template: the parameter matched routes' pattern
-            path = ex.path
+        path = target(route, self._param)
         content_type = "application/json"
         if route.body is not Body.JSON:
             given = ex.header(b"content-type")
@@ -421,7 +429,7 @@ class ProxyCall:
             body,
             valid.json,
             valid.stream,
-            self.request_id,
+            self.upstream_id,
             valid.model,
             {"x-session-id": session.decode("latin-1")} if session else {},
             query=ex.query.decode("latin-1") if route.kind in ("store", "admin") else "",
@@ -429,6 +437,23 @@ class ProxyCall:
             locate=locate,
             broadcast=route.reach is Reach.ALL,
         )
+
+    def _own_responses(self, valid: ValidRequest) -> None:
+        """Stored Responses are their creator's: a response id another tenant minted, or one
+        never minted, is the same 404 and nothing goes upstream (an admin key reads any). A
+        create gets the id vLLM will give it: the requester's."""
+        ids = self._gw.response_ids
+        tenant = self.tenant
+        if self._route.kind == "store":
+            named, param = self._param, "response_id"
+            if self._ex.state.get("admin"):
+                return
+        else:
+            named, param = valid.previous_response_id, "previous_response_id"
+        if named is not None and not ids.owns(tenant, named):
+            raise NotFound(f"Response with id '{named[:200]}' not found.", param=param)
+        if self._route.kind != "store":
+            set_response_id(valid, ids.mint(tenant))
 
     def _charge(self, n: int) -> None:
         """Count ``n`` more bytes of a buffered backend body in the process's buffer budget, or
@@ -614,7 +639,7 @@ class ProxyCall:
                 known = resumable.prompt_ids is not None
                 out.append(resumable.observe(event))
                 if not known and resumable.prompt_ids is not None:
-                    self._gw.backend.note_prompt_ids(self.request_id, resumable.prompt_ids)
+                    self._gw.backend.note_prompt_ids(self.upstream_id, resumable.prompt_ids)
                 continue
             if event.startswith(b"data: [DONE]"):
                 out.append(resumable.closing().rstrip(b"\n"))  # split_events form
@@ -663,7 +688,7 @@ class ProxyCall:
             raw,
             body,
             True,
-            self.request_id,
+            self.upstream_id,
             self.model,
             avoid=frozenset(self.members),
         )

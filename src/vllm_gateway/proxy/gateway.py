@@ -12,6 +12,7 @@ import time
 from typing import Protocol
 
 from vllm_gateway.backends.base import Backend
+from vllm_gateway.ids import ResponseIds
 from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.catalog import ModelCatalog
 from vllm_gateway.proxy.ratelimit import RateLimiter
@@ -59,6 +60,8 @@ class Gateway:
             self.ratelimiter = RateLimiter(
                 settings.rate_limit_rpm, settings.rate_limit_tpm, redis_url=settings.redis_url
             )
+        # Who owns each stored response: its id says (ids.py).
+        self.response_ids = ResponseIds(settings.api_keys, settings.response_id_secret)
         self.draining = False
         self.active: set[InFlight] = set()
         self.observers: list[RequestObserver] = []

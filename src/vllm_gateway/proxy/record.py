@@ -22,6 +22,11 @@ class CallRecord(Protocol):
     def request_id(self) -> str: ...
 
     @property
+    def upstream_id(self) -> str | None:
+        """The id the gateway gives the request upstream (its own, never the client's); None for
+        a request answered before a call existed."""
+
+    @property
     def path(self) -> str: ...
 
     @property
@@ -102,6 +107,7 @@ class RejectedCall:
         "stream",
         "tenant",
         "upstream_answered_at",
+        "upstream_id",
         "upstream_sent_at",
         "usage",
     )
@@ -120,6 +126,7 @@ class RejectedCall:
         self.ended_at: float | None = None
         self.upstream_sent_at: float | None = None
         self.upstream_answered_at: float | None = None
+        self.upstream_id: str | None = None
         self.model: str | None = None
         self.tenant: str | None = None
         self.stream = False

@@ -30,6 +30,7 @@ __all__ = [
     "Reach",
     "Route",
     "match",
+    "target",
 ]
 
 CHAT = "/v1/chat/completions"
@@ -160,10 +161,12 @@ _CANCEL = _r(
 _ADAPTER = _r("/adapters/{name}", "admin", "DELETE", admitted=False, body=Body.ANY, reach=Reach.ALL)
 _ADAPTERS = _r("/adapters", "admin", "POST", admitted=False, body=Body.ANY, reach=Reach.ALL)
 _EXACT[_ADAPTERS.name] = _ADAPTERS
+# Matched whole (``fullmatch``: a ``$`` would also match before a final newline, and the decoded
+# path ``/v1/responses/x%0A`` would name ``x\n``).
 _PATTERNS: list[tuple[re.Pattern[str], Route]] = [
-    (re.compile(r"^/v1/responses/([A-Za-z0-9_.:-]{1,200})$"), _STORED),
-    (re.compile(r"^/v1/responses/([A-Za-z0-9_.:-]{1,200})/cancel$"), _CANCEL),
-    (re.compile(r"^/adapters/([A-Za-z0-9_.:-]{1,200})$"), _ADAPTER),
+    (re.compile(r"/v1/responses/([A-Za-z0-9_.:-]{1,200})"), _STORED),
+    (re.compile(r"/v1/responses/([A-Za-z0-9_.:-]{1,200})/cancel"), _CANCEL),
+    (re.compile(r"/adapters/([A-Za-z0-9_.:-]{1,200})"), _ADAPTER),
 ]
 
 # The engine's own inference routes (the hot path's fast check, and the access log's routes).
@@ -179,10 +182,19 @@ def match(path: str) -> tuple[Route, str | None] | None:
         return route, None
     if path.startswith(("/v1/responses/", "/adapters/")):
         for pattern, candidate in _PATTERNS:
-            m = pattern.match(path)
+            m = pattern.fullmatch(path)
             if m:
                 return candidate, m.group(1)
     return None
+
+
+def target(route: Route, param: str | None) -> str:
+    """The path the backend gets: the route's, its parameter (checked by ``match``) in place of
+    the template's ``{...}``; never the client's own spelling of it."""
+    if param is None:
+        return route.name
+    head, _, rest = route.name.partition("{")
+    return head + param + rest.partition("}")[2]
 
 
 def all_routes() -> list[Route]:

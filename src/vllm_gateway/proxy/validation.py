@@ -26,7 +26,14 @@ from vllm_gateway.proxy.routes import (
     match,
 )
 
-__all__ = ["ValidRequest", "is_json_media_type", "is_multipart", "validate", "validate_body"]
+__all__ = [
+    "ValidRequest",
+    "is_json_media_type",
+    "is_multipart",
+    "set_response_id",
+    "validate",
+    "validate_body",
+]
 
 # Largest n the gateway forwards: each choice is a full generation on the engine.
 MAX_N = 16
@@ -202,6 +209,22 @@ def validate(route: Route, body: bytes, aliases: Mapping[str, str]) -> ValidRequ
         requested_tokens=requested,
         previous_response_id=previous,
     )
+
+
+def set_response_id(valid: ValidRequest, response_id: str) -> None:
+    """Make ``response_id`` the id vLLM gives a Responses create (its ``request_id`` body field),
+    in place of any the client sent. Without one sent, the field is put before the client's
+    first one and the rest of the body stays as it came."""
+    obj = valid.json
+    assert obj is not None, "a Responses create has a JSON body"
+    sent = "request_id" in obj
+    obj["request_id"] = response_id
+    if sent:
+        valid.body = orjson.dumps(obj)
+        return
+    body = valid.body
+    start = body.index(b"{") + 1  # only whitespace precedes it; ``input`` follows it
+    valid.body = b'%s"request_id":"%s",%s' % (body[:start], response_id.encode(), body[start:])
 
 
 def validate_body(path: str, body: bytes, aliases: Mapping[str, str]) -> ValidRequest:
