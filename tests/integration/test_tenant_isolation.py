@@ -13,6 +13,7 @@ request, a bounded status board, and nothing upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from collections.abc import AsyncIterator
@@ -177,6 +178,30 @@ async def test_s10_a_response_id_secret_keeps_ids_across_a_key_rotation(
         got = await client.get(f"{gw.url}/v1/responses/{rid}", headers={"x-api-key": "key-a2"})
         assert got.status_code == 200 and got.json()["id"] == rid
         assert (await client.get(f"{gw.url}/v1/responses/{rid}", headers=B)).status_code == 404
+
+
+async def test_s10_a_foreign_previous_response_id_is_refused_before_any_wait(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    """The check comes before admission: B naming A's response gets its 404 at once, even when
+    every permit is busy, rather than a place in the queue (and a 503 at its timeout)."""
+    settings = _settings(sim, max_concurrent_requests=1, queue_wait_timeout=1.0)
+    async with run_gateway(settings) as gw:
+        rid = await _create(client, gw, A)
+        sim.configure(tokens=100)  # A's next request holds the one permit for 5 s
+        holder = asyncio.create_task(
+            client.post(gw.url + "/v1/responses", json={"model": MODEL, "input": "x"}, headers=A)
+        )
+        await wait_for(lambda: gw.gateway.admission.in_flight == 1)
+        refused = await client.post(
+            gw.url + "/v1/responses",
+            json={"model": MODEL, "input": "more", "previous_response_id": rid},
+            headers=B,
+        )
+        assert refused.status_code == 404, refused.text
+        holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await holder
 
 
 async def test_s10_the_clients_request_id_never_reaches_the_backend(

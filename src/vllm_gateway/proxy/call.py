@@ -331,6 +331,8 @@ class ProxyCall:
             raise ClientGone()  # left before its task ran (any place it held is given back)
         valid = validate(route, ex.body, settings.model_aliases)
         self.model = valid.model
+        if route.kind == "store" or route.name == RESPONSES_PATH:
+            self._own_responses(valid)  # before any wait: a foreign id holds no place
         loop = asyncio.get_running_loop()
         if (
             valid.model is not None
@@ -409,8 +411,6 @@ class ProxyCall:
     def _upstream_request(self, valid: ValidRequest) -> UpstreamRequest:
         ex = self._ex
         route = self._route
-        if route.kind == "store" or route.name == RESPONSES_PATH:
-            self._own_responses(valid)
         session = ex.header(b"x-session-id")
         path = target(route, self._param)
         content_type = "application/json"
