@@ -24,6 +24,7 @@ What counts as a name:
 from __future__ import annotations
 
 import ast
+import fnmatch
 import functools
 import importlib.util
 import re
@@ -56,11 +57,11 @@ NOT_INSTALLED_OK = {"vllm"}
 SOURCE_EXT = r"py|sh|toml|ya?ml|html|js|css"
 FILE_EXT = rf"{SOURCE_EXT}|md|json|jsonl|txt|png|gz|log|cfg|ini|csv"
 ROOTED = re.compile(
-    rf"(?<![\w./~$:-])(?:\./)?((?:{'|'.join(SOURCE_ROOTS)})/[\w.*?{{}},/-]*(?:::[\w\[\]-]+)?)"
+    rf"(?<![\w./~$:-])(?:\./)?((?:{'|'.join(SOURCE_ROOTS)})/[\w.*?{{}},/-]*(?:::[\w\[\]*-]+)?)"
 )
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)\)")
 INLINE = re.compile(r"`([^`\n]+)`")
-PARTIAL = re.compile(rf"^[\w.*{{}},-]+(?:/[\w.*{{}},-]+)*(?:/|\.(?:{FILE_EXT})(?:::[\w\[\]-]+)?)$")
+PARTIAL = re.compile(rf"^[\w.*{{}},-]+(?:/[\w.*{{}},-]+)*(?:/|\.(?:{FILE_EXT})(?:::[\w\[\]*-]+)?)$")
 BARE_SOURCE = re.compile(rf"^[\w*-]+\.(?:{SOURCE_EXT})$")
 MODULE = re.compile(r"\bpython[\d.]*\s+-m\s+([A-Za-z_][\w.]*)")
 DOTTED = re.compile(r"^(vllm_gateway(?:_tools)?(?:\.\w+)+)")
@@ -140,8 +141,9 @@ def _test_names(path: Path) -> set[str]:
 
 
 def _check_node(path: Path, node: str) -> str | None:
+    """``node`` (a name, a glob of names, or ``name[param]``) is defined in ``path``."""
     name = node.split("[", 1)[0]
-    if path.suffix != ".py" or name not in _test_names(path):
+    if path.suffix != ".py" or not fnmatch.filter(_test_names(path), name):
         return f"{_rel(path)} defines no {name}"
     return None
 
@@ -451,6 +453,7 @@ def _problems(text: str) -> list[str]:
         "[the budget](reliability.md#no-such-heading)",
         "[a page](nowhere.md)",
         "`tests/integration/test_hostile_peers.py::test_that_does_not_exist`",
+        "`tests/integration/test_hostile_peers.py::test_zz_*`",
         "```python\nfrom vllm_gateway.observe import Observer\n```",
         "`vllm_gateway.embedded.EmbeddedBackend`",
         "`make everything`",
@@ -468,6 +471,7 @@ def test_the_checker_finds_a_stale_name(text: str) -> None:
 def test_the_checker_passes_true_names() -> None:
     text = (
         "`src/vllm_gateway/cli.py`, `tests/unit/test_docs.py::test_the_pages_are_found`, "
+        "`tests/unit/test_docs.py::test_the_checker_*`, "
         "`docs/{routes,pool}.md`, `python -m vllm_gateway`, `python -m pytest`, `cli.py`, "
         "`vllm_gateway.cli.main`, `vllm_gateway.access`, `make test`, "
         "`vllm-gateway serve --port 7000`, `.venv/install.log`, `/v1/models`, "
