@@ -4,7 +4,8 @@
     python scripts/round_breakdown.py OUT [--json FILE]
     python scripts/round_breakdown.py --results R.json --samples S.jsonl.gz --access A.log.gz
 
-The second form reads the files as kept in docs/results/gpu/ (gzipped where large).
+The second form reads a GPU run's raw files as they were kept in docs/results/gpu/ (gzipped where
+large; in git history since: docs/results/README.md).
 
 For every level, target and round of ``OUT/sweep/results.json`` (or ``OUT/poisson/``) it prints
 what the client saw

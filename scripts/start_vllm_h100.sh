@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start vLLM's OpenAI-compatible server with the H100 table of the architecture document.
+# Start vLLM's OpenAI-compatible server with the H100 parameters (docs/design.md says why each).
 #
 #   VLLM_MODEL=openai/gpt-oss-20b VLLM_PORT=7001 ./scripts/start_vllm_h100.sh [extra vLLM args...]
 #   ./scripts/start_vllm_h100.sh --print [extra vLLM args...]   # print the command, run nothing

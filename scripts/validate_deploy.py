@@ -39,7 +39,7 @@ DOCKERFILE_AIO = ROOT / "deploy" / "Dockerfile.all-in-one"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 KUBERNETES_VERSION = "1.30.0"
 
-# The architecture document's H100 table: flag -> default value (None: a flag without a value).
+# The H100 table (docs/design.md): flag -> default value (None: a flag without a value).
 H100_TABLE: dict[str, str | None] = {
     "--gpu-memory-utilization": "0.90",
     "--max-num-seqs": "256",

@@ -787,11 +787,12 @@ def memory_budget_kib(
     *, max_connections: int, max_header_bytes: int, buffer_budget: int, max_concurrent: int
 ) -> int:
     """docs/reliability.md's stated bound on what peers can add to the gateway's RSS, in KiB:
-    per connection its header bytes and its write buffer (64 KiB high water plus one piece),
-    the buffer budget for bodies, and per stream in flight the unread backend bytes (256 KiB)
-    and one partial event (1 MiB); plus 16 MiB for the allocator's own slack."""
-    per_connection = max_header_bytes + 64 * 1024 + 64 * 1024
-    per_stream = 256 * 1024 + (1 << 20)
+    per connection its head, the heads read ahead in one read (256 KiB), its write buffer (64 KiB
+    high water) and one of the gateway's own answers written whole (80 KiB); the buffer budget for
+    bodies; per stream in flight the unread backend bytes (512 KiB) and the unfinished event with
+    the block written past the high water (1.5 MiB); plus 16 MiB for the allocator's own slack."""
+    per_connection = max_header_bytes + (256 + 64 + 80) * 1024
+    per_stream = 2 << 20
     total = (
         max_connections * per_connection + buffer_budget + max_concurrent * per_stream + (16 << 20)
     )
