@@ -73,7 +73,7 @@ def _lazy(module: str) -> Callable[[list[str]], int]:
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "serve": (_serve, "run the gateway"),
     "up": (
-        _lazy("vllm_gateway.runtime.launcher"),
+        _lazy("vllm_gateway.runtime.up.command"),
         "start vLLM as a supervised child, then the gateway in front of it",
     ),
     "prepare-model": (

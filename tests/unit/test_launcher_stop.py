@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_gateway.runtime import launcher
+from vllm_gateway.runtime.up import report, vllm_log, vllm_process, warmup
 
 FAKE_VLLM = r"""
 import os, signal, sys, time
@@ -53,11 +53,13 @@ while True:
 """
 
 
-def start_fake(tmp_path: Path, mode: str, serving: bool = True) -> tuple[launcher.VllmChild, Path]:
+def start_fake(
+    tmp_path: Path, mode: str, serving: bool = True
+) -> tuple[vllm_process.VllmChild, Path]:
     events = tmp_path / "events.txt"
     script = tmp_path / "fake_vllm.py"
     script.write_text(FAKE_VLLM)
-    child = launcher.VllmChild.start(
+    child = vllm_process.VllmChild.start(
         [sys.executable, str(script), str(events), mode],
         dict(os.environ),
         tmp_path / "vllm.log",
@@ -88,7 +90,7 @@ def test_a_requested_stop_signals_the_server_alone_which_stops_its_engine(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     child, events = start_fake(tmp_path, "orderly")
-    launcher._stop_child(child, timeout=20)
+    report.stop_and_report(child, timeout=20)
     lines = events.read_text().splitlines()
     assert "server: SIGTERM" in lines
     assert "engine: asked to stop" in lines
@@ -111,7 +113,7 @@ def test_a_requested_stop_signals_the_server_alone_which_stops_its_engine(
 def test_engine_processes_left_by_an_exited_server_get_sigterm_after_a_grace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(launcher, "STRAGGLER_GRACE_S", 0.5)
+    monkeypatch.setattr(vllm_process, "STRAGGLER_GRACE_S", 0.5)
     child, events = start_fake(tmp_path, "abandon")
     started = time.monotonic()
     assert child.stop(timeout=20) == 0
@@ -124,19 +126,19 @@ def test_a_stop_during_warm_up_signals_the_whole_group_at_once(tmp_path: Path) -
     child, events = start_fake(tmp_path, "orderly", serving=False)
     started = time.monotonic()
     assert child.stop(timeout=20) == 0
-    assert time.monotonic() - started < launcher.SERVER_ALONE_S
+    assert time.monotonic() - started < vllm_process.SERVER_ALONE_S
     assert "engine: SIGTERM" in events.read_text().splitlines()
     assert group_gone(child.pid)
 
 
-def _stubborn_child(tmp_path: Path) -> launcher.VllmChild:
+def _stubborn_child(tmp_path: Path) -> vllm_process.VllmChild:
     """A child that ignores SIGTERM, once it has said it is ready (within 20 s)."""
     script = tmp_path / "stubborn.py"
     script.write_text(
         "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "print('ready', flush=True)\ntime.sleep(60)\n"
     )
-    child = launcher.VllmChild.start(
+    child = vllm_process.VllmChild.start(
         [sys.executable, str(script)], dict(os.environ), tmp_path / "v.log", "x", 1
     )
     deadline = time.monotonic() + 20
@@ -149,7 +151,7 @@ def _stubborn_child(tmp_path: Path) -> launcher.VllmChild:
 def test_a_starting_server_that_ignores_sigterm_is_killed_sooner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(launcher, "STARTING_STOP_S", 0.5)
+    monkeypatch.setattr(vllm_process, "STARTING_STOP_S", 0.5)
     child = _stubborn_child(tmp_path)
     started = time.monotonic()
     assert child.stop(timeout=30) == -signal.SIGKILL
@@ -166,7 +168,7 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path: Pat
 
 def test_expected_warmup_warnings_are_explained_once(tmp_path: Path) -> None:
     log = tmp_path / "vllm.log"
-    explainer = launcher.LogExplainer(log)
+    explainer = vllm_log.LogExplainer(log)
     assert explainer.new_notes() == []  # no log yet
     line = "(EngineCore pid=1) INFO [shm_broadcast.py:871] No available shared memory broadcast block found in 60 seconds."
     with log.open("a") as out:
@@ -185,13 +187,13 @@ def test_expected_warmup_warnings_are_explained_once(tmp_path: Path) -> None:
 def test_a_blocking_step_shows_progress_and_its_time(tmp_path: Path) -> None:
     out = tmp_path / "progress.txt"
     with out.open("w") as progress:
-        original = launcher.PROGRESS_EVERY_S
-        launcher.PROGRESS_EVERY_S = 0.2
+        original = warmup.PROGRESS_EVERY_S
+        warmup.PROGRESS_EVERY_S = 0.2
         try:
-            with launcher.ticking("converting", progress):
+            with warmup.ticking("converting", progress):
                 time.sleep(0.7)
         finally:
-            launcher.PROGRESS_EVERY_S = original
+            warmup.PROGRESS_EVERY_S = original
     lines = out.read_text().splitlines()
     assert len([line for line in lines if line.startswith("[up] converting ")]) >= 2
     assert lines[-1] == "[up] converting: done in 1 s"

@@ -29,17 +29,16 @@ import pytest
 
 from tests._progress import note
 from vllm_gateway.backends.embedded import model as model_prep
-from vllm_gateway.runtime.launcher import (
-    ChildDied,
-    VllmChild,
+from vllm_gateway.runtime.up.preflight import free_port
+from vllm_gateway.runtime.up.vllm_command import (
     build_vllm_command,
     child_environment,
-    free_port,
     has_nvidia_gpu,
-    last_line,
     served_names,
-    tail_lines,
 )
+from vllm_gateway.runtime.up.vllm_log import last_line, tail_lines
+from vllm_gateway.runtime.up.vllm_process import ChildDied, VllmChild
+from vllm_gateway.runtime.up.warmup import wait_healthy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -110,7 +109,7 @@ def _start_server(
     note(lambda: f"vLLM warming up (its log: {last_line(log_path)})")
     try:
         try:
-            child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)
+            wait_healthy(child, STARTUP_DEADLINE_S, sys.stderr)
         except (ChildDied, TimeoutError) as exc:
             tail = "\n".join(tail_lines(log_path, 30))
             pytest.fail(f"vLLM did not start: {exc}; last lines of {log_path}:\n{tail}")

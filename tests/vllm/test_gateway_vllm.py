@@ -21,15 +21,16 @@ from tests._progress import note
 from tests.conftest import RunningGateway, run_gateway, spawn_gateway, sse_events, wait_for
 from tests.vllm.conftest import ARTIFACTS, STARTUP_DEADLINE_S, VllmServer
 from tests.vllm.helpers import num_requests_running
-from vllm_gateway.runtime.launcher import (
-    VllmChild,
+from vllm_gateway.runtime.up.preflight import free_port
+from vllm_gateway.runtime.up.vllm_command import (
     build_vllm_command,
     child_environment,
-    free_port,
     has_nvidia_gpu,
-    last_line,
     served_names,
 )
+from vllm_gateway.runtime.up.vllm_log import last_line
+from vllm_gateway.runtime.up.vllm_process import VllmChild
+from vllm_gateway.runtime.up.warmup import wait_healthy
 from vllm_gateway.settings import Settings
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
@@ -221,7 +222,7 @@ def victim_vllm(vllm_model_dir: Path) -> Iterator[VllmServer]:
     )
     note(lambda: f"a second vLLM warming up (its log: {last_line(log_path)})")
     try:
-        child.wait_healthy(STARTUP_DEADLINE_S, sys.stderr)
+        wait_healthy(child, STARTUP_DEADLINE_S, sys.stderr)
         yield VllmServer(child.url, child.model, child)
     finally:
         child.stop(10.0)

@@ -26,7 +26,8 @@ import pytest
 
 from tests._progress import note
 from tests.vllm.conftest import ARTIFACTS, ROOT, STARTUP_DEADLINE_S
-from vllm_gateway.runtime.launcher import free_port, has_nvidia_gpu
+from vllm_gateway.runtime.up.preflight import free_port
+from vllm_gateway.runtime.up.vllm_command import has_nvidia_gpu
 from vllm_gateway.settings import env_names
 
 pytestmark = pytest.mark.timeout(int(STARTUP_DEADLINE_S) + 180)
