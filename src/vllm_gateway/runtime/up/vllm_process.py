@@ -23,14 +23,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from vllm_gateway.runtime.up.console import log
 
-__all__ = ["ChildDied", "VllmChild", "signal_group"]
+__all__ = ["ChildDied", "VllmChild", "dies_with_parent", "signal_group"]
 
 PR_SET_PDEATHSIG = 1
 # How long a serving vLLM's server process gets to stop its engine itself, before its group gets
@@ -48,11 +48,18 @@ class ChildDied(RuntimeError):
         super().__init__(f"vLLM exited with code {code}")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel for SIGTERM when the launcher dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+def dies_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn: the kernel sends the child ``sig`` when the launcher dies, however it dies.
+
+    (The signal is sent when the thread that started the child ends: start children from the
+    main thread, before any other thread runs, as a preexec_fn must be anyway.)"""
+
+    def preexec() -> None:
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+    return preexec
 
 
 @dataclass
@@ -79,7 +86,7 @@ class VllmChild:
                 stderr=subprocess.STDOUT,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=dies_with_parent(),
             )
         finally:
             handle.close()  # the child holds its own descriptor
