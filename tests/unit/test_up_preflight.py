@@ -1,12 +1,15 @@
-"""What ``vllm-gateway up`` settles before it starts vLLM, with real child processes: the default
-model's conversion runs in a child whose failure is told and whose interruption is cleaned up.
-(The real conversion, and that torch never loads in the launcher: tests/vllm/test_up_model.py.)
+"""What ``vllm-gateway up`` settles before it starts vLLM, with real processes and sockets: a port
+already taken is named with its flag before vLLM starts; the default model's conversion runs in a
+child whose failure is told and whose interruption is cleaned up. (The real conversion, and that
+torch never loads in the launcher: tests/vllm/test_up_model.py.)
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from vllm_gateway.backends.embedded import model as model_prep
-from vllm_gateway.runtime.up import preflight
+from vllm_gateway.runtime.up import command, preflight
 
 
 def test_a_failed_conversion_says_what_its_child_said(
@@ -119,3 +122,56 @@ def test_an_interrupted_step_whose_child_ignores_sigint_is_killed(
     lines = events.read_text().splitlines()
     assert len(lines) == 1  # it never got to clean up: SIGKILL
     assert _pid_gone(int(lines[0].split()[1]))
+
+
+def _listening() -> socket.socket:
+    """A socket that holds a loopback port, as another server would."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_up_names_the_gateways_taken_port_and_its_flag_before_starting_vllm(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with _listening() as other:
+        port = other.getsockname()[1]
+        # --vllm-startup-timeout: without the check, fail fast rather than warm a vLLM up.
+        code = command.main(
+            [
+                *("--host", "127.0.0.1", "--port", str(port), "--model", "/nonexistent"),
+                *("--vllm-startup-timeout", "1"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"[up] error: the gateway cannot listen on 127.0.0.1:{port}: port {port} is taken" in err
+    assert "another port with --port (env VLLM_PORT)" in err
+    assert "starting vLLM" not in err
+
+
+def test_up_names_vllms_taken_port_and_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with _listening() as other:
+        port = other.getsockname()[1]
+        code = command.main(
+            [
+                *("--host", "127.0.0.1", "--port", str(preflight.free_port())),
+                *("--vllm-port", str(port), "--model", "/nonexistent"),
+                *("--vllm-startup-timeout", "1"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"[up] error: vLLM cannot listen on 127.0.0.1:{port}: port {port} is taken" in err
+    assert "Choose another with --vllm-port, or leave it out for a free one" in err
+    assert "starting vLLM" not in err
+
+
+def test_a_wildcard_bind_finds_a_port_taken_on_loopback() -> None:
+    with _listening() as other:
+        port = other.getsockname()[1]
+        error = preflight.bind_error("0.0.0.0", port)
+    assert error is not None and error.errno == errno.EADDRINUSE
+    assert preflight.bind_error("0.0.0.0", port) is None  # free again once it is closed
+    assert preflight.port_problems("127.0.0.1", port, None) == []

@@ -1,11 +1,12 @@
 """``vllm-gateway up``: start vLLM's OpenAI server as a child process, then the gateway in front of it.
 
-The sequence: read the flags and validate the gateway's settings (before minutes of warm-up, not
-after); settle vLLM's port, model and log (``preflight``); start vLLM (``vllm_process``) with its
-command line and environment (``vllm_command``); wait for its ``/health`` while showing progress
-(``warmup``); then run the gateway in this process (``serve``) with its backend pointing at the
-child. When the gateway returns (SIGINT/SIGTERM, which it handles by draining), vLLM is stopped
-and the launcher's last line says how it ended (``report``).
+The sequence: read the flags and validate the gateway's settings, check that the ports are free
+and settle vLLM's model and log (``preflight``), all before minutes of warm-up rather than after;
+start vLLM (``vllm_process``) with its command line and environment (``vllm_command``); wait for
+its ``/health`` while showing progress (``warmup``); then run the gateway in this process
+(``serve``) with its backend pointing at the child. When the gateway returns (SIGINT/SIGTERM,
+which it handles by draining), vLLM is stopped and the launcher's last line says how it ended
+(``report``).
 
 Invariants:
 - No orphan vLLM: whatever ends this function, vLLM is stopped in ``finally``, and its group is
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(env, gateway_flags(args, f"http://127.0.0.1:{port}", env))
     except SettingsError as exc:
         log(f"error: {exc}")
+        return 2
+    problems = preflight.port_problems(settings.host, settings.port, args.vllm_port)
+    for problem in problems:
+        log(f"error: {problem}")
+    if problems:
         return 2
     try:
         model = preflight.model_to_serve(settings.model, model_prep.default_cache_dir(env))

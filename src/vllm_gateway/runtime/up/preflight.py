@@ -1,4 +1,6 @@
-"""What ``up`` settles before it starts vLLM: vLLM's port, the model it serves, its log file.
+"""What ``up`` settles before it starts vLLM: the ports (the gateway's and vLLM's free), the model
+vLLM serves, its log file. A port already taken is found here, with the flag that changes it,
+rather than after minutes of vLLM's warm-up, when the gateway would fail to listen.
 
 The default model is converted on the first run only (``backends/embedded/model.py``, about 30 s),
 and in a child process: the conversion loads torch, transformers and Triton, which would stay in
@@ -7,6 +9,8 @@ the launcher's process for the rest of its life and speak at its exit (Triton's
 launcher's progress line only; the child's own output is shown if it fails.
 
 Invariants:
+- A port is judged free as the gateway's server would bind it: every address its host resolves
+  to, with ``SO_REUSEADDR`` (so a port left in TIME_WAIT by an earlier run counts as free).
 - The model is the user's (``--model`` / ``VLLM_MODEL``) when given, else the default model's
   folder, which is returned only once it is complete (its marker file written).
 - The launcher's process never imports torch, transformers or Triton.
@@ -17,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import signal
 import socket
 import subprocess
@@ -30,7 +35,15 @@ from vllm_gateway.runtime.up.console import describe_exit, log
 from vllm_gateway.runtime.up.vllm_process import dies_with_parent
 from vllm_gateway.runtime.up.warmup import ticking
 
-__all__ = ["StepFailed", "free_port", "log_path_for", "model_to_serve", "run_step"]
+__all__ = [
+    "StepFailed",
+    "bind_error",
+    "free_port",
+    "log_path_for",
+    "model_to_serve",
+    "port_problems",
+    "run_step",
+]
 
 # How long an interrupted step's child gets to clean up after SIGINT, before SIGKILL.
 CHILD_STOP_S = 10.0
@@ -41,6 +54,54 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on ``host:port`` now, or None if it could."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return exc
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio binds it: the IPv4 address is its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                return exc
+    return None
+
+
+def port_problems(host: str, port: int, vllm_port: int | None) -> list[str]:
+    """What stands in the way of the gateway listening on ``host:port``, and of vLLM on its
+    chosen loopback port (none when it is left to ``free_port``): one sentence each, naming the
+    port and the flag that changes it."""
+    problems = []
+    error = bind_error(host, port)
+    if error is not None:
+        problems.append(
+            f"the gateway cannot listen on {host}:{port}: "
+            + (
+                f"port {port} is taken by another process ({error.strerror}). Stop it, or give "
+                "the gateway another port with --port (env VLLM_PORT)"
+                if error.errno == errno.EADDRINUSE
+                else f"{error.strerror or error}. Change --host or --port (env VLLM_HOST, VLLM_PORT)"
+            )
+        )
+    error = bind_error("127.0.0.1", vllm_port) if vllm_port else None
+    if error is not None:
+        problems.append(
+            f"vLLM cannot listen on 127.0.0.1:{vllm_port}: "
+            + (
+                f"port {vllm_port} is taken by another process ({error.strerror})"
+                if error.errno == errno.EADDRINUSE
+                else f"{error.strerror or error}"
+            )
+            + ". Choose another with --vllm-port, or leave it out for a free one"
+        )
+    return problems
 
 
 def model_to_serve(chosen: str | None, cache: Path) -> str:
