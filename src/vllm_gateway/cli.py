@@ -1,12 +1,6 @@
-"""The ``vllm-gateway`` command. The only place that reads the process environment for settings,
-prints configuration errors and chooses an exit status.
-
-    vllm-gateway serve      the gateway (settings from VLLM_* variables, flags override)
-    vllm-gateway up         vLLM as a supervised child process, then the gateway in front of it
-    vllm-gateway prepare-model   convert the default model (SmolLM2-135M-Instruct) once
-    vllm-gateway simulate   the vLLM simulator, for tests and benchmarks   (vllm-gateway-tools)
-    vllm-gateway bench      the load generator and its report             (vllm-gateway-tools)
-    vllm-gateway soak       a soak with faults, counting broken promises   (vllm-gateway-tools)
+"""The ``vllm-gateway`` command: one entry per subcommand in ``COMMANDS``, with the line that
+``vllm-gateway --help`` shows for it. The only place that reads the process environment for
+settings, prints configuration errors and chooses an exit status.
 """
 
 from __future__ import annotations
@@ -71,10 +65,13 @@ def _lazy(module: str) -> Callable[[list[str]], int]:
 
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "serve": (_serve, "run the gateway"),
     "up": (
         _lazy("vllm_gateway.runtime.up.command"),
-        "start vLLM as a supervised child, then the gateway in front of it",
+        "start vLLM as a supervised child and the gateway in front of it (start here)",
+    ),
+    "serve": (
+        _serve,
+        "run the gateway in front of running vLLM servers, or of an embedded engine",
     ),
     "prepare-model": (
         _lazy("vllm_gateway.backends.embedded.model"),
@@ -82,23 +79,42 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     ),
     "simulate": (
         _lazy("vllm_gateway_tools.simulator"),
-        "run the vLLM simulator (tests and benchmarks; needs vllm-gateway-tools)",
+        "run the vLLM simulator, for tests and benchmarks (needs vllm-gateway-tools)",
     ),
     "bench": (
         _lazy("vllm_gateway_tools.bench.cli"),
-        "benchmark a target, or the gateway against a direct connection (vllm-gateway-tools)",
+        "benchmark a target, or the gateway against a direct connection (needs vllm-gateway-tools)",
     ),
     "soak": (
         _lazy("vllm_gateway_tools.soak"),
-        "mixed traffic with faults and restarts, counting broken promises (vllm-gateway-tools)",
+        "traffic with faults and restarts, counting broken promises (needs vllm-gateway-tools)",
     ),
 }
+
+
+def usage() -> str:
+    """What ``vllm-gateway --help`` prints: the commands, each with its line."""
+    width = max(len(name) for name in COMMANDS)
+    return "\n".join(
+        [
+            "usage: vllm-gateway <command> [flags]",
+            "",
+            "An asyncio gateway in front of vLLM's OpenAI server: admission control, bounded",
+            "queueing, streaming relay, timeouts and graceful drain.",
+            "",
+            "commands:",
+            *(f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items()),
+            "",
+            "'vllm-gateway <command> --help' shows a command's flags; "
+            "'vllm-gateway --version' the version.",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip() if __doc__ else "")
+        print(usage())
         return 0 if argv else 2
     if argv[0] == "--version":
         print(__version__)

@@ -92,7 +92,7 @@ def test_cache_dir_from_env_only_when_given() -> None:
 def test_up_keeps_the_pool_to_its_own_vllm_warm() -> None:
     # vLLM's keep-alive is raised for the child, and the gateway's idle timeout sits below it.
     assert vllm_command.child_environment({}, gpu=True)["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "300"
-    args = arguments.build_parser().parse_args([])
+    args = arguments.parse_arguments([])
     settings = load_settings({}, arguments.gateway_flags(args, "http://127.0.0.1:9", {}))
     assert settings.upstream_idle_timeout == 240.0
     # A keep-alive chosen by the user is kept, and the gateway follows it.
@@ -104,6 +104,6 @@ def test_up_keeps_the_pool_to_its_own_vllm_warm() -> None:
     env = {"VLLM_UPSTREAM_IDLE_TIMEOUT_SECONDS": "3"}
     settings = load_settings(env, arguments.gateway_flags(args, "http://127.0.0.1:9", env))
     assert settings.upstream_idle_timeout == 3.0
-    args = arguments.build_parser().parse_args(["--upstream-idle-timeout", "7"])
+    args = arguments.parse_arguments(["--upstream-idle-timeout", "7"])
     settings = load_settings({}, arguments.gateway_flags(args, "http://127.0.0.1:9", {}))
     assert settings.upstream_idle_timeout == 7.0

@@ -28,7 +28,7 @@ import time
 
 from vllm_gateway.backends.embedded import model as model_prep
 from vllm_gateway.runtime.up import preflight
-from vllm_gateway.runtime.up.arguments import build_parser, gateway_flags
+from vllm_gateway.runtime.up.arguments import gateway_flags, parse_arguments
 from vllm_gateway.runtime.up.console import describe_exit, log
 from vllm_gateway.runtime.up.report import announce_when_ready, stop_and_report, watch_for_death
 from vllm_gateway.runtime.up.vllm_command import (
@@ -54,8 +54,7 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(argv)
     env = os.environ
     gpu = has_nvidia_gpu()
     port = args.vllm_port or preflight.free_port()
@@ -74,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except model_prep.ModelPrepError as exc:
         log(f"error: {exc}")
         return 2
-    extra = [part for chunk in args.vllm_arg for part in shlex.split(chunk)]
-    command = build_vllm_command(sys.executable, model, port, gpu=gpu, extra=extra)
+    command = build_vllm_command(sys.executable, model, port, gpu=gpu, extra=args.vllm_args)
     log_path = preflight.log_path_for(args.log_file, env, port, time.strftime("%Y%m%d-%H%M%S"))
     short = served_names(model)[0]
 
@@ -89,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     previous_term = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         try:
-            took = wait_healthy(child, args.vllm_startup_timeout, sys.stderr)
+            took = wait_healthy(child, args.startup_timeout, sys.stderr)
         except ChildDied as exc:
             log(
                 f"vLLM exited with code {describe_exit(exc.code)} before it became healthy; last lines of {log_path}:"
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         stopping.set()
-        stop_and_report(child, args.vllm_stop_timeout)
+        stop_and_report(child, args.stop_timeout)
 
 
 if __name__ == "__main__":
