@@ -7,7 +7,7 @@ Invariants:
   the model's short name first, then the name as given.
 - The user's ``--vllm-arg`` words come last, so they override a default (vLLM keeps the last).
 - The gateway's own ``VLLM_*`` variables never reach vLLM, which reads ``VLLM_PORT`` and others
-  itself with other meanings: the child's environment lacks every name in ``settings.env_names()``.
+  itself with other meanings: the child's environment lacks every gateway variable (``gateway_env_names()``).
 - The gateway's idle timeout towards its own vLLM stays below vLLM's keep-alive, so the pool
   between them stays warm across quiet spells without meeting a connection vLLM has just closed.
 """
@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vllm_gateway.settings import env_names
+from vllm_gateway.backends.embedded.engine import gateway_env_names
 
 __all__ = [
     "build_vllm_command",
@@ -78,7 +78,7 @@ def build_vllm_command(
 
 def child_environment(env: Mapping[str, str], *, gpu: bool) -> dict[str, str]:
     """The parent's environment without the gateway's own variables, plus vLLM's CPU defaults."""
-    own = set(env_names())
+    own = set(gateway_env_names())
     child = {k: v for k, v in env.items() if k not in own}
     if not gpu:
         child.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
