@@ -378,3 +378,34 @@ async def test_what_was_held_reaches_the_client_before_the_error_of_a_stream_cut
         # Cut before its usage: charged its budget (8), or one token per content event relayed
         # (9: the role chunk is one), the prompt's tokens unknown to the gateway.
         assert 7 <= await owed(client, gw, "smol") <= 9
+
+
+@pytest.mark.parametrize("cut", range(1, 12))
+async def test_a_stream_cut_at_any_event_and_continued_looks_the_same_with_a_token_limit(
+    tmp_path: Path, cut: int
+) -> None:
+    # The first member dies after ``cut`` events (role, 8 tokens, then, asked for by the gateway,
+    # the usage chunk and [DONE]): the client's stream is the one it gets without a token limit,
+    # and the key is charged the whole generation (the ids the failover tracked, or the usage).
+    body = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": True,
+        "max_tokens": 8,
+    }
+    streams = []
+    for settings in ({}, {"rate_limit_tpm": TPM}):
+        async with pool(tmp_path, **settings) as (first, second, gw):
+            first.configure(drop_after=cut)
+            async with httpx.AsyncClient(timeout=30) as client:
+                started = time.monotonic()
+                streams.append(_normalised(await stream(client, gw.url, CHAT, body)))
+                if settings:
+                    direct = await client.post(
+                        second.url + CHAT, json={**body, "stream": False, "max_tokens": 1}
+                    )
+                    prompt = direct.json()["usage"]["prompt_tokens"]
+                    elapsed = time.monotonic() - started
+                    assert prompt + 8 - elapsed - 1 <= await owed(client, gw) <= prompt + 8
+    assert streams[0] == streams[1]
+    assert streams[1].endswith(b"data: [DONE]\n\n") and b'"usage"' not in streams[1]
