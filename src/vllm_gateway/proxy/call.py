@@ -633,9 +633,11 @@ class ProxyCall:
                                 self._send_part(events[:i], taker)
                             raise BadBackendResponse("The backend reported an error mid-stream.")
                     if shaped or done:
-                        if taker is not None:
+                        if taker is not None and taker.concerns(block, events, done):
                             events = self._take_usage(taker, events, done)
-                        block = b"".join(e + b"\n\n" for e in events)
+                            block = b"".join(e + b"\n\n" for e in events)
+                        elif resumable is not None or done:
+                            block = b"".join(e + b"\n\n" for e in events)
                     if not block:
                         timer.push(min(deadline, loop.time() + idle))
                         continue

@@ -118,7 +118,9 @@ def ask_for_usage(raw: bytes, body: dict[str, Any]) -> tuple[bytes, dict[str, An
     return orjson.dumps(asked), asked
 
 
-_FINISHED = b'"finish_reason":"'  # a choice's last chunk: the key is never inside a JSON string
+_FINISH_KEY = b'"finish_reason":'  # a key: never inside a JSON string, whose quotes are escaped
+_FINISHED = _FINISH_KEY + b'"'  # a finish reason that is not null: a choice's last chunk
+_QUOTE = ord('"')
 _USAGE = b'"usage"'
 _FINGERPRINT = b'"system_fingerprint"'
 
@@ -147,6 +149,20 @@ class UsageTaker:
     def __init__(self) -> None:
         self.held: list[bytes] | None = None  # events from the first finished chunk on
         self.usage: bytes | None = None
+
+    def concerns(self, block: bytes, events: list[bytes], done: bool) -> bool:
+        """Whether ``take`` may change ``events`` (the events of ``block``), else they pass as they
+        are: one search from the end of the read per read, nothing per event, until a choice has
+        finished. A chunk's ``finish_reason`` is among its last fields, so the search back finds
+        the last event's at once; a read of several events (``n`` > 1, or reads run together)
+        is searched whole. The usage chunk comes after the finished chunks (or in the read that
+        ends the stream), so it needs no search of its own."""
+        if done or self.held is not None:
+            return True
+        at = block.rfind(_FINISH_KEY)
+        if at < 0:
+            return False
+        return block[at + len(_FINISH_KEY)] == _QUOTE or (len(events) > 1 and _FINISHED in block)
 
     def take(self, events: list[bytes], done: bool) -> list[bytes]:
         """``done``: the last of ``events`` ends the stream (everything held goes out)."""
