@@ -178,3 +178,38 @@ async def test_a_slow_redis_does_not_stall_the_request(tmp_path: Path) -> None:
         finally:
             await blocker.wait()
             await rl.aclose()
+
+
+async def test_a_fresh_keys_first_request_and_whole_burst_pass_on_redis(tmp_path: Path) -> None:
+    # The first request of a key Redis has never seen (no stored time): it passes with a whole
+    # minute's tokens, is charged in Redis (another replica sees it), and, at rates whose interval
+    # is not a whole number of microseconds, a burst of exactly a minute's allowance fits.
+    with redis_server(tmp=tmp_path) as url:
+        a = RateLimiter(tokens_per_minute=100, redis_url=url, redis_timeout=1.0)
+        b = RateLimiter(tokens_per_minute=100, redis_url=url, redis_timeout=1.0)
+        await a.start()
+        await b.start()
+        try:
+            assert await a.acquire("fresh", 100) == 100
+            assert a.mode == "redis" and a.fallbacks == 0  # served by Redis, not the fallback
+            with pytest.raises(RateLimited) as caught:
+                await b.acquire("fresh", 1)
+            assert 0.5 <= caught.value.retry_after <= 0.61  # one token at 100 a minute
+        finally:
+            await a.aclose()
+            await b.aclose()
+        for rpm in (0.5, 1, 7, 11, 17, 31, 60):
+            a = RateLimiter(rpm, redis_url=url, redis_timeout=1.0, key_prefix=f"{rpm}:")
+            b = RateLimiter(rpm, redis_url=url, redis_timeout=1.0, key_prefix=f"{rpm}:")
+            await a.start()
+            await b.start()
+            try:
+                burst = max(1, int(rpm))
+                for i in range(burst):
+                    assert await (a, b)[i % 2].acquire("burst") is None, (rpm, i)
+                with pytest.raises(RateLimited):
+                    await b.acquire("burst")
+                assert a.mode == b.mode == "redis" and a.fallbacks == b.fallbacks == 0
+            finally:
+                await a.aclose()
+                await b.aclose()

@@ -108,3 +108,34 @@ def test_exactly_a_full_window_of_tokens_fits_and_one_more_does_not() -> None:
     assert store.apply("k", 0.0, tok_iv, 1, True) > 0
     clock.ns += round(tok_iv * 1e9)  # one token's worth later, one token fits again
     assert store.apply("k", 0.0, tok_iv, 1, True) == 0.0
+
+
+@pytest.mark.parametrize("rpm", [7, 11, 13, 17, 23, 29, 31, 37, 41, 43, 97, 101, 997])
+def test_a_minute_s_allowance_of_n_always_fits_n_at_once(rpm: int) -> None:
+    # Regression: an interval rounded up to whole nanoseconds (60/11 s) made N of them exceed the
+    # window by a few ns, and the N-th request of a fresh key's burst was refused.
+    store = _LocalStore(_PinnedClock(1000.07))
+    req_iv, tok_iv = Limit(rpm, rpm).intervals()
+    for _ in range(rpm):
+        assert store.apply("r", req_iv, 0.0, 0, True) == 0.0
+    assert store.apply("r", req_iv, 0.0, 0, True) > 0
+    assert store.apply("t", 0.0, tok_iv, rpm, True) == 0.0
+    assert store.apply("t", 0.0, tok_iv, 1, True) > 0
+
+
+async def test_acquire_says_what_it_charged_and_a_settlement_charges_the_rest() -> None:
+    rl = RateLimiter(requests_per_minute=100, tokens_per_minute=100)
+    assert await rl.acquire("k", tokens=30) == 30
+    await rl.record_tokens("k", 45 - 30)  # used 45
+    # A budget above the whole allowance is charged as the allowance, and says so: settling with
+    # what the request asked for instead would refund tokens never charged.
+    assert await rl.acquire("big", tokens=1000) == 100
+    await rl.record_tokens("big", 75 - 100)  # used 75: the key stays charged 75
+    with pytest.raises(RateLimited):
+        await rl.acquire("big", tokens=26)
+    assert await rl.acquire("big", tokens=25) == 25
+    with pytest.raises(RateLimited):
+        await rl.acquire("k", tokens=56)
+    assert await rl.acquire("k", tokens=55) == 55
+    assert await RateLimiter(requests_per_minute=5).acquire("k", tokens=9) is None  # no token limit
+    assert await RateLimiter().acquire("k", tokens=9) is None

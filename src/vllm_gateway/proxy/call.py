@@ -47,12 +47,12 @@ from vllm_gateway.proxy.admission import Permit, Ticket
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
-from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE
+from vllm_gateway.proxy.protocols import DONE, ERROR, OK
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
 from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
-from vllm_gateway.proxy.usage import parse_usage
+from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
 from vllm_gateway.proxy.validation import ValidRequest, set_response_id, validate
 
 __all__ = ["ProxyCall"]
@@ -114,7 +114,9 @@ class ProxyCall:
         "_protocol",
         "_resumable",
         "_route",
+        "_taker",
         "_task",
+        "_token_charge",
         "cancel_reason",
         "chunks",
         "ended_at",
@@ -155,6 +157,8 @@ class ProxyCall:
         self._protocol = route.protocol
         self._resumable: Resumable | None = None  # a stream that may go on on another member
         self._not_resumable: str | None = None  # why it may not (for the metrics)
+        self._taker: UsageTaker | None = None  # takes out a usage chunk the client did not ask for
+        self._token_charge: int | None = None  # tokens charged at admission (None: no token limit)
         self.failovers: list[tuple[str, str]] = []  # (reason, outcome) of each failover
         self.members: list[str] = []  # every member this request used, in order
         self.request_id = exchange.request_id
@@ -259,23 +263,43 @@ class ProxyCall:
                 self.permit.release()
             gw.active.discard(self)
             gw.request_ended(self)
-            if gw.ratelimiter is not None and self.usage is not None:
-                await self._settle_tokens()
+            if self._token_charge is not None:
+                await self._settle_tokens(self._token_charge)
 
-    async def _settle_tokens(self) -> None:
-        """Charge the real token count against the tenant's token limit (``acquire`` charged
-        max_tokens up front; this settles the difference)."""
-        gw = self._gw
-        if gw.ratelimiter is None or not gw.settings.rate_limit_tpm:
+    async def _settle_tokens(self, charged: int) -> None:
+        """Charge the request's real token count against its key's token limit: ``acquire``
+        charged the budget (``charged``) up front; this settles the difference."""
+        limiter = self._gw.ratelimiter
+        used = self._tokens_used(charged)
+        if limiter is None or used is None:
             return
-        prompt, completion = parse_usage(self.usage)
-        if prompt is None and completion is None:
-            return
-        used = (prompt or 0) + (completion or 0)
         try:
-            await gw.ratelimiter.record_tokens(self.rate_key, used - self.requested_tokens)
+            await limiter.record_tokens(self.rate_key, used - charged)
         except Exception:  # a limiter problem must never fail a finished request
             log.exception("charging tokens for request %s failed", self.request_id)
+
+    def _tokens_used(self, charged: int) -> int | None:
+        """What the request used, as far as the gateway can tell (None: the charge stands).
+
+        The usage the backend reported, when it came (a stream's own final usage, asked for when
+        the client did not); else the token ids a continuable stream tracked (exact); nothing for
+        a request that never reached the backend or that it refused (4xx: nothing ran); else, for
+        a stream cut before its usage (client gone, error, timeout), the budget charged up front
+        or one token per content event relayed if that is more: the gateway cannot count the
+        prompt's tokens, and a stream cut early must not cost less than asking for it."""
+        prompt, completion = parse_usage(self.usage)
+        if prompt is not None or completion is not None:
+            return (prompt or 0) + (completion or 0)
+        resumable = self._resumable
+        if resumable is not None and resumable.prompt_ids is not None:
+            prompt, completion = resumable.counts()
+            return prompt + completion
+        upstream = self.upstream
+        if self.upstream_sent_at is None or (upstream is not None and 400 <= upstream.status < 500):
+            return 0
+        if self.stream:
+            return max(charged, self.chunks)
+        return None
 
     @property
     def admitted(self) -> bool:
@@ -350,7 +374,7 @@ class ProxyCall:
             if gw.ratelimiter.mode == "redis":
                 _give_back(place)  # a round trip to Redis: the same
                 place = None
-            await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
+            self._token_charge = await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
         if route.admitted:
             permit: Permit | RemotePermit
@@ -369,6 +393,17 @@ class ProxyCall:
             if why is None:
                 self._resumable = Resumable(valid.json, chat=route.name == CHAT)
             self._not_resumable = why
+        if (
+            self._token_charge is not None
+            and valid.stream
+            and route.name in (CHAT, COMPLETIONS)
+            and valid.json is not None
+            and not asks_for_usage(valid.json)
+        ):
+            # The token limit needs the stream's own count: vLLM's usage chunk, asked for here and
+            # taken out of what the client sees (usage.py).
+            valid.body, valid.json = ask_for_usage(valid.body, valid.json)
+            self._taker = UsageTaker()
         request = self._upstream_request(valid)
         # A stored response is replayed as a stream when asked (GET ...?stream=true).
         self.stream = valid.stream or (route.kind == "store" and b"stream=true" in ex.query)
@@ -555,6 +590,9 @@ class ProxyCall:
         ex = self._ex
         classify = self._protocol.classify
         resumable = self._resumable
+        # The usage chunk the gateway asked for, to take out again (None: nothing to take).
+        taker = self._taker
+        shaped = resumable is not None or taker is not None  # blocks are rebuilt from events
         scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
         done = False
@@ -580,6 +618,9 @@ class ProxyCall:
                         events = self._follow(resumable, events, first)
                     for i, event in enumerate(events):
                         kind = classify(event)
+                        if kind == OK:
+                            self.chunks += 1
+                            continue
                         if kind == DONE:
                             done = True
                             del events[i + 1 :]  # nothing of a stream follows its end
@@ -589,13 +630,14 @@ class ProxyCall:
                                 "request %s: bad backend event: %.300r", self.request_id, event
                             )
                             if i:  # the whole events before it still reach the client
-                                self._send_events(b"".join(e + b"\n\n" for e in events[:i]))
-                                self.events += i
+                                self._send_part(events[:i], taker)
                             raise BadBackendResponse("The backend reported an error mid-stream.")
-                        if kind != NOTE:
-                            self.chunks += 1
-                    if resumable is not None or done:
-                        block = b"".join(e + b"\n\n" for e in events)
+                    if shaped or done:
+                        if taker is not None and taker.concerns(block, events, done):
+                            events = self._take_usage(taker, events, done)
+                            block = b"".join(e + b"\n\n" for e in events)
+                        elif resumable is not None or done:
+                            block = b"".join(e + b"\n\n" for e in events)
                     if not block:
                         timer.push(min(deadline, loop.time() + idle))
                         continue
@@ -604,8 +646,9 @@ class ProxyCall:
                         self._start_stream()
                     if done:
                         ex.end(block)
-                        # The usage chunk, when asked for, is the last event before [DONE].
-                        self.usage = previous + block
+                        if taker is None:
+                            # The usage chunk, when asked for, is the last event before [DONE].
+                            self.usage = previous + block
                     else:
                         ex.write(block)
                         if ex.paused:
@@ -617,14 +660,40 @@ class ProxyCall:
                     previous = block
                     timer.push(min(deadline, loop.time() + idle))
         except TimeoutError:
+            if taker is not None:
+                self._send_part([], taker)
             if loop.time() >= deadline:
                 raise RequestTimeout() from None
             raise (StreamIdleTimeout() if self.response_started else FirstTokenTimeout()) from None
+        except BaseException:
+            if taker is not None:
+                self._send_part([], taker)  # what it held reaches the client before the error
+            raise
         if not done:
+            if taker is not None:
+                self._send_part([], taker)
             raise BadBackendResponse(
                 f"The backend ended the stream without {self._protocol.end_marker}."
             )
         return chunks
+
+    def _take_usage(self, taker: UsageTaker, events: list[bytes], done: bool) -> list[bytes]:
+        """The events the client gets of those read, the usage chunk taken out (``usage.py``)."""
+        had = taker.usage
+        events = taker.take(events, done)
+        if had is None and taker.usage is not None:
+            self.usage = taker.usage
+            self.chunks -= 1  # counted as a content event, never relayed
+        return events
+
+    def _send_part(self, events: list[bytes], taker: UsageTaker | None) -> None:
+        """Whole events, before a failure: the client gets every one (and, taking a usage chunk
+        out, every event held until it came)."""
+        if taker is not None:
+            events = self._take_usage(taker, events, False) + taker.release()
+        if events and not self._ex.gone:
+            self._send_events(b"".join(e + b"\n\n" for e in events))
+            self.events += len(events)
 
     def _follow(self, resumable: Resumable, events: list[bytes], first: bool) -> list[bytes]:
         """The events as the client sees them: the first part's noted (and its ids taken out

@@ -303,12 +303,16 @@ class Resumable:
         }
         return b"data: " + orjson.dumps(out) + b"\n\n"
 
+    def counts(self) -> tuple[int, int]:
+        """(prompt, completion) tokens, as the stream's usage reports them: the original prompt's,
+        and every token generated so far in every part (what the token limit charges too)."""
+        return len(self.prompt_ids or ()), len(self.generated)
+
     def closing(self) -> bytes:
         """The end of the stream after a continuation: the usage chunk when asked, ``[DONE]``."""
         out = b""
         if self.include_usage:
-            prompt = len(self.prompt_ids or ())
-            completion = len(self.generated)
+            prompt, completion = self.counts()
             usage: dict[str, Any] = {
                 "id": self.ident,
                 "object": "chat.completion.chunk" if self.chat else "text_completion",

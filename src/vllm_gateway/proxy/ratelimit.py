@@ -1,16 +1,22 @@
 """Per-key limits on requests per minute and tokens per minute, shared through Redis when there is one.
 
 ``RateLimiter.acquire(key, tokens)`` lets a request through or raises ``errors.RateLimited`` with a
-``retry_after`` (seconds until the request would fit); ``record_tokens(key, tokens)`` charges
-tokens known only after the response (a negative value refunds an over-estimate). What a key is
-charged is the sum of what ``acquire`` and ``record_tokens`` were given for it.
+``retry_after`` (seconds until the request would fit), and says how many tokens it charged (None
+when the key has no token limit); ``record_tokens(key, tokens)`` charges tokens known only after
+the response (a negative value refunds an over-estimate). What a key is charged is the sum of what
+``acquire`` charged and ``record_tokens`` was given for it: a caller settles a request with
+``record_tokens(key, used - charged)``.
 
 The algorithm is GCRA (the generic cell rate algorithm, a token bucket kept as one timestamp per
 limit): each limit stores a "theoretical arrival time" ``tat``; a cost ``n`` at a rate of ``r`` per
 minute moves it to ``max(tat, now) + n * 60/r``; it is allowed while ``tat - now`` stays within one
 minute, i.e. a key may burst a full minute's allowance, then goes at the steady rate. Tokens charged
 after the fact may push ``tat`` beyond the minute: the key is then in debt and waits it out. The
-request and token limits are checked together and charged only if both allow.
+request and token limits are checked together and charged only if both allow. A cost larger than a
+whole minute's allowance is charged as that allowance (it passes on a full bucket rather than
+never); ``acquire`` returns what it charged, so that the settlement after the response charges
+the rest. Intervals are whole nanoseconds (in process) or microseconds (Redis), rounded down, so
+that a minute's allowance of N always fits N.
 
 Two stores: in-process (one dict, per replica), and Redis (one Lua script, atomic, on Redis's own
 clock, so that every replica shares one limit). Every Redis call is bounded by ``redis_timeout``;
@@ -38,7 +44,7 @@ log = logging.getLogger("vllm_gateway.proxy.ratelimit")
 _WINDOW = 60.0  # seconds: the burst a key may take at once is one minute's allowance
 
 # KEYS: request tat, token tat. ARGV: µs per request (0: no limit), µs per token (0: no limit),
-# token cost, mode (1 acquire, 0 record). Returns {allowed, wait in µs}.
+# token cost, mode (1 acquire, 0 record). Returns {allowed, wait in µs, tokens charged}.
 _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -58,25 +64,26 @@ local function store(key, tat)
 end
 if not acquire then
   if tok_iv > 0 then store(KEYS[2], math.max(tat_of(KEYS[2]) + cost * tok_iv, now)) end
-  return {1, 0}
+  return {1, 0, 0}
 end
 local wait = 0
 local rtat = 0
 local ttat = 0
+local charged = 0
 if req_iv > 0 then
   rtat = tat_of(KEYS[1]) + req_iv
   wait = math.max(wait, rtat - now - math.max(window, req_iv))
 end
 if tok_iv > 0 then
-  ttat = tat_of(KEYS[2])
   -- a cost above the whole allowance is let through on a full bucket rather than never
-  ttat = ttat + math.min(cost, math.floor(window / tok_iv)) * tok_iv
+  charged = math.min(cost, math.floor(window / tok_iv))
+  ttat = tat_of(KEYS[2]) + charged * tok_iv
   wait = math.max(wait, ttat - now - window)
 end
-if wait > 0 then return {0, math.ceil(wait)} end
+if wait > 0 then return {0, math.ceil(wait), 0} end
 if req_iv > 0 then store(KEYS[1], rtat) end
 if tok_iv > 0 then store(KEYS[2], ttat) end
-return {1, 0}
+return {1, 0, charged}
 """
 
 
@@ -109,8 +116,7 @@ class _LocalStore:
     def apply(self, key: str, req_iv: float, tok_iv: float, cost: int, acquire: bool) -> float:
         """0.0 when allowed (and charged), else the seconds to wait."""
         now = self._clock()
-        req_ns = round(req_iv * 1e9)
-        tok_ns = round(tok_iv * 1e9)
+        req_ns, tok_ns = int(req_iv * 1e9), int(tok_iv * 1e9)  # rounded down: N fit a window
         tats = self._tats.get(key)
         if tats is None:
             tats = self._tats[key] = [now, now]
@@ -198,16 +204,22 @@ class RateLimiter:
             await self._redis.aclose()
             self._redis = None
 
-    async def acquire(self, key: str, tokens: int = 0) -> None:
-        """Let a request through, charging it ``tokens``; else raise ``RateLimited``."""
+    def counts_tokens(self, key: str) -> bool:
+        """Whether ``key`` has a token limit (its requests' real counts matter)."""
+        return bool(self.limit_for(key).tokens_per_minute)
+
+    async def acquire(self, key: str, tokens: int = 0) -> int | None:
+        """Let a request through, charging it ``tokens``; else raise ``RateLimited``. Returns the
+        tokens charged (at most a minute's allowance), or None when the key has no token limit."""
         limit = self.limit_for(key)
         req_iv, tok_iv = limit.intervals()
         if not req_iv and not tok_iv:
-            return
-        wait = await self._apply(key, req_iv, tok_iv, max(0, int(tokens)), True)
+            return None
+        wait, charged = await self._apply(key, req_iv, tok_iv, max(0, int(tokens)), True)
         if wait > 0:
             self.limited += 1
             raise RateLimited(retry_after=wait)
+        return charged if tok_iv else None
 
     async def record_tokens(self, key: str, tokens: int) -> None:
         """Charge tokens counted after the response (negative: refund an over-estimate)."""
@@ -217,26 +229,34 @@ class RateLimiter:
 
     async def _apply(
         self, key: str, req_iv: float, tok_iv: float, cost: int, acquire: bool
-    ) -> float:
+    ) -> tuple[float, int]:
+        """(seconds to wait, 0.0 when allowed; the tokens charged)."""
         if self._redis is None or not self._redis_usable():
-            return self.local.apply(key, req_iv, tok_iv, cost, acquire)
+            return self._apply_local(key, req_iv, tok_iv, cost, acquire)
         digest = hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
         keys = [f"{self.key_prefix}{digest}:r", f"{self.key_prefix}{digest}:t"]
         # Whole microseconds: Redis's clock is in µs, and integers keep its arithmetic exact.
-        args = [round(req_iv * 1e6), round(tok_iv * 1e6), cost, 1 if acquire else 0]
+        args = [int(req_iv * 1e6), int(tok_iv * 1e6), cost, 1 if acquire else 0]
         try:
             async with asyncio.timeout(self.redis_timeout):
-                allowed, wait_us = await self._script(keys=keys, args=args)
+                allowed, wait_us, charged = await self._script(keys=keys, args=args)
         except Exception as exc:  # any Redis trouble: never the request's
             self._redis_failed(exc)
-            return self.local.apply(key, req_iv, tok_iv, cost, acquire)
+            return self._apply_local(key, req_iv, tok_iv, cost, acquire)
         if self._redis_down_until is not None:
             self._redis_down_until = None
             log.warning(
                 "rate limiter: Redis at %s is back; limits are shared across replicas again",
                 self._safe_url(),
             )
-        return 0.0 if int(allowed) else int(wait_us) / 1e6
+        return (0.0, int(charged)) if int(allowed) else (int(wait_us) / 1e6, 0)
+
+    def _apply_local(
+        self, key: str, req_iv: float, tok_iv: float, cost: int, acquire: bool
+    ) -> tuple[float, int]:
+        wait = self.local.apply(key, req_iv, tok_iv, cost, acquire)
+        tok_ns = int(tok_iv * 1e9)
+        return wait, (min(cost, _WINDOW_NS // tok_ns) if tok_ns and not wait else 0)
 
     def _redis_usable(self) -> bool:
         down = self._redis_down_until

@@ -38,6 +38,9 @@ __all__ = [
 # Largest n the gateway forwards: each choice is a full generation on the engine.
 MAX_N = 16
 
+# vLLM's ``max_tokens`` for a completions request that sets none.
+_COMPLETIONS_DEFAULT = 16
+
 # The routes whose answer may be a stream, when the body asks for one.
 _STREAMING = frozenset({CHAT, COMPLETIONS, RESPONSES_PATH, MESSAGES})
 
@@ -50,7 +53,9 @@ class ValidRequest:
     json: dict[str, Any] | None  # None for bodies the gateway does not parse
     model: str | None
     stream: bool
-    requested_tokens: int = 0  # the token budget asked for (max_tokens and its kin)
+    # The output budget vLLM will use (the field it reads, times choices and prompts); 0 when the
+    # request sets none and vLLM's default is the context left, which the gateway cannot know.
+    requested_tokens: int = 0
     previous_response_id: str | None = None  # Responses: the stored response it continues
 
 
@@ -123,13 +128,29 @@ def _sampling(obj: Mapping[str, Any]) -> None:
 
 
 def _requested(obj: Mapping[str, Any], *keys: str) -> int:
-    """The first token budget given among ``keys`` (each checked)."""
+    """The first token budget given among ``keys`` (each checked), in the order vLLM reads them:
+    chat's ``max_completion_tokens`` wins over ``max_tokens`` when both are given."""
     found = 0
     for key in keys:
         value = _positive_int(obj, key)
         if value is not None and not found:
             found = value
     return found
+
+
+def _choices(obj: Mapping[str, Any]) -> int:
+    """How many generations a request asks for: each choice of ``n`` has the whole budget (after
+    ``_sampling`` checked ``n``)."""
+    n = obj.get("n")
+    return n if isinstance(n, int) else 1
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a completions ``prompt`` holds: a string or a list of token ids is one; a
+    list of strings or of id lists is one each (vLLM runs each with the whole budget)."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
 
 
 def validate(route: Route, body: bytes, aliases: Mapping[str, str]) -> ValidRequest:
@@ -153,16 +174,19 @@ def validate(route: Route, body: bytes, aliases: Mapping[str, str]) -> ValidRequ
 
     if path == CHAT:
         _messages(obj)
-        requested = _requested(obj, "max_tokens", "max_completion_tokens")
+        requested = _requested(obj, "max_completion_tokens", "max_tokens")
         _sampling(obj)
+        requested *= _choices(obj)
     elif path == COMPLETIONS:
         prompt = obj.get("prompt")
         if prompt is None or (isinstance(prompt, (str, list)) and not prompt):
             raise InvalidRequest("'prompt' must be a non-empty string or list.", param="prompt")
         if not isinstance(prompt, (str, list)):
             raise InvalidRequest("'prompt' must be a string or a list.", param="prompt")
-        requested = _requested(obj, "max_tokens")
+        # Without one, vLLM's completions default to 16 tokens (its protocol's default).
+        requested = _requested(obj, "max_tokens") or _COMPLETIONS_DEFAULT
         _sampling(obj)
+        requested *= _choices(obj) * _prompts(prompt)
     elif path == RESPONSES_PATH:
         if obj.get("input") is None:
             raise InvalidRequest("'input' is required.", param="input")
@@ -194,7 +218,7 @@ def validate(route: Route, body: bytes, aliases: Mapping[str, str]) -> ValidRequ
                 raise InvalidRequest(
                     f"'messages[{i}]' must be a non-empty list of messages.", param=f"messages[{i}]"
                 )
-        requested = _requested(obj, "max_tokens", "max_completion_tokens") * len(conversations)
+        requested = _requested(obj, "max_completion_tokens", "max_tokens") * len(conversations)
         _sampling(obj)
 
     if isinstance(model, str) and model in aliases:
