@@ -21,10 +21,10 @@ from tests.integration.test_pool import sims
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.kv_events import MAX_MESSAGE_BYTES
 from vllm_gateway.backends.pool.prompt_chain import prompt_chain
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator
 
-FAST = {"pool_health_interval": 0.1, "pool_health_timeout": 0.5}
+FAST = {"health_interval": 0.1, "health_timeout": 0.5}
 
 
 def pool(gw: RunningGateway) -> PoolBackend:
@@ -68,7 +68,8 @@ def served_by(members: list[Simulator], marker: str) -> set[int]:
 async def test_each_conversation_stays_with_the_member_that_holds_it(tmp_path: Path) -> None:
     async with sims(2, tokens=6) as members:
         settings = Settings(
-            backend_urls=tuple(m.url for m in members), pool_routing="cache_aware", **FAST
+            backend_urls=tuple(m.url for m in members),
+            pool=PoolSettings(routing="cache_aware", **FAST),
         )
         async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=30) as client:
             rng = random.Random(7)
@@ -101,9 +102,7 @@ async def test_a_hot_prefix_spills_over_when_its_member_is_busy() -> None:
     async with sims(2, tokens=40, itl=0.02) as members:
         settings = Settings(
             backend_urls=tuple(m.url for m in members),
-            pool_routing="cache_aware",
-            pool_cache_balance_abs=2,
-            **FAST,
+            pool=PoolSettings(routing="cache_aware", cache_balance_abs=2, **FAST),
         )
         async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=30) as client:
             messages = [{"role": "system", "content": "The same long instructions. " * 60},
@@ -120,10 +119,9 @@ async def test_a_member_that_leaves_comes_back_cold() -> None:
     async with sims(2, tokens=4) as members:
         settings = Settings(
             backend_urls=tuple(m.url for m in members),
-            pool_routing="cache_aware",
-            pool_eject_after_failures=1,
-            pool_readmit_backoff=60.0,
-            **FAST,
+            pool=PoolSettings(
+                routing="cache_aware", eject_after_failures=1, readmit_backoff=60.0, **FAST
+            ),
         )
         async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=30) as client:
             messages = [{"role": "system", "content": "Remember me. " * 80},
@@ -163,9 +161,7 @@ async def test_a_hostile_event_publisher_cannot_grow_the_gateway(tmp_path: Path)
             )
             settings = Settings(
                 backends_file=str(path),
-                pool_routing="cache_aware",
-                pool_cache_index_blocks=5000,
-                **FAST,
+                pool=PoolSettings(routing="cache_aware", cache_index_blocks=5000, **FAST),
             )
             async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=30) as client:
                 target = pool(gw).members[0]
@@ -227,7 +223,8 @@ async def test_the_index_follows_the_members_own_kv_events() -> None:
     knobs = {"prefix_cache_blocks": 256, "block_size": 16, "kv_events_port": 0, "dev_mode": True}
     async with sims(2, tokens=4, **knobs) as members:
         settings = Settings(
-            backend_urls=tuple(m.url for m in members), pool_routing="cache_aware", **FAST
+            backend_urls=tuple(m.url for m in members),
+            pool=PoolSettings(routing="cache_aware", **FAST),
         )
         async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=30) as client:
             messages = [{"role": "system", "content": "Index me, block by block. " * 40},

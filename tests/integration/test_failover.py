@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from tests.conftest import run_gateway, wait_for
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 from vllm_gateway_tools.simulator.tokenizer import OUTPUT_BASE
 
@@ -146,7 +146,7 @@ async def test_a_request_that_cannot_be_continued_ends_with_its_error_event(
 
 
 async def test_failovers_are_bounded_per_stream(tmp_path: Path) -> None:
-    async with pool(tmp_path, pool_failover_max=1) as (first, second, gw):
+    async with pool(tmp_path, pool=PoolSettings(failover_max=1)) as (first, second, gw):
         first.configure(drop_after=2)
         second.configure(drop_after=2)  # the continuation dies too: no third member to try
         raw = await _stream(gw.url, "/v1/chat/completions", CHAT_BODY)

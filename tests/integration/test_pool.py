@@ -17,7 +17,7 @@ from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig
 from vllm_gateway.errors import NoHealthyBackend, UpstreamError
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, start_simulator
 
 FAST = dict(
@@ -136,8 +136,7 @@ async def test_pool_from_a_backends_file(tmp_path: Path) -> None:
         settings = Settings(
             backends_file=str(path),
             connect_timeout=1.0,
-            pool_health_interval=0.1,
-            pool_admission_wait=5.0,
+            pool=PoolSettings(health_interval=0.1, admission_wait=5.0),
         )
         pool = PoolBackend(settings)
         await pool.start()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from vllm_gateway.backends.http.backend import HTTPBackend
+from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig, load_backends_file
 from vllm_gateway.backends.pool.member import Member, RetryBudget, affinity_key, choose
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import Settings, load_settings
 
 
 def member(name: str, weight: float = 1.0, in_flight: int = 0, limit: int | None = None) -> Member:
@@ -77,11 +78,10 @@ def test_pool_config_validates_and_reads_settings() -> None:
         PoolConfig(health_interval=0)
     with pytest.raises(ValueError):
         PoolConfig(watchdog_stall=-1)
-    assert PoolConfig.from_settings(Settings()) == PoolConfig()  # works before the fields exist
+    assert PoolBackend(Settings()).config == PoolConfig()
 
-    cfg = PoolConfig.from_settings(
-        Settings(pool_routing="prefix", pool_max_outstanding=8), max_retries=1
-    )
+    settings = load_settings({"VLLM_POOL_ROUTING": "prefix", "VLLM_POOL_MAX_OUTSTANDING": "8"})
+    cfg = PoolBackend(settings, max_retries=1).config
     assert (cfg.routing, cfg.max_outstanding, cfg.max_retries) == ("prefix", 8, 1)
 
 

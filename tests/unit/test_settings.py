@@ -146,3 +146,38 @@ def test_serve_help_names_every_variable_and_default() -> None:
     assert "(env VLLM_POOL_ROUTING; default least_outstanding)" in text
     assert "(env VLLM_API_KEYS; default none)" in text
     assert text.count("; default ") == len(FIELDS) + 1
+
+
+def test_each_setting_is_declared_once_and_the_pools_keep_their_names() -> None:
+    import dataclasses
+
+    from vllm_gateway.settings import FIELDS, PoolSettings
+
+    assert len({s.env for s in FIELDS}) == len({s.flag for s in FIELDS}) == len(FIELDS)
+    assert len({s.name for s in FIELDS}) == len(FIELDS)
+    declared = {s.path for s in FIELDS}
+    top = {(f.name,) for f in dataclasses.fields(Settings)} - {("pool",)}
+    pool = {("pool", f.name) for f in dataclasses.fields(PoolSettings)}
+    # Every field is a setting but two fixed knobs of the retry budget.
+    assert declared == top | pool - {("pool", "retry_budget_min"), ("pool", "retry_budget_window")}
+    for s in FIELDS:
+        assert s.env.startswith("VLLM_") and s.flag.startswith("--")
+        if s.path[0] == "pool":
+            # The pool's variables, flags and flag keys are the ones users know.
+            assert s.name == f"pool_{s.path[1]}"
+            assert s.env.startswith("VLLM_POOL_") and s.flag.startswith("--pool-")
+    assert Settings().pool == PoolSettings()
+
+
+def test_pool_settings_come_from_their_variables_and_flags() -> None:
+    env = {"VLLM_POOL_ROUTING": "session", "VLLM_POOL_HEALTH_INTERVAL_SECONDS": "0.5"}
+    s = load_settings(env, {"pool_max_retries": "0", "pool_routing": None})
+    assert (s.pool.routing, s.pool.health_interval, s.pool.max_retries) == ("session", 0.5, 0)
+    assert s.pool.admission_wait == 1.0  # the rest keep their defaults
+    with pytest.raises(SettingsError) as info:
+        load_settings({"VLLM_POOL_FAILOVER_MAX": "11"})
+    assert info.value.variable == "VLLM_POOL_FAILOVER_MAX"
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, {"pool_routing": "random"})
+    assert info.value.variable == "--pool-routing"
+

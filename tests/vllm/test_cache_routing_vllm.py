@@ -14,7 +14,7 @@ from tests.vllm.conftest import VllmServer
 from tests.vllm.helpers import read_metric
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.prompt_chain import prompt_chain
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 
 SYSTEM = (
@@ -42,8 +42,7 @@ async def test_a_conversation_follows_the_blocks_vllm_reports(vllm_server: VllmS
     async with run_simulator(sim_config) as sim:
         settings = Settings(
             backend_urls=(vllm_server.url, sim.url),
-            pool_routing="cache_aware",
-            pool_health_interval=0.2,
+            pool=PoolSettings(routing="cache_aware", health_interval=0.2),
             request_timeout=300.0,
             first_token_timeout=290.0,
         )

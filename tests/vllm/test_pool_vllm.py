@@ -8,7 +8,7 @@ import httpx
 
 from tests.conftest import run_gateway
 from tests.vllm.conftest import VllmServer
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 
 
@@ -23,7 +23,9 @@ async def test_pool_spreads_over_real_vllm_and_a_simulator_and_survives_losing_o
     }
     config = SimulatorConfig(models=(vllm_server.model,), ttft=0.2, itl=0.05)
     async with run_simulator(config) as sim:
-        settings = Settings(backend_urls=(vllm_server.url, sim.url), pool_health_interval=0.5)
+        settings = Settings(
+            backend_urls=(vllm_server.url, sim.url), pool=PoolSettings(health_interval=0.5)
+        )
         async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=120) as client:
             answers = await asyncio.gather(
                 *[client.post(gw.url + "/v1/chat/completions", json=body) for _ in range(8)]

@@ -93,9 +93,7 @@ class PoolBackend(Backend):
             specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
         if not specs:
             raise ValueError("a pool needs at least one backend")
-        self.config = (
-            config if config is not None else PoolConfig.from_settings(settings, **overrides)
-        )
+        self.config = config if config is not None else settings.pool.replace(**overrides)
         self.members = [
             Member(s, self.config, HTTPBackend.from_settings(settings, s.url, s.name or s.url))
             for s in specs

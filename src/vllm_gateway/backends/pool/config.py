@@ -15,8 +15,8 @@ member a weight, the models it serves and its own limit on outstanding requests:
 A bare list of such entries (or of URL strings) is accepted too. Every value is checked here and a
 bad file raises ``ValueError`` naming the entry, so the pool can trust what it is handed.
 
-``PoolConfig.from_settings`` reads the pool's settings with ``getattr`` and a default, so the pool
-works with a ``Settings`` that does not (yet) declare them.
+The knobs, ``PoolConfig``, are the pool's settings group itself (``PoolSettings``, read as
+``settings.pool``): each maps to a variable ``VLLM_POOL_*`` and a flag ``--pool-*`` (docs/pool.md).
 """
 
 from __future__ import annotations
@@ -25,16 +25,14 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from vllm_gateway.settings import Settings
+from vllm_gateway.settings import ROUTINGS, PoolSettings
 
 __all__ = ["ROUTINGS", "BackendSpec", "PoolConfig", "load_backends_file", "specs_from_urls"]
-
-ROUTINGS = ("least_outstanding", "round_robin", "session", "prefix", "cache_aware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,73 +45,9 @@ class BackendSpec:
     kv_events: str = "auto"  # cache_aware: "auto" (ask /kv_event_sources), "off", or tcp://...
 
 
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
-    """The pool's knobs; each maps to a setting ``pool_<name>`` (see docs/pool.md)."""
-
-    routing: str = "least_outstanding"
-    affinity_prefix_chars: int = 512  # how much of the prompt the prefix affinity hashes
-    affinity_yield_factor: float = 2.0  # affinity yields when in_flight > factor * (pool min + 1)
-    max_outstanding: int | None = None  # per-member limit, unless a member's spec sets its own
-    admission_wait: float = 1.0  # how long a request waits for a full member to free a slot
-    health_interval: float = 2.0
-    health_timeout: float = 1.0
-    health_fail_threshold: int = 2  # consecutive failed checks before a member is taken out
-    models_refresh_interval: float = 30.0
-    watchdog_stall: float = 15.0  # no byte from a busy member for this long: send a canary
-    canary_timeout: float = 5.0
-    eject_after_failures: int = 3  # consecutive passive failures before ejection
-    readmit_backoff: float = 1.0  # first wait before an ejected member may come back
-    readmit_backoff_max: float = 60.0
-    retry_budget_ratio: float = 0.2  # retries may be at most this share of recent requests
-    retry_budget_min: int = 3  # ... but this many are always allowed within the window
-    retry_budget_window: float = 10.0
-    max_retries: int = 2  # per request
-    failover_max: int = 2  # per stream: continuations on another member after a mid-stream failure
-    # cache_aware routing (cache_index.py)
-    cache_balance_abs: int = 8  # a cached member this much busier than the least busy yields...
-    cache_balance_rel: float = 1.5  # ... when also busier than rel * (least + 1)
-    cache_min_share: float = 0.2  # a hit under this share of the prompt is no reason to choose
-    # A cached member given more than this times the mean share of the pool's last
-    # cache_balance_window requests (plus cache_balance_abs) yields to a member under the mean.
-    cache_balance_share: float = 1.1
-    cache_balance_window: int = 4096
-    cache_tokens: int = 65536  # a member's cache size until its metrics say
-    cache_index_blocks: int = 65536  # per member, from its events
-    cache_links_kept: int = 100_000
-
-    def __post_init__(self) -> None:
-        if self.routing not in ROUTINGS:
-            raise ValueError(
-                f"pool routing must be one of {', '.join(ROUTINGS)}, not {self.routing!r}"
-            )
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or f.name == "routing" or value is None:
-                continue
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"pool {f.name} must be a non-negative number, not {value!r}")
-        if self.max_outstanding is not None and self.max_outstanding < 1:
-            raise ValueError("pool max_outstanding must be at least 1")
-        if (
-            self.health_interval <= 0
-            or self.health_fail_threshold < 1
-            or self.eject_after_failures < 1
-        ):
-            raise ValueError(
-                "pool health_interval, health_fail_threshold and eject_after_failures "
-                "must be positive"
-            )
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides: Any) -> PoolConfig:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            value = getattr(settings, f"pool_{f.name}", None)
-            if value is not None:
-                values[f.name] = value
-        values.update(overrides)
-        return cls(**values)
+# The pool's knobs are its settings group, declared once with their variables and flags
+# (settings/declaration.py); ``settings.pool`` is the config a pool built from settings takes.
+PoolConfig = PoolSettings
 
 
 def specs_from_urls(urls: tuple[str, ...] | list[str]) -> list[BackendSpec]:

@@ -1,0 +1,216 @@
+"""The parsers of settings' values, and the one error they raise.
+
+A parser takes the raw string and the name the user gave it by (a variable or a flag), and returns
+the value or raises ``SettingsError`` naming that variable, in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "Parser",
+    "SettingsError",
+    "aliases",
+    "boolean",
+    "check_key_entries",
+    "choice",
+    "host",
+    "int_range",
+    "key_set",
+    "networks",
+    "optional_int",
+    "optional_rate",
+    "optional_str",
+    "positive_float",
+    "ratio",
+    "readable_file",
+    "redis_url",
+    "shell_words",
+    "str_list",
+    "url",
+    "url_list",
+]
+
+# A parser: (raw string, the variable or flag it came from) -> the value.
+Parser = Callable[[str, str], Any]
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; ``str()`` is one line naming the variable."""
+
+    def __init__(self, variable: str, value: object, reason: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.reason = reason
+        super().__init__(f"invalid {variable}={value!r}: {reason}")
+
+
+def positive_float(raw: str, var: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(var, raw, "must be a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise SettingsError(var, raw, "must be a positive number of seconds")
+    return value
+
+
+def int_range(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(raw: str, var: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(var, raw, f"must be an integer between {lo} and {hi}") from None
+        if not lo <= value <= hi:
+            raise SettingsError(var, raw, f"must be an integer between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def boolean(raw: str, var: str) -> bool:
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise SettingsError(var, raw, "must be true or false")
+
+
+def url(raw: str, var: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(var, raw, "must be an http:// or https:// URL with a host")
+    if parts.query or parts.fragment:
+        raise SettingsError(var, raw, "must not carry a query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises on an out-of-range port
+    except ValueError:
+        raise SettingsError(var, raw, "has an invalid port") from None
+    return raw.rstrip("/")
+
+
+def url_list(raw: str, var: str) -> tuple[str, ...]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    return tuple(url(item, var) for item in items)
+
+
+def str_list(raw: str, var: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def key_set(raw: str, var: str) -> frozenset[str]:
+    entries = frozenset(str_list(raw, var))
+    check_key_entries(entries, var)
+    return entries
+
+
+def check_key_entries(entries: frozenset[str], var: str) -> None:
+    from vllm_gateway.identity import parse_key_entry
+
+    for entry in entries:
+        try:
+            parse_key_entry(entry)
+        except ValueError as exc:
+            raise SettingsError(
+                var, "<hidden>", f"has an entry KEY:TENANT:PRIORITY where {exc}"
+            ) from None
+
+
+def optional_rate(raw: str, var: str) -> float | None:
+    if not raw.strip():
+        return None
+    return positive_float(raw, var)
+
+
+def optional_int(raw: str, var: str) -> int | None:
+    return int_range(1, 1_000_000)(raw, var) if raw.strip() else None
+
+
+def ratio(raw: str, var: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(var, raw, "must be a number between 0 and 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(var, raw, "must be a number between 0 and 1")
+    return value
+
+
+def redis_url(raw: str, var: str) -> str | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise SettingsError(var, raw, "must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+def aliases(raw: str, var: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in str_list(raw, var):
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise SettingsError(var, raw, "must be a comma-separated list of alias=model")
+        out[alias.strip()] = target.strip()
+    return out
+
+
+def optional_str(raw: str, var: str) -> str | None:
+    return raw.strip() or None
+
+
+def choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(raw: str, var: str) -> str:
+        low = raw.strip().lower()
+        if low not in choices:
+            raise SettingsError(var, raw, f"must be one of {', '.join(choices)}")
+        return low
+
+    return parse
+
+
+def shell_words(raw: str, var: str) -> tuple[str, ...]:
+    import shlex
+
+    try:
+        return tuple(shlex.split(raw))
+    except ValueError as exc:
+        raise SettingsError(var, raw, f"is not a valid argument list ({exc})") from None
+
+
+def networks(raw: str, var: str) -> tuple[str, ...]:
+    import ipaddress
+
+    items = str_list(raw, var)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(var, raw, f"{item!r} is not an address or CIDR network") from None
+    return items
+
+
+def readable_file(raw: str, var: str) -> str | None:
+    import os
+
+    path = raw.strip()
+    if not path:
+        return None
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise SettingsError(var, raw, "is not a readable file")
+    return path
+
+
+def host(raw: str, var: str) -> str:
+    if not raw.strip() or any(c.isspace() for c in raw.strip()):
+        raise SettingsError(var, raw, "must be a host name or address")
+    return raw.strip()
