@@ -17,13 +17,39 @@ from vllm_gateway.settings import SettingsError, add_arguments, load_settings
 __all__ = ["main"]
 
 
-def _serve(argv: list[str]) -> int:
+SERVE_EXAMPLES = """\
+examples:
+  # one vLLM server
+  vllm-gateway serve --backend-url http://127.0.0.1:8000
+  # two, routed by what each has cached
+  vllm-gateway serve --backend-url http://gpu1:8000,http://gpu2:8000 \\
+    --pool-routing cache_aware
+  # 32 requests at a time, 200 more waiting at most 10 s each
+  vllm-gateway serve --max-concurrent-requests 32 \\
+    --max-queued-requests 200 --queue-wait-timeout 10
+  # two tenants' keys (KEY:TENANT:PRIORITY), 600 requests a minute each
+  vllm-gateway serve --api-keys sk-a:team-a,sk-b:team-b:1 --rate-limit-rpm 600
+  # four processes, JSON logs; the environment works as well as the flags
+  VLLM_WORKERS=4 vllm-gateway serve --log-format json
+"""
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """``serve``'s command line: one flag per setting, grouped, then a few examples."""
     parser = argparse.ArgumentParser(
         prog="vllm-gateway serve",
-        description="Run the gateway. Each flag overrides the environment variable it names.",
+        usage="%(prog)s [-h] [--FLAG VALUE ...]",
+        description="Run the gateway. Each setting is an environment variable and a flag;\n"
+        "the flag overrides the variable it names.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _serve(argv: list[str]) -> int:
+    args = serve_parser().parse_args(argv)
     try:
         settings = load_settings(os.environ, vars(args))
     except SettingsError as exc:

@@ -181,3 +181,45 @@ def test_pool_settings_come_from_their_variables_and_flags() -> None:
         load_settings({}, {"pool_routing": "random"})
     assert info.value.variable == "--pool-routing"
 
+
+def _value(settings: Settings, path: tuple[str, ...]) -> object:
+    value: object = settings
+    for name in path:
+        value = getattr(value, name)
+    return value
+
+
+def test_serve_help_groups_the_flags_and_its_examples_work() -> None:
+    import shlex
+
+    from vllm_gateway.cli import SERVE_EXAMPLES, serve_parser
+    from vllm_gateway.settings import FIELDS
+    from vllm_gateway.settings.declaration import GROUPS
+
+    text = serve_parser().format_help()
+    assert text.startswith("usage: vllm-gateway serve [-h] [--FLAG VALUE ...]\n")
+    heads = [text.index(f"\n{g.title}:\n") for g in GROUPS]
+    assert heads == sorted(heads)
+    ends = [*heads[1:], text.index("\nexamples:\n")]
+    for s in FIELDS:
+        at = text.index(f"\n  {s.flag} {s.env}")
+        g = GROUPS.index(s.group)
+        assert heads[g] < at < ends[g], s.flag
+    keys_file = text.index("\n  --api-keys-file VLLM_API_KEYS_FILE")
+    assert text.index("\n  --api-keys VLLM_API_KEYS") < keys_file < text.index("\nbounds on")
+
+    by_flag = {s.flag: s for s in FIELDS}
+    by_env = {s.env: s for s in FIELDS}
+    lines = SERVE_EXAMPLES.replace("\\\n", " ").splitlines()
+    commands = [line.strip() for line in lines[1:] if not line.strip().startswith("#")]
+    assert len(commands) >= 5
+    for command in commands:
+        words = shlex.split(command)
+        env = dict(w.split("=", 1) for w in words[: words.index("vllm-gateway")])
+        assert words[words.index("vllm-gateway") + 1] == "serve"
+        flags = words[words.index("vllm-gateway") + 2 :]
+        settings = load_settings(env, vars(serve_parser().parse_args(flags)))
+        # Each flag and variable an example gives changes something.
+        given = [by_flag[w] for w in flags if w.startswith("--")] + [by_env[e] for e in env]
+        for s in given:
+            assert _value(settings, s.path) != s.default, (command, s.flag)
