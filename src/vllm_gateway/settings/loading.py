@@ -77,9 +77,8 @@ def load_settings(
 
     keys_file = (flags or {}).get("api_keys_file") or env.get(_KEYS_FILE_ENV)
     if keys_file:
-        values[("api_keys",)] = frozenset(values.get(("api_keys",), frozenset())) | _read_keys_file(
-            keys_file
-        )
+        given = frozenset(values.get(("api_keys",), frozenset()))
+        values[("api_keys",)] = given | _read_keys_file(keys_file)
 
     if values.get(("use_embedded_engine",)) and ("backend_urls",) not in values:
         values[("backend_urls",)] = ()
