@@ -10,7 +10,9 @@ import pytest
 
 from vllm_gateway.backends.http.backend import HTTPBackend
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig, load_backends_file
-from vllm_gateway.backends.pool.member import Member, RetryBudget, affinity_key, choose
+from vllm_gateway.backends.pool.member import Member
+from vllm_gateway.backends.pool.retry import RetryBudget
+from vllm_gateway.backends.pool.routing import affinity_key, choose
 from vllm_gateway.settings import Settings
 
 

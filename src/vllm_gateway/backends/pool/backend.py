@@ -1,6 +1,6 @@
 """A pool of vLLM servers behind one ``Backend``: routing, health, watchdog, ejection and retries.
 
-``PoolBackend`` sends each request to one member (an ``HTTPBackend``) chosen by ``pool_member.choose``
+``PoolBackend`` sends each request to one member (an ``HTTPBackend``) chosen by ``routing.choose``
 among the members that serve the request's model, are up, and are below their own limit on
 outstanding requests. When every such member is full the request waits up to ``admission_wait`` for
 a slot, then gets ``NoHealthyBackend`` (503).
@@ -53,7 +53,9 @@ from vllm_gateway.backends.pool.config import (
     specs_from_urls,
 )
 from vllm_gateway.backends.pool.health import PoolHealth
-from vllm_gateway.backends.pool.member import Member, RetryBudget, affinity_key, choose
+from vllm_gateway.backends.pool.member import Member
+from vllm_gateway.backends.pool.retry import RetryBudget
+from vllm_gateway.backends.pool.routing import affinity_key, choose
 from vllm_gateway.errors import (
     BackendUnavailable,
     BadBackendResponse,
