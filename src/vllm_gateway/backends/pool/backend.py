@@ -52,6 +52,7 @@ from vllm_gateway.backends.pool.config import (
     load_backends_file,
     specs_from_urls,
 )
+from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.health import PoolHealth
 from vllm_gateway.backends.pool.member import Member
 from vllm_gateway.backends.pool.retry import RetryBudget
@@ -98,11 +99,14 @@ class PoolBackend(Backend):
         self.config = (
             config if config is not None else PoolConfig.from_settings(settings, **overrides)
         )
-        self.members = [
-            Member(s, self.config, HTTPBackend.from_settings(settings, s.url, s.name or s.url))
-            for s in specs
-        ]
         cfg = self.config
+        self.fleet = Fleet(
+            [
+                Member(s, cfg, HTTPBackend.from_settings(settings, s.url, s.name or s.url))
+                for s in specs
+            ],
+            cfg,
+        )
         self.budget = RetryBudget(
             cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window
         )
@@ -112,10 +116,10 @@ class PoolBackend(Backend):
         self._waiters: list[asyncio.Future[None]] = []
         # Stored response id -> the member that holds it (most recent last), bounded.
         self._holders: OrderedDict[str, str] = OrderedDict()
-        self.health = PoolHealth(self.members, self.config, self._eject)
-        self.cache_aware = (
-            CacheAware(self.members, self.config) if self.config.routing == "cache_aware" else None
-        )
+        self.health = PoolHealth(self.fleet, cfg)
+        self.cache_aware = CacheAware(self.fleet, cfg) if cfg.routing == "cache_aware" else None
+        if self.cache_aware is not None:
+            self.fleet.on_leave.append(self.cache_aware.forget)
         self._next = 0  # round_robin's next member
 
     @classmethod
@@ -123,10 +127,14 @@ class PoolBackend(Backend):
         """A pool whose members come from a backends file (see ``pool_config``)."""
         return cls(settings, specs=load_backends_file(path), **kwargs)
 
+    @property
+    def members(self) -> list[Member]:
+        return self.fleet.members
+
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for m in self.members:
+        for m in self.fleet.members:
             await m.backend.start()
         await self.health.start()
         if self.cache_aware is not None:
@@ -136,16 +144,16 @@ class PoolBackend(Backend):
         if self.cache_aware is not None:
             await self.cache_aware.aclose()
         await self.health.aclose()
-        for m in self.members:
+        for m in self.fleet.members:
             await m.backend.aclose()
 
     # --- the Backend seam ------------------------------------------------------------------
 
     async def check_health(self, timeout: float) -> bool:
-        return any(m.up for m in self.members)  # the background checks keep this current
+        return any(m.up for m in self.fleet.members)  # the background checks keep this current
 
     async def model_ids(self, timeout: float) -> list[str] | None:
-        unknown = [m for m in self.members if m.models is None and m.up]
+        unknown = [m for m in self.fleet.members if m.models is None and m.up]
         if unknown:
             answers = await asyncio.gather(*(m.backend.model_ids(timeout) for m in unknown))
             for m, ids in zip(unknown, answers, strict=True):
@@ -153,7 +161,7 @@ class PoolBackend(Backend):
                     m.models = frozenset(ids)
         seen: dict[str, None] = {}
         known = False
-        for m in self.members:
+        for m in self.fleet.members:
             if m.models is not None:
                 known = True
                 seen.update(dict.fromkeys(sorted(m.models)))
@@ -165,24 +173,24 @@ class PoolBackend(Backend):
         if request.broadcast:
             return await self._broadcast(request)
         self.budget.request()
-        tried: list[Member] = [m for m in self.members if m.name in request.avoid]
+        tried: list[Member] = [m for m in self.fleet.members if m.name in request.avoid]
         if request.locate is not None:
             holder = await self._holder(request.locate, request)
             if holder is not None:
                 # Only the holder has what the request names: every other member is "tried".
-                tried.extend(m for m in self.members if m is not holder)
+                tried.extend(m for m in self.fleet.members if m is not holder)
         member, resp = await self._open(request, tried)
         return PoolResponse(self, request, member, resp, tried)
 
     # --- mid-stream failover -------------------------------------------------------------------
 
     def may_fail_over(self) -> bool:
-        return self.config.failover_max > 0 and len(self.members) > 1
+        return self.config.failover_max > 0 and len(self.fleet.members) > 1
 
     def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
         if done >= self.config.failover_max:
             return "limit"
-        if not any(m.up and m.name not in avoid and m.serves(model) for m in self.members):
+        if not any(m.up and m.name not in avoid and m.serves(model) for m in self.fleet.members):
             return "no_member"
         if not self.budget.try_retry():
             log.warning("retry budget exhausted: a stream is not continued elsewhere")
@@ -198,11 +206,11 @@ class PoolBackend(Backend):
         server's own memory). None when no member knows it (the request then meets a 404)."""
         name = self._holders.get(response_id)
         if name is not None:
-            for m in self.members:
+            for m in self.fleet.members:
                 if m.name == name and m.up:
                     self._holders.move_to_end(response_id)
                     return m
-        up = [m for m in self.members if m.up]
+        up = [m for m in self.fleet.members if m.up]
         probe = UpstreamRequest(
             "GET", f"/v1/responses/{response_id}", request_id=request.request_id
         )
@@ -237,7 +245,7 @@ class PoolBackend(Backend):
     async def _broadcast(self, request: UpstreamRequest) -> UpstreamResponse:
         """The request sent to every member that is up; one answer listing each member's.
         ``ok`` is true when every member answered 2xx."""
-        up = [m for m in self.members if m.up]
+        up = [m for m in self.fleet.members if m.up]
         if not up:
             raise NoHealthyBackend()
 
@@ -264,7 +272,7 @@ class PoolBackend(Backend):
 
     async def _models_listing(self, request: UpstreamRequest) -> UpstreamResponse:
         """``/v1/models`` is the union of the members' lists, not one member's."""
-        up = [m for m in self.members if m.up]
+        up = [m for m in self.fleet.members if m.up]
         if not up:
             raise NoHealthyBackend()
         answers = await asyncio.gather(*(self._member_models(m, request) for m in up))
@@ -305,9 +313,9 @@ class PoolBackend(Backend):
 
     def stats(self) -> list[BackendStats]:
         """Per member: name, url, in_flight, healthy, errors, ejections, requests (and more)."""
-        stats = [m.stats() for m in self.members]
+        stats = [m.stats() for m in self.fleet.members]
         if self.cache_aware is not None:
-            for entry, m in zip(stats, self.members, strict=True):
+            for entry, m in zip(stats, self.fleet.members, strict=True):
                 entry["cache"] = self.cache_aware.member_stats(m)
         return stats
 
@@ -338,7 +346,7 @@ class PoolBackend(Backend):
         cached = self.cache_aware
         chain = cached.chain(request) if cached is not None else None
         while True:
-            eligible = [m for m in self.members if m.serves(request.model)]
+            eligible = [m for m in self.fleet.members if m.serves(request.model)]
             if not eligible:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             up = [m for m in eligible if m.up and m not in tried]
@@ -374,9 +382,9 @@ class PoolBackend(Backend):
 
     def _round_robin(self, room: list[Member]) -> Member:
         """The next member in the pool's order that has room."""
-        count = len(self.members)
+        count = len(self.fleet.members)
         for step in range(count):
-            member = self.members[(self._next + step) % count]
+            member = self.fleet.members[(self._next + step) % count]
             if member in room:
                 self._next = (self._next + step + 1) % count
                 return member
@@ -405,7 +413,7 @@ class PoolBackend(Backend):
                 raise BackendUnavailable("The backend was taken out of the pool.") from None
             except UpstreamError:
                 self._release(member)
-                self._fail(member, "connect")
+                self.fleet.fail(member, "connect")
                 tried.append(member)
                 if self._may_retry(request, tried):
                     continue
@@ -415,7 +423,7 @@ class PoolBackend(Backend):
                 raise
             member.progress()
             if resp.status >= 500:
-                self._fail(member, "status_5xx")
+                self.fleet.fail(member, "status_5xx")
                 if self._may_retry(request, [*tried, member]):
                     tried.append(member)
                     await resp.aclose()
@@ -443,7 +451,7 @@ class PoolBackend(Backend):
             return False  # bound to the member that holds its stored response
         if len(tried) > self.config.max_retries:
             return False
-        if not any(m.up and m not in tried and m.serves(request.model) for m in self.members):
+        if not any(m.up and m not in tried and m.serves(request.model) for m in self.fleet.members):
             return False
         if not self.budget.try_retry():
             log.warning("retry budget exhausted: request %s is not retried", request.request_id)
@@ -451,28 +459,6 @@ class PoolBackend(Backend):
         tried[-1].retries += 1
         self.retries += 1
         return True
-
-    def _fail(self, member: Member, kind: str) -> None:
-        if member.failure(kind, self.config.eject_after_failures):
-            self._eject(member, "failures")
-
-    def _eject(self, member: Member, reason: str) -> None:
-        if not member.up:
-            return
-        member.eject(reason, self.config)
-        if self.cache_aware is not None:
-            self.cache_aware.forget(member)
-        for stream in list(member.streams):
-            stream.abandon()
-        left = sum(m.up for m in self.members)
-        log.warning(
-            "backend %s ejected (%s; errors %s); %d of %d backends left",
-            member.name,
-            reason,
-            dict(member.errors),
-            left,
-            len(self.members),
-        )
 
 
 def _close_orphan(task: asyncio.Future[Any]) -> None:
@@ -552,7 +538,7 @@ class PoolResponse(UpstreamResponse):
         except UpstreamError:
             if self._ejected:
                 raise BackendUnavailable("The backend was taken out of the pool.") from None
-            self._pool._fail(member, "dropped")
+            self._pool.fleet.fail(member, "dropped")
             raise
         member.progress()
         return data
@@ -577,7 +563,7 @@ class PoolResponse(UpstreamResponse):
                 raise
             except (UpstreamError, _Ejected) as exc:
                 if isinstance(exc, UpstreamError):
-                    pool._fail(member, "dropped")
+                    pool.fleet.fail(member, "dropped")
                 if not pool._may_retry(self._request, [*self._tried, member]):
                     if isinstance(exc, UpstreamError):
                         raise
