@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
-
-import orjson
 
 from vllm_gateway.backends.base import (
     Backend,
@@ -45,6 +42,7 @@ from vllm_gateway.backends.base import (
     UpstreamResponse,
 )
 from vllm_gateway.backends.http.backend import HTTPBackend
+from vllm_gateway.backends.pool.broadcast import broadcast
 from vllm_gateway.backends.pool.cache_aware import CacheAware
 from vllm_gateway.backends.pool.config import (
     BackendSpec,
@@ -54,7 +52,9 @@ from vllm_gateway.backends.pool.config import (
 )
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.health import PoolHealth
+from vllm_gateway.backends.pool.holders import Holders
 from vllm_gateway.backends.pool.member import Member
+from vllm_gateway.backends.pool.model_list import model_ids, model_listing
 from vllm_gateway.backends.pool.retry import RetryBudget
 from vllm_gateway.backends.pool.routing import affinity_key, choose
 from vllm_gateway.errors import (
@@ -70,9 +70,6 @@ __all__ = ["PoolBackend", "PoolResponse", "load_backends_file"]
 
 log = logging.getLogger("vllm_gateway.backends.pool.backend")
 T = TypeVar("T")
-
-# How many stored responses' holders a pool remembers (beyond it, it asks the members again).
-_HOLDERS_KEPT = 10_000
 
 
 class _Ejected(Exception):
@@ -114,13 +111,12 @@ class PoolBackend(Backend):
         self.failovers = 0
         self.affinity_yields = 0
         self._waiters: list[asyncio.Future[None]] = []
-        # Stored response id -> the member that holds it (most recent last), bounded.
-        self._holders: OrderedDict[str, str] = OrderedDict()
         self.health = PoolHealth(self.fleet, cfg)
         self.cache_aware = CacheAware(self.fleet, cfg) if cfg.routing == "cache_aware" else None
         if self.cache_aware is not None:
             self.fleet.on_leave.append(self.cache_aware.forget)
         self._next = 0  # round_robin's next member
+        self.holders = Holders(self.fleet, cfg)
 
     @classmethod
     def from_file(cls, path: str, settings: Any = None, **kwargs: Any) -> PoolBackend:
@@ -153,29 +149,17 @@ class PoolBackend(Backend):
         return any(m.up for m in self.fleet.members)  # the background checks keep this current
 
     async def model_ids(self, timeout: float) -> list[str] | None:
-        unknown = [m for m in self.fleet.members if m.models is None and m.up]
-        if unknown:
-            answers = await asyncio.gather(*(m.backend.model_ids(timeout) for m in unknown))
-            for m, ids in zip(unknown, answers, strict=True):
-                if ids is not None:
-                    m.models = frozenset(ids)
-        seen: dict[str, None] = {}
-        known = False
-        for m in self.fleet.members:
-            if m.models is not None:
-                known = True
-                seen.update(dict.fromkeys(sorted(m.models)))
-        return list(seen) if known else None
+        return await model_ids(self.fleet, timeout)
 
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:
         if request.method == "GET" and request.path == "/v1/models":
-            return await self._models_listing(request)
+            return await model_listing(self.fleet, self.config, request)
         if request.broadcast:
-            return await self._broadcast(request)
+            return await broadcast(self.fleet, request)
         self.budget.request()
         tried: list[Member] = [m for m in self.fleet.members if m.name in request.avoid]
         if request.locate is not None:
-            holder = await self._holder(request.locate, request)
+            holder = await self.holders.find(request.locate, request.request_id)
             if holder is not None:
                 # Only the holder has what the request names: every other member is "tried".
                 tried.extend(m for m in self.fleet.members if m is not holder)
@@ -197,119 +181,6 @@ class PoolBackend(Backend):
             return "budget"
         self.failovers += 1
         return None
-
-    # --- the Responses store: a request that names a stored response goes to its holder -------
-
-    async def _holder(self, response_id: str, request: UpstreamRequest) -> Member | None:
-        """The member that holds stored response ``response_id``: remembered, else found by
-        asking every member that is up (only the holder knows the id; the store is each vLLM
-        server's own memory). None when no member knows it (the request then meets a 404)."""
-        name = self._holders.get(response_id)
-        if name is not None:
-            for m in self.fleet.members:
-                if m.name == name and m.up:
-                    self._holders.move_to_end(response_id)
-                    return m
-        up = [m for m in self.fleet.members if m.up]
-        probe = UpstreamRequest(
-            "GET", f"/v1/responses/{response_id}", request_id=request.request_id
-        )
-
-        async def knows(m: Member) -> bool:
-            resp: UpstreamResponse | None = None
-            try:
-                async with asyncio.timeout(self.config.health_timeout * 2):
-                    resp = await m.backend.send(probe)
-                    return resp.status == 200
-            except (TimeoutError, UpstreamError):
-                return False
-            finally:
-                if resp is not None:
-                    await resp.aclose()
-
-        answers = await asyncio.gather(*(knows(m) for m in up))
-        for m, known in zip(up, answers, strict=True):
-            if known:
-                self._remember_holder(response_id, m)
-                return m
-        return None
-
-    def _remember_holder(self, response_id: str, member: Member) -> None:
-        self._holders[response_id] = member.name
-        self._holders.move_to_end(response_id)
-        while len(self._holders) > _HOLDERS_KEPT:
-            self._holders.popitem(last=False)
-
-    # --- admin routes: every member --------------------------------------------------------------
-
-    async def _broadcast(self, request: UpstreamRequest) -> UpstreamResponse:
-        """The request sent to every member that is up; one answer listing each member's.
-        ``ok`` is true when every member answered 2xx."""
-        up = [m for m in self.fleet.members if m.up]
-        if not up:
-            raise NoHealthyBackend()
-
-        async def one(m: Member) -> dict[str, Any]:
-            resp: UpstreamResponse | None = None
-            try:
-                resp = await m.backend.send(request)
-                body = await resp.read(1 << 20)
-                try:
-                    parsed: Any = orjson.loads(body) if body else None
-                except orjson.JSONDecodeError:
-                    parsed = body[:1000].decode("utf-8", "replace")
-                return {"backend": m.name, "status": resp.status, "body": parsed}
-            except UpstreamError as exc:
-                return {"backend": m.name, "status": None, "error": exc.type}
-            finally:
-                if resp is not None:
-                    await resp.aclose()
-
-        results = await asyncio.gather(*(one(m) for m in up))
-        ok = all(isinstance(r.get("status"), int) and 200 <= r["status"] < 300 for r in results)
-        body = orjson.dumps({"object": "list", "ok": ok, "data": results})
-        return BytesResponse(200, "application/json", body)
-
-    async def _models_listing(self, request: UpstreamRequest) -> UpstreamResponse:
-        """``/v1/models`` is the union of the members' lists, not one member's."""
-        up = [m for m in self.fleet.members if m.up]
-        if not up:
-            raise NoHealthyBackend()
-        answers = await asyncio.gather(*(self._member_models(m, request) for m in up))
-        merged: dict[str, Any] = {}
-        for m, data in zip(up, answers, strict=True):
-            if data is None:
-                continue
-            if m.declared_models is None:
-                m.models = frozenset(str(d["id"]) for d in data)
-            else:  # a member lists what the file says it serves, no more, no less
-                listed = {str(d["id"]): d for d in data}
-                data = [
-                    listed.get(x) or {"id": x, "object": "model", "owned_by": "vllm"}
-                    for x in m.declared_models
-                ]
-            for d in data:
-                merged.setdefault(str(d["id"]), d)
-        if not any(a is not None for a in answers):
-            raise BackendUnavailable("No backend answered its model list.")
-        body = orjson.dumps({"object": "list", "data": list(merged.values())})
-        return BytesResponse(200, "application/json", body)
-
-    async def _member_models(self, m: Member, request: UpstreamRequest) -> list[Any] | None:
-        resp: UpstreamResponse | None = None
-        try:
-            async with asyncio.timeout(self.config.health_timeout * 2):
-                resp = await m.backend.send(request)
-                body = await resp.read(8 << 20)
-            if resp.status != 200:
-                return None
-            data = orjson.loads(body)["data"]
-            return [d for d in data if isinstance(d, dict) and "id" in d]
-        except (TimeoutError, UpstreamError, orjson.JSONDecodeError, KeyError, TypeError):
-            return None
-        finally:
-            if resp is not None:
-                await resp.aclose()
 
     def stats(self) -> list[BackendStats]:
         """Per member: name, url, in_flight, healthy, errors, ejections, requests (and more)."""
@@ -468,28 +339,6 @@ def _close_orphan(task: asyncio.Future[Any]) -> None:
     resp = task.result()
     if isinstance(resp, UpstreamResponse):
         asyncio.get_running_loop().create_task(resp.aclose())
-
-
-class BytesResponse(UpstreamResponse):
-    """A response the pool made itself (the merged model list)."""
-
-    def __init__(self, status: int, content_type: str, body: bytes) -> None:
-        self.status = status
-        self.content_type = content_type
-        self._body = body
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield self._body
-
-    async def read(self, limit: int, charge: Charge | None = None) -> bytes:
-        if len(self._body) > limit:
-            raise BadBackendResponse("The backend's response is too large.")
-        if charge is not None:
-            charge(len(self._body))
-        return self._body
-
-    async def aclose(self) -> None:
-        pass
 
 
 class PoolResponse(UpstreamResponse):
