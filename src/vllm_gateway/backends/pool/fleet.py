@@ -6,7 +6,7 @@ routing, retries, health, cache-aware routing, the fan-outs) holds the fleet, no
 
 ``fail`` counts a member's failure and ejects it at ``eject_after_failures`` in a row. ``eject``
 takes it out of the pool: ``Member.eject`` sets its readmission backoff and cancels the attempts
-still waiting for its first byte (they move to another member), its live streams are
+still waiting for its first byte (they move to another member, ``retry.py``), its live streams are
 dropped at once (``abandon``: they may fail over), and the ``on_leave`` listeners are told
 (cache-aware routing forgets what it held: it comes back cold). A member comes back through the
 health checks (``health.py``).

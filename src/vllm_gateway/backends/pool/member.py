@@ -8,6 +8,10 @@ attributes need no lock.
 Invariants: ``in_flight`` goes up in ``begin()`` and down in ``end()`` exactly once per attempt;
 ``up`` is False from an ejection until a health check (and, after a watchdog ejection, a canary)
 passes once ``readmit_at`` has come; counters only grow.
+
+Who changes it: ``acquire.py`` takes and gives back its slot (``begin``/``end``); ``fleet.py`` counts
+failures and ejects it; ``health.py`` checks it, readmits it and refreshes ``models``; ``retry.py``
+and ``response.py`` mark ``progress`` and ``success``.
 """
 
 from __future__ import annotations

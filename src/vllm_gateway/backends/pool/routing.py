@@ -1,26 +1,79 @@
-"""Which member gets a request, among those that may take it: the pure routing choices.
+"""Which member gets a request, among those that may take it: the ``pool_routing`` policy.
 
-``choose`` picks among members that are up, serve the model and have room: least outstanding
-requests per unit of weight, ties to the heavier member, then round-robin. With an
-``affinity_key`` (``session``, ``prefix``) it maps the key onto the same member by weighted
-rendezvous hashing (consistent: when a member leaves, only its keys move) and yields to
-least-outstanding when that member is a hot spot. Round robin and cache-aware routing are the
-pool's (``backend.py``, ``cache_aware.py``).
+``Router`` binds the policy once, at construction, so a request does not test the policy's name:
 
-Invariants: ``choose`` returns a member of its candidates and changes no member.
+- ``key(request)`` is what the policy routes on (an affinity key, a prompt chain, or None), taken
+  once per request before any wait for a slot; opaque to the caller;
+- ``pick(room, key, request_id)`` picks one of ``room`` (members up, serving the model, not yet
+  tried and below their limit; never empty).
+
+The policies: ``least_outstanding`` (``choose`` without a key: fewest requests in flight per unit
+of weight, ties to the heavier member, then round-robin); ``session`` and ``prefix`` (``choose`` with
+an ``affinity_key``: weighted rendezvous hashing, so when a member leaves only its keys move, and a
+yield to least-outstanding when the chosen member is a hot spot); ``round_robin`` (the pool's order,
+whatever the load); ``cache_aware`` (``cache_aware.py``).
+
+Invariants: ``pick`` returns a member of ``room`` and takes no slot (``acquire.py`` does; cache-aware
+routing notes what it sent the member); it is synchronous, so the choice and the slot taken after it
+see the same state.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from vllm_gateway.backends.base import UpstreamRequest
+from vllm_gateway.backends.pool.cache_aware import CacheAware
 from vllm_gateway.backends.pool.config import PoolConfig
+from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.member import Member
 
-__all__ = ["affinity_key", "choose"]
+__all__ = ["Router", "affinity_key", "choose"]
+
+
+class Router:
+    def __init__(self, fleet: Fleet, config: PoolConfig, cache_aware: CacheAware | None) -> None:
+        self.fleet = fleet
+        self.config = config
+        self.affinity_yields = 0  # affinity choices that went to the least loaded member instead
+        self._next = 0  # round_robin's next member
+        self.key: Callable[[UpstreamRequest], Any]
+        self.pick: Callable[[list[Member], Any, str], Member]
+        if cache_aware is not None:
+            self.key, self.pick = cache_aware.chain, cache_aware.choose
+        elif config.routing == "round_robin":
+            self.key, self.pick = _no_key, self._round_robin
+        elif config.routing in ("session", "prefix"):
+            self.key, self.pick = self._affinity_key, self._choose
+        else:
+            self.key, self.pick = _no_key, self._choose
+
+    def _affinity_key(self, request: UpstreamRequest) -> str | None:
+        cfg = self.config
+        return affinity_key(cfg.routing, request.headers, request.json, cfg.affinity_prefix_chars)
+
+    def _choose(self, room: list[Member], key: str | None, request_id: str) -> Member:
+        member, yielded = choose(room, key, self.config)
+        self.affinity_yields += yielded
+        return member
+
+    def _round_robin(self, room: list[Member], key: None, request_id: str) -> Member:
+        """The next member in the pool's order that has room."""
+        members = self.fleet.members
+        count = len(members)
+        for step in range(count):
+            member = members[(self._next + step) % count]
+            if member in room:
+                self._next = (self._next + step + 1) % count
+                return member
+        return room[0]
+
+
+def _no_key(request: UpstreamRequest) -> None:
+    return None
 
 
 _rr = 0
