@@ -127,7 +127,8 @@ class PoolBackend(Backend):
         retries = self.retries
         retries.budget.request()
         members = self.fleet.members
-        tried: list[Member] = [m for m in members if m.name in request.avoid]
+        avoid = request.avoid  # a failover's failed members; most requests have none
+        tried: list[Member] = [m for m in members if m.name in avoid] if avoid else []
         if request.locate is not None:
             holder = await self.holders.find(request.locate, request.request_id)
             if holder is not None:
