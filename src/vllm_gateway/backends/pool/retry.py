@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from vllm_gateway.backends.base import UpstreamRequest, UpstreamResponse
@@ -51,13 +51,21 @@ class Ejected(Exception):
 class RetryBudget:
     """Retries allowed: at most ``ratio`` of the requests of the last ``window`` seconds (or ``min``).
 
-    A budget keeps retries from multiplying load when every member is failing at once.
+    A budget keeps retries from multiplying load when every member is failing at once. It keeps
+    the times of the window's requests and retries only: each is dropped once it is older.
     """
 
-    def __init__(self, ratio: float, minimum: int, window: float) -> None:
+    def __init__(
+        self,
+        ratio: float,
+        minimum: int,
+        window: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ratio = ratio
         self.minimum = minimum
         self.window = window
+        self._clock = clock
         self._requests: deque[float] = deque()
         self._retries: deque[float] = deque()
         self.exhausted = 0
@@ -69,10 +77,15 @@ class RetryBudget:
                 q.popleft()
 
     def request(self) -> None:
-        self._requests.append(time.monotonic())
+        now = self._clock()
+        requests = self._requests
+        requests.append(now)
+        edge = now - self.window
+        while requests[0] < edge:  # never empty: it holds ``now``
+            requests.popleft()
 
     def try_retry(self) -> bool:
-        now = time.monotonic()
+        now = self._clock()
         self._trim(now)
         allowed = max(self.minimum, math.floor(self.ratio * len(self._requests)))
         if len(self._retries) >= allowed:
