@@ -172,7 +172,7 @@ async def test_an_ejected_member_s_streams_go_on_elsewhere_at_once(tmp_path: Pat
                     if seen == 2:
                         backend = gw.gateway.backend
                         member = next(m for m in backend.members if m.name == "first")
-                        backend._eject(member, "test")
+                        backend.fleet.eject(member, "test")
                         break
             rest = [line async for line in lines]
     text = "".join(rest)

@@ -11,7 +11,9 @@ import pytest
 from vllm_gateway.backends.http.backend import HTTPBackend
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.config import BackendSpec, PoolConfig, load_backends_file
-from vllm_gateway.backends.pool.member import Member, RetryBudget, affinity_key, choose
+from vllm_gateway.backends.pool.member import Member
+from vllm_gateway.backends.pool.retry import RetryBudget
+from vllm_gateway.backends.pool.routing import affinity_key, choose
 from vllm_gateway.settings import Settings, load_settings
 
 
@@ -168,3 +170,15 @@ def test_retry_budget() -> None:
         budget.request()
     assert budget.try_retry() and budget.try_retry() and budget.try_retry()  # 20% of 20 = 4
     assert not budget.try_retry() and budget.exhausted == 2
+
+
+def test_retry_budget_keeps_only_its_window_of_requests() -> None:
+    """A pool that never retries still forgets the requests older than the window: the budget's
+    memory is bounded by the window's requests, not by every request served."""
+    now = [0.0]
+    budget = RetryBudget(ratio=0.5, minimum=0, window=10.0, clock=lambda: now[0])
+    for _ in range(1000):
+        budget.request()
+        now[0] += 1.0
+    assert len(budget._requests) <= 11
+    assert sum(budget.try_retry() for _ in range(10)) == 5  # half of the window's 10 requests

@@ -38,6 +38,7 @@ from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.pool.cache_index import Links, MemberCache
 from vllm_gateway.backends.pool.config import PoolConfig
 from vllm_gateway.backends.pool.engine_metrics import parse_engine_metrics
+from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.member import Member
 from vllm_gateway.backends.pool.prompt_chain import CHUNK, PromptChain, prompt_chain
 from vllm_gateway.errors import GatewayError
@@ -70,8 +71,8 @@ class RecentShare:
 
 
 class CacheAware:
-    def __init__(self, members: list[Member], config: PoolConfig) -> None:
-        self.members = members
+    def __init__(self, fleet: Fleet, config: PoolConfig) -> None:
+        self.fleet = fleet
         self.config = config
         self.recent = RecentShare(config.cache_balance_window)
         self.tokens_per_byte = 0.25
@@ -81,7 +82,7 @@ class CacheAware:
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._zmq_missing = False
-        for m in members:
+        for m in fleet.members:
             m.cache = MemberCache(config.cache_index_blocks, self._sent_capacity(None))
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class CacheAware:
                 log.exception("cache-aware routing: a refresh round failed")
 
     async def _round(self) -> None:
-        await asyncio.gather(*(self._refresh(m) for m in self.members if m.up))
+        await asyncio.gather(*(self._refresh(m) for m in self.fleet.members if m.up))
 
     async def _refresh(self, m: Member) -> None:
         assert m.cache is not None
@@ -219,7 +220,7 @@ class CacheAware:
             return
         ratio = len(prompt_ids) / chain.size
         self.tokens_per_byte += _RATIO_WEIGHT * (ratio - self.tokens_per_byte)
-        sizes = {m.cache.block_size for m in self.members if m.cache is not None}
+        sizes = {m.cache.block_size for m in self.fleet.members if m.cache is not None}
         sizes.discard(None)
         for size in sizes or {_DEFAULT_BLOCK}:
             assert size is not None

@@ -18,28 +18,26 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from vllm_gateway.backends.base import UpstreamRequest, UpstreamResponse
 from vllm_gateway.backends.pool.config import PoolConfig
+from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.member import Member
 from vllm_gateway.errors import UpstreamError
 
 __all__ = ["PoolHealth"]
 
+# The pool's comings and goings share one logger name (fleet.py).
 log = logging.getLogger("vllm_gateway.backends.pool.backend")
 
 
 class PoolHealth:
-    def __init__(
-        self, members: list[Member], config: PoolConfig, on_eject: Callable[[Member, str], None]
-    ) -> None:
-        self.members = members
+    def __init__(self, fleet: Fleet, config: PoolConfig) -> None:
+        self.fleet = fleet
         self.config = config
-        self._on_eject = on_eject
         self._loop_task: asyncio.Task[None] | None = None
         self._canaries: dict[Member, asyncio.Task[None]] = {}
 
@@ -77,7 +75,7 @@ class PoolHealth:
                 log.exception("pool health round failed")
 
     async def _health_round(self, *, refresh_models: bool, initial: bool = False) -> None:
-        await asyncio.gather(*(self._check(m, refresh_models, initial) for m in self.members))
+        await asyncio.gather(*(self._check(m, refresh_models, initial) for m in self.fleet.members))
 
     async def _check(self, m: Member, refresh_models: bool, initial: bool) -> None:
         cfg = self.config
@@ -89,7 +87,7 @@ class PoolHealth:
             m.health_failures += 1
             m.errors["health"] += 1
             if m.health_failures >= cfg.health_fail_threshold:
-                self._on_eject(m, "health")
+                self.fleet.eject(m, "health")
         elif m.up:
             m.health_failures = 0
         elif ok and time.monotonic() >= m.readmit_at:
@@ -115,7 +113,7 @@ class PoolHealth:
 
     def _watchdog(self) -> None:
         now = time.monotonic()
-        for m in self.members:
+        for m in self.fleet.members:
             if (
                 m.up
                 and m.in_flight > 0
@@ -146,7 +144,7 @@ class PoolHealth:
             stalled,
             m.in_flight,
         )
-        self._on_eject(m, "watchdog")
+        self.fleet.eject(m, "watchdog")
 
     async def canary(self, m: Member) -> bool:
         """A one-token completion within ``canary_timeout``: True when the engine answers 200."""

@@ -1,4 +1,4 @@
-"""One member of a pool, the pool's retry budget, and the pure routing choices.
+"""One member of a pool: its backend and the state the pool routes, retries and checks health on.
 
 A ``Member`` wraps one ``HTTPBackend`` with the state the pool routes on: requests in flight, when
 its in-flight requests last produced a byte (the watchdog reads it), whether it is up, its
@@ -9,20 +9,15 @@ Invariants: ``in_flight`` goes up in ``begin()`` and down in ``end()`` exactly o
 ``up`` is False from an ejection until a health check (and, after a watchdog ejection, a canary)
 passes once ``readmit_at`` has come; counters only grow.
 
-Routing (``choose``): among eligible members that are up and below their limit, least outstanding
-requests, normalised by weight, ties broken by weight then round-robin. Session and prefix affinity
-map a key onto the same members by weighted rendezvous hashing (consistent: when a member leaves,
-only its keys move) and yield to least-outstanding when the chosen member is a hot spot. Round
-robin and cache-aware routing are the pool's (``backend.py``, ``cache_aware.py``).
+Who changes it: ``acquire.py`` takes and gives back its slot (``begin``/``end``); ``fleet.py`` counts
+failures and ejects it; ``health.py`` checks it, readmits it and refreshes ``models``; ``retry.py``
+and ``response.py`` mark ``progress`` and ``success``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from vllm_gateway.backends.base import Backend, BackendStats
@@ -32,7 +27,7 @@ from vllm_gateway.backends.pool.engine_metrics import EngineGauges
 if TYPE_CHECKING:
     from vllm_gateway.backends.pool.cache_index import MemberCache
 
-__all__ = ["Member", "RetryBudget", "affinity_key", "choose"]
+__all__ = ["Member"]
 
 
 class Member:
@@ -168,116 +163,3 @@ class Member:
             "retries": self.retries,
             "models": sorted(self.models) if self.models is not None else None,
         }
-
-
-class RetryBudget:
-    """Retries allowed: at most ``ratio`` of the requests of the last ``window`` seconds (or ``min``).
-
-    A budget keeps retries from multiplying load when every member is failing at once.
-    """
-
-    def __init__(self, ratio: float, minimum: int, window: float) -> None:
-        self.ratio = ratio
-        self.minimum = minimum
-        self.window = window
-        self._requests: deque[float] = deque()
-        self._retries: deque[float] = deque()
-        self.exhausted = 0
-
-    def _trim(self, now: float) -> None:
-        edge = now - self.window
-        for q in (self._requests, self._retries):
-            while q and q[0] < edge:
-                q.popleft()
-
-    def request(self) -> None:
-        self._requests.append(time.monotonic())
-
-    def try_retry(self) -> bool:
-        now = time.monotonic()
-        self._trim(now)
-        allowed = max(self.minimum, math.floor(self.ratio * len(self._requests)))
-        if len(self._retries) >= allowed:
-            self.exhausted += 1
-            return False
-        self._retries.append(now)
-        return True
-
-
-_rr = 0
-
-
-def choose(
-    candidates: Sequence[Member], key: str | None, config: PoolConfig
-) -> tuple[Member, bool]:
-    """Pick a member among ``candidates`` (up, eligible, with room). Returns (member, yielded)."""
-    global _rr
-    if key is not None and len(candidates) > 1:
-        target = max(candidates, key=lambda m: _score(key, m))
-        floor = min(m.in_flight for m in candidates)
-        if target.in_flight <= config.affinity_yield_factor * (floor + 1):
-            return target, False
-        yielded = True
-    else:
-        yielded = False
-    best = min(m.load() for m in candidates)
-    tied = [m for m in candidates if m.load() <= best]
-    if len(tied) > 1:
-        heaviest = max(m.weight for m in tied)
-        tied = [m for m in tied if m.weight >= heaviest]
-    _rr += 1
-    return tied[_rr % len(tied)], yielded
-
-
-def _score(key: str, member: Member) -> float:
-    """Weighted rendezvous hashing: -w / ln(u), u uniform in (0, 1) from hash(key, member)."""
-    digest = hashlib.blake2b(f"{key}\x00{member.name}".encode(), digest_size=8).digest()
-    u = (int.from_bytes(digest, "big") + 1) / (2**64 + 2)
-    return -member.weight / math.log(u)
-
-
-def affinity_key(
-    routing: str, headers: Mapping[str, str], body: Mapping[str, Any] | None, prefix_chars: int
-) -> str | None:
-    """The key affinity routing hashes, or None (no affinity for this request)."""
-    if routing == "session":
-        for name, value in headers.items():
-            if name.lower() == "x-session-id" and value:
-                return "s:" + value
-        user = body.get("user") if body else None
-        return "u:" + user if isinstance(user, str) and user else None
-    if routing == "prefix" and body:
-        text = _prompt_text(body, prefix_chars)
-        return "p:" + text if text else None
-    return None
-
-
-def _prompt_text(body: Mapping[str, Any], limit: int) -> str:
-    parts: list[str] = []
-    size = 0
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for msg in messages:
-            if not isinstance(msg, Mapping):
-                continue
-            content = msg.get("content")
-            if isinstance(content, list):  # content parts: only the text ones count
-                content = "".join(
-                    p.get("text", "")
-                    for p in content
-                    if isinstance(p, Mapping) and p.get("type") == "text"
-                )
-            piece = f"{msg.get('role', '')}:{content if isinstance(content, str) else ''}\n"
-            parts.append(piece)
-            size += len(piece)
-            if size >= limit:
-                break
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            prompt = prompt[0] if prompt else None
-            if isinstance(prompt, list):  # token ids
-                prompt = ",".join(str(t) for t in prompt[: limit // 4])
-        if isinstance(prompt, str):
-            parts.append(prompt)
-    return "".join(parts)[:limit]
