@@ -13,7 +13,8 @@ import pytest
 from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.errors import Unauthorized
 from vllm_gateway.observability.logs import JSONFormatter
-from vllm_gateway.observability.observer import OUTCOMES, Observer
+from vllm_gateway.observability.metrics import OUTCOMES, GatewayMetrics
+from vllm_gateway.observability.observer import Observer
 from vllm_gateway.observability.prometheus import Counter, Gauge, Histogram, Registry, format_value
 from vllm_gateway.observability.status import StatusBoard
 from vllm_gateway.proxy.gateway import Gateway
@@ -79,7 +80,7 @@ class PoolLike(IdleBackend):
 
 def make_observer(backend: Backend | None = None) -> Observer:
     gw = Gateway(Settings(), backend or IdleBackend())
-    return Observer(gw, StatusBoard(gw))
+    return Observer(gw, GatewayMetrics(gw), StatusBoard(gw))
 
 
 def samples(text: str) -> dict[str, float]:
@@ -248,7 +249,7 @@ def test_observer_skips_queue_wait_without_permit_and_itl_without_two_events() -
 
 def test_single_backend_errors_health_and_in_flight_render() -> None:
     obs = make_observer()
-    obs.backend_healthy = False
+    obs.metrics.backend_healthy = False
     obs.request_ended(FakeCall(outcome="backend_unavailable", status=502))
     obs.request_ended(FakeCall(outcome="first_token_timeout", status=504))
     obs.request_ended(FakeCall(outcome="queue_timeout", status=503))  # not the backend's fault
