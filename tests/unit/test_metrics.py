@@ -12,6 +12,7 @@ import pytest
 
 from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.errors import Unauthorized
+from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.logs import JSONFormatter
 from vllm_gateway.observability.metrics import OUTCOMES, GatewayMetrics
 from vllm_gateway.observability.observer import Observer
@@ -80,7 +81,8 @@ class PoolLike(IdleBackend):
 
 def make_observer(backend: Backend | None = None) -> Observer:
     gw = Gateway(Settings(), backend or IdleBackend())
-    return Observer(gw, GatewayMetrics(gw), StatusBoard(gw))
+    health = BackendHealth(gw.backend.check_health, timeout=1.0)
+    return Observer(gw, GatewayMetrics(gw, health), StatusBoard(gw))
 
 
 def samples(text: str) -> dict[str, float]:
@@ -249,7 +251,8 @@ def test_observer_skips_queue_wait_without_permit_and_itl_without_two_events() -
 
 def test_single_backend_errors_health_and_in_flight_render() -> None:
     obs = make_observer()
-    obs.metrics.backend_healthy = False
+    assert obs.metrics.health is not None
+    obs.metrics.health.healthy = False  # the last check said so
     obs.request_ended(FakeCall(outcome="backend_unavailable", status=502))
     obs.request_ended(FakeCall(outcome="first_token_timeout", status=504))
     obs.request_ended(FakeCall(outcome="queue_timeout", status=503))  # not the backend's fault

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from vllm_gateway import errors
 from vllm_gateway.backends.base import BackendStats
 from vllm_gateway.observability.connections import ConnectionStats
+from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.prometheus import Counter, Gauge, Histogram, Registry
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.gateway import Gateway
@@ -94,11 +95,11 @@ PEER_SCRAPE_TIMEOUT = 1.5
 class GatewayMetrics:
     """Every metric the gateway exports, with the names the dashboard and alerts use."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, health: BackendHealth | None = None) -> None:
         self.gateway = gateway
-        # A single backend (no ``stats()``): its health as last sampled, and its failures as the
+        # A single backend (no ``stats()``): its health as last checked, and its failures as the
         # observer counts them.
-        self.backend_healthy: bool | None = None
+        self.health = health
         self.backend_errors: dict[str, int] = {}
         r = self.registry = Registry()
         self.requests = r.register(
@@ -320,7 +321,7 @@ class GatewayMetrics:
             {
                 "name": backend_name(self.gateway),
                 "in_flight": self.gateway.admission.in_flight,
-                "healthy": self.backend_healthy,
+                "healthy": None if self.health is None else self.health.healthy,
                 "errors": dict(self.backend_errors),
                 "ejections": 0,
             }

@@ -14,18 +14,11 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI
-
 from vllm_gateway.observability import access_log
-from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.metrics import (
     BACKEND_ERROR_TYPES,
     OUTCOMES,
@@ -33,21 +26,14 @@ from vllm_gateway.observability.metrics import (
     GatewayMetrics,
     backend_name,
 )
-from vllm_gateway.observability.prometheus import CONTENT_TYPE
-from vllm_gateway.observability.status import StatusBoard, install_status_routes
-from vllm_gateway.proxy.budget import BufferBudget
+from vllm_gateway.observability.status import StatusBoard
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
-from vllm_gateway.proxy.shared_admission import RemoteAdmission
 from vllm_gateway.proxy.usage import parse_usage
 
-__all__ = ["Observer", "install_observability"]
+__all__ = ["Observer"]
 
-log = logging.getLogger("vllm_gateway.observability.observer")
 _access = access_log.logger
-
-# How often the backend's health is sampled for ``backend_healthy`` when it has no ``stats()``.
-HEALTH_INTERVAL = 5.0
 
 
 class Observer:
@@ -123,86 +109,3 @@ class Observer:
             access_log.write(
                 call, route, outcome, duration, ttft, prompt, completion, self._default_backend
             )
-
-    # --- background sampling ------------------------------------------------------------------
-
-    async def sample_health(self) -> None:
-        """Check the backend's health every few seconds (single backend without ``stats()``)."""
-        timeout = min(2.0, self.gateway.settings.connect_timeout)
-        while True:
-            try:
-                self.metrics.backend_healthy = await self.gateway.backend.check_health(timeout)
-            except Exception:
-                self.metrics.backend_healthy = False
-            await asyncio.sleep(HEALTH_INTERVAL)
-
-
-def install_observability(
-    api: FastAPI,
-    gateway: Gateway,
-    connections: ConnectionStats | None = None,
-    budget: BufferBudget | None = None,
-) -> Observer:
-    """Add the observer, ``/metrics``, the status page and their background tasks to the app."""
-    from fastapi.responses import Response
-
-    board = StatusBoard(gateway)
-    observer = Observer(gateway, GatewayMetrics(gateway), board)
-    if connections is not None:
-        observer.metrics.add_connection_metrics(connections)
-    if budget is not None:
-        observer.metrics.add_budget_metrics(budget)
-    gateway.observers.append(observer)
-    board.backends = observer.metrics.backend_stats
-    api.state.observer = observer
-
-    if isinstance(
-        gateway.admission, RemoteAdmission
-    ):  # a worker of several: any scrape answers for all
-        gateway.admission.snapshot = observer.metrics.registry.snapshot
-
-    @api.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(await observer.metrics.scrape(), media_type=CONTENT_TYPE)
-
-    install_status_routes(api, board)
-
-    tracer = _tracing(gateway)
-    if tracer is not None:
-        gateway.observers.append(tracer)
-
-    original = api.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[Any]:
-        async with original(app) as state:
-            tasks = [asyncio.create_task(board.run_ticker(), name="status-ticker")]
-            if not observer._pooled:
-                tasks.append(asyncio.create_task(observer.sample_health(), name="health-sampler"))
-            try:
-                yield state
-            finally:
-                for task in tasks:
-                    task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                if tracer is not None:
-                    tracer.close()  # flushes the spans still batched
-
-    api.router.lifespan_context = lifespan
-    return observer
-
-
-def _tracing(gateway: Gateway) -> Any:
-    """The OpenTelemetry observer when an OTLP endpoint is configured; nothing is imported otherwise."""
-    # The one exception to "settings only": OTel's own standard variable decides, as every OTel
-    # SDK does, and reading it here keeps the SDK unimported when it is absent.
-    if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        return None
-    try:
-        from vllm_gateway.observability.tracing import TracingObserver
-    except ImportError:
-        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but opentelemetry is not installed")
-        return None
-    return TracingObserver(backend_name(gateway))
