@@ -170,10 +170,12 @@ class _Supervisor:
                     if proc is not None
                 }
                 stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
-                done, _ = await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
-                for fut in [stop, *watched]:
-                    if not fut.done():
-                        fut.cancel()
+                done, pending = await asyncio.wait(
+                    [stop, *watched], return_when=asyncio.FIRST_COMPLETED
+                )
+                for fut in pending:
+                    fut.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
                 if self.stopping.is_set():
                     break
                 for fut in done:
