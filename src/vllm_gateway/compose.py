@@ -27,7 +27,6 @@ from vllm_gateway.backends.base import Backend
 from vllm_gateway.backends.factory import build_backend
 from vllm_gateway.edge.api import create_api
 from vllm_gateway.edge.frontdoor import GatewayApp
-from vllm_gateway.edge.openapi import install_openapi
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.metrics import GatewayMetrics, backend_name
@@ -151,7 +150,6 @@ def create_app(
     if tracer is not None:
         gateway.observers.append(tracer)
     api = create_api(gateway, health, metrics, board)
-    install_openapi(api)
     frontdoor = GatewayApp(gateway, api)
     metrics.add_connection_metrics(frontdoor.server_stats)
     metrics.add_budget_metrics(frontdoor.budget)

@@ -11,6 +11,7 @@ cannot make the backend work.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_gateway import __version__, errors
 from vllm_gateway.backends.base import Backend, UpstreamRequest
+from vllm_gateway.edge.openapi import relayed_paths
 from vllm_gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.observability import status
@@ -31,6 +33,17 @@ from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.settings import Settings
 
 __all__ = ["create_api"]
+
+
+class _Api(FastAPI):
+    """FastAPI, whose OpenAPI document also describes the routes the front door relays."""
+
+    def openapi(self) -> dict[str, Any]:
+        fresh = self.openapi_schema is None
+        doc = super().openapi()  # FastAPI generates it at the first call and keeps it
+        if fresh:
+            doc["paths"].update(relayed_paths())
+        return doc
 
 
 def _error_response(err: GatewayError, request: Request) -> Response:
@@ -49,7 +62,7 @@ def _error_response(err: GatewayError, request: Request) -> Response:
 def create_api(
     gateway: Gateway, health: BackendHealth, metrics: GatewayMetrics, board: StatusBoard
 ) -> FastAPI:
-    api = FastAPI(title="vllm-gateway", version=__version__, docs_url="/docs", redoc_url=None)
+    api = _Api(title="vllm-gateway", version=__version__, docs_url="/docs", redoc_url=None)
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
