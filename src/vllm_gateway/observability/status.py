@@ -1,10 +1,10 @@
-"""The live status page: a ring of per-second aggregates, and the routes that serve it.
+"""The live status page: a ring of per-second aggregates, the snapshot it draws from, and its HTML.
 
 ``StatusBoard.record`` is called by the observer once per ended request; ``tick`` closes the
-current second once a second (``run_ticker``, a task of the composition root's lifecycle). The ring keeps
-``seconds`` points (10 minutes by default): requests and errors ended, content events relayed,
-in flight and queue depth sampled at the tick, and per-second percentiles of TTFT, inter-token
-latency and queue wait (computed at the tick from that second's values, then dropped).
+current second once a second (``run_ticker``, a task of the composition root's lifecycle). The
+ring keeps ``seconds`` points (10 minutes by default): requests and errors ended, content events
+relayed, in flight and queue depth sampled at the tick, and per-second percentiles of TTFT,
+inter-token latency and queue wait (computed at the tick from that second's values, then dropped).
 
 Events per second count the streams still open too: at each tick the board adds up ``chunks`` of
 the calls in ``gateway.active`` (a sum over the requests in flight once a second, no per-chunk
