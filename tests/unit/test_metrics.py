@@ -380,7 +380,7 @@ def test_status_board_counts_events_of_open_and_ended_streams() -> None:
     assert snap["errors"][0]["request_id"] == "bad-1"
     assert snap["errors"][0]["outcome"] == "stream_idle_timeout"
     assert snap["live"]["errors_total"] == 1
-    assert snap["backends"] == []  # only wired by install_observability
+    assert snap["backends"] == []  # wired by compose.create_app only
 
 
 def test_status_board_ring_is_bounded() -> None:

@@ -96,20 +96,22 @@ async def test_a_failing_check_reads_as_not_ready() -> None:
     assert await BackendHealth(broken, timeout=1.0).check() is False
 
 
-async def test_the_sampler_and_the_probes_share_one_check_and_the_gauge_reads_its_answer() -> None:
+async def test_probes_join_the_sampler_s_call_and_the_gauge_reads_every_answer() -> None:
     clock, check = Clock(), Check()
     health = BackendHealth(check, timeout=2.0, ttl=1.0, clock=clock)
     assert health.healthy is None  # no answer yet: the gauge has no sample
     sampler = asyncio.create_task(health.sample(interval=5.0))
     answer = await check.next_call()
-    probes = [asyncio.create_task(health.check()) for _ in range(20)]  # join the sampler's check
+    probes = [asyncio.create_task(health.check()) for _ in range(20)]  # join the sampler's call
     answer.set_result(False)
     assert await asyncio.gather(*probes) == [False] * 20
-    assert check.calls == 1 and health.healthy is False
-    clock.now += 1.1  # the answer is stale: the next probe asks, and the gauge follows it
+    assert check.calls == 1 and check.most_in_flight == 1 and health.healthy is False
+    # The sampler's answer does not stand in for a probe's: the next probe asks the backend,
+    # and its answer is the gauge's too.
     probe = asyncio.create_task(health.check())
     (await check.next_call()).set_result(True)
     assert await probe is True and health.healthy is True and check.calls == 2
+    assert await health.check() is True and check.calls == 2  # a probe's answer serves probes
     sampler.cancel()
     await asyncio.gather(sampler, return_exceptions=True)
     await health.aclose()
