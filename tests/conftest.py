@@ -24,8 +24,7 @@ import httpx
 import pytest
 
 from vllm_gateway.backends.base import Backend
-from vllm_gateway.compose import create_app
-from vllm_gateway.edge.frontdoor import GatewayApp
+from vllm_gateway.compose import App, create_app
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.runtime.server import GatewayRunner
 from vllm_gateway.settings import Settings
@@ -40,7 +39,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 class RunningGateway:
     url: str
     port: int
-    app: GatewayApp
+    app: App
     runner: GatewayRunner
 
     @property

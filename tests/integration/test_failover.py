@@ -107,7 +107,7 @@ async def test_a_chat_stream_survives_its_member_dying_at_any_chunk(
         tail = [t - OUTPUT_BASE for t in ids if t >= OUTPUT_BASE]
         assert tail == list(range(sent))
         assert body["max_tokens"] == TOKENS - sent
-    metrics = gw.app.api.state.observer.metrics.render()
+    metrics = gw.app.observer.metrics.render()
     expected = "resumed" if sent < TOKENS else "completed_here"
     assert (
         f'vllm_gateway_failovers_total{{reason="connection_lost",outcome="{expected}"}} 1'
@@ -141,7 +141,7 @@ async def test_a_request_that_cannot_be_continued_ends_with_its_error_event(
         assert b"data: [DONE]" not in raw
         assert b"backend_unavailable" in raw
         assert not [r for r in second.stats()["requests"] if r["path"] == "/v1/completions"]
-        metrics = gw.app.api.state.observer.metrics.render()
+        metrics = gw.app.observer.metrics.render()
     assert 'outcome="not_continued:n"} 1' in metrics
 
 
@@ -150,7 +150,7 @@ async def test_failovers_are_bounded_per_stream(tmp_path: Path) -> None:
         first.configure(drop_after=2)
         second.configure(drop_after=2)  # the continuation dies too: no third member to try
         raw = await _stream(gw.url, "/v1/chat/completions", CHAT_BODY)
-        metrics = gw.app.api.state.observer.metrics.render()
+        metrics = gw.app.observer.metrics.render()
     assert b"data: [DONE]" not in raw
     assert raw.rstrip().endswith(b"}")  # the error event is the last
     assert 'outcome="resumed"} 1' in metrics
@@ -178,5 +178,5 @@ async def test_an_ejected_member_s_streams_go_on_elsewhere_at_once(tmp_path: Pat
     text = "".join(rest)
     assert "data: [DONE]" in text
     assert " tok7" in text
-    metrics = gw.app.api.state.observer.metrics.render()
+    metrics = gw.app.observer.metrics.render()
     assert 'reason="ejected",outcome="resumed"} 1' in metrics

@@ -114,7 +114,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_permit() -> 
             await wait_for(lambda: rogue.open == 0, timeout=5)  # upstream requests aborted
             for sock in stuck:
                 sock.close()
-            text = gw.app.api.state.observer.metrics.render()
+            text = gw.app.observer.metrics.render()
             slow = [
                 line
                 for line in text.splitlines()

@@ -1,5 +1,6 @@
 """Readiness probes need no key, so they must not be a way to make the backend work: a flood of
-them shares one backend health check, and none waits past the check's bound."""
+them shares one backend health check (with the backend_healthy gauge's sampler when its call is in
+flight), and none waits past the check's bound."""
 
 from __future__ import annotations
 
@@ -69,11 +70,24 @@ async def test_a_flood_of_probes_without_a_key_makes_one_backend_health_call() -
     ):
         # The metrics' own health sampler checks once at start: let it finish first.
         await wait_for(lambda: health.calls >= 1 and health.in_flight == 0)
-        before = health.calls
+        before, checks = health.calls, gw.app.health.checks
         assert await _probes(gw.url, 150) == [200] * 150
         # Regression: 150 probes made 150 concurrent health calls, each on a new connection.
         assert health.calls - before == 1 and health.most_in_flight == 1
-        assert gw.app.api.state.readiness.checks == 1
+        assert gw.app.health.checks - checks == 1
+
+
+async def test_probes_join_the_health_call_the_gauge_s_sampler_has_in_flight() -> None:
+    health = Health(delay=1.5)
+    async with (
+        health.backend.running(),
+        run_gateway(Settings(backend_urls=(health.backend.url,))) as gw,
+    ):
+        # The backend_healthy gauge's sampler asks at start; while its call is in flight...
+        await wait_for(lambda: health.in_flight == 1)
+        assert await _probes(gw.url, 50) == [200] * 50
+        # ...the probes wait for its answer instead of making a call of their own.
+        assert health.calls == 1 and gw.app.health.checks == 1
 
 
 async def test_probes_wait_no_longer_than_the_checks_bound_for_a_backend_that_never_answers() -> (

@@ -231,7 +231,7 @@ async def test_a_stream_continued_on_another_member_is_charged_its_exact_ids(
         }
         async with httpx.AsyncClient(timeout=30) as client:
             raw = await stream(client, gw.url, CHAT, body)
-            metrics = gw.app.api.state.observer.metrics.render()
+            metrics = gw.app.observer.metrics.render()
             assert 'reason="connection_lost",outcome="resumed"} 1' in metrics
             text = b"".join(
                 orjson.loads(e[6:])["choices"][0]["delta"].get("content", "").encode()

@@ -537,8 +537,8 @@ def test_fallback_name_scan_without_a_parser() -> None:
 
 
 def test_outcomes_are_the_gateway_s_own() -> None:
-    observe = pytest.importorskip("vllm_gateway.observability.observer")
-    assert set(observe.OUTCOMES) == vm.OUTCOMES
+    metrics = pytest.importorskip("vllm_gateway.observability.metrics")
+    assert set(metrics.OUTCOMES) == vm.OUTCOMES
 
 
 def test_server_side_outcomes_are_the_5xx_error_types() -> None:

@@ -12,8 +12,10 @@ import pytest
 
 from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.errors import Unauthorized
+from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.logs import JSONFormatter
-from vllm_gateway.observability.observer import OUTCOMES, Observer
+from vllm_gateway.observability.metrics import OUTCOMES, GatewayMetrics
+from vllm_gateway.observability.observer import Observer
 from vllm_gateway.observability.prometheus import Counter, Gauge, Histogram, Registry, format_value
 from vllm_gateway.observability.status import StatusBoard
 from vllm_gateway.proxy.gateway import Gateway
@@ -79,7 +81,8 @@ class PoolLike(IdleBackend):
 
 def make_observer(backend: Backend | None = None) -> Observer:
     gw = Gateway(Settings(), backend or IdleBackend())
-    return Observer(gw, StatusBoard(gw))
+    health = BackendHealth(gw.backend.check_health, timeout=1.0)
+    return Observer(gw, GatewayMetrics(gw, health), StatusBoard(gw))
 
 
 def samples(text: str) -> dict[str, float]:
@@ -248,7 +251,8 @@ def test_observer_skips_queue_wait_without_permit_and_itl_without_two_events() -
 
 def test_single_backend_errors_health_and_in_flight_render() -> None:
     obs = make_observer()
-    obs.backend_healthy = False
+    assert obs.metrics.health is not None
+    obs.metrics.health.healthy = False  # the last check said so
     obs.request_ended(FakeCall(outcome="backend_unavailable", status=502))
     obs.request_ended(FakeCall(outcome="first_token_timeout", status=504))
     obs.request_ended(FakeCall(outcome="queue_timeout", status=503))  # not the backend's fault
@@ -376,7 +380,7 @@ def test_status_board_counts_events_of_open_and_ended_streams() -> None:
     assert snap["errors"][0]["request_id"] == "bad-1"
     assert snap["errors"][0]["outcome"] == "stream_idle_timeout"
     assert snap["live"]["errors_total"] == 1
-    assert snap["backends"] == []  # only wired by install_observability
+    assert snap["backends"] == []  # wired by compose.create_app only
 
 
 def test_status_board_ring_is_bounded() -> None:

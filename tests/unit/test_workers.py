@@ -133,3 +133,23 @@ async def test_drain_refuses_the_queue_and_new_arrivals() -> None:
         await b.acquire()
     permit.release()
     await coordinator.aclose()
+
+
+async def test_aclose_ends_the_state_ticker_and_the_acquires_still_waiting() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=4)
+    permit = await a.acquire()
+    queued = asyncio.create_task(b.acquire())
+    async with asyncio.timeout(2):
+        while coordinator.admission.queued != 1:  # noqa: ASYNC110 - the supervisor's own state
+            await asyncio.sleep(0.01)
+    mine = {
+        task
+        for task in asyncio.all_tasks()
+        if "runtime/coordinator.py" in task.get_coro().cr_code.co_filename  # type: ignore[union-attr]
+    }
+    assert len(mine) == 2  # the state ticker and the waiting acquire
+    await coordinator.aclose()
+    assert all(task.done() for task in mine)  # cancelled and awaited, not left to the loop
+    with pytest.raises(ShuttingDown):
+        await queued  # the worker's waiter hears that the supervisor hung up
+    permit.release()

@@ -323,7 +323,7 @@ async def test_bad_request_is_vllms_openai_error(
 
 
 class _Borrowed(Backend):
-    """The module's engine, lent to a gateway whose lifespan must not start or stop it."""
+    """The module's engine, lent to a gateway whose lifecycle must not start or stop it."""
 
     def __init__(self, inner: EmbeddedBackend) -> None:
         self.inner = inner

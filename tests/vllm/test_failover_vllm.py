@@ -128,7 +128,7 @@ async def test_a_failed_over_greedy_answer_equals_the_unbroken_one(
         async with run_gateway(settings.replace(backend_urls=(), backends_file=str(path))) as gw:
             raw = await _stream(gw.url, body)
             await wait_for(lambda: gw.gateway.admission.in_flight == 0)
-            metrics = gw.app.api.state.observer.metrics.render()
+            metrics = gw.app.observer.metrics.render()
     assert proxy.cuts == 1
     text, chunks = _answer(raw)
     assert raw.rstrip().endswith(b"data: [DONE]") and raw.count(b"[DONE]") == 1

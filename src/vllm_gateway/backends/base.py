@@ -140,10 +140,10 @@ class Backend(abc.ABC):
     name: str = "backend"
 
     async def start(self) -> None:  # noqa: B027 - optional hook
-        """Open clients or engines. Called once in the app's lifespan."""
+        """Open clients or engines. Called once, by the composition root's lifecycle."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Close clients or engines. Called once in the app's lifespan."""
+        """Close clients or engines. Called once, by the composition root's lifecycle."""
 
     @abc.abstractmethod
     async def send(self, request: UpstreamRequest) -> UpstreamResponse:

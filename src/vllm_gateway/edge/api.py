@@ -1,95 +1,49 @@
-"""The FastAPI app of the routes off the hot path: health, readiness, the model list, and the error
-handlers that give them the gateway's error shape. Observability adds ``/metrics`` and the status
-page to it; the composition root (``compose.py``) puts it behind the front door.
+"""The FastAPI app of the routes off the hot path: health, readiness, the model list, ``/metrics``,
+the status page and its data, and the error handlers that give them the gateway's error shape.
+The composition root (``compose.py``) builds it from the parts it serves and puts it behind the
+front door; the app has no lifespan of its own (the composition root starts and stops the parts).
 
-Readiness is open to anyone (probes carry no key), so it must not be a way to make the backend
-work: every probe shares one health check (``Readiness``), at most one in flight, its answer kept
-for ``READY_TTL`` seconds, and no probe waits on it longer than the check's own timeout.
+Readiness asks the backend's health through ``observability.health.BackendHealth``: one check at a
+time shared by every probe (and by the metrics' sampler), so a flood of probes, which need no key,
+cannot make the backend work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_gateway import __version__, errors
 from vllm_gateway.backends.base import Backend, UpstreamRequest
+from vllm_gateway.edge.openapi import relayed_paths
 from vllm_gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from vllm_gateway.identity import ANONYMOUS
+from vllm_gateway.observability import status
+from vllm_gateway.observability.health import BackendHealth
+from vllm_gateway.observability.metrics import GatewayMetrics
+from vllm_gateway.observability.prometheus import CONTENT_TYPE
+from vllm_gateway.observability.status import StatusBoard
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.settings import Settings
 
-__all__ = ["READY_TTL", "Readiness", "create_api"]
-
-# How long one answer of the backend's health check serves every probe.
-READY_TTL = 1.0
+__all__ = ["create_api"]
 
 
-class Readiness:
-    """The backend's health for the readiness probes: one check at a time (single flight) shared
-    by every probe, its answer (yes or no) kept ``ttl`` seconds, so however many probes come, the
-    backend gets at most one health call per ``ttl`` plus the call's own time. A probe waits for
-    the check in flight at most ``timeout`` (the check's own bound) and reads no answer as not
-    ready; a probe that leaves does not cancel the check the others wait for."""
+class _Api(FastAPI):
+    """FastAPI, whose OpenAPI document also describes the routes the front door relays."""
 
-    def __init__(
-        self,
-        check: Callable[[float], Awaitable[bool]],
-        timeout: float,
-        ttl: float = READY_TTL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._check = check
-        self.timeout = timeout
-        self.ttl = ttl
-        self._clock = clock
-        self._answer = False
-        self._answered_at: float | None = None
-        self._inflight: asyncio.Task[bool] | None = None
-        self.checks = 0  # health calls made (tests, and a gauge of the probes' cost)
-
-    async def ready(self) -> bool:
-        at = self._answered_at
-        if at is not None and self._clock() - at < self.ttl:
-            return self._answer
-        task = self._inflight
-        if task is None:
-            task = self._inflight = asyncio.get_running_loop().create_task(
-                self._run(), name="readiness-check"
-            )
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(task)
-        except TimeoutError:
-            return False
-
-    async def _run(self) -> bool:
-        self.checks += 1
-        try:
-            async with asyncio.timeout(self.timeout):  # the backend's check bounds itself too
-                answer = await self._check(self.timeout)
-        except Exception:  # a check that fails or times out says "not ready"
-            answer = False
-        finally:
-            self._inflight = None
-        self._answer = answer
-        self._answered_at = self._clock()
-        return answer
-
-    async def aclose(self) -> None:
-        task, self._inflight = self._inflight, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    def openapi(self) -> dict[str, Any]:
+        fresh = self.openapi_schema is None
+        doc = super().openapi()  # FastAPI generates it at the first call and keeps it
+        if fresh:
+            doc["paths"].update(relayed_paths())
+        return doc
 
 
 def _error_response(err: GatewayError, request: Request) -> Response:
@@ -105,27 +59,10 @@ def _error_response(err: GatewayError, request: Request) -> Response:
     )
 
 
-def create_api(gateway: Gateway) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await gateway.start()
-        try:
-            yield
-        finally:
-            # The server has already drained in-flight requests (see server.py); close the client.
-            await readiness.aclose()
-            await gateway.aclose()
-
-    api = FastAPI(
-        title="vllm-gateway",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url=None,
-    )
-    api.state.gateway = gateway
-    readiness = Readiness(gateway.backend.check_health, min(2.0, gateway.settings.connect_timeout))
-    api.state.readiness = readiness
+def create_api(
+    gateway: Gateway, health: BackendHealth, metrics: GatewayMetrics, board: StatusBoard
+) -> FastAPI:
+    api = _Api(title="vllm-gateway", version=__version__, docs_url="/docs", redoc_url=None)
 
     @api.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -161,7 +98,7 @@ def create_api(gateway: Gateway) -> FastAPI:
     async def ready() -> Response:
         if gateway.draining:
             return JSONResponse({"status": "not_ready", "reason": "draining"}, status_code=503)
-        if not await readiness.ready():
+        if not await health.check():
             return JSONResponse(
                 {"status": "not_ready", "reason": "backend_unhealthy"}, status_code=503
             )
@@ -187,6 +124,25 @@ def create_api(gateway: Gateway) -> FastAPI:
                     headers={"x-request-id": request_id},
                 )
         raise errors.ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
+
+    @api.get("/metrics", include_in_schema=False)
+    async def metrics_text() -> Response:
+        return Response(await metrics.scrape(), media_type=CONTENT_TYPE)
+
+    page = status.page()
+
+    @api.get("/status", include_in_schema=False)
+    async def status_page() -> Response:
+        return HTMLResponse(page, headers={"cache-control": "no-cache"})
+
+    @api.get("/status/data", include_in_schema=False)
+    async def status_data(request: Request, window: int = 300) -> Response:
+        window = max(0, min(window, board.points.maxlen or 600))
+        identity = getattr(request.state, "identity", ANONYMOUS)
+        # Without client keys everyone is the one anonymous tenant: all of it is theirs.
+        everyone = identity is ANONYMOUS or getattr(request.state, "admin", False)
+        data = board.snapshot(window, None if everyone else identity.tenant)
+        return JSONResponse(data, headers={"cache-control": "no-store"})
 
     return api
 

@@ -1,17 +1,16 @@
 """The OpenAPI document's entries for the relayed routes.
 
-The front door serves them without FastAPI, so FastAPI cannot describe them; this module adds
-them to the generated document, with the fields the gateway itself validates (the backend judges
-the rest). Admin routes are left out: they are for operators holding the admin key.
+The front door serves them without FastAPI, so FastAPI cannot describe them; ``relayed_paths``
+gives their entries, with the fields the gateway itself validates (the backend judges the rest),
+and the app of the routes off the hot path (``api.py``) adds them to the document FastAPI generates
+for its own routes. Admin routes are left out: they are for operators holding the admin key.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
-
-__all__ = ["CHAT_SCHEMA", "COMPLETION_SCHEMA", "install_openapi"]
+__all__ = ["CHAT_SCHEMA", "COMPLETION_SCHEMA", "relayed_paths"]
 
 # Each may also be null, which the gateway (like vLLM) reads as "not given".
 _COMMON: dict[str, Any] = {
@@ -151,28 +150,19 @@ _UPLOADS = [
 ]
 
 
-def install_openapi(api: FastAPI) -> None:
-    generate = api.openapi
-
-    def openapi() -> dict[str, Any]:
-        if api.openapi_schema is None:
-            doc = generate()
-            doc["paths"]["/v1/chat/completions"] = {
-                "post": _operation("Chat completion", CHAT_SCHEMA)
-            }
-            doc["paths"]["/v1/completions"] = {"post": _operation("Completion", COMPLETION_SCHEMA)}
-            doc["paths"]["/v1/responses"] = {"post": _operation("Responses", RESPONSES_SCHEMA)}
-            doc["paths"]["/v1/messages"] = {
-                "post": _operation("Anthropic Messages", MESSAGES_SCHEMA)
-            }
-            doc["paths"]["/v1/messages/count_tokens"] = {
-                "post": _operation("Anthropic token count", COUNT_TOKENS_SCHEMA)
-            }
-            for path, summary in _OTHER_JSON:
-                doc["paths"][path] = {"post": _operation(summary, _OBJECT)}
-            for path, summary in _UPLOADS:
-                doc["paths"][path] = {"post": _operation(summary, _UPLOAD, "multipart/form-data")}
-            api.openapi_schema = doc
-        return api.openapi_schema
-
-    api.openapi = openapi  # type: ignore[method-assign]
+def relayed_paths() -> dict[str, Any]:
+    """The document's ``paths`` entries of the relayed routes, in the document's order."""
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": {"post": _operation("Chat completion", CHAT_SCHEMA)},
+        "/v1/completions": {"post": _operation("Completion", COMPLETION_SCHEMA)},
+        "/v1/responses": {"post": _operation("Responses", RESPONSES_SCHEMA)},
+        "/v1/messages": {"post": _operation("Anthropic Messages", MESSAGES_SCHEMA)},
+        "/v1/messages/count_tokens": {
+            "post": _operation("Anthropic token count", COUNT_TOKENS_SCHEMA)
+        },
+    }
+    for path, summary in _OTHER_JSON:
+        paths[path] = {"post": _operation(summary, _OBJECT)}
+    for path, summary in _UPLOADS:
+        paths[path] = {"post": _operation(summary, _UPLOAD, "multipart/form-data")}
+    return paths

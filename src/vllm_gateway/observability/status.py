@@ -1,17 +1,18 @@
-"""The live status page: a ring of per-second aggregates, and the routes that serve it.
+"""The live status page: a ring of per-second aggregates, the snapshot it draws from, and its HTML.
 
 ``StatusBoard.record`` is called by the observer once per ended request; ``tick`` closes the
-current second once a second (``run_ticker``, started in the app's lifespan). The ring keeps
-``seconds`` points (10 minutes by default): requests and errors ended, content events relayed,
-in flight and queue depth sampled at the tick, and per-second percentiles of TTFT, inter-token
-latency and queue wait (computed at the tick from that second's values, then dropped).
+current second once a second (``run_ticker``, a task of the composition root's lifecycle). The
+ring keeps ``seconds`` points (10 minutes by default): requests and errors ended, content events
+relayed, in flight and queue depth sampled at the tick, and per-second percentiles of TTFT,
+inter-token latency and queue wait (computed at the tick from that second's values, then dropped).
 
 Events per second count the streams still open too: at each tick the board adds up ``chunks`` of
 the calls in ``gateway.active`` (a sum over the requests in flight once a second, no per-chunk
 work) plus those of the calls that ended, and takes the difference from the last tick.
 
-Routes: ``GET /status`` (static HTML, vanilla JS, no external assets) and ``GET /status/data``
-(JSON snapshot: live gauges read at request time, the ring, backends, recent failed requests).
+The page (``page()``: static HTML, vanilla JS, no external assets) and ``snapshot`` (the JSON it
+draws from: live gauges read at request time, the ring, backends, recent failed requests) are
+served as ``GET /status`` and ``GET /status/data`` by the routes off the hot path (``edge/api.py``).
 
 The failed requests are the last ``recent_errors``, each field a client chose (model, path) cut to
 ``FIELD_CHARS``: a peer cannot make the board hold more than that. A tenant's key sees its own
@@ -27,14 +28,11 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
-
 from vllm_gateway.backends.base import BackendStats
-from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import CallRecord
 
-__all__ = ["FIELD_CHARS", "StatusBoard", "clip", "install_status_routes"]
+__all__ = ["FIELD_CHARS", "StatusBoard", "clip", "page"]
 
 # The most characters of a client-chosen value (a model name, a path) the board or a log line keeps.
 FIELD_CHARS = 256
@@ -187,20 +185,6 @@ class StatusBoard:
         }
 
 
-def install_status_routes(api: FastAPI, board: StatusBoard) -> None:
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
-    page = resources.files("vllm_gateway.observability").joinpath("static/status.html").read_bytes()
-
-    @api.get("/status", include_in_schema=False)
-    async def status_page() -> Response:
-        return HTMLResponse(page, headers={"cache-control": "no-cache"})
-
-    @api.get("/status/data", include_in_schema=False)
-    async def status_data(request: Request, window: int = 300) -> Response:
-        window = max(0, min(window, board.points.maxlen or 600))
-        identity = getattr(request.state, "identity", ANONYMOUS)
-        # Without client keys everyone is the one anonymous tenant: all of it is theirs.
-        everyone = identity is ANONYMOUS or getattr(request.state, "admin", False)
-        data = board.snapshot(window, None if everyone else identity.tenant)
-        return JSONResponse(data, headers={"cache-control": "no-store"})
+def page() -> bytes:
+    """The status page: one static HTML file that draws from ``/status/data``."""
+    return resources.files("vllm_gateway.observability").joinpath("static/status.html").read_bytes()

@@ -1,6 +1,6 @@
 """Optional OpenTelemetry traces: one trace per request, built after the request has ended.
 
-Imported only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see ``observe._tracing``), so a gateway
+Imported only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see ``compose._tracer``), so a gateway
 without it pays nothing, not even the import. When on, nothing runs on the hot path either: the
 observer rebuilds the spans from the timestamps the call already carries, with explicit start and
 end times, once the request is over:

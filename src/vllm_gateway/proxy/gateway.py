@@ -1,6 +1,7 @@
 """The gateway's shared state: settings, admission, backend, drain, and the requests in flight.
 
-One ``Gateway`` per worker process, made by the app factory and started in its lifespan. Routes
+One ``Gateway`` per worker process, made by the composition root (``compose.py``), whose lifecycle
+also starts and stops the parts it holds (the backend, the rate limiter, the model list). Routes
 read it; nothing else holds global state. ``drain()`` is the one shutdown path: stop admitting,
 fail the queue, let in-flight requests finish until the deadline, then end the rest with an error.
 """
@@ -72,19 +73,7 @@ class Gateway:
             fetch_timeout=max(settings.model_check_timeout, settings.connect_timeout),
         )
 
-    # --- lifecycle -------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        await self.backend.start()
-        if self.ratelimiter is not None:
-            await self.ratelimiter.start()
-        self.models.prefetch()
-
-    async def aclose(self) -> None:
-        await self.models.aclose()
-        await self.backend.aclose()
-        if self.ratelimiter is not None:
-            await self.ratelimiter.aclose()
+    # --- shutdown --------------------------------------------------------------------------
 
     async def drain(self, deadline: float | None = None) -> None:
         """Stop admitting, fail the queue, wait for in-flight requests, then end the rest."""
@@ -99,13 +88,6 @@ class Gateway:
         for call in list(self.active):
             call.cancel("shutdown")
         await self.admission.wait_idle(2.0)
-
-    # --- readiness and models --------------------------------------------------------------
-
-    async def ready(self) -> bool:
-        if self.draining:
-            return False
-        return await self.backend.check_health(min(2.0, self.settings.connect_timeout))
 
     # --- observation -----------------------------------------------------------------------
 

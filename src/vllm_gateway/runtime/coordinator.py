@@ -77,11 +77,18 @@ class AdmissionCoordinator:
         self.admission.close()
 
     async def aclose(self) -> None:
+        """Hang up on every worker; the state ticker and the acquires still waiting end here
+        (cancelled and awaited), not with the loop."""
+        tasks = [task for worker in self.workers for task in worker.waiting.values()]
         if self._ticker is not None:
-            self._ticker.cancel()
+            tasks.append(self._ticker)
+            self._ticker = None
         for worker in list(self.workers):
             if worker.channel is not None:
                 worker.channel.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- messages -------------------------------------------------------------------------------
 

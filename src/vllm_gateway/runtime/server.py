@@ -1,12 +1,13 @@
-"""Running the gateway: its HTTP server, its lifespan, and a drain that keeps its promises.
+"""Running the gateway: its HTTP server, its lifecycle, and a drain that keeps its promises.
 
-``GatewayRunner.serve`` starts the app's lifespan (the backend client, the status ticker), listens,
-and waits for a signal. The first SIGTERM/SIGINT starts ``Gateway.drain`` (readiness 503, new and
-queued requests 503 ``shutting_down``, in-flight requests finish until the deadline, the rest end
-with an error event) while the socket stays open, so that a client arriving during the drain gets
-a 503 rather than a refused connection. Then the server stops listening, closes idle connections,
-gives responses still being written a moment, and the lifespan's end closes the backend client.
-The process exits 0. A second signal ends what is in flight at once.
+``GatewayRunner.serve`` enters the app's lifecycle (``compose.App.running``: the backend, the
+background tasks), listens, and waits for a signal. The first SIGTERM/SIGINT starts
+``Gateway.drain`` (readiness 503, new and queued requests 503 ``shutting_down``, in-flight requests
+finish until the deadline, the rest end with an error event) while the socket stays open, so that a
+client arriving during the drain gets a 503 rather than a refused connection. Then the server stops
+listening, closes idle connections, gives responses still being written a moment, and leaving the
+lifecycle stops the parts (the backend client last). The process exits 0. A second signal ends what
+is in flight at once.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from vllm_gateway.edge.frontdoor import GatewayApp
+from vllm_gateway.compose import App
 from vllm_gateway.edge.http import HttpServer, Limits
 from vllm_gateway.settings import Settings
 
@@ -47,11 +47,13 @@ def limits_of(settings: Settings) -> Limits:
 
 
 class GatewayRunner:
-    def __init__(self, app: GatewayApp, *, handle_signals: bool = True) -> None:
+    def __init__(self, app: App, *, handle_signals: bool = True) -> None:
         self.app = app
         self.settings = app.gateway.settings
-        self.http = HttpServer(app, limits_of(self.settings), app.budget, app.server_stats)
-        self.http.on_refused = app.refused
+        self.http = HttpServer(
+            app.frontdoor, limits_of(self.settings), app.budget, app.server_stats
+        )
+        self.http.on_refused = app.frontdoor.refused
         self.started = False
         self._handle_signals = handle_signals
         self._exit: asyncio.Event | None = None
@@ -61,13 +63,8 @@ class GatewayRunner:
     def port(self) -> int:
         return int(self.http.sockets[0].getsockname()[1])
 
-    async def serve(
-        self,
-        sock: socket.socket | None = None,
-        before_listen: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        """Serve until a signal (or ``request_exit``) ends it, drain included. ``before_listen``
-        runs in the loop once the app has started (a worker connects to its supervisor there)."""
+    async def serve(self, sock: socket.socket | None = None) -> None:
+        """Serve until a signal (or ``request_exit``) ends it, drain included."""
         loop = asyncio.get_running_loop()
         self._exit = asyncio.Event()
         if self._handle_signals:
@@ -75,20 +72,16 @@ class GatewayRunner:
             for sig in HANDLED_SIGNALS:
                 loop.add_signal_handler(sig, self.on_signal)
         try:
-            await self._serve(sock, before_listen)
+            await self._serve(sock)
         finally:
             if self._handle_signals:
                 for sig in HANDLED_SIGNALS:
                     loop.remove_signal_handler(sig)
+            await self._stop_drain()
 
-    async def _serve(
-        self, sock: socket.socket | None, before_listen: Callable[[], Awaitable[None]] | None
-    ) -> None:
+    async def _serve(self, sock: socket.socket | None) -> None:
         assert self._exit is not None
-        api = self.app.api
-        async with api.router.lifespan_context(api):
-            if before_listen is not None:
-                await before_listen()
+        async with self.app.running():
             if self._exit.is_set():
                 return  # stopped while starting
             if sock is not None:
@@ -110,7 +103,7 @@ class GatewayRunner:
 
     def on_signal(self) -> None:
         if self._drain_task is None:
-            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain(), name="drain")
             return
         # A second signal: end what is in flight now, with an error event, and exit.
         log.warning("second signal: ending %d request(s) now", len(self.app.gateway.active))
@@ -123,6 +116,15 @@ class GatewayRunner:
             await self.app.gateway.drain()
         finally:
             self.request_exit()
+
+    async def _stop_drain(self) -> None:
+        """The drain task is the runner's: it ends with the runner (a second signal, or a stop
+        without one, leaves it waiting for the requests in flight)."""
+        task, self._drain_task = self._drain_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @property
     def stop_requested(self) -> bool:
@@ -142,17 +144,13 @@ def _event_loop_factory() -> Any:
     return uvloop.new_event_loop
 
 
-def run(
-    app: GatewayApp,
-    sock: socket.socket | None = None,
-    before_listen: Callable[[], Awaitable[None]] | None = None,
-) -> int:
+def run(app: App, sock: socket.socket | None = None) -> int:
     """Serve ``app`` in this thread until a signal drains it; the process exit code."""
     runner = GatewayRunner(app)
     factory = _event_loop_factory()
     try:
         with asyncio.Runner(loop_factory=factory) as loop_runner:
-            loop_runner.run(runner.serve(sock, before_listen))
+            loop_runner.run(runner.serve(sock))
     except OSError as exc:
         settings = app.gateway.settings
         log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
@@ -162,5 +160,5 @@ def run(
         return 1
     with contextlib.suppress(Exception):
         sys.stdout.flush()
-    # Not started and not asked to stop: startup failed (the lifespan said why).
+    # Not started and not asked to stop: startup failed (the lifecycle said why).
     return 0 if runner.started or runner.stop_requested else 1

@@ -85,15 +85,10 @@ def _worker_main(
     _detach_from_terminal_group()
     from vllm_gateway.compose import create_app
     from vllm_gateway.observability.logs import configure_logging
-    from vllm_gateway.proxy.shared_admission import RemoteAdmission
     from vllm_gateway.runtime.server import run
 
     configure_logging(settings)
-    admission = RemoteAdmission(
-        settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_wait_timeout
-    )
-    app = create_app(settings, admission=admission)
-    raise SystemExit(run(app, sock, before_listen=lambda: admission.connect(control)))
+    raise SystemExit(run(create_app(settings, supervisor=control), sock))
 
 
 def _bind(settings: Settings) -> socket.socket:
@@ -175,10 +170,12 @@ class _Supervisor:
                     if proc is not None
                 }
                 stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
-                done, _ = await asyncio.wait([stop, *watched], return_when=asyncio.FIRST_COMPLETED)
-                for fut in [stop, *watched]:
-                    if not fut.done():
-                        fut.cancel()
+                done, pending = await asyncio.wait(
+                    [stop, *watched], return_when=asyncio.FIRST_COMPLETED
+                )
+                for fut in pending:
+                    fut.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
                 if self.stopping.is_set():
                     break
                 for fut in done:

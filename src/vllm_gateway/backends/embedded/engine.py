@@ -195,7 +195,7 @@ class EmbeddedBackend(Backend):
         engine_args = vllm.AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=vllm.usage_context)
         # Blocks the loop while the engine core process loads the model and warms up, as
-        # `vllm serve` does; the gateway does not serve before its lifespan startup ends.
+        # `vllm serve` does; the gateway does not listen before its lifecycle has started.
         engine = vllm.AsyncLLM.from_vllm_config(
             vllm_config=vllm_config,
             usage_context=vllm.usage_context,
