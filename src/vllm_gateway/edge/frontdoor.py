@@ -80,6 +80,7 @@ class GatewayApp:
             ex.render_error = route.protocol.error_body
         if route is not None and route.kind == "admin" and not preflight:
             return self._admit_admin(ex, route, found[1] if found is not None else None)
+        ctx = ex.context
         identity = ANONYMOUS
         if self._keys and path not in OPEN_ROUTES and not preflight:
             known = None
@@ -89,20 +90,20 @@ class GatewayApp:
                 # Any tenant's stored responses and failed requests, to an operator.
                 known = self._admin_keys.identify(ex.headers)
                 if known is not None:
-                    ex.state["admin"] = True
+                    ctx.admin = True
             if known is None:
                 known = self._keys.identify(ex.headers)
             if known is None:
                 return Unauthorized()
             identity = known
-        ex.state["identity"] = identity
+        ctx.identity = identity
         peer = ex.client[0] if ex.client else None
-        ex.state["client_address"] = self._clients.client(peer, ex.headers)
+        ctx.client_address = self._clients.client(peer, ex.headers)
         ex.body_limit = _SMALL_BODY
-        if route is None or preflight:
+        if found is None or preflight:
             return None
-        ex.state["route"] = found
-        return self._admit_route(ex, route)
+        ctx.route, ctx.param = found
+        return self._admit_route(ex, found[0])
 
     def _admit_admin(self, ex: Exchange, route: Route, param: str | None) -> GatewayError | None:
         """Admin routes are closed unless admin keys are configured, and then open to them only:
@@ -118,10 +119,11 @@ class GatewayApp:
                 ex.request_id,
             )
             return errors.Forbidden()
-        ex.state["identity"] = identity
-        ex.state["client_address"] = ex.client[0] if ex.client else None
-        ex.state["route"] = (route, param)  # param: an adapter's name
-        ex.state["admin"] = True
+        ctx = ex.context
+        ctx.identity = identity
+        ctx.client_address = ex.client[0] if ex.client else None
+        ctx.route, ctx.param = route, param  # param: an adapter's name
+        ctx.admin = True
         return self._admit_route(ex, route)
 
     def _admit_route(self, ex: Exchange, route: Route) -> GatewayError | None:
@@ -148,18 +150,19 @@ class GatewayApp:
         return None
 
     def ready(self, ex: Exchange) -> GatewayError | None:
-        found = ex.state.get("route")
+        ctx = ex.context
+        route = ctx.route
         admission = self.gateway.admission
         # Several workers share the supervisor's admission, which answers over a socket: their
         # requests ask from their task (``ProxyCall``).
-        if found is None or not found[0].admitted or not isinstance(admission, Admission):
+        if route is None or not route.admitted or not isinstance(admission, Admission):
             return None
-        identity = ex.state["identity"]
+        identity = ctx.identity or ANONYMOUS
         try:
             place = admission.arrive(identity.tenant, identity.priority)
         except GatewayError as err:
             return err
-        ex.state["place"] = place
+        ctx.place = place
         # Until its task owns the place: a client that leaves first gives it up.
         ex.on_gone = place.release
         return None
@@ -172,12 +175,11 @@ class GatewayApp:
             ex.extra_headers = []
             ex.respond(status, [*headers, (b"x-request-id", ex.request_id.encode())], b"")
             return
-        found = ex.state.get("route")
-        if found is not None:
-            route, param = found
-            call = ProxyCall(self.gateway, ex, route, param)
+        ctx = ex.context
+        if ctx.route is not None:
+            call = ProxyCall(self.gateway, ex, ctx.route, ctx.param)
             await call.run()
-            if ex.state.get("admin"):
+            if ctx.admin:
                 admin_log.warning(
                     "admin route %s %s by %s: %s %s (request %s)",
                     ex.method,
@@ -190,16 +192,16 @@ class GatewayApp:
             return
         state = {
             "request_id": ex.request_id,
-            "identity": ex.state["identity"],
-            "client_address": ex.state["client_address"],
-            "admin": ex.state.get("admin", False),
+            "identity": ctx.identity,
+            "client_address": ctx.client_address,
+            "admin": ctx.admin,
         }
         await serve_asgi(self.api, ex, state)
 
     def refused(self, ex: Exchange, err: GatewayError) -> None:
         """The server answered ``err`` itself: count it like any other ended request."""
         record = RejectedCall(ex.request_id, ex.path, err, ex.arrived_at or None)
-        identity = ex.state.get("identity")
+        identity = ex.context.identity
         if identity is not None:  # refused after its key was known: the tenant's own failure
             record.tenant = identity.tenant
         self.gateway.request_ended(record)

@@ -96,12 +96,13 @@ class ProxyCall(Continuing):
         self.permit: Permit | RemotePermit | None = None
         self.finished = False
         self.requested_tokens = 0
-        identity = exchange.state.get("identity", ANONYMOUS)
+        ctx = exchange.context
+        identity = ctx.identity or ANONYMOUS
         self.tenant: str = identity.tenant
         self.priority: int = identity.priority
         # Rate limits count per tenant; without keys, per client address (a proxy's word for it
         # only when that proxy is trusted).
-        address = exchange.state.get("client_address")
+        address = ctx.client_address
         self.rate_key = (
             (f"ip:{address}" if address else "anonymous")
             if identity is ANONYMOUS
@@ -128,7 +129,7 @@ class ProxyCall(Continuing):
         gw.active.add(self)
         ex = self._ex
         # The admission place the front door took when the request was whole (one process).
-        place: Permit | Ticket | None = ex.state.pop("place", None)
+        place, ex.context.place = ex.context.place, None
         ex.on_gone = self._client_gone
         try:
             try:
@@ -378,7 +379,7 @@ class ProxyCall(Continuing):
         tenant = self.tenant
         if self._route.kind == "store":
             named, param = self._param, "response_id"
-            if self._ex.state.get("admin"):
+            if self._ex.context.admin:
                 return
         else:
             named, param = valid.previous_response_id, "previous_response_id"
