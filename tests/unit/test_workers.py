@@ -133,3 +133,24 @@ async def test_drain_refuses_the_queue_and_new_arrivals() -> None:
         await b.acquire()
     permit.release()
     await coordinator.aclose()
+
+
+async def test_a_place_released_while_its_ask_waits_leaves_the_supervisor_s_queue() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=4)
+    held = await a.acquire()
+    place = b.arrive()
+    waiting = asyncio.create_task(place.wait())
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 1
+    waiting.cancel()  # the client left while queued
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 1  # the place is still its owner's
+    place.release()
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 0
+    held.release()
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.in_flight == 0
+    await coordinator.aclose()

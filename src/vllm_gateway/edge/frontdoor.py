@@ -26,7 +26,6 @@ from vllm_gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown, Un
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.ids import new_request_id
 from vllm_gateway.observability.connections import ConnectionStats
-from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.call import ProxyCall
 from vllm_gateway.proxy.gateway import Gateway
@@ -152,19 +151,15 @@ class GatewayApp:
     def ready(self, ex: Exchange) -> GatewayError | None:
         ctx = ex.context
         route = ctx.route
-        admission = self.gateway.admission
-        # Several workers share the supervisor's admission, which answers over a socket: their
-        # requests ask from their task (``ProxyCall``).
-        if route is None or not route.admitted or not isinstance(admission, Admission):
+        if route is None or not route.admitted:
             return None
         identity = ctx.identity or ANONYMOUS
         try:
-            place = admission.arrive(identity.tenant, identity.priority)
+            # One process: a permit or a queue place, now. A worker of several: a place the
+            # supervisor is asked for when the call waits on it.
+            ctx.place = self.gateway.admission.arrive(identity.tenant, identity.priority)
         except GatewayError as err:
             return err
-        ctx.place = place
-        # Until its task owns the place: a client that leaves first gives it up.
-        ex.on_gone = place.release
         return None
 
     async def handle(self, ex: Exchange) -> None:

@@ -38,14 +38,13 @@ from vllm_gateway.errors import (
 )
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.ids import fresh_id
-from vllm_gateway.proxy.admission import Permit, Ticket
+from vllm_gateway.proxy.admission import Place
 from vllm_gateway.proxy.continuation import Continuing
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
-from vllm_gateway.proxy.shared_admission import RemotePermit
 from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
 from vllm_gateway.proxy.validation import ValidRequest, set_response_id, validate
 
@@ -57,21 +56,15 @@ log = logging.getLogger("vllm_gateway.proxy.call")
 _CHECKS_MODEL = frozenset({"generate", "pooling", "utility"})
 
 
-def _give_back(place: Permit | Ticket | None) -> None:
-    """Give up an admission place before a wait that is not the admission's own."""
-    if place is not None:
-        place.release()
-
-
 class ProxyCall(Continuing):
     """One request through the gateway; also the record that metrics and logs read at its end."""
 
     __slots__ = (
         "_param",
+        "_place",
         "_token_charge",
         "cancel_reason",
         "finished",
-        "permit",
         "priority",
         "rate_key",
         "requested_tokens",
@@ -93,10 +86,14 @@ class ProxyCall(Continuing):
         self._token_charge: int | None = None  # tokens charged at admission (None: no token limit)
         self.request_headers = exchange.headers
         self.cancel_reason: str | None = None
-        self.permit: Permit | RemotePermit | None = None
         self.finished = False
         self.requested_tokens = 0
         ctx = exchange.context
+        # The admission place the front door took when the request was whole (None: a route
+        # that takes none). The call holds it in this one slot from here to its end, and
+        # releases it once, in ``run``'s cleanup.
+        self._place: Place | None = ctx.place
+        ctx.place = None
         identity = ctx.identity or ANONYMOUS
         self.tenant: str = identity.tenant
         self.priority: int = identity.priority
@@ -128,12 +125,10 @@ class ProxyCall(Continuing):
         gw = self._gw
         gw.active.add(self)
         ex = self._ex
-        # The admission place the front door took when the request was whole (one process).
-        place, ex.context.place = ex.context.place, None
         ex.on_gone = self._client_gone
         try:
             try:
-                await self._proxy(place)
+                await self._proxy()
             except asyncio.CancelledError:
                 if self.cancel_reason is None:
                     # Not ours (the server is cancelling the task): let it propagate.
@@ -163,10 +158,8 @@ class ProxyCall(Continuing):
             if self._charged:
                 self._ex.budget.give(self._charged)
                 self._charged = 0
-            if place is not None:
-                place.release()  # a place never turned into the permit (refused, or client gone)
-            if self.permit is not None:
-                self.permit.release()
+            if self._place is not None:
+                self._place.release()  # the one release: queued, granted, or taken back
             gw.active.discard(self)
             gw.request_ended(self)
             if self._token_charge is not None:
@@ -243,7 +236,7 @@ class ProxyCall(Continuing):
             # connection: nothing here waits for it.
             ex.end(self._protocol.error_event(err, self.request_id, self.events))
 
-    async def _proxy(self, place: Permit | Ticket | None) -> None:
+    async def _proxy(self) -> None:
         gw = self._gw
         settings = gw.settings
         ex = self._ex
@@ -262,28 +255,20 @@ class ProxyCall(Continuing):
         ):
             # The check may wait for the backend's model list: hold no place meanwhile (naming
             # unknown models must not let a client hold permits); admission is asked again after.
-            _give_back(place)
-            place = None
+            self._step_aside()
             if await gw.models.check(valid.model) is False:
                 raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
         if gw.ratelimiter is not None and route.kind != "admin":
             self.requested_tokens = valid.requested_tokens
             if gw.ratelimiter.mode == "redis":
-                _give_back(place)  # a round trip to Redis: the same
-                place = None
+                self._step_aside()  # a round trip to Redis: the same
             self._token_charge = await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
-        if route.admitted:
-            permit: Permit | RemotePermit
-            if place is None:
-                permit = await gw.admission.acquire(tenant=self.tenant, priority=self.priority)
-            elif isinstance(place, Ticket):
-                permit = await place.wait()
-            else:
-                permit = place
-            self.permit = permit
+        place = self._place
+        if place is not None:
+            await place.wait()
             self.admitted = True
-            self.queue_wait = permit.queue_wait
+            self.queue_wait = place.queue_wait
         deadline = loop.time() + settings.request_timeout
         if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
             assert valid.json is not None
@@ -340,6 +325,12 @@ class ProxyCall(Continuing):
             self._relay_body(upstream, body)
             if ex.paused:
                 await ex.drain()
+
+    def _step_aside(self) -> None:
+        """Before a wait that is not the admission's own: give up the place (taken again, at the
+        end of the queue, when ``_proxy`` waits on it)."""
+        if self._place is not None:
+            self._place = self._place.step_aside()
 
     def _upstream_request(self, valid: ValidRequest) -> UpstreamRequest:
         ex = self._ex

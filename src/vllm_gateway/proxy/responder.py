@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vllm_gateway.identity import Identity
-from vllm_gateway.proxy.admission import Permit, Ticket
+from vllm_gateway.proxy.admission import Place
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.routes import Route
 
@@ -33,7 +33,7 @@ class RequestContext:
     route: Route | None = None  # a proxied route; None for everything else
     param: str | None = None  # the route's path parameter (a stored response's id, an adapter)
     admin: bool = False  # an admin key opened it
-    place: Permit | Ticket | None = None  # its admission place, taken when it was whole
+    place: Place | None = None  # its admission place, taken when it was whole (the call's after)
 
 
 class ClientGone(Exception):

@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from vllm_gateway.errors import GatewayError
-from vllm_gateway.proxy.admission import Admission, Permit
+from vllm_gateway.proxy.admission import Admission, Place
 from vllm_gateway.proxy.shared_admission import Channel
 
 __all__ = ["AdmissionCoordinator"]
@@ -38,7 +38,7 @@ class _Worker:
     def __init__(self, name: str) -> None:
         self.name = name
         self.channel: Channel | None = None
-        self.held: dict[int, Permit] = {}
+        self.held: dict[int, Place] = {}
         self.waiting: dict[int, asyncio.Task[None]] = {}
 
 
