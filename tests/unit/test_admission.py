@@ -367,6 +367,21 @@ async def test_a_cancelled_wait_leaves_the_place_to_its_owner() -> None:
     assert adm.in_flight == 0
 
 
+async def test_wait_sheds_only_a_place_that_will_wait() -> None:
+    adm, held, place = _one_held_one_queued(queue_timeout=5)
+    shed: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, held.release)
+    await place.wait(lambda: shed.append("queued"))
+    assert shed == ["queued"]
+    free = Admission(limit=1, max_queued=1, queue_timeout=5).arrive()
+    await free.wait(lambda: shed.append("free"))
+    assert shed == ["queued"]  # a slot at once: nothing to shed
+    place.release()
+    free.release()
+    assert adm.in_flight == 0
+
+
 @pytest.mark.parametrize("queued_first", [False, True])
 async def test_a_place_stepped_aside_takes_its_turn_again_at_the_end(queued_first: bool) -> None:
     adm = Admission(limit=1, max_queued=10, queue_timeout=5)

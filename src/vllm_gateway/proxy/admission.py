@@ -55,9 +55,10 @@ class Place(Protocol):
     def queue_wait(self) -> float:
         """Seconds from the place's arrival to its slot (0 until granted)."""
 
-    async def wait(self) -> Place:
+    async def wait(self, shed: Callable[[], None] | None = None) -> Place:
         """The place, once it holds a slot; ``QueueTimeout``, ``Overloaded`` or ``ShuttingDown``
-        when it will not (the place is still the owner's to release)."""
+        when it will not (the place is still the owner's to release). ``shed`` is called before
+        a wait in the queue: what the owner need not hold while it waits."""
         ...
 
     def step_aside(self) -> Place:
@@ -91,7 +92,9 @@ class Permit:
         self.queue_wait = queue_wait
         self.released = False
 
-    async def wait(self, timeout: float | None = None) -> Permit:
+    async def wait(
+        self, shed: Callable[[], None] | None = None, timeout: float | None = None
+    ) -> Permit:
         return self
 
     def step_aside(self) -> Later:
@@ -156,7 +159,9 @@ class Ticket:
         self.queue_wait = 0.0
         self.released = False
 
-    async def wait(self, timeout: float | None = None) -> Ticket:
+    async def wait(
+        self, shed: Callable[[], None] | None = None, timeout: float | None = None
+    ) -> Ticket:
         """The place, holding the slot; raise ``QueueTimeout`` when none comes within
         ``timeout`` (default: the queue timeout) of arrival, ``Overloaded`` or ``ShuttingDown``
         when the admission takes the place back. Whatever happens, the owner releases it."""
@@ -164,6 +169,8 @@ class Ticket:
             return self
         adm = self._admission
         fut = self._fut
+        if shed is not None and not fut.done():
+            shed()
         limit = adm.queue_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout_at(self._deadline + limit):
@@ -226,13 +233,15 @@ class Later:
     def queue_wait(self) -> float:
         return self._place.queue_wait if self._place is not None else 0.0
 
-    async def wait(self, timeout: float | None = None) -> Later:
+    async def wait(
+        self, shed: Callable[[], None] | None = None, timeout: float | None = None
+    ) -> Later:
         if self.released:
             raise RuntimeError("waiting on a released place")
         place = self._place
         if place is None:
             place = self._place = self._admission.arrive(self._key[1], self._key[0])
-        await place.wait(timeout)
+        await place.wait(shed, timeout)
         return self
 
     def step_aside(self) -> Later:

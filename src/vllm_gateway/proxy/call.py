@@ -254,21 +254,25 @@ class ProxyCall(Continuing):
             and not gw.models.known(valid.model)
         ):
             # The check may wait for the backend's model list: hold no place meanwhile (naming
-            # unknown models must not let a client hold permits); admission is asked again after.
-            self._step_aside()
+            # unknown models must not let a client hold permits), nor the parsed body; admission
+            # is asked again after.
+            self._step_aside(valid)
             if await gw.models.check(valid.model) is False:
                 raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
         if gw.ratelimiter is not None and route.kind != "admin":
             self.requested_tokens = valid.requested_tokens
             if gw.ratelimiter.mode == "redis":
-                self._step_aside()  # a round trip to Redis: the same
+                self._step_aside(valid)  # a round trip to Redis: the same
             self._token_charge = await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
 
         place = self._place
         if place is not None:
-            await place.wait()
+            # A place in the queue waits without the parsed body (up to ~30x the body's bytes),
+            # and parses it again when its slot comes; one granted at once keeps it.
+            await place.wait(None if place.granted else valid.drop_parsed)
             self.admitted = True
             self.queue_wait = place.queue_wait
+        valid.parse_again()
         deadline = loop.time() + settings.request_timeout
         if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
             assert valid.json is not None
@@ -326,9 +330,10 @@ class ProxyCall(Continuing):
             if ex.paused:
                 await ex.drain()
 
-    def _step_aside(self) -> None:
+    def _step_aside(self, valid: ValidRequest) -> None:
         """Before a wait that is not the admission's own: give up the place (taken again, at the
-        end of the queue, when ``_proxy`` waits on it)."""
+        end of the queue, when ``_proxy`` waits on it) and the parsed body (parsed again then)."""
+        valid.drop_parsed()
         if self._place is not None:
             self._place = self._place.step_aside()
 

@@ -19,7 +19,9 @@ what it is:
                                                           crossed it is released)
                            ["M", seq, snapshot]           metrics, asked for with "Q"
                            ["Q", seq]                     a scrape: send me every other worker's
-    supervisor -> worker   ["G", id, queue_wait, state]   granted
+    supervisor -> worker   ["W", id]                      queued: no slot at once (the worker
+                                                          sheds what its request need not hold)
+                           ["G", id, queue_wait, state]   granted
                            ["X", id, type, message, retry_after, state]   refused
                            ["S", state]                   the shared state, when it changes
                            ["Q", seq]                     send your metrics snapshot
@@ -122,6 +124,7 @@ class RemotePlace:
         "_admission",
         "_fut",
         "_id",
+        "_shed",
         "acquired_at",
         "granted",
         "priority",
@@ -136,15 +139,17 @@ class RemotePlace:
         self.priority = priority
         self._id = 0  # the ask's id, once asked
         self._fut: asyncio.Future[float] | None = None
+        self._shed: Callable[[], None] | None = None
         self.granted = False
         self.queue_wait = 0.0
         self.acquired_at = 0.0
         self.released = False
 
-    async def wait(self) -> RemotePlace:
+    async def wait(self, shed: Callable[[], None] | None = None) -> RemotePlace:
         """The place, once the supervisor granted it a slot; ``QueueTimeout`` when no answer
         comes within the queue timeout and a margin, the supervisor's refusal otherwise (the
-        place is still the owner's to release)."""
+        place is still the owner's to release). ``shed`` is called when the supervisor says the
+        ask is queued."""
         if self.granted:
             return self
         adm = self._admission
@@ -153,6 +158,7 @@ class RemotePlace:
             raise ShuttingDown(retry_after=adm._estimate)
         ident = self._id = next(adm._ids)
         fut = self._fut = asyncio.get_running_loop().create_future()
+        self._shed = shed
         adm._waiting[ident] = self
         channel.send(["A", ident, self.tenant, self.priority])
         try:
@@ -162,6 +168,7 @@ class RemotePlace:
             raise QueueTimeout(retry_after=adm._estimate) from None
         finally:
             adm._waiting.pop(ident, None)
+            self._shed = None
         self.granted = True
         self.queue_wait = queue_wait
         adm._held += 1
@@ -182,6 +189,11 @@ class RemotePlace:
             self._admission._release(self._id)
         elif self._id:
             self._admission._abandon(self._id)  # asked, never granted: the ask is cancelled
+
+    def _queued(self) -> None:
+        shed, self._shed = self._shed, None
+        if shed is not None:
+            shed()
 
     def _answer(self, queue_wait: float | None, err: GatewayError | None) -> None:
         fut = self._fut
@@ -324,6 +336,10 @@ class RemoteAdmission:
             if place is not None:
                 place._answer(queue_wait, None)
             # Else the waiter left: its "C" crossed this grant, and the supervisor releases it.
+        elif kind == "W":
+            place = self._waiting.get(message[1])
+            if place is not None:
+                place._queued()
         elif kind == "X":
             _, ident, err_type, text, retry_after, state = message
             self._state(state)
