@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI
+from starlette.routing import Match
 
 from vllm_gateway import errors
 from vllm_gateway.edge.asgi import serve_asgi
@@ -43,6 +44,22 @@ _SMALL_BODY = 64 * 1024
 # Routes an admin key opens besides the admin routes: what reads any tenant's state (the stored
 # Responses' routes are the other, by their kind).
 _ADMIN_READS = frozenset({"/status/data"})
+# What a request for no route is told the gateway serves.
+_SERVED = (
+    "The gateway serves the OpenAI API under /v1 (POST /v1/chat/completions, /v1/completions, "
+    "/v1/responses, /v1/embeddings; GET /v1/models) and Anthropic's POST /v1/messages; "
+    "every route is in /docs."
+)
+
+
+def _near(path: str) -> list[str]:
+    """Paths a client may have meant: the same under /v1 (a base URL without it), or with one
+    /v1 less (a base URL with it, and a path with it again)."""
+    if path.startswith("/v1/v1/"):
+        return [path[3:]]
+    if path != "/" and not path.startswith("/v1/"):
+        return ["/v1" + path]
+    return []
 
 
 class GatewayApp:
@@ -185,6 +202,15 @@ class GatewayApp:
                     ex.request_id,
                 )
             return
+        if not self._api_serves(ex.path):
+            err = errors.NotFound(self._no_route(ex.path))
+            headers = [(b"content-type", b"application/json"), *err.headers()]
+            ex.respond(
+                err.status,
+                [*headers, (b"x-request-id", ex.request_id.encode())],
+                errors.json_body(err, ex.request_id),
+            )
+            return
         state = {
             "request_id": ex.request_id,
             "identity": ctx.identity,
@@ -192,6 +218,28 @@ class GatewayApp:
             "admin": ctx.admin,
         }
         await serve_asgi(self.api, ex, state)
+
+    def _api_serves(self, path: str) -> bool:
+        """Whether the FastAPI app answers ``path`` (with any method: a wrong one is its 405), or
+        redirects it (to the same path with its trailing slash changed)."""
+        paths = [path]
+        if path != "/":
+            paths.append(path.rstrip("/") if path.endswith("/") else path + "/")
+        for candidate in paths:
+            scope = {"type": "http", "path": candidate, "root_path": "", "method": "GET"}
+            for route in self.api.router.routes:
+                if route.matches(scope)[0] is not Match.NONE:
+                    return True
+        return False
+
+    def _no_route(self, path: str) -> str:
+        """The 404's message for a path no route serves: the path a client likely meant, when
+        one is served, else what the gateway serves."""
+        shown = path if len(path) <= 200 else path[:197] + "..."
+        for candidate in _near(path):
+            if match(candidate) is not None or self._api_serves(candidate):
+                return f"No route {shown}. Did you mean {candidate}? {_SERVED}"
+        return f"No route {shown}. {_SERVED}"
 
     def refused(self, ex: Exchange, err: GatewayError) -> None:
         """The server answered ``err`` itself: count it like any other ended request."""

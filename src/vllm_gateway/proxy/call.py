@@ -258,7 +258,11 @@ class ProxyCall(Continuing):
             # is asked again after.
             self._step_aside(valid)
             if await gw.models.check(valid.model) is False:
-                raise ModelNotFound(f"The model '{valid.model}' does not exist.", param="model")
+                served = gw.models.served(settings.model_aliases)
+                raise ModelNotFound(
+                    f"The model '{valid.model[:200]}' does not exist. {served}".rstrip(),
+                    param="model",
+                )
         if gw.ratelimiter is not None and route.kind != "admin":
             self.requested_tokens = valid.requested_tokens
             if gw.ratelimiter.mode == "redis":
