@@ -5,9 +5,15 @@ the server's ``Exchange``, with no ASGI, no middleware and no re-serialisation. 
 (health, models, metrics, the OpenAPI document) is an ordinary FastAPI route, served through the
 ASGI bridge. What can be decided from the headers alone (API key, method, media type, draining,
 the body's declared length) is decided in ``admit`` before the body is read, so a refused client
-never gets to send it. When the request is whole, ``ready`` takes its place in admission (a permit
-or a place in the queue) before its task is made: places follow arrival order, and a full gateway
-refuses in the callback that read the request, not behind the setup of the requests before it.
+never gets to send it. What it learns goes into the exchange's ``RequestContext`` (identity, client
+address, route, admin flag), which the call and the ASGI routes read. When the request is whole,
+``ready`` takes its place in admission (a permit or a place in the queue) before its task is made:
+places follow arrival order, and a full gateway refuses in the callback that read the request, not
+behind the setup of the requests before it. The place goes to the call in the context; from then
+the call owns it and releases it.
+
+A path that no route serves is answered here, before FastAPI, with what the gateway serves and,
+when there is one, the path the client likely meant.
 """
 
 from __future__ import annotations

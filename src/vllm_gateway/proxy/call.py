@@ -7,7 +7,10 @@ on another member) and this module's, the request's life from its task's start t
 ``ProxyCall.run`` is the only owner of everything the request opens. Whatever path the request
 takes (success, backend error, timeout, client gone, drain), its ``finally`` releases the
 admission place exactly once, closes the upstream response (which aborts the work behind it if it
-had not ended), gives back the buffered bytes it counted, and tells the observers.
+had not ended), gives back the buffered bytes it counted, and tells the observers. The place is
+held in one slot (``_place``) from the call's making to that release; a wait that is not the
+admission's own steps it aside first (``Place.step_aside``: what it held is given back then, and
+the place left in the slot takes its turn again when waited on).
 
 Two cancellation sources reach the call from outside: the client leaving (``client_gone``) and
 the drain deadline (``shutdown``). Both cancel the call's task after recording why; ``run``
@@ -271,12 +274,14 @@ class ProxyCall(Continuing):
 
         place = self._place
         if place is not None:
-            # A place in the queue waits without the parsed body (up to ~30x the body's bytes),
-            # and parses it again when its slot comes; one granted at once keeps it.
-            await place.wait(None if place.granted else valid.drop_parsed)
+            if not place.granted:
+                # A place in the queue waits without the parsed body (up to ~30x the body's
+                # bytes) and parses it again when its slot comes; one granted at once keeps it.
+                await place.wait(valid.drop_parsed)
             self.admitted = True
             self.queue_wait = place.queue_wait
-        valid.parse_again()
+        if valid.dropped:
+            valid.parse_again()
         deadline = loop.time() + settings.request_timeout
         if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
             assert valid.json is not None
