@@ -82,8 +82,8 @@ class ProxyCall(Continuing):
         request_id = exchange.request_id
         upstream_id = request_id if exchange.header(b"x-request-id") is None else fresh_id()
         # From when the request was whole: the wait for its task is the gateway's time too.
-        super().__init__(
-            gw, exchange, route, upstream_id, exchange.arrived_at or time.perf_counter()
+        Continuing.__init__(
+            self, gw, exchange, route, upstream_id, exchange.arrived_at or time.perf_counter()
         )
         self._param = param  # the path's parameter (a stored response's id), checked by routes
         self._token_charge: int | None = None  # tokens charged at admission (None: no token limit)

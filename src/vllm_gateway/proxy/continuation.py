@@ -31,10 +31,8 @@ from vllm_gateway.errors import (
     UpstreamError,
 )
 from vllm_gateway.proxy.failover import Resumable
-from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.relay import Relay
-from vllm_gateway.proxy.responder import Responder
-from vllm_gateway.proxy.routes import COMPLETIONS, Route
+from vllm_gateway.proxy.routes import COMPLETIONS
 
 __all__ = ["Continuing", "failure_reason"]
 
@@ -51,22 +49,10 @@ def failure_reason(exc: GatewayError) -> str:
 
 
 class Continuing(Relay):
-    """A relay whose stream may go on on another member (when ``_resumable`` is set)."""
+    """A relay whose stream may go on on another member (when the call set ``_resumable``, or
+    ``_not_resumable`` to say why it may not)."""
 
-    __slots__ = ("_not_resumable",)
-
-    def __init__(
-        self,
-        gw: Gateway,
-        exchange: Responder,
-        route: Route,
-        upstream_id: str,
-        started_at: float,
-    ) -> None:
-        super().__init__(gw, exchange, route, upstream_id, started_at)
-        # Why the stream may not go on (for the metrics), set by the call with ``_resumable``;
-        # None when it may, or when failover does not apply.
-        self._not_resumable: str | None = None
+    __slots__ = ()
 
     def _follow(self, resumable: Resumable, events: list[bytes], first: bool) -> list[bytes]:
         """The events as the client sees them: the first part's noted (and its ids taken out

@@ -85,6 +85,7 @@ class Relay(Record):
         "_charged",
         "_ex",
         "_gw",
+        "_not_resumable",
         "_protocol",
         "_resumable",
         "_route",
@@ -104,7 +105,7 @@ class Relay(Record):
         upstream_id: str,
         started_at: float,
     ) -> None:
-        super().__init__(exchange.request_id, route.name, started_at)
+        Record.__init__(self, exchange.request_id, route.name, started_at)
         self.upstream_id = upstream_id  # the id the backend knows the request by
         self._gw = gw
         self._ex = exchange
@@ -113,6 +114,7 @@ class Relay(Record):
         self._task: asyncio.Task[Any] | None = None  # the call's task (its timers cancel it)
         self._charged = 0  # bytes of a buffered backend body counted in the buffer budget
         self._resumable: Resumable | None = None  # a stream that may go on on another member
+        self._not_resumable: str | None = None  # why it may not, when failover applies
         self._taker: UsageTaker | None = None  # takes out a usage chunk the client did not ask for
         self.upstream: UpstreamResponse | None = None  # the response the call closes at its end
         self.response_started = False
