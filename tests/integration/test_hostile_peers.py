@@ -395,6 +395,60 @@ async def test_a_request_naming_an_unknown_model_holds_no_permit_while_the_list_
             assert (await unknown).status_code == 200
 
 
+def _queue_depth(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith("vllm_gateway_queue_depth"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no queue depth in /metrics")
+
+
+async def test_bodies_queued_behind_a_held_slot_hold_no_parsed_json(simulator: Simulator) -> None:
+    # A parsed body takes up to ~30 times its bytes, which the buffer budget does not count: a 4
+    # MiB body of ``[]`` items parses to 85 MiB, and ten of them waiting in the queue once added
+    # 1 GiB of RSS. A request that waits in the queue lets go of its parsed body and parses it
+    # again when its slot comes.
+    simulator.configure(tokens=3000, itl=0.01)
+    env = {
+        "VLLM_BACKEND_URL": simulator.url,
+        "VLLM_MAX_CONCURRENT_REQUESTS": "1",
+        "VLLM_MAX_QUEUED_REQUESTS": "20",
+        "VLLM_MAX_BODY_BYTES": str(8 << 20),
+    }
+    items = (4 << 20) // 3
+    body = b'{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"max_tokens":1,'
+    body += b'"padding":[' + b"[]," * items + b"[]]}"
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    with spawn_gateway(env, name="queued-json") as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        pid = gw.process.pid
+        loop = asyncio.get_running_loop()
+        holder = await raw_connect(port)  # a stream that holds the one slot for 30 s
+        await loop.sock_sendall(holder, _request(chat_body(stream=True, max_tokens=3000)))
+        assert b"data: " in await read_until(holder, b"data: ", timeout=10)
+        base, _ = rss_kib(pid)
+        queued = []
+        async with httpx.AsyncClient(timeout=10) as client:
+            for n in range(10):
+                sock = await raw_connect(port)
+                await loop.sock_sendall(sock, head + body)
+                queued.append(sock)
+
+                async def in_queue(n: int = n) -> bool:
+                    return _queue_depth((await client.get(gw.url + "/metrics")).text) == n + 1
+
+                async with asyncio.timeout(20):
+                    while not await in_queue():  # noqa: ASYNC110 - another process's state
+                        await asyncio.sleep(0.05)
+        grown, _ = rss_kib(pid)
+        for sock in [*queued, holder]:
+            sock.close()
+        # 40 MiB of bodies, in the budget; their parsed forms would be 850 MiB more.
+        assert grown - base < 200 * 1024, f"RSS grew by {(grown - base) // 1024} MiB"
+
+
 async def test_the_model_list_is_asked_for_at_start(simulator: Simulator) -> None:
     # So that the first burst after a start finds its model known and keeps the places it took
     # at arrival, instead of every request giving its place back to wait for the list.

@@ -318,6 +318,8 @@ async def test_the_queue_timeout_counts_from_arrival_not_from_the_wait() -> None
         await place.wait()
     # From arrival: about 0.05 s left. From the wait it would be the whole 0.5 s.
     assert loop.time() - start < 0.3
+    assert adm.queued == 1  # a place whose wait failed is still its owner's to release
+    place.release()
     assert adm.queued == 0 and adm.rejected_timeout_total == 1
     held.release()
     assert adm.in_flight == 0
@@ -332,4 +334,73 @@ async def test_arrivals_after_close_are_shut_out_and_queued_places_told() -> Non
         await place.wait()
     place.release()  # the admission took the place back itself: nothing to undo
     held.release()
+    assert adm.in_flight == 0 and adm.queued == 0
+
+
+# --- one owner, one release: a place from arrival to its end (``Place``) --------------------------
+
+
+async def test_a_granted_ticket_is_the_slot_and_its_release_passes_it_on() -> None:
+    adm, held, place = _one_held_one_queued(queue_timeout=5)
+    after = adm.arrive()
+    held.release()
+    assert await asyncio.wait_for(place.wait(), 1) is place  # the place itself holds the slot
+    assert place.granted and adm.in_flight == 1 and adm.queued == 1
+    place.release()
+    place.release()  # idempotent: the slot passes on once
+    assert adm.in_flight == 1 and adm.queued == 0  # to ``after``
+    after.release()
+    assert adm.in_flight == 0
+
+
+async def test_a_cancelled_wait_leaves_the_place_to_its_owner() -> None:
+    adm, held, place = _one_held_one_queued(queue_timeout=5)
+    waiter = asyncio.create_task(place.wait())
+    await asyncio.sleep(0.01)
+    waiter.cancel()  # the client left while queued
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert adm.queued == 1 and not place.granted
+    place.release()
+    assert adm.queued == 0
+    held.release()
+    assert adm.in_flight == 0
+
+
+async def test_wait_sheds_only_a_place_that_will_wait() -> None:
+    adm, held, place = _one_held_one_queued(queue_timeout=5)
+    shed: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, held.release)
+    await place.wait(lambda: shed.append("queued"))
+    assert shed == ["queued"]
+    free = Admission(limit=1, max_queued=1, queue_timeout=5).arrive()
+    await free.wait(lambda: shed.append("free"))
+    assert shed == ["queued"]  # a slot at once: nothing to shed
+    place.release()
+    free.release()
+    assert adm.in_flight == 0
+
+
+@pytest.mark.parametrize("queued_first", [False, True])
+async def test_a_place_stepped_aside_takes_its_turn_again_at_the_end(queued_first: bool) -> None:
+    adm = Admission(limit=1, max_queued=10, queue_timeout=5)
+    held = adm.arrive()
+    place = adm.arrive(tenant="t") if queued_first else held
+    aside = place.step_aside()  # given up for the model list: its slot or position is free
+    assert adm.queued == 0 and adm.in_flight == (1 if queued_first else 0)
+    assert aside.step_aside() is aside  # nothing taken again yet
+    if queued_first:
+        other = adm.arrive()  # arrives while the first one waits elsewhere: goes first
+        held.release()
+        await asyncio.wait_for(other.wait(), 1)
+        waiting = asyncio.create_task(aside.wait())
+        await asyncio.sleep(0.01)
+        assert adm.queued == 1 and not aside.granted
+        other.release()
+        await asyncio.wait_for(waiting, 1)
+    else:
+        await asyncio.wait_for(aside.wait(), 1)
+    assert aside.granted and adm.in_flight == 1
+    aside.release()
     assert adm.in_flight == 0 and adm.queued == 0

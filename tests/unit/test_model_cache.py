@@ -127,3 +127,22 @@ async def test_known_answers_from_the_cache_without_waiting() -> None:
     assert fetch.calls == 2
     fetch.release.set()
     await catalog.aclose()
+
+
+async def test_a_404_names_what_is_served_within_bounds() -> None:
+    catalog, fetch = _catalog()
+    assert catalog.served() == ""  # no list yet: nothing to name
+    fetch.models = [f"org/model-{i:02d}-" + "x" * 100 for i in range(30)]
+    assert await catalog.check("nope") is False
+    served = catalog.served({"short": fetch.models[0], "dangling": "not-served"})
+    names = served.split("'")[1::2]
+    assert len(names) == models_module.NAMED
+    assert all(len(name) <= models_module.NAME_CHARS for name in names)
+    assert names[0].startswith("org/model-00-") and names[0].endswith("...")
+    # 30 listed and one alias of a listed model (an alias of nothing is not served): 11 unnamed.
+    assert "and 11 more" in served and "dangling" not in served
+    assert served.endswith("(GET /v1/models lists them).")
+    fetch.models = ["a", "b"]
+    catalog._fetched_at = -1e9
+    assert await catalog.check("nope") is False
+    assert catalog.served({"c": "b"}) == "Served: 'a', 'b', 'c' (GET /v1/models lists them)."

@@ -142,3 +142,28 @@ def test_the_gateway_names_a_responses_create_and_keeps_the_rest_of_its_bytes() 
     set_response_id(valid, "resp_ours")
     assert valid.body.count(b"request_id") == 1
     assert orjson.loads(valid.body)["request_id"] == valid.json["request_id"] == "resp_ours"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "aliases", "response_id"),
+    [
+        (CHAT, _body(), {}, None),
+        (CHAT, _body(), {"m": "org/m"}, None),
+        ("/v1/responses", b'{"input": "hi", "model": "m"}', {"m": "org/m"}, "resp_1"),
+        ("/v1/responses", b'{"input": "hi", "request_id": "theirs"}', {}, "resp_2"),
+    ],
+)
+def test_a_parsed_body_dropped_for_a_wait_comes_back_as_it_was(
+    path: str, body: bytes, aliases: dict[str, str], response_id: str | None
+) -> None:
+    valid = validate_body(path, body, aliases)
+    if response_id is not None:
+        set_response_id(valid, response_id)
+    parsed = valid.json
+    valid.drop_parsed()
+    assert valid.json is None
+    valid.parse_again()
+    assert valid.json == parsed and valid.json is not parsed
+    again = valid.json
+    valid.parse_again()  # nothing dropped: nothing parsed
+    assert valid.json is again

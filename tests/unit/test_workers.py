@@ -153,3 +153,46 @@ async def test_aclose_ends_the_state_ticker_and_the_acquires_still_waiting() -> 
     with pytest.raises(ShuttingDown):
         await queued  # the worker's waiter hears that the supervisor hung up
     permit.release()
+
+
+async def test_an_ask_that_queues_is_told_so_and_one_granted_at_once_is_not() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=4)
+    shed: list[str] = []
+    first = a.arrive()
+    assert not first.granted  # asked for only when waited on
+    await first.wait(lambda: shed.append("first"))
+    second = b.arrive()
+    waiting = asyncio.create_task(second.wait(lambda: shed.append("second")))
+    async with asyncio.timeout(2):
+        while not shed:  # noqa: ASYNC110 - the supervisor's answer comes over the socket
+            await asyncio.sleep(0.01)
+    assert shed == ["second"] and not waiting.done()
+    first.release()
+    assert await asyncio.wait_for(waiting, 2) is second and second.granted
+    assert shed == ["second"]
+    second.release()
+    second.release()  # idempotent: one release message
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.in_flight == 0 and coordinator.admission.queued == 0
+    await coordinator.aclose()
+
+
+async def test_a_place_released_while_its_ask_waits_leaves_the_supervisor_s_queue() -> None:
+    coordinator, (a, b) = await _setup(2, limit=1, queue=4)
+    held = await a.acquire()
+    place = b.arrive()
+    waiting = asyncio.create_task(place.wait())
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 1
+    waiting.cancel()  # the client left while queued
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 1  # the place is still its owner's
+    place.release()
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.queued == 0
+    held.release()
+    await asyncio.sleep(0.05)
+    assert coordinator.admission.in_flight == 0
+    await coordinator.aclose()

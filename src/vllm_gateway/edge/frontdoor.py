@@ -5,9 +5,15 @@ the server's ``Exchange``, with no ASGI, no middleware and no re-serialisation. 
 (health, models, metrics, the OpenAPI document) is an ordinary FastAPI route, served through the
 ASGI bridge. What can be decided from the headers alone (API key, method, media type, draining,
 the body's declared length) is decided in ``admit`` before the body is read, so a refused client
-never gets to send it. When the request is whole, ``ready`` takes its place in admission (a permit
-or a place in the queue) before its task is made: places follow arrival order, and a full gateway
-refuses in the callback that read the request, not behind the setup of the requests before it.
+never gets to send it. What it learns goes into the exchange's ``RequestContext`` (identity, client
+address, route, admin flag), which the call and the ASGI routes read. When the request is whole,
+``ready`` takes its place in admission (a permit or a place in the queue) before its task is made:
+places follow arrival order, and a full gateway refuses in the callback that read the request, not
+behind the setup of the requests before it. The place goes to the call in the context; from then
+the call owns it and releases it.
+
+A path that no route serves is answered here, before FastAPI, with what the gateway serves and,
+when there is one, the path the client likely meant.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI
+from starlette.routing import Match
 
 from vllm_gateway import errors
 from vllm_gateway.edge.asgi import serve_asgi
@@ -26,7 +33,6 @@ from vllm_gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown, Un
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.ids import new_request_id
 from vllm_gateway.observability.connections import ConnectionStats
-from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.call import ProxyCall
 from vllm_gateway.proxy.gateway import Gateway
@@ -44,6 +50,22 @@ _SMALL_BODY = 64 * 1024
 # Routes an admin key opens besides the admin routes: what reads any tenant's state (the stored
 # Responses' routes are the other, by their kind).
 _ADMIN_READS = frozenset({"/status/data"})
+# What a request for no route is told the gateway serves.
+_SERVED = (
+    "The gateway serves the OpenAI API under /v1 (POST /v1/chat/completions, /v1/completions, "
+    "/v1/responses, /v1/embeddings; GET /v1/models) and Anthropic's POST /v1/messages; "
+    "every route is in /docs."
+)
+
+
+def _near(path: str) -> list[str]:
+    """Paths a client may have meant: the same under /v1 (a base URL without it), or with one
+    /v1 less (a base URL with it, and a path with it again)."""
+    if path.startswith("/v1/v1/"):
+        return [path[3:]]
+    if path != "/" and not path.startswith("/v1/"):
+        return ["/v1" + path]
+    return []
 
 
 class GatewayApp:
@@ -80,6 +102,7 @@ class GatewayApp:
             ex.render_error = route.protocol.error_body
         if route is not None and route.kind == "admin" and not preflight:
             return self._admit_admin(ex, route, found[1] if found is not None else None)
+        ctx = ex.context
         identity = ANONYMOUS
         if self._keys and path not in OPEN_ROUTES and not preflight:
             known = None
@@ -89,20 +112,20 @@ class GatewayApp:
                 # Any tenant's stored responses and failed requests, to an operator.
                 known = self._admin_keys.identify(ex.headers)
                 if known is not None:
-                    ex.state["admin"] = True
+                    ctx.admin = True
             if known is None:
                 known = self._keys.identify(ex.headers)
             if known is None:
                 return Unauthorized()
             identity = known
-        ex.state["identity"] = identity
+        ctx.identity = identity
         peer = ex.client[0] if ex.client else None
-        ex.state["client_address"] = self._clients.client(peer, ex.headers)
+        ctx.client_address = self._clients.client(peer, ex.headers)
         ex.body_limit = _SMALL_BODY
-        if route is None or preflight:
+        if found is None or preflight:
             return None
-        ex.state["route"] = found
-        return self._admit_route(ex, route)
+        ctx.route, ctx.param = found
+        return self._admit_route(ex, found[0])
 
     def _admit_admin(self, ex: Exchange, route: Route, param: str | None) -> GatewayError | None:
         """Admin routes are closed unless admin keys are configured, and then open to them only:
@@ -118,10 +141,11 @@ class GatewayApp:
                 ex.request_id,
             )
             return errors.Forbidden()
-        ex.state["identity"] = identity
-        ex.state["client_address"] = ex.client[0] if ex.client else None
-        ex.state["route"] = (route, param)  # param: an adapter's name
-        ex.state["admin"] = True
+        ctx = ex.context
+        ctx.identity = identity
+        ctx.client_address = ex.client[0] if ex.client else None
+        ctx.route, ctx.param = route, param  # param: an adapter's name
+        ctx.admin = True
         return self._admit_route(ex, route)
 
     def _admit_route(self, ex: Exchange, route: Route) -> GatewayError | None:
@@ -148,20 +172,17 @@ class GatewayApp:
         return None
 
     def ready(self, ex: Exchange) -> GatewayError | None:
-        found = ex.state.get("route")
-        admission = self.gateway.admission
-        # Several workers share the supervisor's admission, which answers over a socket: their
-        # requests ask from their task (``ProxyCall``).
-        if found is None or not found[0].admitted or not isinstance(admission, Admission):
+        ctx = ex.context
+        route = ctx.route
+        if route is None or not route.admitted:
             return None
-        identity = ex.state["identity"]
+        identity = ctx.identity or ANONYMOUS
         try:
-            place = admission.arrive(identity.tenant, identity.priority)
+            # One process: a permit or a queue place, now. A worker of several: a place the
+            # supervisor is asked for when the call waits on it.
+            ctx.place = self.gateway.admission.arrive(identity.tenant, identity.priority)
         except GatewayError as err:
             return err
-        ex.state["place"] = place
-        # Until its task owns the place: a client that leaves first gives it up.
-        ex.on_gone = place.release
         return None
 
     async def handle(self, ex: Exchange) -> None:
@@ -172,12 +193,11 @@ class GatewayApp:
             ex.extra_headers = []
             ex.respond(status, [*headers, (b"x-request-id", ex.request_id.encode())], b"")
             return
-        found = ex.state.get("route")
-        if found is not None:
-            route, param = found
-            call = ProxyCall(self.gateway, ex, route, param)
+        ctx = ex.context
+        if ctx.route is not None:
+            call = ProxyCall(self.gateway, ex, ctx.route, ctx.param)
             await call.run()
-            if ex.state.get("admin"):
+            if ctx.admin:
                 admin_log.warning(
                     "admin route %s %s by %s: %s %s (request %s)",
                     ex.method,
@@ -188,18 +208,49 @@ class GatewayApp:
                     ex.request_id,
                 )
             return
+        if not self._api_serves(ex.path):
+            err = errors.NotFound(self._no_route(ex.path))
+            headers = [(b"content-type", b"application/json"), *err.headers()]
+            ex.respond(
+                err.status,
+                [*headers, (b"x-request-id", ex.request_id.encode())],
+                errors.json_body(err, ex.request_id),
+            )
+            return
         state = {
             "request_id": ex.request_id,
-            "identity": ex.state["identity"],
-            "client_address": ex.state["client_address"],
-            "admin": ex.state.get("admin", False),
+            "identity": ctx.identity,
+            "client_address": ctx.client_address,
+            "admin": ctx.admin,
         }
         await serve_asgi(self.api, ex, state)
+
+    def _api_serves(self, path: str) -> bool:
+        """Whether the FastAPI app answers ``path`` (with any method: a wrong one is its 405), or
+        redirects it (to the same path with its trailing slash changed)."""
+        paths = [path]
+        if path != "/":
+            paths.append(path.rstrip("/") if path.endswith("/") else path + "/")
+        for candidate in paths:
+            scope = {"type": "http", "path": candidate, "root_path": "", "method": "GET"}
+            for route in self.api.router.routes:
+                if route.matches(scope)[0] is not Match.NONE:
+                    return True
+        return False
+
+    def _no_route(self, path: str) -> str:
+        """The 404's message for a path no route serves: the path a client likely meant, when
+        one is served, else what the gateway serves."""
+        shown = path if len(path) <= 200 else path[:197] + "..."
+        for candidate in _near(path):
+            if match(candidate) is not None or self._api_serves(candidate):
+                return f"No route {shown}. Did you mean {candidate}? {_SERVED}"
+        return f"No route {shown}. {_SERVED}"
 
     def refused(self, ex: Exchange, err: GatewayError) -> None:
         """The server answered ``err`` itself: count it like any other ended request."""
         record = RejectedCall(ex.request_id, ex.path, err, ex.arrived_at or None)
-        identity = ex.state.get("identity")
+        identity = ex.context.identity
         if identity is not None:  # refused after its key was known: the tenant's own failure
             record.tenant = identity.tenant
         self.gateway.request_ended(record)

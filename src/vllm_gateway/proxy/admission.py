@@ -7,15 +7,22 @@ gets a turn. When the queue is full, an arrival from a tenant with fewer waiters
 one takes the place of that tenant's newest waiter (which gets 503 ``overloaded``) instead of
 being refused itself.
 
+A request's admission is a ``Place``, taken when the request is whole (``arrive``: a ``Permit`` when
+a slot is free and nobody waits, else a ``Ticket``, a place at the end of its tenant's queue) and
+held by one owner, in one slot, until the request ends: ``wait`` turns it into a slot, ``release``
+gives back whatever it holds. ``RemotePlace`` (shared_admission.py) is the same for a worker of
+several, answered by the supervisor.
+
 Invariants (tested in tests/unit/test_admission.py):
 - ``in_flight`` never exceeds ``limit``;
 - within a tenant, waiters are served in arrival order, and a freed permit goes straight to a live
   waiter (no barging: a new arrival never overtakes the queue);
-- a waiter leaves the queue when its wait times out or its task is cancelled (client gone), and a
-  permit handed to it in that same instant is passed on, never lost;
-- ``Permit.release()`` is idempotent, so every path may call it and the count moves exactly once;
-- a place taken at arrival (``arrive``) and given up before or during its wait (``Ticket.release``,
-  also idempotent) leaves the queue once, and a permit that had reached it passes on;
+- a place is released by its owner, once, on every path: ``release`` leaves the queue (a place
+  whose wait timed out or was cancelled is still the owner's to release), gives back the slot,
+  or passes on a slot that reached the place in the same instant as the timeout, the cancellation
+  or the refusal; it is idempotent, so the count moves exactly once;
+- a place taken back by the admission itself (evicted from a full queue, or on ``close``) has
+  nothing left to give back;
 - after ``close()`` (drain), queued waiters and new arrivals get ``ShuttingDown`` at once.
 
 No locks: everything runs on the event loop, and the only suspension point is the waiter's future.
@@ -27,25 +34,72 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
 
-__all__ = ["Admission", "Permit", "Ticket"]
+__all__ = ["Admission", "Later", "Permit", "Place", "Ticket"]
 
 # How many recent releases the Retry-After estimate looks at.
 _RATE_WINDOW = 64
 
 
+class Place(Protocol):
+    """A request's admission, from its arrival to its end, in its owner's one slot."""
+
+    @property
+    def granted(self) -> bool:
+        """The place became a slot (and stays so once released: the request was admitted)."""
+
+    @property
+    def queue_wait(self) -> float:
+        """Seconds from the place's arrival to its slot (0 until granted)."""
+
+    async def wait(self, shed: Callable[[], None] | None = None) -> Place:
+        """The place, once it holds a slot; ``QueueTimeout``, ``Overloaded`` or ``ShuttingDown``
+        when it will not (the place is still the owner's to release). ``shed`` is called before
+        a wait in the queue: what the owner need not hold while it waits."""
+        ...
+
+    def step_aside(self) -> Place:
+        """Give up the slot or the queue position now, for a wait that is not the admission's
+        own; the place to hold instead, which takes its place again, at the end of the queue,
+        when waited on."""
+        ...
+
+    def release(self) -> None:
+        """Give back what the place holds. Idempotent."""
+
+
 class Permit:
-    """One slot, held for the whole life of a response. ``release()`` may be called any number of times."""
+    """A slot, held for the whole life of a response. ``release()`` may be called any number of
+    times."""
 
-    __slots__ = ("_admission", "acquired_at", "queue_wait", "released")
+    __slots__ = ("_admission", "_key", "acquired_at", "queue_wait", "released")
 
-    def __init__(self, admission: Admission, acquired_at: float, queue_wait: float) -> None:
+    granted = True
+
+    def __init__(
+        self,
+        admission: Admission,
+        acquired_at: float,
+        queue_wait: float,
+        key: tuple[int, str] = (0, ""),
+    ) -> None:
         self._admission = admission
+        self._key = key
         self.acquired_at = acquired_at
         self.queue_wait = queue_wait
         self.released = False
+
+    async def wait(
+        self, shed: Callable[[], None] | None = None, timeout: float | None = None
+    ) -> Permit:
+        return self
+
+    def step_aside(self) -> Later:
+        self.release()
+        return Later(self._admission, self._key)
 
     def release(self) -> None:
         if not self.released:
@@ -64,9 +118,10 @@ class _Queue:
 
 
 class Ticket:
-    """A place in the queue, taken at arrival. ``wait`` turns it into the permit, within the queue
-    timeout counted from arrival; ``release`` gives the place up (the request was refused, or its
-    client left, before its wait), passing on a permit that had already reached it."""
+    """A place in the queue, taken at arrival. ``wait`` turns it into a slot, within the queue
+    timeout counted from arrival; ``release`` gives the place up (the request was refused, its
+    client left, or its wait failed), passing on a slot that had already reached it, or gives
+    back the slot it became."""
 
     __slots__ = (
         "_admission",
@@ -74,8 +129,11 @@ class Ticket:
         "_fut",
         "_key",
         "_queue",
+        "acquired_at",
         "arrived_at",
+        "granted",
         "position",
+        "queue_wait",
         "released",
     )
 
@@ -96,31 +154,46 @@ class Ticket:
         self._deadline = loop_arrived_at  # the loop's clock at arrival; the timeout is added
         self.arrived_at = arrived_at
         self.position = position
+        self.granted = False
+        self.acquired_at = 0.0
+        self.queue_wait = 0.0
         self.released = False
 
-    async def wait(self, timeout: float | None = None) -> Permit:
-        """The permit; raise ``QueueTimeout`` when none comes within ``timeout`` (default: the
-        queue timeout) of arrival, ``Overloaded`` or ``ShuttingDown`` when the place is taken back."""
+    async def wait(
+        self, shed: Callable[[], None] | None = None, timeout: float | None = None
+    ) -> Ticket:
+        """The place, holding the slot; raise ``QueueTimeout`` when none comes within
+        ``timeout`` (default: the queue timeout) of arrival, ``Overloaded`` or ``ShuttingDown``
+        when the admission takes the place back. Whatever happens, the owner releases it."""
+        if self.granted:
+            return self
         adm = self._admission
+        fut = self._fut
+        if shed is not None and not fut.done():
+            shed()
         limit = adm.queue_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout_at(self._deadline + limit):
-                await self._fut
-        except BaseException as exc:
-            self.release()
-            if isinstance(exc, TimeoutError):
-                adm.rejected_timeout_total += 1
-                raise QueueTimeout(
-                    f"No slot became free within {limit:g} s "
-                    f"(queue position {self.position} of {adm._queued + 1}); retry later.",
-                    retry_after=adm._estimate_wait(max(1, adm._queued)),
-                ) from None
-            raise
+                await fut
+        except TimeoutError:
+            adm.rejected_timeout_total += 1
+            # Those queued besides this place (still counted unless its slot came at the end).
+            others = adm._queued - (1 if fut.cancelled() or not fut.done() else 0)
+            raise QueueTimeout(
+                f"No slot became free within {limit:g} s "
+                f"(queue position {self.position} of {others + 1}); retry later.",
+                retry_after=adm._estimate_wait(max(1, others)),
+            ) from None
         # A future completed by ``_release`` carries a slot already counted in ``_in_flight``.
-        self.released = True  # the place became the permit: nothing left to give up
+        self.granted = True
         adm.admitted_total += 1
-        now = adm._clock()
-        return Permit(adm, now, now - self.arrived_at)
+        now = self.acquired_at = adm._clock()
+        self.queue_wait = now - self.arrived_at
+        return self
+
+    def step_aside(self) -> Later:
+        self.release()
+        return Later(self._admission, self._key)
 
     def release(self) -> None:
         if self.released:
@@ -133,10 +206,55 @@ class Ticket:
             fut.cancel()
             self._admission._forget(self._key, self._queue)
         elif fut.exception() is None:
-            # The permit reached this place in the same instant as the timeout, the cancellation
-            # or the refusal: hand it on rather than lose it.
+            # The slot: the one this place became, or one that reached it in the same instant as
+            # the timeout, the cancellation or the refusal. It passes on, never lost.
             self._admission._release()
         # Else the admission took the place back itself (evicted, or closed): nothing to undo.
+
+
+class Later:
+    """A place given up for a wait that is not the admission's own (the model list, a rate
+    limiter's round trip): it takes a place again, at the end of its tenant's queue, when waited
+    on (``Overloaded`` or ``ShuttingDown`` then, as at arrival)."""
+
+    __slots__ = ("_admission", "_key", "_place", "released")
+
+    def __init__(self, admission: Admission, key: tuple[int, str]) -> None:
+        self._admission = admission
+        self._key = key
+        self._place: Permit | Ticket | None = None
+        self.released = False
+
+    @property
+    def granted(self) -> bool:
+        return self._place is not None and self._place.granted
+
+    @property
+    def queue_wait(self) -> float:
+        return self._place.queue_wait if self._place is not None else 0.0
+
+    async def wait(
+        self, shed: Callable[[], None] | None = None, timeout: float | None = None
+    ) -> Later:
+        if self.released:
+            raise RuntimeError("waiting on a released place")
+        place = self._place
+        if place is None:
+            place = self._place = self._admission.arrive(self._key[1], self._key[0])
+        await place.wait(shed, timeout)
+        return self
+
+    def step_aside(self) -> Later:
+        if self._place is None:
+            return self  # nothing taken yet: nothing to give up
+        self.release()
+        return Later(self._admission, self._key)
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            if self._place is not None:
+                self._place.release()
 
 
 class Admission:
@@ -189,13 +307,13 @@ class Admission:
 
     # --- acquiring -------------------------------------------------------------------------
 
-    def try_acquire(self) -> Permit | None:
+    def try_acquire(self, key: tuple[int, str] = (0, "")) -> Permit | None:
         """A permit at once when a slot is free and nobody waits (no barging); else None."""
         if self._closed or self._in_flight >= self.limit or self._queued:
             return None
         self._in_flight += 1
         self.admitted_total += 1
-        return Permit(self, self._clock(), 0.0)
+        return Permit(self, self._clock(), 0.0, key)
 
     def arrive(self, tenant: str = "", priority: int = 0) -> Permit | Ticket:
         """Take a place at once, without waiting: a permit when a slot is free and nobody waits,
@@ -205,10 +323,10 @@ class Admission:
         places are taken in arrival order and a full gateway refuses at once."""
         if self._closed:
             raise ShuttingDown(retry_after=self._estimate_wait(1))
-        permit = self.try_acquire()
+        key = (priority, tenant)
+        permit = self.try_acquire(key)
         if permit is not None:
             return permit
-        key = (priority, tenant)
         if self._queued >= self.max_queued and not self._make_room(key):
             self.rejected_full_total += 1
             raise Overloaded(retry_after=self._estimate_wait(self._queued + 1))
@@ -226,12 +344,15 @@ class Admission:
 
     async def acquire(
         self, timeout: float | None = None, tenant: str = "", priority: int = 0
-    ) -> Permit:
-        """Wait for a slot; raise ``Overloaded``, ``QueueTimeout`` or ``ShuttingDown`` instead."""
+    ) -> Permit | Ticket:
+        """A place holding a slot, arrived and waited for at once; raise ``Overloaded``,
+        ``QueueTimeout`` or ``ShuttingDown`` instead (the place given up)."""
         place = self.arrive(tenant, priority)
-        if isinstance(place, Permit):
-            return place
-        return await place.wait(timeout)
+        try:
+            return await place.wait(timeout=timeout)
+        except BaseException:
+            place.release()
+            raise
 
     def _forget(self, key: tuple[int, str], queue: _Queue) -> None:
         """A live waiter of ``queue`` left: count it out, and drop the tenant's turn if empty."""

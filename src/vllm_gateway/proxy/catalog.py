@@ -11,6 +11,8 @@ reaching the backend, and a request naming a known one pays nothing for the chec
 - ``prefetch()`` starts the first fetch when the gateway starts, without waiting for it.
 - A fetch is bounded by ``fetch_timeout``; a list that failed to come is asked for again at most
   once a second, and a model missing from a fresh list is not asked about again for a second.
+- ``served()`` names the models served, for a 404's message: bounded (at most ``NAMED`` names,
+  each cut to ``NAME_CHARS``), so a backend with a long list does not make long answers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 __all__ = ["ModelCatalog"]
 
@@ -29,6 +31,13 @@ log = logging.getLogger("vllm_gateway.proxy.catalog")
 TTL = 10.0
 # The least time between two fetches.
 MIN_INTERVAL = 1.0
+# A 404's message names at most this many served models, each cut to this many characters.
+NAMED = 20
+NAME_CHARS = 64
+
+
+def _clip(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 3] + "..."
 
 
 class ModelCatalog:
@@ -79,6 +88,21 @@ class ModelCatalog:
         found = model in ids
         self.checks["found" if found else "unknown"] += 1
         return found
+
+    def served(self, aliases: Mapping[str, str] | None = None) -> str:
+        """What the backend serves, as a sentence for a model_not_found answer: the listed names
+        in the backend's order, then the aliases that name one of them; "" without a list."""
+        listed, ids = self.listed, self.ids
+        if not listed or ids is None:
+            return ""
+        names = list(listed)
+        if aliases:
+            names += [
+                alias for alias, target in aliases.items() if target in ids and alias not in ids
+            ]
+        shown = ", ".join(f"'{_clip(name)}'" for name in names[:NAMED])
+        more = f" and {len(names) - NAMED} more" if len(names) > NAMED else ""
+        return f"Served: {shown}{more} (GET /v1/models lists them)."
 
     def prefetch(self) -> None:
         """Ask for the list now, in the background (at start): the first requests then find their

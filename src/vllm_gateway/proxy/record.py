@@ -1,6 +1,10 @@
 """The record of an ended request that observers (metrics, the access log, the status page,
-tracing) read: ``CallRecord``. ``ProxyCall`` is one; ``RejectedCall`` is the record of a request
-answered before a call existed (401, 405, 408, 431, 503 while draining...).
+tracing) read: ``CallRecord``, and ``Record``, its fields. ``ProxyCall`` is a ``Record`` that fills
+them as its request goes; ``RejectedCall`` is the record of a request answered before a call
+existed (401, 405, 408, 431, 503 while draining...).
+
+Observers read a record once, when its request has ended (``Gateway.request_ended``), and never
+change it; the status page also reads ``chunks`` of the calls in flight.
 
 Times are ``time.perf_counter()`` values; None where the request never got that far.
 """
@@ -12,7 +16,7 @@ from typing import Any, Protocol
 
 from vllm_gateway import errors
 
-__all__ = ["CallRecord", "RejectedCall"]
+__all__ = ["CallRecord", "Record", "RejectedCall"]
 
 
 class CallRecord(Protocol):
@@ -86,10 +90,14 @@ class CallRecord(Protocol):
         """The pool members the request used, in order, when it used several."""
 
 
-class RejectedCall:
-    """A request the gateway answered before a ``ProxyCall`` existed."""
+class Record:
+    """The fields of ``CallRecord``, as one request fills them; the base of ``ProxyCall`` (which
+    fills them as the request goes) and of ``RejectedCall``. Slotted: the relay updates ``chunks``
+    on every event, and a slot is the cheapest field there is. ``tenant``, ``upstream_id`` and
+    ``served_by`` are each subclass's own: a call always has the first two, a refusal may not."""
 
     __slots__ = (
+        "admitted",
         "chunks",
         "ended_at",
         "failovers",
@@ -101,39 +109,48 @@ class RejectedCall:
         "queue_wait",
         "request_headers",
         "request_id",
-        "served_by",
         "started_at",
         "status",
         "stream",
-        "tenant",
         "upstream_answered_at",
-        "upstream_id",
         "upstream_sent_at",
         "usage",
     )
 
-    admitted = False
-
-    def __init__(
-        self, request_id: str, path: str, err: errors.GatewayError, started_at: float | None = None
-    ) -> None:
+    def __init__(self, request_id: str, path: str, started_at: float) -> None:
         self.request_id = request_id
         self.path = path
-        self.status = err.status
-        self.outcome = err.type
-        self.started_at = time.perf_counter() if started_at is None else started_at
+        self.started_at = started_at
+        self.status = 0
+        self.outcome = "unknown"
+        self.model: str | None = None
+        self.stream = False
+        self.chunks = 0  # content events relayed
+        self.admitted = False  # the request held an admission slot
+        self.queue_wait = 0.0
         self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.upstream_sent_at: float | None = None
         self.upstream_answered_at: float | None = None
-        self.upstream_id: str | None = None
-        self.model: str | None = None
-        self.tenant: str | None = None
-        self.stream = False
-        self.chunks = 0
-        self.queue_wait = 0.0
-        self.usage: bytes | None = None
-        self.served_by: str | None = None
+        self.usage: bytes | dict[str, Any] | None = None  # the usage event(s), or object
         self.request_headers: list[tuple[bytes, bytes]] = []
-        self.failovers: list[tuple[str, str]] = []
-        self.members: list[str] = []
+        self.failovers: list[tuple[str, str]] = []  # (reason, outcome) of each failover
+        self.members: list[str] = []  # every member this request used, in order
+
+
+class RejectedCall(Record):
+    """A request the gateway answered before a ``ProxyCall`` existed."""
+
+    __slots__ = ("served_by", "tenant", "upstream_id")
+
+    def __init__(
+        self, request_id: str, path: str, err: errors.GatewayError, started_at: float | None = None
+    ) -> None:
+        super().__init__(
+            request_id, path, time.perf_counter() if started_at is None else started_at
+        )
+        self.status = err.status
+        self.outcome = err.type
+        self.tenant: str | None = None  # known once the request's key was
+        self.upstream_id: str | None = None
+        self.served_by: str | None = None

@@ -1,5 +1,6 @@
-"""What a proxied request needs from the client's side of the connection: the request as read, a
-way to answer it, and word when the client leaves.
+"""What a proxied request needs from the client's side of the connection: the request as read,
+what the front door learned of it (``RequestContext``), a way to answer it, and word when the
+client leaves.
 
 The edge's ``Exchange`` is the implementation; the proxy call depends on this contract only. The
 answer is written without awaiting (bytes go to the connection's buffer); ``drain()`` is awaited
@@ -8,12 +9,31 @@ only while ``paused``, and the connection's send timeout bounds it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
+from vllm_gateway.identity import Identity
+from vllm_gateway.proxy.admission import Place
 from vllm_gateway.proxy.budget import BufferBudget
+from vllm_gateway.proxy.routes import Route
 
-__all__ = ["ClientGone", "Responder"]
+__all__ = ["ClientGone", "RequestContext", "Responder"]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the front door learned of a request before the request is handled: who sent it, from
+    where, which proxied route it is, and its admission place. The front door fills it (edge's
+    ``frontdoor.py``, from the headers and when the request is whole); the call and the routes
+    off the hot path read it. One per request, made with its exchange."""
+
+    identity: Identity | None = None  # None until the request's key (or its absence) is known
+    client_address: str | None = None  # the client, as ``edge/clients.py`` decides who it is
+    route: Route | None = None  # a proxied route; None for everything else
+    param: str | None = None  # the route's path parameter (a stored response's id, an adapter)
+    admin: bool = False  # an admin key opened it
+    place: Place | None = None  # its admission place, taken when it was whole (the call's after)
 
 
 class ClientGone(Exception):
@@ -26,9 +46,7 @@ class Responder(Protocol):
     method: str
     query: bytes
 
-    @property
-    def state(self) -> MutableMapping[str, Any]: ...
-
+    context: RequestContext
     on_gone: Callable[[], None] | None
     headers: list[tuple[bytes, bytes]]  # the request's, names in lower case
     extra_headers: list[tuple[bytes, bytes]]

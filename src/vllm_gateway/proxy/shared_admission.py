@@ -4,8 +4,11 @@ sides speak.
 With ``--workers N`` a static split of the limit lets one worker be full while another has room, so
 "N in flight, the rest wait in order" would hold per worker only. Instead the supervisor keeps the
 one ``Admission`` (the same class a single process uses: the same FIFO, tenants, priorities, queue
-timeout and 503s) and each worker asks it for a permit over a Unix socket: ``acquire`` sends one
-small message and waits for the grant or the refusal; ``release`` sends one and does not wait.
+timeout and 503s) and each worker asks it for a slot over a Unix socket. A worker's request holds a
+``RemotePlace`` from its arrival (``arrive``, which sends nothing); ``wait`` sends one small message
+and waits for the grant or the refusal; ``release`` sends one (the slot's release, or the ask's
+cancellation) and does not wait. The place is the ``Place`` of admission.py: one owner releases it
+once, on every path.
 
 The wire: each message is a 4-byte big-endian length and an orjson array whose first item says
 what it is:
@@ -16,7 +19,9 @@ what it is:
                                                           crossed it is released)
                            ["M", seq, snapshot]           metrics, asked for with "Q"
                            ["Q", seq]                     a scrape: send me every other worker's
-    supervisor -> worker   ["G", id, queue_wait, state]   granted
+    supervisor -> worker   ["W", id]                      queued: no slot at once (the worker
+                                                          sheds what its request need not hold)
+                           ["G", id, queue_wait, state]   granted
                            ["X", id, type, message, retry_after, state]   refused
                            ["S", state]                   the shared state, when it changes
                            ["Q", seq]                     send your metrics snapshot
@@ -43,7 +48,7 @@ import orjson
 from vllm_gateway import errors
 from vllm_gateway.errors import GatewayError, QueueTimeout, ShuttingDown
 
-__all__ = ["Channel", "RemoteAdmission", "RemotePermit", "decode_error"]
+__all__ = ["Channel", "RemoteAdmission", "RemotePlace", "decode_error"]
 
 log = logging.getLogger("vllm_gateway.admission")
 
@@ -110,23 +115,94 @@ class Channel(asyncio.Protocol):
             self.transport.close()
 
 
-class RemotePermit:
-    """A permit held from the supervisor's admission. ``release()`` may be called any number of
-    times; the first sends the release."""
+class RemotePlace:
+    """A request's place in the supervisor's admission: asked for when waited on, released once
+    by its owner (the slot's release, or the ask's cancellation). ``release()`` may be called any
+    number of times; the first sends what is due."""
 
-    __slots__ = ("_admission", "_id", "acquired_at", "queue_wait", "released")
+    __slots__ = (
+        "_admission",
+        "_fut",
+        "_id",
+        "_shed",
+        "acquired_at",
+        "granted",
+        "priority",
+        "queue_wait",
+        "released",
+        "tenant",
+    )
 
-    def __init__(self, admission: RemoteAdmission, ident: int, queue_wait: float) -> None:
+    def __init__(self, admission: RemoteAdmission, tenant: str, priority: int) -> None:
         self._admission = admission
-        self._id = ident
-        self.queue_wait = queue_wait
+        self.tenant = tenant
+        self.priority = priority
+        self._id = 0  # the ask's id, once asked
+        self._fut: asyncio.Future[float] | None = None
+        self._shed: Callable[[], None] | None = None
+        self.granted = False
+        self.queue_wait = 0.0
         self.acquired_at = 0.0
         self.released = False
 
+    async def wait(self, shed: Callable[[], None] | None = None) -> RemotePlace:
+        """The place, once the supervisor granted it a slot; ``QueueTimeout`` when no answer
+        comes within the queue timeout and a margin, the supervisor's refusal otherwise (the
+        place is still the owner's to release). ``shed`` is called when the supervisor says the
+        ask is queued."""
+        if self.granted:
+            return self
+        adm = self._admission
+        channel = adm.channel
+        if self.released or adm._closed or channel is None:
+            raise ShuttingDown(retry_after=adm._estimate)
+        ident = self._id = next(adm._ids)
+        fut = self._fut = asyncio.get_running_loop().create_future()
+        self._shed = shed
+        adm._waiting[ident] = self
+        channel.send(["A", ident, self.tenant, self.priority])
+        try:
+            async with asyncio.timeout(adm.queue_timeout + _MARGIN):
+                queue_wait = await fut
+        except TimeoutError:
+            raise QueueTimeout(retry_after=adm._estimate) from None
+        finally:
+            adm._waiting.pop(ident, None)
+            self._shed = None
+        self.granted = True
+        self.queue_wait = queue_wait
+        adm._held += 1
+        adm.admitted_total += 1
+        return self
+
+    def step_aside(self) -> RemotePlace:
+        if not self._id:
+            return self  # never asked: nothing to give up
+        self.release()
+        return RemotePlace(self._admission, self.tenant, self.priority)
+
     def release(self) -> None:
-        if not self.released:
-            self.released = True
+        if self.released:
+            return
+        self.released = True
+        if self.granted:
             self._admission._release(self._id)
+        elif self._id:
+            self._admission._abandon(self._id)  # asked, never granted: the ask is cancelled
+
+    def _queued(self) -> None:
+        shed, self._shed = self._shed, None
+        if shed is not None:
+            shed()
+
+    def _answer(self, queue_wait: float | None, err: GatewayError | None) -> None:
+        fut = self._fut
+        if fut is None or fut.done():
+            return  # the waiter left: its "C" crossed this answer (the supervisor releases it)
+        if err is None:
+            fut.set_result(float(queue_wait or 0.0))
+        else:
+            fut.set_exception(err)
 
 
 class RemoteAdmission:
@@ -142,7 +218,7 @@ class RemoteAdmission:
         self.rejected_timeout_total = 0
         self.channel: Channel | None = None
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[float]] = {}
+        self._waiting: dict[int, RemotePlace] = {}  # asked, not yet answered
         self._held = 0  # permits this worker holds (what its drain waits for)
         self._idle: asyncio.Event | None = None
         self._closed = False
@@ -178,29 +254,22 @@ class RemoteAdmission:
     def estimate_wait(self, position: int | None = None) -> float:
         return self._estimate
 
+    def arrive(self, tenant: str = "", priority: int = 0) -> RemotePlace:
+        """A place, asked for when waited on: the ask is a message and its answer comes back on
+        the socket, so the request's task waits for it (``RemotePlace.wait``)."""
+        return RemotePlace(self, tenant, priority)
+
     async def acquire(
         self, timeout: float | None = None, tenant: str = "", priority: int = 0
-    ) -> RemotePermit:
-        if self._closed or self.channel is None:
-            raise ShuttingDown(retry_after=self._estimate)
-        ident = next(self._ids)
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._waiting[ident] = fut
-        self.channel.send(["A", ident, tenant, priority])
+    ) -> RemotePlace:
+        """A place holding a slot, asked for and waited for at once; the refusal instead (the
+        place given up)."""
+        place = RemotePlace(self, tenant, priority)
         try:
-            async with asyncio.timeout(self.queue_timeout + _MARGIN):
-                queue_wait = await fut
-        except TimeoutError:
-            self._abandon(ident)
-            raise QueueTimeout(retry_after=self._estimate) from None
+            return await place.wait()
         except BaseException:
-            self._abandon(ident)
+            place.release()
             raise
-        finally:
-            self._waiting.pop(ident, None)
-        self._held += 1
-        self.admitted_total += 1
-        return RemotePermit(self, ident, queue_wait)
 
     def _abandon(self, ident: int) -> None:
         if self.channel is not None:
@@ -218,9 +287,8 @@ class RemoteAdmission:
         if self._closed:
             return
         self._closed = True
-        for ident, fut in list(self._waiting.items()):
-            if not fut.done():
-                fut.set_exception(ShuttingDown(retry_after=self._estimate))
+        for ident, place in list(self._waiting.items()):
+            place._answer(None, ShuttingDown(retry_after=self._estimate))
             self._abandon(ident)
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -264,20 +332,24 @@ class RemoteAdmission:
         if kind == "G":
             _, ident, queue_wait, state = message
             self._state(state)
-            fut = self._waiting.get(ident)
-            if fut is not None and not fut.done():
-                fut.set_result(float(queue_wait))
+            place = self._waiting.get(ident)
+            if place is not None:
+                place._answer(queue_wait, None)
             # Else the waiter left: its "C" crossed this grant, and the supervisor releases it.
+        elif kind == "W":
+            place = self._waiting.get(message[1])
+            if place is not None:
+                place._queued()
         elif kind == "X":
             _, ident, err_type, text, retry_after, state = message
             self._state(state)
-            fut = self._waiting.get(ident)
-            if fut is not None and not fut.done():
+            place = self._waiting.get(ident)
+            if place is not None and place._fut is not None and not place._fut.done():
                 if err_type == errors.Overloaded.type:
                     self.rejected_full_total += 1
                 elif err_type == errors.QueueTimeout.type:
                     self.rejected_timeout_total += 1
-                fut.set_exception(decode_error(err_type, text, retry_after))
+                place._answer(None, decode_error(err_type, text, retry_after))
         elif kind == "S":
             self._state(message[1])
         elif kind == "Q":
@@ -292,6 +364,5 @@ class RemoteAdmission:
         # The supervisor is gone (it kills its workers when it exits): refuse from now on.
         self.channel = None
         self._closed = True
-        for fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(ShuttingDown(retry_after=self._estimate))
+        for place in list(self._waiting.values()):
+            place._answer(None, ShuttingDown(retry_after=self._estimate))

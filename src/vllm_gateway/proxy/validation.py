@@ -50,13 +50,28 @@ _STREAMING = frozenset({CHAT, COMPLETIONS, RESPONSES_PATH, MESSAGES})
 @dataclass(slots=True)
 class ValidRequest:
     body: bytes
-    json: dict[str, Any] | None  # None for bodies the gateway does not parse
+    json: dict[str, Any] | None  # None for bodies the gateway does not parse (or while dropped)
     model: str | None
     stream: bool
     # The output budget vLLM will use (the field it reads, times choices and prompts); 0 when the
     # request sets none and vLLM's default is the context left, which the gateway cannot know.
     requested_tokens: int = 0
     previous_response_id: str | None = None  # Responses: the stored response it continues
+    dropped: bool = False  # ``json`` was dropped for a wait; ``parse_again`` restores it
+
+    def drop_parsed(self) -> None:
+        """Let go of the parsed body while the request waits holding no slot: it takes up to
+        about 30 times the body's bytes, which the buffer budget counts (docs/reliability.md).
+        ``body`` stays; it is the parsed form's source with every change made to it so far."""
+        if self.json is not None:
+            self.json = None
+            self.dropped = True
+
+    def parse_again(self) -> None:
+        """The parsed body back, after a wait that dropped it."""
+        if self.dropped:
+            self.json = orjson.loads(self.body)
+            self.dropped = False
 
 
 def is_json_media_type(value: bytes) -> bool:

@@ -3,7 +3,8 @@
 ``AdmissionCoordinator`` holds the ``Admission`` (the single-process class: FIFO, tenants,
 priorities, queue timeout, 503s) and one channel per worker. An acquire that a free slot answers is
 granted in the channel's callback, with no task; one that must wait becomes a task awaiting
-``Admission.acquire``, cancelled when the worker says its waiter left. The coordinator keeps, per
+``Admission.acquire``, cancelled when the worker says its waiter left, and the worker is told that
+it waits ("W": its request drops what it need not hold while it does). The coordinator keeps, per
 worker, the permits it holds and the acquires it waits on: a worker whose channel drops (it died)
 has its waiters removed and its permits released at once.
 
@@ -19,7 +20,7 @@ import logging
 from typing import Any
 
 from vllm_gateway.errors import GatewayError
-from vllm_gateway.proxy.admission import Admission, Permit
+from vllm_gateway.proxy.admission import Admission, Place
 from vllm_gateway.proxy.shared_admission import Channel
 
 __all__ = ["AdmissionCoordinator"]
@@ -38,7 +39,7 @@ class _Worker:
     def __init__(self, name: str) -> None:
         self.name = name
         self.channel: Channel | None = None
-        self.held: dict[int, Permit] = {}
+        self.held: dict[int, Place] = {}
         self.waiting: dict[int, asyncio.Task[None]] = {}
 
 
@@ -123,6 +124,7 @@ class AdmissionCoordinator:
             return
         task = asyncio.get_running_loop().create_task(self._wait(worker, ident, tenant, priority))
         worker.waiting[ident] = task
+        self._send(worker, ["W", ident])  # it waits: the worker sheds what it need not hold
 
     async def _wait(self, worker: _Worker, ident: int, tenant: str, priority: int) -> None:
         try:

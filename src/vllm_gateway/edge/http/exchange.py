@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from vllm_gateway import errors
 from vllm_gateway.edge.http.framing import NO_BODY_STATUS, STATUS_LINES, date_line
 from vllm_gateway.errors import GatewayError
 from vllm_gateway.proxy.budget import BufferBudget
+from vllm_gateway.proxy.responder import RequestContext
 
 __all__ = ["Exchange", "Line"]
 
@@ -48,6 +49,7 @@ class Exchange:
         "client",
         "complete",
         "conn",
+        "context",
         "error",
         "expects_continue",
         "extra_headers",
@@ -66,7 +68,6 @@ class Exchange:
         "request_id",
         "response_bytes",
         "started",
-        "state",
         "status",
         "trailer_bytes",
         "trailer_count",
@@ -97,7 +98,7 @@ class Exchange:
         self.received = False  # the whole request (body included) is in
         self.arrived_at = 0.0  # perf_counter when it was whole: where its gateway time starts
         self.error: GatewayError | None = None  # a refusal decided while reading
-        self.state: dict[str, Any] = {}  # the handler's own per-request values
+        self.context = RequestContext()  # what the handler learns of the request
         self.on_gone: Callable[[], None] | None = None
         self._gone = False
         # Response side.
