@@ -67,9 +67,7 @@ class PoolBackend(Backend):
             specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
         if not specs:
             raise ValueError("a pool needs at least one backend")
-        self.config = cfg = (
-            config if config is not None else settings.pool.replace(**overrides)
-        )
+        self.config = cfg = config if config is not None else settings.pool.replace(**overrides)
         self.fleet = Fleet(
             [
                 Member(s, cfg, HTTPBackend.from_settings(settings, s.url, s.name or s.url))
