@@ -476,31 +476,37 @@ async def test_a_client_that_half_closes_after_its_request_gets_its_answer(
         assert simulator.stats()["completed"] == 1
 
 
+async def _431_with_flat_memory(gw: Any, head: bytes, piece: bytes, count: int) -> None:
+    """Send ``head``, then ``piece`` ``count`` times while reading the answer: it is 431
+    headers_too_large, and the gateway's peak RSS grew by less than 8 MiB."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    pid = gw.process.pid
+    _clear_peak(pid)
+    base, _ = rss_kib(pid)
+    sock = await raw_connect(port)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, head)
+
+    async def flood() -> None:
+        for _ in range(count):
+            await loop.sock_sendall(sock, piece)
+
+    sender = asyncio.create_task(flood())
+    data = await read_until_closed(sock, timeout=10)
+    sender.cancel()
+    with contextlib.suppress(asyncio.CancelledError, OSError):
+        await sender
+    sock.close()
+    assert _status(data) == 431
+    assert _json_body(data)["error"]["type"] == "headers_too_large"
+    _, peak = rss_kib(pid)
+    assert peak - base < 8 * 1024, f"peak RSS grew by {peak - base} KiB"
+
+
 async def test_a_32_mib_header_gets_431_and_memory_stays_flat(simulator: Simulator) -> None:
     with spawn_gateway({"VLLM_BACKEND_URL": simulator.url}, name="big-header") as gw:
-        port = int(gw.url.rsplit(":", 1)[1])
-        pid = gw.process.pid
-        _clear_peak(pid)
-        base, _ = rss_kib(pid)
-        sock = await raw_connect(port)
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nx-junk: ")
-
-        async def send_junk() -> None:
-            piece = b"a" * (1 << 20)
-            for _ in range(32):
-                await loop.sock_sendall(sock, piece)
-
-        sender = asyncio.create_task(send_junk())
-        data = await read_until_closed(sock, timeout=10)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await sender
-        sock.close()
-        assert _status(data) == 431
-        assert _json_body(data)["error"]["type"] == "headers_too_large"
-        _, peak = rss_kib(pid)
-        assert peak - base < 8 * 1024, f"peak RSS grew by {peak - base} KiB"
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nx-junk: "
+        await _431_with_flat_memory(gw, head, b"a" * (1 << 20), 32)
 
 
 @pytest.mark.parametrize("shape", ["one_value", "tiny_fields"])
@@ -510,42 +516,16 @@ async def test_trailers_past_their_bounds_get_431_and_memory_stays_flat(
     """32 MiB of one trailer value once added 64 MiB of RSS, and 6 MiB of tiny trailer fields
     92 MiB, merged into the request's headers."""
     with spawn_gateway({"VLLM_BACKEND_URL": simulator.url}, name=f"trailers-{shape}") as gw:
-        port = int(gw.url.rsplit(":", 1)[1])
-        pid = gw.process.pid
-        _clear_peak(pid)
-        base, _ = rss_kib(pid)
-        sock = await raw_connect(port)
-        loop = asyncio.get_running_loop()
         body = orjson.dumps(chat_body())
-        await loop.sock_sendall(
-            sock,
+        head = (
             b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
             b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
-            b"%x\r\n%s\r\n0\r\n"
-            % (len(body), body)
-            + (b"x-trailer: " if shape == "one_value" else b""),
+            b"%x\r\n%s\r\n0\r\n" % (len(body), body)
         )
-
-        async def send_junk() -> None:
-            if shape == "one_value":
-                piece = b"a" * (1 << 20)
-                for _ in range(32):
-                    await loop.sock_sendall(sock, piece)
-            else:
-                piece = b"t: 1\r\n" * (1 << 17)
-                for _ in range(6):
-                    await loop.sock_sendall(sock, piece)
-
-        sender = asyncio.create_task(send_junk())
-        data = await read_until_closed(sock, timeout=10)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, OSError):
-            await sender
-        sock.close()
-        assert _status(data) == 431
-        assert _json_body(data)["error"]["type"] == "headers_too_large"
-        _, peak = rss_kib(pid)
-        assert peak - base < 8 * 1024, f"peak RSS grew by {peak - base} KiB"
+        if shape == "one_value":
+            await _431_with_flat_memory(gw, head + b"x-trailer: ", b"a" * (1 << 20), 32)
+        else:
+            await _431_with_flat_memory(gw, head, b"t: 1\r\n" * (1 << 17), 6)
         assert simulator.stats()["total"] == 0
 
 

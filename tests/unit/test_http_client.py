@@ -579,6 +579,16 @@ async def test_response_trailers_are_dropped_and_the_connection_kept() -> None:
         await pool.aclose()
 
 
+async def _body_is_an_error(handler: Handler) -> None:
+    """The answer's head is taken, and reading its body raises BadBackendResponse."""
+    async with scripted(handler) as (url, _):
+        pool = ConnectionPool(url)
+        resp = await pool.request("GET", "/")
+        with pytest.raises(BadBackendResponse):
+            await body_of(resp)
+        await pool.aclose()
+
+
 @pytest.mark.parametrize("trickled", [False, True])
 async def test_response_trailers_past_the_bound_are_an_error_not_held(trickled: bool) -> None:
     """21 MB of trailers were once kept: now one trailer value past the head's bound, in one
@@ -597,12 +607,7 @@ async def test_response_trailers_past_the_bound_are_an_error_not_held(trickled: 
         await writer.drain()
         await asyncio.sleep(5)
 
-    async with scripted(handler) as (url, _):
-        pool = ConnectionPool(url)
-        resp = await pool.request("GET", "/")
-        with pytest.raises(BadBackendResponse):
-            await body_of(resp)
-        await pool.aclose()
+    await _body_is_an_error(handler)
 
 
 async def test_too_many_response_trailer_fields_are_an_error() -> None:
@@ -613,12 +618,7 @@ async def test_too_many_response_trailer_fields_are_an_error() -> None:
         await writer.drain()
         await asyncio.sleep(5)
 
-    async with scripted(handler) as (url, _):
-        pool = ConnectionPool(url)
-        resp = await pool.request("GET", "/")
-        with pytest.raises(BadBackendResponse):
-            await body_of(resp)
-        await pool.aclose()
+    await _body_is_an_error(handler)
 
 
 async def test_too_many_response_header_fields_are_refused() -> None:
