@@ -106,9 +106,7 @@ async def _collect(resp: Any) -> bytes:
     return b"".join([piece async for piece in resp.chunks()])
 
 
-async def test_non_streamed_body_and_keep_alive_reuse(
-    sim: Simulator, backend: HTTPBackend
-) -> None:
+async def test_non_streamed_body_and_keep_alive_reuse(sim: Simulator, backend: HTTPBackend) -> None:
     for i in range(5):
         resp = await backend.send(chat(stream=i % 2 == 0))
         body = await resp.read(1 << 20)
@@ -202,9 +200,7 @@ async def test_stalled_consumer_pauses_reading(sim: Simulator, backend: HTTPBack
     await resp.aclose()
 
 
-async def test_a_thousand_concurrent_streams_complete(
-    sim: Simulator, backend: HTTPBackend
-) -> None:
+async def test_a_thousand_concurrent_streams_complete(sim: Simulator, backend: HTTPBackend) -> None:
     sim.configure(ttft=0.01, itl=0.02, tokens=5)
 
     async def one(i: int) -> bytes:

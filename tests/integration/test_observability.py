@@ -230,10 +230,7 @@ async def test_backend_connections_are_counted_and_reused(
     assert got[held] >= 1
     # Three at once need three connections.
     results = await asyncio.gather(
-        *(
-            client.post(gw.url + CHAT, json=chat_body(max_tokens=20, stream=True))
-            for _ in range(3)
-        )
+        *(client.post(gw.url + CHAT, json=chat_body(max_tokens=20, stream=True)) for _ in range(3))
     )
     assert [r.status_code for r in results] == [200] * 3
     got = await scrape(client, gw)
