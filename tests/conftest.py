@@ -67,9 +67,9 @@ async def run_gateway(
         yield RunningGateway(f"http://127.0.0.1:{port}", port, app, runner)
     finally:
         runner.request_exit()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            async with asyncio.timeout(10):
-                await task
+        # A failed start re-raises its own error here; a shutdown that fails or hangs fails the test.
+        async with asyncio.timeout(10):
+            await task
 
 
 @pytest.fixture
