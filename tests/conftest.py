@@ -26,6 +26,7 @@ import pytest
 from vllm_gateway.backends.base import Backend
 from vllm_gateway.compose import App, create_app
 from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.sse import EventScanner, split_events
 from vllm_gateway.runtime.server import GatewayRunner
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
@@ -108,9 +109,23 @@ def chat_body(
     }
 
 
+def sse_blocks(body: bytes) -> list[bytes]:
+    """The events of an SSE body without their blank line, cut by the gateway's own splitter
+    (``proxy/sse.py``); an event the body does not finish (a cut stream) comes last."""
+    scanner = EventScanner(max_event_bytes=len(body) + 1)
+    events = split_events(scanner.feed(body))
+    if scanner.pending:
+        events.append(scanner.pending)
+    return events
+
+
 def sse_events(text: str) -> list[str]:
     """The data payloads of an SSE body, in order."""
-    return [block[len("data: ") :] for block in text.split("\n\n") if block.startswith("data: ")]
+    return [
+        event[len(b"data: ") :].decode()
+        for event in sse_blocks(text.encode())
+        if event.startswith(b"data: ")
+    ]
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> None:

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import run_gateway, wait_for
+from tests.conftest import run_gateway, sse_blocks, wait_for
 from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 from vllm_gateway_tools.simulator.tokenizer import OUTPUT_BASE
@@ -47,7 +47,7 @@ async def pool(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Simulator
 
 def _data(raw: bytes) -> list[Any]:
     out = []
-    for event in raw.split(b"\n\n"):
+    for event in sse_blocks(raw):
         if event.startswith(b"data: "):
             payload = event[6:]
             out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))

@@ -18,7 +18,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import run_gateway, wait_for
+from tests.conftest import run_gateway, sse_blocks, wait_for
 from tests.integration.rogue import RogueBackend, chunk
 from vllm_gateway.settings import Settings
 
@@ -28,7 +28,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sse"
 
 
 def _events(name: str) -> list[bytes]:
-    return [e + b"\n\n" for e in (FIXTURES / name).read_bytes().split(b"\n\n") if e.strip()]
+    return [e + b"\n\n" for e in sse_blocks((FIXTURES / name).read_bytes())]
 
 
 RESPONSES = _events("resp_ok.sse")
@@ -232,7 +232,7 @@ async def test_the_simulator_dying_mid_stream_ends_in_the_protocol_s_error_event
     async with run_gateway(Settings(backend_urls=(simulator.url,))) as gw:
         raw = await _raw_stream(gw.url, path, body)
         await wait_for(lambda: gw.gateway.admission.in_flight == 0)
-    events = [e for e in raw.split(b"\n\n") if e]
+    events = sse_blocks(raw)
     assert len(events) == 6 + 1  # what was sent, then the error event
     assert events[-1].startswith(b"event: error\ndata: ")
     assert completion not in raw

@@ -18,6 +18,7 @@ import httpx
 import orjson
 import pytest
 
+from tests.conftest import sse_blocks
 from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 
 FAST = SimulatorConfig(ttft=0.01, itl=0.005, tokens=8)
@@ -40,10 +41,10 @@ async def client(sim: Any) -> AsyncIterator[httpx.AsyncClient]:
 def events(text: str) -> list[str]:
     """The data of each SSE event, in order."""
     out = []
-    for block in text.split("\n\n"):
-        if block:
-            assert block.startswith("data: "), block
-            out.append(block[len("data: ") :])
+    for event in sse_blocks(text.encode()):
+        block = event.decode()
+        assert block.startswith("data: "), block
+        out.append(block[len("data: ") :])
     return out
 
 
@@ -477,9 +478,8 @@ RESPONSE_CLOSING = ["response.output_text.done", "response.content_part.done",
 def named(text: str) -> list[tuple[str | None, str]]:
     """(event name, data) of each SSE event, in order."""
     out: list[tuple[str | None, str]] = []
-    for block in text.split("\n\n"):
-        if not block:
-            continue
+    for event in sse_blocks(text.encode()):
+        block = event.decode()
         name, data = None, []
         for line in block.split("\n"):
             if line.startswith("event: "):
@@ -1240,9 +1240,9 @@ async def test_audio_whole_and_stream(client: httpx.AsyncClient, path: str) -> N
     async with client.stream(
         "POST", path, files=AUDIO, data={"stream": "true", "stream_include_usage": "true"}
     ) as r:
-        events = events_of((await r.aread()).decode())
-    assert events[-1] == "[DONE]"
-    chunks = [orjson.loads(e) for e in events[:-1]]
+        evs = events((await r.aread()).decode())
+    assert evs[-1] == "[DONE]"
+    chunks = [orjson.loads(e) for e in evs[:-1]]
     obj = "translation.chunk" if translate else "transcription.chunk"
     assert {c["object"] for c in chunks} == {obj}
     assert chunks[0]["id"].startswith("translate-" if translate else "transcribe-")
@@ -1251,10 +1251,6 @@ async def test_audio_whole_and_stream(client: httpx.AsyncClient, path: str) -> N
     )
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == FAST.tokens
-
-
-def events_of(text: str) -> list[str]:
-    return events(text)
 
 
 async def test_audio_openai_sdk(sim: Any) -> None:

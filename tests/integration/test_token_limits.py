@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import RunningGateway, chat_body, run_gateway, wait_for
+from tests.conftest import RunningGateway, chat_body, run_gateway, sse_blocks, wait_for
 from tests.integration.test_failover import pool
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
@@ -106,7 +106,7 @@ async def test_a_client_that_asks_for_usage_gets_it_as_sent_and_is_charged_by_it
         body = chat_body(stream=True, max_tokens=20, stream_options={"include_usage": True})
         prompt = await prompt_tokens(client, sim, body)
         raw = await stream(client, gw.url, CHAT, body)
-        events = [e for e in raw.split(b"\n\n") if e]
+        events = sse_blocks(raw)
         usage = orjson.loads(events[-2][6:])
         assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 20
         assert _upstream_bodies(sim)[-1]["stream_options"] == {"include_usage": True}
@@ -235,7 +235,7 @@ async def test_a_stream_continued_on_another_member_is_charged_its_exact_ids(
             assert 'reason="connection_lost",outcome="resumed"} 1' in metrics
             text = b"".join(
                 orjson.loads(e[6:])["choices"][0]["delta"].get("content", "").encode()
-                for e in raw.split(b"\n\n")
+                for e in sse_blocks(raw)
                 if e.startswith(b"data: {") and b'"choices":[{' in e
             )
             assert text == b"".join(b" tok%d" % i for i in range(8))
@@ -252,7 +252,7 @@ async def test_a_stream_continued_on_another_member_is_charged_its_exact_ids(
 
 def _fixture_events() -> list[bytes]:
     raw = (FIXTURES / "chat_ok.sse").read_bytes()
-    return [e + b"\n\n" for e in raw.split(b"\n\n") if e.strip()]
+    return [e + b"\n\n" for e in sse_blocks(raw)]
 
 
 ASKED = _fixture_events()  # captured from vLLM 0.32 with include_usage

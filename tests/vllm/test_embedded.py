@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from tests._progress import note
+from tests.conftest import sse_blocks
 from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
 from vllm_gateway.backends.embedded.engine import EmbeddedBackend, gateway_env_names
 
@@ -94,7 +95,7 @@ async def send(backend: EmbeddedBackend, body: dict[str, Any], path: str = "/v1/
 async def sse_events(response: UpstreamResponse) -> list[bytes]:
     raw = b"".join([piece async for piece in response.chunks()])
     assert raw.endswith(b"\n\n")
-    return [event for event in raw.split(b"\n\n") if event]
+    return sse_blocks(raw)
 
 
 def shape(value: Any) -> Any:
@@ -228,7 +229,7 @@ async def test_chat_completion_stream(backend: EmbeddedBackend, server_url: str 
                 "POST", f"{url}/v1/chat/completions", json={**request, "model": model}
             ) as reference:
                 raw = b"".join([piece async for piece in reference.aiter_bytes()])
-        ref_events = [event for event in raw.split(b"\n\n") if event]
+        ref_events = sse_blocks(raw)
         assert ref_events[-1] == b"data: [DONE]"
         ref_chunks = [orjson.loads(event[len(b"data: ") :]) for event in ref_events[:-1]]
         # First (role), middle (content), last (usage) chunks have the server's structure.

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import run_gateway, wait_for
+from tests.conftest import run_gateway, sse_blocks, wait_for
 from tests.vllm.conftest import VllmServer
 from vllm_gateway.settings import Settings
 
@@ -86,7 +86,7 @@ class CuttingProxy:
 
 
 def _answer(raw: bytes) -> tuple[str, list[Any]]:
-    chunks = [orjson.loads(e[6:]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    chunks = [orjson.loads(e[6:]) for e in sse_blocks(raw) if e.startswith(b"data: {")]
     text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c["choices"])
     return text, chunks
 

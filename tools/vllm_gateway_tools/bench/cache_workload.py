@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 
+from vllm_gateway.proxy.sse import EventScanner, split_events
+
 __all__ = ["Workload", "answer_text"]
 
 _WORDS = [
@@ -138,8 +140,10 @@ class Workload:
 def answer_text(body: bytes) -> str:
     """The assistant's text in a streamed chat body: every ``delta.content``, in order."""
     parts: list[str] = []
-    for block in body.split(b"\n\n"):
-        block = block.strip()
+    scanner = EventScanner(max_event_bytes=len(body) + 1)
+    events = split_events(scanner.feed(body))
+    for event in [*events, scanner.pending]:  # a cut stream's last event counts too
+        block = event.strip()
         if not block.startswith(b"data:") or block.endswith(b"[DONE]"):
             continue
         try:
