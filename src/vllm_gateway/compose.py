@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from vllm_gateway.backends.base import Backend
 from vllm_gateway.backends.factory import build_backend
 from vllm_gateway.edge.api import create_api
-from vllm_gateway.edge.frontdoor import GatewayApp
+from vllm_gateway.edge.frontdoor import FrontDoor
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.metrics import GatewayMetrics, backend_name
@@ -52,7 +52,7 @@ class App:
     def __init__(
         self,
         gateway: Gateway,
-        frontdoor: GatewayApp,
+        frontdoor: FrontDoor,
         api: FastAPI,
         observer: Observer,
         health: BackendHealth,
@@ -150,7 +150,7 @@ def create_app(
     if tracer is not None:
         gateway.observers.append(tracer)
     api = create_api(gateway, health, metrics, board)
-    frontdoor = GatewayApp(gateway, api)
+    frontdoor = FrontDoor(gateway, api)
     metrics.add_connection_metrics(frontdoor.server_stats)
     metrics.add_budget_metrics(frontdoor.budget)
     if admission is not None:  # a worker of several answers the others' scrapes with its own

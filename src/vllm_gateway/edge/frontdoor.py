@@ -40,7 +40,7 @@ from vllm_gateway.proxy.record import RejectedCall
 from vllm_gateway.proxy.routes import OPEN_ROUTES, Body, Route, match
 from vllm_gateway.proxy.validation import is_json_media_type, is_multipart
 
-__all__ = ["GatewayApp"]
+__all__ = ["FrontDoor"]
 
 log = logging.getLogger("vllm_gateway")
 admin_log = logging.getLogger("vllm_gateway.admin")
@@ -68,8 +68,8 @@ def _near(path: str) -> list[str]:
     return []
 
 
-class GatewayApp:
-    """The front door: ``admit`` and ``handle`` for the HTTP server (``http_server.Handler``)."""
+class FrontDoor:
+    """The front door: ``admit``, ``ready`` and ``handle`` for the HTTP server (its ``Handler``)."""
 
     def __init__(self, gateway: Gateway, api: FastAPI) -> None:
         self.gateway = gateway
@@ -84,8 +84,6 @@ class GatewayApp:
         # Shared with the HTTP server the runner builds on this app.
         self.budget = BufferBudget(settings.buffer_budget_bytes)
         self.server_stats = ConnectionStats()
-        api.state.server_stats = self.server_stats
-        api.state.budget = self.budget
 
     def new_request_id(self, headers: list[tuple[bytes, bytes]]) -> str:
         return new_request_id(headers)
