@@ -22,10 +22,10 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -275,7 +275,10 @@ def _worker_phase(args: tuple[Target, LoadSpec, int, int, float]) -> PhaseResult
     return _run(run_phase(target, spec, bodies, proc, nprocs, start_at))
 
 
-def _run(coro: Any) -> Any:
+_T = TypeVar("_T")
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     try:
         import uvloop
     except ImportError:

@@ -37,7 +37,7 @@ ASCII_BASE = 1000
 _SYMBOLS = "\t\n\r" + "".join(chr(c) for c in range(32, 127))
 _CODE = {c: i + 1 for i, c in enumerate(_SYMBOLS)}  # 0 pads a short last piece
 _RADIX = len(_SYMBOLS) + 1
-_TABLE_BASE = ASCII_BASE + _RADIX**PIECE
+_TABLE_BASE: int = ASCII_BASE + _RADIX**PIECE
 _TABLE_MAX = 65536
 # Output token k (the text `` tok{k}``) has id OUTPUT_BASE + k: a continuation whose prompt ends in
 # output ids goes on from the next one, as a model continues its own answer.
@@ -89,10 +89,9 @@ def chat_tokens(messages: Iterable[tuple[str, str]]) -> int:
 def output_start(prompt: Any) -> int:
     """The index of the first output token for a prompt of token ids: after the last output id
     the prompt ends with (a continuation), else 0."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], int):
-        last = prompt[-1]
-        if OUTPUT_BASE <= last < VOCAB_SIZE:
-            return last - OUTPUT_BASE + 1
+    last = prompt[-1] if isinstance(prompt, list) and prompt else None
+    if isinstance(last, int) and OUTPUT_BASE <= last < VOCAB_SIZE:
+        return last - OUTPUT_BASE + 1
     return 0
 
 
