@@ -70,7 +70,9 @@ async def test_status_page_shows_live_in_flight_errors_and_backend(
         for _ in range(4):
             r = await client.post(gw.url + CHAT, json=chat_body(stream=True, max_tokens=8))
             assert r.status_code == 200
-        total = gw.app.observer.board.requests_total
+        board = gw.app.observer.board
+        assert board is not None
+        total = board.requests_total
         assert total == 8  # 3 disconnected streams, 1 failure, 4 completed
         await page.wait_for(f"{text_of('requests-total')} === '8'", timeout=10)
         await page.wait_for(f"{text_of('errors-total')} === '4'", timeout=10)

@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,9 @@ def _session(a: Simulator, b: Simulator, rounds: int = 2) -> Session:
 
 
 @pytest.mark.parametrize("endpoint", ["chat", "completions"])
-async def test_closed_loop_counts_requests_and_chunks(two_sims, endpoint: str) -> None:
+async def test_closed_loop_counts_requests_and_chunks(
+    two_sims: tuple[Simulator, Simulator], endpoint: str
+) -> None:
     a, b = two_sims
     spec = LoadSpec(
         model="sim-model", endpoint=endpoint, max_tokens=5, concurrency=3, num_requests=7
@@ -54,7 +57,7 @@ async def test_closed_loop_counts_requests_and_chunks(two_sims, endpoint: str) -
     assert sorted(r.idx for r in level.results("direct")) == sorted(list(range(7)) * 2)
 
 
-async def test_identical_targets_compare_equal(two_sims) -> None:
+async def test_identical_targets_compare_equal(two_sims: tuple[Simulator, Simulator]) -> None:
     a, b = two_sims
     spec = LoadSpec(model="sim-model", max_tokens=6, concurrency=2, num_requests=6)
     level = await _session(a, b).run_level(spec)
@@ -64,7 +67,9 @@ async def test_identical_targets_compare_equal(two_sims) -> None:
     assert level.comparison["twin"]["ratio"]["chunks"] == pytest.approx(1.0)
 
 
-async def test_different_output_is_caught_by_fidelity(two_sims) -> None:
+async def test_different_output_is_caught_by_fidelity(
+    two_sims: tuple[Simulator, Simulator],
+) -> None:
     a, b = two_sims
     # Same seeded requests, but max_tokens differs on one side: the streams differ.
     base = LoadSpec(model="sim-model", max_tokens=4, concurrency=1, num_requests=3, fidelity=True)
@@ -79,11 +84,11 @@ async def test_different_output_is_caught_by_fidelity(two_sims) -> None:
     assert f["identical"] == 0
 
 
-def _fields(spec: LoadSpec) -> dict:
+def _fields(spec: LoadSpec) -> dict[str, Any]:
     return {name: getattr(spec, name) for name in spec.__dataclass_fields__}
 
 
-async def test_non_streamed_open_loop_completes(two_sims) -> None:
+async def test_non_streamed_open_loop_completes(two_sims: tuple[Simulator, Simulator]) -> None:
     a, b = two_sims
     spec = LoadSpec(model="sim-model", stream=False, max_tokens=3, rate=200.0, num_requests=20)
     level = await _session(a, b, rounds=1).run_level(spec)
@@ -113,7 +118,9 @@ async def test_refused_connections_are_errors_not_hangs() -> None:
     assert level.summaries["gone"]["errors"] == {"connect": 2}
 
 
-async def test_cli_writes_json_markdown_and_plot(two_sims, tmp_path: Path) -> None:
+async def test_cli_writes_json_markdown_and_plot(
+    two_sims: tuple[Simulator, Simulator], tmp_path: Path
+) -> None:
     a, b = two_sims
     out = tmp_path / "out"
     proc = await asyncio.create_subprocess_exec(

@@ -8,7 +8,7 @@ import asyncio
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import msgpack
@@ -24,7 +24,13 @@ from vllm_gateway.backends.pool.prompt_chain import prompt_chain
 from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator
 
-FAST = {"health_interval": 0.1, "health_timeout": 0.5}
+
+class _Fast(TypedDict):
+    health_interval: float
+    health_timeout: float
+
+
+FAST = _Fast(health_interval=0.1, health_timeout=0.5)
 
 
 def pool(gw: RunningGateway) -> PoolBackend:
@@ -90,7 +96,9 @@ async def test_each_conversation_stays_with_the_member_that_holds_it(tmp_path: P
                 for c in range(6)
             }
             decisions = pool(gw).pool_stats()["cache_decisions"]
-            links = sum(len(links) for links in pool(gw).cache_aware.links.values())  # type: ignore[union-attr]
+            aware = pool(gw).cache_aware
+            assert aware is not None
+            links = sum(len(by_size) for by_size in aware.links.values())
     assert all(len(s) == 1 for s in where.values()), where  # every turn where the first went
     homes = [next(iter(s)) for s in where.values()]
     assert min(homes.count(0), homes.count(1)) >= 2  # new conversations spread

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from typing import Any
 
 import httpx
 import orjson
@@ -32,8 +33,8 @@ async def _metric(client: httpx.AsyncClient, url: str, name: str) -> float | Non
 
 
 async def _request(
-    client: httpx.AsyncClient, url: str, body: dict
-) -> tuple[int, dict, bytes, float]:
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[int, dict[str, str], bytes, float]:
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         data = b"".join([c async for c in resp.aiter_raw()])
         return resp.status_code, dict(resp.headers), data, time.monotonic()

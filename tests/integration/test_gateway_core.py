@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import httpx
 import orjson
@@ -25,7 +26,9 @@ def _contents(events: list[str]) -> list[str]:
     return out
 
 
-async def _stream_text(client: httpx.AsyncClient, url: str, body: dict) -> tuple[int, str]:
+async def _stream_text(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[int, str]:
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
         text = (await resp.aread()).decode()
         return resp.status_code, text
@@ -213,7 +216,9 @@ async def test_backend_500_with_traceback_shows_nothing_of_it(
 # --- admission -----------------------------------------------------------------------------
 
 
-async def _open_streams(client: httpx.AsyncClient, url: str, n: int) -> list[asyncio.Task]:
+async def _open_streams(
+    client: httpx.AsyncClient, url: str, n: int
+) -> list[asyncio.Task[tuple[int, str]]]:
     async def one() -> tuple[int, str]:
         return await _stream_text(client, url, chat_body(stream=True, max_tokens=400))
 

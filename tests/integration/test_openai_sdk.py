@@ -9,9 +9,12 @@ failed stream is never mistaken for a short, complete one.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.conftest import RunningGateway, run_gateway, wait_for
 from vllm_gateway.settings import Settings
@@ -19,7 +22,7 @@ from vllm_gateway_tools.simulator import Simulator
 
 pytestmark = pytest.mark.timeout(60)
 
-MESSAGES = [{"role": "user", "content": "hello"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 EXPECTED = "".join(f" tok{i}" for i in range(6))
 
 
@@ -44,7 +47,8 @@ async def test_chat_and_completions_streamed_and_not(keyed: RunningGateway) -> N
     async with _sdk(keyed) as sdk:
         chat = await sdk.chat.completions.create(model="sim-model", messages=MESSAGES, max_tokens=6)
         assert chat.choices[0].message.content == EXPECTED
-        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 6
+        assert chat.choices[0].finish_reason == "length"
+        assert chat.usage is not None and chat.usage.completion_tokens == 6
 
         stream = await sdk.chat.completions.create(
             model="sim-model",
@@ -53,20 +57,23 @@ async def test_chat_and_completions_streamed_and_not(keyed: RunningGateway) -> N
             stream=True,
             stream_options={"include_usage": True},
         )
-        parts, finish, usage = [], None, None
+        parts: list[str] = []
+        finish: str | None = None
+        usage: CompletionUsage | None = None
         async for chunk in stream:
             for choice in chunk.choices:
                 parts.append(choice.delta.content or "")
                 finish = choice.finish_reason or finish
             usage = chunk.usage or usage
-        assert "".join(parts) == EXPECTED and finish == "length" and usage.completion_tokens == 6
+        assert "".join(parts) == EXPECTED and finish == "length"
+        assert usage is not None and usage.completion_tokens == 6
 
         comp = await sdk.completions.create(model="sim-model", prompt="hi", max_tokens=6)
         assert comp.choices[0].text == EXPECTED
-        stream = await sdk.completions.create(
+        text_stream = await sdk.completions.create(
             model="sim-model", prompt="hi", max_tokens=6, stream=True
         )
-        assert "".join([c.choices[0].text async for c in stream]) == EXPECTED
+        assert "".join([c.choices[0].text async for c in text_stream]) == EXPECTED
 
         models = await sdk.models.list()
         assert "sim-model" in [m.id for m in models.data]
@@ -111,7 +118,7 @@ async def test_gateway_statuses_surface_as_sdk_errors(
     ],
 )
 async def test_a_mid_stream_error_raises_in_the_sdk_consumer(
-    keyed: RunningGateway, knobs: dict, kind: str
+    keyed: RunningGateway, knobs: dict[str, Any], kind: str
 ) -> None:
     async with _sdk(keyed) as sdk:
         stream = await sdk.chat.completions.create(

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import orjson
@@ -20,7 +20,18 @@ from vllm_gateway.errors import NoHealthyBackend, UpstreamError
 from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, start_simulator
 
-FAST = dict(
+
+class _Fast(TypedDict):
+    health_interval: float
+    health_timeout: float
+    watchdog_stall: float
+    canary_timeout: float
+    readmit_backoff: float
+    admission_wait: float
+    retry_budget_min: int
+
+
+FAST = _Fast(
     health_interval=0.1,
     health_timeout=0.5,
     watchdog_stall=0.3,
@@ -177,8 +188,8 @@ async def test_prefix_affinity_routes_a_shared_prefix_together() -> None:
     ):
         system = {"role": "system", "content": "You are a careful assistant. " * 4}
         for i in range(8):
-            body = {"messages": [system, {"role": "user", "content": f"question {i}"}]}
-            assert (await call(pool, request(**body)))[0] == 200
+            messages = [system, {"role": "user", "content": f"question {i}"}]
+            assert (await call(pool, request(messages=messages)))[0] == 200
         assert sorted(totals(members))[-1] == 8
 
 
@@ -306,6 +317,7 @@ async def test_stalled_stream_trips_the_watchdog() -> None:
             assert first
             stalled = pool.stats()
             name = resp.served_by
+            assert name is not None
             idx = [m["name"] for m in stalled].index(name)
             await wait_for(lambda: not pool.stats()[idx]["healthy"], timeout=5)
             assert pool.stats()[idx]["down_reason"] == "watchdog"

@@ -83,6 +83,7 @@ async def test_two_replicas_share_one_request_limit(tmp_path: Path) -> None:
             assert a.mode == b.mode == "redis" and a.fallbacks == b.fallbacks == 0
             with pytest.raises(RateLimited) as caught:
                 await b.acquire("shared-key")
+            assert caught.value.retry_after is not None
             assert 5.0 <= caught.value.retry_after <= 6.5  # one request at 10/min
             assert dict(caught.value.headers())[b"retry-after"] == b"6"
             await a.acquire("another-key")  # other keys are untouched
@@ -105,6 +106,7 @@ async def test_two_replicas_share_one_token_limit(tmp_path: Path) -> None:
             await a.record_tokens("shared-key", 30)  # debt, seen by the other replica
             with pytest.raises(RateLimited) as caught:
                 await b.acquire("shared-key")
+            assert caught.value.retry_after is not None
             assert 17.0 <= caught.value.retry_after <= 18.5
         finally:
             await a.aclose()
@@ -194,6 +196,7 @@ async def test_a_fresh_keys_first_request_and_whole_burst_pass_on_redis(tmp_path
             assert a.mode == "redis" and a.fallbacks == 0  # served by Redis, not the fallback
             with pytest.raises(RateLimited) as caught:
                 await b.acquire("fresh", 1)
+            assert caught.value.retry_after is not None
             assert 0.5 <= caught.value.retry_after <= 0.61  # one token at 100 a minute
         finally:
             await a.aclose()

@@ -35,7 +35,7 @@ async def keyed(simulator: Simulator) -> AsyncIterator[RunningGateway]:
 
 
 def _minus_request_id(body: bytes) -> dict[str, Any]:
-    obj = orjson.loads(body)
+    obj: dict[str, Any] = orjson.loads(body)
     obj["error"].pop("request_id", None)
     return obj
 
@@ -79,7 +79,9 @@ async def test_s2_every_route_but_the_probes_needs_a_key(
     keyed: RunningGateway, client: httpx.AsyncClient
 ) -> None:
     open_routes = {"/health/live", "/health/ready", "/v1/health", "/health", "/ping"}
-    paths = {getattr(r, "path", None) for r in keyed.app.api.routes} - {None}
+    paths = {
+        path for r in keyed.app.api.routes if isinstance(path := getattr(r, "path", None), str)
+    }
     paths |= {
         CHAT,
         "/v1/completions",
@@ -211,12 +213,13 @@ async def decoy() -> AsyncIterator[Simulator]:
 async def test_s5_nothing_in_the_request_chooses_the_upstream(
     gateway: RunningGateway, simulator: Simulator, decoy: Simulator, client: httpx.AsyncClient
 ) -> None:
-    for extra in (
+    extras: tuple[dict[str, Any], ...] = (
         {"base_url": decoy.url},
         {"api_base": decoy.url + "/v1"},
         {"url": decoy.url},
         {"backend": decoy.url},
-    ):
+    )
+    for extra in extras:
         resp = await client.post(gateway.url + CHAT, json=chat_body(**extra))
         assert resp.status_code == 200
     resp = await client.post(

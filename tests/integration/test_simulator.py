@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
@@ -20,6 +20,9 @@ import pytest
 
 from tests.conftest import sse_blocks
 from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
+
+if TYPE_CHECKING:
+    from anthropic.types import MessageParam
 
 FAST = SimulatorConfig(ttft=0.01, itl=0.005, tokens=8)
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello"}]}
@@ -468,7 +471,8 @@ async def test_cli_prints_port_and_stops_on_sigterm() -> None:
 # real vLLM 0.32 (the simulator then serves "smol" with a 2048-token context, as that server did).
 
 RESP = {"model": "sim-model", "input": "hello"}
-MSG = {"model": "sim-model", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
+HELLO: list[MessageParam] = [{"role": "user", "content": "hello"}]
+MSG = {"model": "sim-model", "max_tokens": 64, "messages": HELLO}
 RESPONSE_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                    "response.content_part.added"]  # fmt: skip
 RESPONSE_CLOSING = ["response.output_text.done", "response.content_part.done",
@@ -759,17 +763,24 @@ async def test_messages_anthropic_sdk(sim: Any) -> None:
 
     sdk = anthropic.AsyncAnthropic(base_url=sim.url, api_key="unused", max_retries=0)
     try:
-        whole = await sdk.messages.create(**MSG)
-        kinds = [e.type async for e in await sdk.messages.create(**MSG, stream=True)]
-        async with sdk.messages.stream(**{**MSG, "max_tokens": 2}) as stream:
+        whole = await sdk.messages.create(model="sim-model", max_tokens=64, messages=HELLO)
+        kinds = [
+            e.type
+            async for e in await sdk.messages.create(
+                model="sim-model", max_tokens=64, messages=HELLO, stream=True
+            )
+        ]
+        async with sdk.messages.stream(model="sim-model", max_tokens=2, messages=HELLO) as stream:
             text = "".join([t async for t in stream.text_stream])
             final = await stream.get_final_message()
-        counted = await sdk.messages.count_tokens(model="sim-model", messages=MSG["messages"])
+        counted = await sdk.messages.count_tokens(model="sim-model", messages=HELLO)
         with pytest.raises(anthropic.NotFoundError) as missing:
-            await sdk.messages.create(**{**MSG, "model": "nope"}, stream=True)
+            await sdk.messages.create(model="nope", max_tokens=64, messages=HELLO, stream=True)
     finally:
         await sdk.close()
-    assert whole.stop_reason == "end_turn" and whole.content[0].text == render_text(FAST.tokens)
+    block = whole.content[0]
+    assert whole.stop_reason == "end_turn" and block.type == "text"
+    assert block.text == render_text(FAST.tokens)
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert text == render_text(2) and final.stop_reason == "max_tokens"
     assert counted.input_tokens == whole.usage.input_tokens
@@ -784,7 +795,7 @@ async def test_messages_with_an_api_key(client: httpx.AsyncClient, sim: Any) -> 
     sdk = anthropic.AsyncAnthropic(base_url=sim.url, api_key="sk-test", max_retries=0)
     try:
         assert (
-            await sdk.messages.create(**MSG)
+            await sdk.messages.create(model="sim-model", max_tokens=64, messages=HELLO)
         ).stop_reason == "end_turn"  # sent as a Bearer token
     finally:
         await sdk.close()
@@ -997,7 +1008,9 @@ async def test_messages_sdk_sees_a_cut(sim: Any) -> None:
     sdk = anthropic.AsyncAnthropic(base_url=sim.url, api_key="unused", max_retries=0)
     try:
         with pytest.raises(httpx2.RemoteProtocolError):
-            async with sdk.messages.stream(**MSG) as stream:
+            async with sdk.messages.stream(
+                model="sim-model", max_tokens=64, messages=HELLO
+            ) as stream:
                 async for _ in stream.text_stream:
                     pass
     finally:

@@ -155,9 +155,11 @@ async def test_a_stream_the_client_leaves_is_charged_what_was_relayed_or_its_bud
     budget: int | None,
 ) -> None:
     async with limited(SimulatorConfig(ttft=0.005, itl=0.01, tokens=300)) as (sim, gw, client):
-        body = chat_body(stream=True, max_tokens=budget)
+        body = chat_body(stream=True)
         if budget is None:
             del body["max_tokens"]
+        else:
+            body["max_tokens"] = budget
         seen = 0
         started = time.monotonic()
         async with client.stream("POST", gw.url + CHAT, json=body) as resp:

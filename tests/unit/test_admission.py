@@ -150,7 +150,7 @@ async def test_random_churn_never_exceeds_the_limit_and_ends_at_zero() -> None:
     async def worker() -> None:
         nonlocal peak
         try:
-            permit: Permit = await adm.acquire()
+            permit = await adm.acquire()
         except (QueueTimeout, Overloaded):
             return
         try:

@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -32,11 +33,15 @@ import render_k8s  # noqa: E402
 import validate_deploy as vd  # noqa: E402
 import validate_monitoring as vm  # noqa: E402
 
+if TYPE_CHECKING:
+    from vllm_gateway.errors import GatewayError
+
 SCRIPT = ROOT / "scripts" / "start_vllm_h100.sh"
 
 
 def dry_run(env: dict[str, str] | None = None, *args: str) -> list[str]:
-    return vd.start_script_command(env, args)
+    command: list[str] = vd.start_script_command(env, args)
+    return command
 
 
 # --- start script ------------------------------------------------------------------------------
@@ -273,7 +278,9 @@ def test_dockerfiles_pass_the_checks() -> None:
     assert vd.check_dockerfiles() == []
 
 
-def test_dockerfile_checker_catches_a_root_user(tmp_path: Path, monkeypatch) -> None:
+def test_dockerfile_checker_catches_a_root_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     text = vd.DOCKERFILE.read_text().replace("USER 10001", "USER root")
     bad = tmp_path / "Dockerfile"
     bad.write_text(text)
@@ -312,7 +319,7 @@ def test_entrypoint_command_exists(dockerfile: Path) -> None:
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -409,9 +416,10 @@ def test_meaning_check_catches_a_grace_period_shorter_than_the_drain() -> None:
     assert any("terminationGracePeriodSeconds" in p for p in vd.k8s_meaning_problems(docs))
 
 
-def _render(values: dict) -> list[dict]:
+def _render(values: dict[str, Any]) -> list[dict[str, Any]]:
     pytest.importorskip("helm_python")
-    return vd.load_manifests(render_k8s.render_chart(values))
+    manifests: list[dict[str, Any]] = vd.load_manifests(render_k8s.render_chart(values))
+    return manifests
 
 
 def test_chart_grace_period_is_prestop_plus_drain_plus_margin() -> None:
@@ -545,12 +553,14 @@ def test_server_side_outcomes_are_the_5xx_error_types() -> None:
     # A 5xx that answers the client's own request (501 for a transfer coding, 505 for an HTTP
     # version) is the client's fault, not the service's: no alert counts it.
     errors = pytest.importorskip("vllm_gateway.errors")
+    gateway_error: type[GatewayError] = errors.GatewayError
+    client_error: type[GatewayError] = errors.ClientError
     types = {
         cls.type
         for cls in vars(errors).values()
         if isinstance(cls, type)
-        and issubclass(cls, errors.GatewayError)
-        and not issubclass(cls, errors.ClientError)
+        and issubclass(cls, gateway_error)
+        and not issubclass(cls, client_error)
         and cls.status >= 500
     }
     assert types == vm.SERVER_SIDE_OUTCOMES
@@ -566,11 +576,13 @@ def test_error_ratio_counts_exactly_the_server_side_outcomes() -> None:
         e for t, e in vm.dashboard_expressions(dashboard) if t == "Server-side error ratio"
     )
     for expr in (rule["expr"], panel):
-        regex = re.search(r'outcome=~"([^"]*)"', expr).group(1)
+        found = re.search(r'outcome=~"([^"]*)"', expr)
+        assert found is not None, expr
+        regex = found.group(1)
         assert set(regex.split("|")) == vm.SERVER_SIDE_OUTCOMES
 
 
-def test_monitoring_checks_pass_without_the_parser_too(monkeypatch) -> None:
+def test_monitoring_checks_pass_without_the_parser_too(monkeypatch: pytest.MonkeyPatch) -> None:
     # CI may lack promql-parser: the fallback must accept the same files.
     monkeypatch.setitem(sys.modules, "promql_parser", None)
     assert vm.check_dashboard() == []

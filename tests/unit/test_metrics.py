@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from vllm_gateway.backends.base import Backend, UpstreamRequest, UpstreamResponse
+from vllm_gateway.backends.base import Backend, BackendStats, UpstreamRequest, UpstreamResponse
 from vllm_gateway.errors import Unauthorized
 from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.logs import JSONFormatter
@@ -66,7 +66,7 @@ class IdleBackend(Backend):
 
 
 class PoolLike(IdleBackend):
-    def stats(self) -> list[dict[str, Any]]:
+    def stats(self) -> list[BackendStats]:
         return [
             {
                 "name": "a",

@@ -44,6 +44,7 @@ def test_spans_follow_the_call_timestamps_and_join_the_client_trace() -> None:
     assert set(spans) == {"gateway.request", "queue", "upstream", "stream"}
     root = spans["gateway.request"]
     assert format(root.context.trace_id, "032x") == trace_id
+    assert root.attributes is not None
     assert root.attributes["vllm_gateway.request_id"] == "req-1"
     for name, seconds in (
         ("gateway.request", 2.5),
@@ -52,6 +53,7 @@ def test_spans_follow_the_call_timestamps_and_join_the_client_trace() -> None:
         ("stream", 1.0),
     ):
         span = spans[name]
+        assert span.end_time is not None and span.start_time is not None
         assert (span.end_time - span.start_time) / 1e9 == pytest.approx(seconds, abs=1e-3)
         if name != "gateway.request":
             assert span.parent is not None and span.parent.span_id == root.context.span_id

@@ -14,6 +14,7 @@ async def test_requests_per_minute_allows_the_burst_then_refuses_with_retry_afte
         await rl.acquire("k")
     with pytest.raises(RateLimited) as caught:
         await rl.acquire("k")
+    assert caught.value.retry_after is not None
     assert 19.0 <= caught.value.retry_after <= 20.5  # one request's worth of a 3/min rate
     assert caught.value.status == 429
     assert dict(caught.value.headers()) == {b"retry-after": b"20"}
@@ -43,6 +44,7 @@ async def test_tokens_per_minute_counts_acquired_and_recorded_tokens() -> None:
     await rl.acquire("k", tokens=60)
     with pytest.raises(RateLimited) as caught:
         await rl.acquire("k", tokens=60)
+    assert caught.value.retry_after is not None
     assert 11.0 <= caught.value.retry_after <= 12.5  # 20 tokens over the allowance at 100/min
     await rl.acquire("k", tokens=40)  # exactly the rest of the allowance
     await rl.record_tokens("k", -50)  # refund an over-estimate
@@ -50,6 +52,7 @@ async def test_tokens_per_minute_counts_acquired_and_recorded_tokens() -> None:
     await rl.record_tokens("k", 30)  # counted after the response: the key is now in debt
     with pytest.raises(RateLimited) as debt:
         await rl.acquire("k")
+    assert debt.value.retry_after is not None
     assert 17.0 <= debt.value.retry_after <= 18.5
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vllm_gateway.cli import main
@@ -77,7 +79,7 @@ def test_embedded_engine_wants_no_backend_url() -> None:
         load_settings({"VLLM_USE_EMBEDDED_ENGINE": "true", "VLLM_BACKEND_URL": "http://x:1"})
 
 
-def test_api_keys_from_variable_and_file(tmp_path) -> None:
+def test_api_keys_from_variable_and_file(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nk2\n\nk3\n")
     s = load_settings({"VLLM_API_KEYS": "k1", "VLLM_API_KEYS_FILE": str(keys)})
@@ -92,7 +94,9 @@ def test_settings_are_frozen() -> None:
         s.port = 1  # type: ignore[misc]
 
 
-def test_cli_reports_one_line_and_exits_non_zero(capsys, monkeypatch) -> None:
+def test_cli_reports_one_line_and_exits_non_zero(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VLLM_REQUEST_TIMEOUT_SECONDS", "-5")
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip()

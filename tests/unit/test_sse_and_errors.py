@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from vllm_gateway import errors
 from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE, OK, OPENAI
+from vllm_gateway.proxy.routes import CHAT, COMPLETIONS
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
-from vllm_gateway.proxy.validation import CHAT, COMPLETIONS, set_response_id, validate_body
+from vllm_gateway.proxy.validation import set_response_id, validate_body
 
 classify = OPENAI.classify
 

@@ -6,6 +6,7 @@ single process's, exactly; a worker that dies gives back what it held.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 
 import pytest
@@ -115,7 +116,7 @@ async def test_a_waiter_that_leaves_is_out_of_the_queue_at_once() -> None:
 async def test_a_scrape_gathers_every_other_worker_s_snapshot() -> None:
     coordinator, remotes = await _setup(3, limit=4, queue=4)
     for i, remote in enumerate(remotes):
-        remote.snapshot = lambda i=i: {"worker": i}
+        remote.snapshot = functools.partial(dict, worker=i)
     others = await remotes[0].peer_snapshots(2.0)
     assert sorted(s["worker"] for s in others) == [1, 2]
     await coordinator.aclose()

