@@ -30,9 +30,9 @@ test-latest:    ## the newest versions pyproject allows, gateway only, in $(LATE
 	$(LATEST_VENV)/bin/python -m pytest -q tests/unit tests/integration \
 		--deselect tests/unit/test_lock.py::test_installed_versions_are_the_locked_ones
 
-check:          ## lint and types
-	$(PY) -m ruff check src tests scripts
-	$(PY) -m ruff format --check src tools
+check:          ## lint, format and types (mypy --strict over src, tools and tests)
+	$(PY) -m ruff check src tools tests scripts
+	$(PY) -m ruff format --check src tools tests scripts
 	$(PY) -m mypy
 
 bench:          ## the standard benchmark scenarios; report in bench-results/

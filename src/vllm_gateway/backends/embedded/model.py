@@ -138,8 +138,7 @@ def _convert(source: Path, out: Path) -> None:
             )
 
     folder, name = str(source.parent), source.name
-    # The GGUF dequantization is chatty. (transformers leaves this and from_config untyped.)
-    transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    transformers.logging.set_verbosity_error()  # the GGUF dequantization is chatty
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -148,7 +147,7 @@ def _convert(source: Path, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.torch_dtype = torch.bfloat16
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # type: ignore[no-untyped-call]
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     # Tied embeddings: lm_head.weight may be reported missing while it shares embed_tokens.
     real_missing = [k for k in missing if k != "lm_head.weight"]
