@@ -190,20 +190,23 @@ async def test_a_queued_stream_that_asks_gets_its_head_and_queue_comments_then_i
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
     settings = _settings(simulator, queue_update_interval=0.1)
-    async with run_gateway(settings) as gw, _holding(gw, client, 1.0):
-        async with client.stream(
+    async with (
+        run_gateway(settings) as gw,
+        _holding(gw, client, 1.0),
+        client.stream(
             "POST",
             gw.url + "/v1/chat/completions",
             json=chat_body(stream=True),
             headers={"X-Queue-Updates": "1"},
-        ) as resp:
-            assert resp.status_code == 200
-            assert resp.headers["content-type"].startswith("text/event-stream")
-            chunks = resp.aiter_raw()
-            first = await anext(chunks)
-            assert first.startswith(b": queue position=1 eta_ms=")
-            assert gw.gateway.admission.queued == 1  # the head came while it queued
-            raw = first + b"".join([c async for c in chunks])
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        chunks = resp.aiter_raw()
+        first = await anext(chunks)
+        assert first.startswith(b": queue position=1 eta_ms=")
+        assert gw.gateway.admission.queued == 1  # the head came while it queued
+        raw = first + b"".join([c async for c in chunks])
     events = sse_blocks(raw)
     comments = [e for e in events if e.startswith(b": queue ")]
     assert len(comments) >= 2 and events[: len(comments)] == comments
@@ -284,26 +287,28 @@ async def test_the_status_page_shows_the_queue_by_tenant_and_class_to_its_tenant
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
     keys = frozenset({"a:team-a:0", "b:team-b:3"})
-    async with run_gateway(_settings(simulator, api_keys=keys)) as gw:
-        async with _holding(gw, client, 1.0, key="a"):
-            waiting = [
-                asyncio.create_task(
-                    client.post(
-                        gw.url + "/v1/chat/completions",
-                        json=chat_body(),
-                        headers={"Authorization": f"Bearer {key}"},
-                    )
+    async with (
+        run_gateway(_settings(simulator, api_keys=keys)) as gw,
+        _holding(gw, client, 1.0, key="a"),
+    ):
+        waiting = [
+            asyncio.create_task(
+                client.post(
+                    gw.url + "/v1/chat/completions",
+                    json=chat_body(),
+                    headers={"Authorization": f"Bearer {key}"},
                 )
-                for key in ("a", "a", "b")
-            ]
-            await wait_for(lambda: gw.gateway.admission.queued == 3)
-            seen = {}
-            for key in ("a", "b"):
-                resp = await client.get(
-                    gw.url + "/status/data", headers={"Authorization": f"Bearer {key}"}
-                )
-                assert resp.status_code == 200
-                seen[key] = [(q["tenant"], q["priority"], q["queued"]) for q in resp.json()["queue"]]
-            assert seen == {"a": [("team-a", 0, 2)], "b": [("team-b", 3, 1)]}
-            for resp in await asyncio.gather(*waiting):
-                assert resp.status_code == 200
+            )
+            for key in ("a", "a", "b")
+        ]
+        await wait_for(lambda: gw.gateway.admission.queued == 3)
+        seen = {}
+        for key in ("a", "b"):
+            resp = await client.get(
+                gw.url + "/status/data", headers={"Authorization": f"Bearer {key}"}
+            )
+            assert resp.status_code == 200
+            seen[key] = [(q["tenant"], q["priority"], q["queued"]) for q in resp.json()["queue"]]
+        assert seen == {"a": [("team-a", 0, 2)], "b": [("team-b", 3, 1)]}
+        for resp in await asyncio.gather(*waiting):
+            assert resp.status_code == 200

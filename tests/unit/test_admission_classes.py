@@ -23,7 +23,9 @@ def test_a_deadline_that_is_not_whole_milliseconds_in_range_is_refused(raw: byte
     assert parse_deadline_ms(raw) is None
 
 
-@pytest.mark.parametrize(("raw", "ms"), [(b"1", 1), (b" 250 ", 250), (b"86400000", MAX_DEADLINE_MS)])
+@pytest.mark.parametrize(
+    ("raw", "ms"), [(b"1", 1), (b" 250 ", 250), (b"86400000", MAX_DEADLINE_MS)]
+)
 def test_a_deadline_in_range_is_read(raw: bytes, ms: int) -> None:
     assert parse_deadline_ms(raw) == ms
 

@@ -186,7 +186,6 @@ class StatusBoard:
             "errors": [e for e in reversed(self.errors) if tenant is None or e["tenant"] == tenant],
         }
 
-
     def queue(self, tenant: str | None = None) -> list[dict[str, Any]]:
         """The queue by tenant and priority class (with ``tenant``, its own rows only): waiters
         and the estimated wait of its next arrival, in seconds. A worker of several shows none:

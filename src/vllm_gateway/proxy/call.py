@@ -50,10 +50,10 @@ from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.ids import fresh_id
 from vllm_gateway.proxy.admission import RETRY_AFTER_MAX, RETRY_AFTER_MIN, Admission, Place
 from vllm_gateway.proxy.continuation import Continuing
-from vllm_gateway.proxy.relay import SSE_HEADERS
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
+from vllm_gateway.proxy.relay import SSE_HEADERS
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
 from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
@@ -300,7 +300,11 @@ class ProxyCall(Continuing):
             self.queue_wait = place.queue_wait
         if valid.dropped:
             valid.parse_again()
-        if settings.priority_scheduling and route.name in _TAKES_PRIORITY and valid.json is not None:
+        if (
+            settings.priority_scheduling
+            and route.name in _TAKES_PRIORITY
+            and valid.json is not None
+        ):
             # vLLM serves a lower ``priority`` first; the gateway's higher class first. The
             # tenant's class replaces whatever the client put there.
             valid.json["priority"] = -self.priority
