@@ -165,7 +165,7 @@ async def test_shedding_refuses_a_queued_lower_class_for_a_higher_one(
 ) -> None:
     keys = frozenset({"lo:bronze:0", "hi:gold:5"})
     settings = _settings(simulator, api_keys=keys, max_queued_requests=1, shed_low_priority=True)
-    async with run_gateway(settings) as gw, _holding(gw, client, 1.0, key="lo"):
+    async with run_gateway(settings) as gw, _holding(gw, client, 3.0, key="lo"):
         low = asyncio.create_task(
             client.post(
                 gw.url + "/v1/chat/completions",
@@ -192,7 +192,7 @@ async def test_a_queued_stream_that_asks_gets_its_head_and_queue_comments_then_i
     settings = _settings(simulator, queue_update_interval=0.1)
     async with (
         run_gateway(settings) as gw,
-        _holding(gw, client, 1.0),
+        _holding(gw, client, 2.0),
         client.stream(
             "POST",
             gw.url + "/v1/chat/completions",
@@ -218,7 +218,8 @@ async def test_with_queue_updates_a_queue_timeout_is_the_streams_final_error_eve
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
     settings = _settings(simulator, queue_update_interval=0.1, queue_wait_timeout=0.4)
-    async with run_gateway(settings) as gw, _holding(gw, client, 1.5):
+    # The holder outlasts the three queue timeouts below, however slow the machine.
+    async with run_gateway(settings) as gw, _holding(gw, client, 6.0):
         async with client.stream(
             "POST",
             gw.url + "/v1/chat/completions",
@@ -246,6 +247,37 @@ async def test_with_queue_updates_a_queue_timeout_is_the_streams_final_error_eve
             with pytest.raises(openai.APIError, match="slot"):
                 async for _ in stream:
                     pass
+        async with anthropic.AsyncAnthropic(
+            base_url=gw.url, api_key="x", max_retries=0, timeout=20
+        ) as ant:
+            with pytest.raises(anthropic.APIStatusError, match="slot"):
+                async with ant.messages.stream(
+                    model="sim-model",
+                    max_tokens=6,
+                    messages=[{"role": "user", "content": "hello"}],
+                    extra_headers={"X-Queue-Updates": "1"},
+                ) as messages:
+                    async for _ in messages.text_stream:
+                        pass
+
+
+async def test_a_queued_stream_with_queue_updates_whose_client_leaves_leaves_the_queue(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
+    settings = _settings(simulator, queue_update_interval=0.1)
+    async with run_gateway(settings) as gw, _holding(gw, client, 3.0):
+        async with client.stream(
+            "POST",
+            gw.url + "/v1/chat/completions",
+            json=chat_body(stream=True),
+            headers={"X-Queue-Updates": "1"},
+        ) as resp:
+            assert (await anext(resp.aiter_raw())).startswith(b": queue position=1")
+        # The client closed its connection while queued: out of the queue, its wait's task
+        # ended, nothing sent upstream.
+        await wait_for(lambda: gw.gateway.admission.queued == 0 and len(gw.gateway.active) == 1)
+    assert gw.gateway.admission.in_flight == 0
+    assert len(_engine_records(simulator)) == 1  # the holder only
 
 
 async def test_the_sdks_stream_a_response_with_queue_comments_unchanged(
@@ -276,7 +308,7 @@ async def test_the_sdks_stream_a_response_with_queue_comments_unchanged(
         alone = (await chat({}), await message({}))
         assert all(alone)
         for ask in (chat, message):
-            async with _holding(gw, client, 0.5):
+            async with _holding(gw, client, 2.0):
                 queued = asyncio.create_task(ask(updates))
                 await wait_for(lambda: gw.gateway.admission.queued == 1)
                 text = await queued
@@ -289,7 +321,7 @@ async def test_the_status_page_shows_the_queue_by_tenant_and_class_to_its_tenant
     keys = frozenset({"a:team-a:0", "b:team-b:3"})
     async with (
         run_gateway(_settings(simulator, api_keys=keys)) as gw,
-        _holding(gw, client, 1.0, key="a"),
+        _holding(gw, client, 3.0, key="a"),
     ):
         waiting = [
             asyncio.create_task(

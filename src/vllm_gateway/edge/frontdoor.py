@@ -70,11 +70,16 @@ def _near(path: str) -> list[str]:
     return []
 
 
+_ADMISSION_HEADERS = frozenset({b"x-request-deadline-ms", b"x-queue-updates"})
+
+
 def _admission_headers(ex: Exchange) -> GatewayError | None:
     """``X-Request-Deadline-Ms`` and ``X-Queue-Updates``, read into the request's context; a
     clear 400 naming the header for a value that is not one (docs/admission.md)."""
     ctx = ex.context
     for name, value in ex.headers:
+        if name not in _ADMISSION_HEADERS:
+            continue  # one set lookup per header: the common case costs next to nothing
         if name == b"x-request-deadline-ms":
             deadline_ms = parse_deadline_ms(value)
             if deadline_ms is None:
