@@ -155,7 +155,8 @@ def priority_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
     yield from _start_server(
         str(vllm_model_dir),
         "vllm-priority-server.log",
-        extra=("--scheduling-policy", "priority"),
+        # Eager: no compilation to wait for; the test is about the field, not the speed.
+        extra=("--scheduling-policy", "priority", "--enforce-eager"),
     )
 
 
