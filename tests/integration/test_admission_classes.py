@@ -344,3 +344,35 @@ async def test_the_status_page_shows_the_queue_by_tenant_and_class_to_its_tenant
         assert seen == {"a": [("team-a", 0, 2)], "b": [("team-b", 3, 1)]}
         for resp in await asyncio.gather(*waiting):
             assert resp.status_code == 200
+
+
+async def test_a_rate_limits_retry_after_is_no_sooner_than_its_tenants_turn_in_the_queue(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
+    # Three requests a minute: the fourth is told to wait about 20 s by the limit alone.
+    settings = _settings(
+        simulator, api_keys=frozenset({"k:team"}), rate_limit_rpm=3, queue_wait_timeout=45.0
+    )
+    auth = {"Authorization": "Bearer k"}
+    async with run_gateway(settings) as gw:
+        async with _holding(gw, client, 3.0, key="k"):
+            queued = [
+                asyncio.create_task(
+                    client.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=auth)
+                )
+                for _ in range(2)
+            ]
+            await wait_for(lambda: gw.gateway.admission.queued == 2)
+            limited = await client.post(
+                gw.url + "/v1/chat/completions", json=chat_body(), headers=auth
+            )
+            assert limited.status_code == 429
+            # Its tenant's turn in the queue comes later than the limit's 20 s: before any
+            # release is measured, the estimate is the queue wait timeout.
+            assert limited.headers["retry-after"] == "45"
+            for resp in await asyncio.gather(*queued):
+                assert resp.status_code == 200
+        assert gw.gateway.admission.queued == 0
+        alone = await client.post(gw.url + "/v1/chat/completions", json=chat_body(), headers=auth)
+        assert alone.status_code == 429
+        assert int(alone.headers["retry-after"]) <= 20  # the limit's own, with no queue
