@@ -26,6 +26,9 @@ The tree::
     │   ├── Overloaded                 503 overloaded (queue full, or the body memory budget)
     │   ├── TooManyConnections         503 too_many_connections
     │   ├── QueueTimeout               503 queue_timeout
+    │   ├── DeadlineUnmeetable         503 deadline_unmeetable (its predicted wait passes its deadline)
+    │   ├── DeadlineExceeded           503 deadline_exceeded (its deadline passed while it waited)
+    │   ├── Shed                       503 shed (a higher class took its place in a full queue)
     │   ├── ShuttingDown               503 shutting_down
     │   └── NoHealthyBackend           503 no_healthy_backend
     └── UpstreamError                  502/504: the backend failed us
@@ -52,6 +55,8 @@ __all__ = [
     "BodyTooLarge",
     "ClientError",
     "ClientTimeout",
+    "DeadlineExceeded",
+    "DeadlineUnmeetable",
     "ExpectationFailed",
     "FirstTokenTimeout",
     "Forbidden",
@@ -68,6 +73,7 @@ __all__ = [
     "QueueTimeout",
     "RateLimited",
     "RequestTimeout",
+    "Shed",
     "ShuttingDown",
     "StreamIdleTimeout",
     "TooManyConnections",
@@ -258,6 +264,30 @@ class TooManyConnections(Unavailable):
 class QueueTimeout(Unavailable):
     type = "queue_timeout"
     default_message = "No slot became free within the queue wait timeout; retry later."
+
+
+class DeadlineUnmeetable(Unavailable):
+    type = "deadline_unmeetable"
+    default_message = (
+        "The request's predicted wait for a slot is longer than its deadline "
+        "(X-Request-Deadline-Ms); retry later."
+    )
+
+
+class DeadlineExceeded(Unavailable):
+    type = "deadline_exceeded"
+    default_message = (
+        "The request's deadline (X-Request-Deadline-Ms) passed while it waited for a slot; "
+        "retry later."
+    )
+
+
+class Shed(Unavailable):
+    type = "shed"
+    default_message = (
+        "The queue is full and a request of a higher priority class took this one's place; "
+        "retry later."
+    )
 
 
 class ShuttingDown(Unavailable):

@@ -18,6 +18,7 @@ when there is one, the path the client likely meant.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI
@@ -30,9 +31,10 @@ from vllm_gateway.edge.clients import ClientResolver
 from vllm_gateway.edge.cors import Cors
 from vllm_gateway.edge.http import Exchange
 from vllm_gateway.errors import GatewayError, MethodNotAllowed, ShuttingDown, Unauthorized
-from vllm_gateway.identity import ANONYMOUS
+from vllm_gateway.identity import ANONYMOUS, MAX_DEADLINE_MS, parse_deadline_ms
 from vllm_gateway.ids import new_request_id
 from vllm_gateway.observability.connections import ConnectionStats
+from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.call import ProxyCall
 from vllm_gateway.proxy.gateway import Gateway
@@ -66,6 +68,36 @@ def _near(path: str) -> list[str]:
     if path != "/" and not path.startswith("/v1/"):
         return ["/v1" + path]
     return []
+
+
+_ADMISSION_HEADERS = frozenset({b"x-request-deadline-ms", b"x-queue-updates"})
+
+
+def _admission_headers(ex: Exchange) -> GatewayError | None:
+    """``X-Request-Deadline-Ms`` and ``X-Queue-Updates``, read into the request's context; a
+    clear 400 naming the header for a value that is not one (docs/admission.md)."""
+    ctx = ex.context
+    for name, value in ex.headers:
+        if name not in _ADMISSION_HEADERS:
+            continue  # one set lookup per header: the common case costs next to nothing
+        if name == b"x-request-deadline-ms":
+            deadline_ms = parse_deadline_ms(value)
+            if deadline_ms is None:
+                return errors.InvalidRequest(
+                    "The header X-Request-Deadline-Ms must be whole milliseconds from 1 to "
+                    f"{MAX_DEADLINE_MS}.",
+                    param="X-Request-Deadline-Ms",
+                )
+            ctx.deadline_ms = deadline_ms
+        elif name == b"x-queue-updates":
+            flag = value.strip()
+            if flag not in (b"0", b"1"):
+                return errors.InvalidRequest(
+                    "The header X-Queue-Updates must be 1 (send queue updates) or 0.",
+                    param="X-Queue-Updates",
+                )
+            ctx.queue_updates = flag == b"1"
+    return None
 
 
 class FrontDoor:
@@ -167,6 +199,8 @@ class FrontDoor:
             ex.body_limit = self._max_upload
         else:
             ex.body_limit = self._max_body
+        if route.admitted:
+            return _admission_headers(ex)
         return None
 
     def ready(self, ex: Exchange) -> GatewayError | None:
@@ -175,12 +209,30 @@ class FrontDoor:
         if route is None or not route.admitted:
             return None
         identity = ctx.identity or ANONYMOUS
+        deadline_ms = ctx.deadline_ms if ctx.deadline_ms is not None else identity.deadline_ms
+        adm = self.gateway.admission
         try:
             # One process: a permit or a queue place, now. A worker of several: a place the
             # supervisor is asked for when the call waits on it.
-            ctx.place = self.gateway.admission.arrive(identity.tenant, identity.priority)
+            if deadline_ms is None:
+                ctx.place = adm.arrive(identity.tenant, identity.priority)
+                return None
+            ctx.deadline = asyncio.get_running_loop().time() + deadline_ms / 1000
+            if not isinstance(adm, Admission):
+                ctx.place = adm.arrive(identity.tenant, identity.priority)
+                return None  # the supervisor's queue: the deadline bounds the wait only
+            place = adm.arrive(identity.tenant, identity.priority)
         except GatewayError as err:
             return err
+        predicted = adm.predicted_wait(place)
+        if predicted is not None and predicted * 1000 > deadline_ms:
+            place.release()  # refused at once, not after the wait
+            return errors.DeadlineUnmeetable(
+                f"The predicted wait for a slot ({predicted * 1000:.0f} ms) is longer than the "
+                f"request's deadline ({deadline_ms} ms, X-Request-Deadline-Ms); retry later.",
+                retry_after=adm.retry_after(identity.tenant, identity.priority),
+            )
+        ctx.place = place
         return None
 
     async def handle(self, ex: Exchange) -> None:

@@ -14,9 +14,10 @@ The page (``page()``: static HTML, vanilla JS, no external assets) and ``snapsho
 draws from: live gauges read at request time, the ring, backends, recent failed requests) are
 served as ``GET /status`` and ``GET /status/data`` by the routes off the hot path (``edge/api.py``).
 
-The failed requests are the last ``recent_errors``, each field a client chose (model, path) cut to
-``FIELD_CHARS``: a peer cannot make the board hold more than that. A tenant's key sees its own
-failed requests only; an admin key, or anyone when no client keys are set, sees them all.
+The queue is shown by tenant and priority class (``queue``). The failed requests are the last
+``recent_errors``, each field a client chose (model, path) cut to ``FIELD_CHARS``: a peer cannot
+make the board hold more than that. A tenant's key sees its own queue rows and failed requests
+only; an admin key, or anyone when no client keys are set, sees them all.
 """
 
 from __future__ import annotations
@@ -179,10 +180,24 @@ class StatusBoard:
                 # Every task of this worker: a soak compares it before and after to find leaks.
                 "tasks": _task_count(),
             },
+            "queue": self.queue(tenant),
             "series": series,
             "backends": self.backends(),
             "errors": [e for e in reversed(self.errors) if tenant is None or e["tenant"] == tenant],
         }
+
+    def queue(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """The queue by tenant and priority class (with ``tenant``, its own rows only): waiters
+        and the estimated wait of its next arrival, in seconds. A worker of several shows none:
+        the supervisor holds the queue."""
+        by_class = getattr(self.gateway.admission, "queued_by_class", None)
+        if by_class is None:
+            return []
+        return [
+            {"tenant": name, "priority": priority, "queued": queued, "eta_s": round(eta, 1)}
+            for name, priority, queued, eta in by_class()
+            if tenant is None or name == tenant
+        ]
 
 
 def page() -> bytes:

@@ -5,7 +5,15 @@ plain FIFO). A freed slot goes to the next tenant in rotation within the highest
 that has waiters, so a tenant that floods the queue cannot starve another: each waiting tenant
 gets a turn. When the queue is full, an arrival from a tenant with fewer waiters than the largest
 one takes the place of that tenant's newest waiter (which gets 503 ``overloaded``) instead of
-being refused itself.
+being refused itself. With shedding on (``shed``), an arrival of a higher class first takes the
+place of the newest waiter of the lowest class below its own (503 ``shed``).
+
+Every refusal's Retry-After is an estimate for that tenant and class (``retry_after``): the
+places ahead of it (every waiter of a higher class, and in its own class, turn by turn, as many
+of each tenant's as its own) over the measured release rate, within ``RETRY_AFTER_MIN`` and
+``RETRY_AFTER_MAX``. The same standing is a waiter's position and estimate while it waits
+(``Ticket.standing``) and the predicted wait a request's deadline is held against
+(``predicted_wait``).
 
 A request's admission is a ``Place``, taken when the request is whole (``arrive``: a ``Permit`` when
 a slot is free and nobody waits, else a ``Ticket``, a place at the end of its tenant's queue) and
@@ -36,12 +44,15 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from vllm_gateway.errors import Overloaded, QueueTimeout, ShuttingDown
+from vllm_gateway.errors import Overloaded, QueueTimeout, Shed, ShuttingDown
 
-__all__ = ["Admission", "Later", "Permit", "Place", "Ticket"]
+__all__ = ["RETRY_AFTER_MAX", "RETRY_AFTER_MIN", "Admission", "Later", "Permit", "Place", "Ticket"]
 
 # How many recent releases the Retry-After estimate looks at.
 _RATE_WINDOW = 64
+# The bounds of every Retry-After the admission computes, in seconds.
+RETRY_AFTER_MIN = 1.0
+RETRY_AFTER_MAX = 3600.0
 
 
 class Place(Protocol):
@@ -182,7 +193,7 @@ class Ticket:
             raise QueueTimeout(
                 f"No slot became free within {limit:g} s "
                 f"(queue position {self.position} of {others + 1}); retry later.",
-                retry_after=adm._estimate_wait(max(1, others)),
+                retry_after=adm._eta(adm._standing(self._key, self._rank())),
             ) from None
         # A future completed by ``_release`` carries a slot already counted in ``_in_flight``.
         self.granted = True
@@ -190,6 +201,29 @@ class Ticket:
         now = self.acquired_at = adm._clock()
         self.queue_wait = now - self.arrived_at
         return self
+
+    def standing(self) -> tuple[int, float]:
+        """(position, estimated seconds to a slot) while queued; (0, 0.0) once it is not."""
+        fut = self._fut
+        if fut.done() or self.granted:
+            return 0, 0.0
+        adm = self._admission
+        position = adm._standing(self._key, self._rank())
+        rate = adm.release_rate()
+        return position, (position / rate if rate else adm._eta(position))
+
+    def _rank(self) -> int:
+        """Its place within its tenant's queue (1: next), counting live waiters only."""
+        waiters = self._queue.waiters
+        if waiters and waiters[-1] is self._fut:
+            return self._queue.live  # the newest (an arrival): no walk
+        rank = 1
+        for fut in self._queue.waiters:
+            if fut is self._fut:
+                return rank
+            if not fut.done():
+                rank += 1
+        return max(1, self._queue.live)
 
     def step_aside(self) -> Later:
         self.release()
@@ -244,6 +278,10 @@ class Later:
         await place.wait(shed, timeout)
         return self
 
+    def standing(self) -> tuple[int, float]:
+        place = self._place
+        return place.standing() if isinstance(place, Ticket) else (0, 0.0)
+
     def step_aside(self) -> Later:
         if self._place is None:
             return self  # nothing taken yet: nothing to give up
@@ -264,12 +302,14 @@ class Admission:
         max_queued: int,
         queue_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        shed: bool = False,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self.limit = limit
         self.max_queued = max_queued
         self.queue_timeout = queue_timeout
+        self.shed = shed  # a full queue makes room for a higher class by refusing a lower one
         self._clock = clock
         self._in_flight = 0
         self._queued = 0  # live waiters over all tenants
@@ -283,6 +323,7 @@ class Admission:
         self.admitted_total = 0
         self.rejected_full_total = 0
         self.rejected_timeout_total = 0
+        self.shed_total = 0
 
     # --- state -----------------------------------------------------------------------------
 
@@ -303,6 +344,16 @@ class Admission:
         for (_, tenant), queue in self._queues.items():
             if queue.live:
                 out[tenant] = out.get(tenant, 0) + queue.live
+        return out
+
+    def queued_by_class(self) -> list[tuple[str, int, int, float]]:
+        """(tenant, priority class, waiters, estimated seconds for its next arrival) for every
+        tenant and class with waiters, highest class first."""
+        out = []
+        for key, queue in sorted(self._queues.items(), key=lambda item: (-item[0][0], item[0][1])):
+            if queue.live:
+                eta = self._eta(self._standing(key, queue.live + 1))
+                out.append((key[1], key[0], queue.live, eta))
         return out
 
     # --- acquiring -------------------------------------------------------------------------
@@ -327,9 +378,13 @@ class Admission:
         permit = self.try_acquire(key)
         if permit is not None:
             return permit
-        if self._queued >= self.max_queued and not self._make_room(key):
+        if (
+            self._queued >= self.max_queued
+            and not (self.shed and self._shed_below(priority))
+            and not self._make_room(key)
+        ):
             self.rejected_full_total += 1
-            raise Overloaded(retry_after=self._estimate_wait(self._queued + 1))
+            raise Overloaded(retry_after=self.retry_after(tenant, priority))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         queue = self._queues.get(key)
@@ -381,12 +436,38 @@ class Admission:
                 fut.set_exception(
                     Overloaded(
                         "The queue is full and this tenant holds the largest share of it; retry later.",
-                        retry_after=self._estimate_wait(self._queued),
+                        retry_after=self._eta(self._standing(victim_key, victim.live)),
                     )
                 )
                 self._forget(victim_key, victim)
                 return True
         return False
+
+    def _shed_below(self, priority: int) -> bool:
+        """The queue is full and shedding is on: refuse the newest waiter of the lowest class
+        below ``priority``, if there is one. True if a place was freed."""
+        lower = [p for p, turns in self._turns.items() if p < priority and turns]
+        if not lower:
+            return False
+        lowest = min(lower)
+        # Its tenant with the most waiters gives up its newest one (of equals, the tenant
+        # latest in turn).
+        victim_key, victim = (lowest, ""), None
+        for tenant in self._turns[lowest]:
+            queue = self._queues[(lowest, tenant)]
+            if victim is None or queue.live >= victim.live:
+                victim_key, victim = (lowest, tenant), queue
+        assert victim is not None
+        while victim.waiters:
+            fut = victim.waiters.pop()
+            if not fut.done():
+                self.shed_total += 1
+                fut.set_exception(
+                    Shed(retry_after=self._eta(self._standing(victim_key, victim.live)))
+                )
+                self._forget(victim_key, victim)
+                return True
+        return False  # pragma: no cover - a tenant in turn has a live waiter
 
     def _next_waiter(self) -> asyncio.Future[None] | None:
         for priority in sorted(self._turns, reverse=True):
@@ -469,3 +550,40 @@ class Admission:
 
     def estimate_wait(self, position: int | None = None) -> float:
         return self._estimate_wait(self._queued + 1 if position is None else position)
+
+    def _eta(self, position: int) -> float:
+        """Retry-After for a request that would stand at ``position``: within the bounds."""
+        rate = self.release_rate()
+        if rate is None:
+            return max(RETRY_AFTER_MIN, min(self.queue_timeout, 60.0))
+        return max(RETRY_AFTER_MIN, min(position / rate, RETRY_AFTER_MAX))
+
+    def _standing(self, key: tuple[int, str], rank: int) -> int:
+        """The position of the ``rank``-th waiter of ``key``'s tenant and class: every waiter of
+        a higher class, and in its own class up to ``rank`` of every other tenant's (the turns
+        serve one waiter per tenant in each round), then itself."""
+        priority, tenant = key
+        position = rank
+        for (p, t), queue in self._queues.items():
+            if p > priority:
+                position += queue.live
+            elif p == priority and t != tenant:
+                position += min(queue.live, rank)
+        return position
+
+    def retry_after(self, tenant: str = "", priority: int = 0) -> float:
+        """Seconds until a request of this tenant and class arriving now would likely get a
+        slot: the Retry-After of its refusals."""
+        key = (priority, tenant)
+        queue = self._queues.get(key)
+        return self._eta(self._standing(key, (queue.live if queue else 0) + 1))
+
+    def predicted_wait(self, place: Permit | Ticket) -> float | None:
+        """Seconds ``place`` will likely wait for its slot (its position over the measured
+        release rate); 0 for a slot, None before there is a rate."""
+        if place.granted or not isinstance(place, Ticket):
+            return 0.0
+        rate = self.release_rate()
+        if rate is None:
+            return None
+        return self._standing(place._key, place._rank()) / rate

@@ -19,33 +19,41 @@ cancellation propagates untouched.
 
 Before the first byte, every error is a JSON response with its status. After it, the response
 has started and cannot change: an error becomes a final SSE ``error`` event and the stream ends
-without ``[DONE]``.
+without ``[DONE]``. A stream that asked for queue updates (``X-Queue-Updates: 1``) and has to
+queue gets its head at once and a comment line per interval while it waits (``_await_turn``);
+from that head on, every error is such a final event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+
+import orjson
 
 from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.errors import (
     BackendUnavailable,
     BadBackendResponse,
+    DeadlineExceeded,
     FirstTokenTimeout,
     GatewayError,
     ModelNotFound,
     NotFound,
+    RateLimited,
     RequestTimeout,
     ShuttingDown,
 )
 from vllm_gateway.identity import ANONYMOUS
 from vllm_gateway.ids import fresh_id
-from vllm_gateway.proxy.admission import Place
+from vllm_gateway.proxy.admission import RETRY_AFTER_MAX, RETRY_AFTER_MIN, Admission, Place
 from vllm_gateway.proxy.continuation import Continuing
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
+from vllm_gateway.proxy.relay import SSE_HEADERS
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
 from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
@@ -57,12 +65,15 @@ log = logging.getLogger("vllm_gateway.proxy.call")
 
 # The kinds of route whose body names a model the catalog can check (not the store or admin).
 _CHECKS_MODEL = frozenset({"generate", "pooling", "utility"})
+# The routes whose body vLLM reads a request ``priority`` from (Anthropic's Messages has none).
+_TAKES_PRIORITY = frozenset({CHAT, COMPLETIONS, RESPONSES_PATH})
 
 
 class ProxyCall(Continuing):
     """One request through the gateway; also the record that metrics and logs read at its end."""
 
     __slots__ = (
+        "_early_head",
         "_param",
         "_place",
         "_token_charge",
@@ -87,6 +98,7 @@ class ProxyCall(Continuing):
         )
         self._param = param  # the path's parameter (a stored response's id), checked by routes
         self._token_charge: int | None = None  # tokens charged at admission (None: no token limit)
+        self._early_head = False  # the stream's head went out while it queued (queue updates)
         self.request_headers = exchange.headers
         self.cancel_reason: str | None = None
         self.finished = False
@@ -221,7 +233,7 @@ class ProxyCall(Continuing):
         ex = self._ex
         if ex.gone or ex.complete:
             return  # the client is gone too; nothing left to tell it
-        if not self.response_started:
+        if not self.response_started and not self._early_head:
             self.status = err.status
             self.response_started = True
             ex.respond(
@@ -270,18 +282,33 @@ class ProxyCall(Continuing):
             self.requested_tokens = valid.requested_tokens
             if gw.ratelimiter.mode == "redis":
                 self._step_aside(valid)  # a round trip to Redis: the same
-            self._token_charge = await gw.ratelimiter.acquire(self.rate_key, valid.requested_tokens)
+            try:
+                self._token_charge = await gw.ratelimiter.acquire(
+                    self.rate_key, valid.requested_tokens
+                )
+            except RateLimited as err:
+                self._retry_after_queue(err)
+                raise
 
         place = self._place
         if place is not None:
             if not place.granted:
                 # A place in the queue waits without the parsed body (up to ~30x the body's
                 # bytes) and parses it again when its slot comes; one granted at once keeps it.
-                await place.wait(valid.drop_parsed)
+                await self._await_turn(place, valid)
             self.admitted = True
             self.queue_wait = place.queue_wait
         if valid.dropped:
             valid.parse_again()
+        if (
+            settings.priority_scheduling
+            and route.name in _TAKES_PRIORITY
+            and valid.json is not None
+        ):
+            # vLLM serves a lower ``priority`` first; the gateway's higher class first. The
+            # tenant's class replaces whatever the client put there.
+            valid.json["priority"] = -self.priority
+            valid.body = orjson.dumps(valid.json)
         deadline = loop.time() + settings.request_timeout
         if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
             assert valid.json is not None
@@ -304,6 +331,10 @@ class ProxyCall(Continuing):
         # A stored response is replayed as a stream when asked (GET ...?stream=true).
         self.stream = valid.stream or (route.kind == "store" and b"stream=true" in ex.query)
         first_deadline = min(deadline, loop.time() + settings.first_token_timeout)
+        if ex.context.deadline is not None:
+            # The client waits for its first token until its deadline, and no longer (vLLM 0.32
+            # takes no per-request timeout to pass it on to).
+            first_deadline = min(first_deadline, ex.context.deadline)
         body = b""
         try:
             # One timer for the request's wait on the backend: the first token's deadline until
@@ -332,12 +363,93 @@ class ProxyCall(Continuing):
         if self.stream:
             await self._relay_stream(upstream, first_deadline, deadline)
         elif upstream.status != 200:
+            if self._early_head:
+                raise _refusal(upstream.status, body)  # the head went out: an error event
             self._relay_error_status(upstream, body)
         else:
             self.first_byte_at = time.perf_counter()
             self._relay_body(upstream, body)
             if ex.paused:
                 await ex.drain()
+
+    # --- the wait for a slot ----------------------------------------------------------------
+
+    async def _await_turn(self, place: Place, valid: ValidRequest) -> None:
+        """Wait for the place's slot, without the parsed body, until the request's deadline
+        (``DeadlineExceeded`` then) and the queue's own timeout; with queue updates asked for on
+        a stream, the head goes out now and a comment per interval while it waits."""
+        ctx = self._ex.context
+        deadline = ctx.deadline
+        if not (ctx.queue_updates and valid.stream and self._route.kind == "generate"):
+            if deadline is None:
+                await place.wait(valid.drop_parsed)
+                return
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await place.wait(valid.drop_parsed)
+            except TimeoutError:
+                raise self._deadline_passed() from None
+            return
+        ex = self._ex
+        self._early_head = True
+        self.status = 200
+        ex.start(200, [*SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
+        loop = asyncio.get_running_loop()
+        interval = self._gw.settings.queue_update_interval
+        end = math.inf if deadline is None else deadline
+        # The wait runs as a task of its own so that each comment interrupts nothing: this
+        # call owns it, and cancels and awaits it on every path out.
+        waiter = asyncio.ensure_future(place.wait(valid.drop_parsed))
+        try:
+            while True:
+                self._queue_comment(place)
+                left = end - loop.time()
+                if left <= 0:
+                    raise self._deadline_passed()
+                await asyncio.wait((waiter,), timeout=min(interval, left))
+                if waiter.done():
+                    waiter.result()  # the slot, or the wait's refusal
+                    return
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                await asyncio.wait((waiter,))
+            elif not waiter.cancelled():
+                waiter.exception()  # retrieved: raised above, or superseded by ours
+
+    def _queue_comment(self, place: Place) -> None:
+        """``: queue position=N eta_ms=M``: a comment SSE clients skip, a UI may show."""
+        standing = getattr(place, "standing", None)
+        if standing is not None:
+            position, eta = standing()
+        else:  # a worker of several: the supervisor's last word on the queue
+            adm = self._gw.admission
+            position, eta = adm.queued, adm.estimate_wait()
+        self._ex.write(b": queue position=%d eta_ms=%d\n\n" % (position, round(eta * 1000)))
+
+    def _admission_retry_after(self) -> float:
+        adm = self._gw.admission
+        if isinstance(adm, Admission):
+            return adm.retry_after(self.tenant, self.priority)
+        return adm.estimate_wait()
+
+    def _deadline_passed(self) -> DeadlineExceeded:
+        return DeadlineExceeded(retry_after=self._admission_retry_after())
+
+    def _retry_after_queue(self, err: RateLimited) -> None:
+        """A rate limit's Retry-After is when the limit lets the request through; when the
+        queue is not empty, no sooner than its tenant and class would get a slot either."""
+        if self._gw.admission.queued:
+            wait = max(err.retry_after or 0.0, self._admission_retry_after())
+            err.retry_after = max(RETRY_AFTER_MIN, min(wait, RETRY_AFTER_MAX))
+
+    def _start_stream(self) -> None:
+        if not self._early_head:
+            super()._start_stream()
+            return
+        # The head went out while the request queued: its first event is the first byte.
+        self.first_byte_at = time.perf_counter()
+        self.response_started = True
 
     def _step_aside(self, valid: ValidRequest) -> None:
         """Before a wait that is not the admission's own: give up the place (taken again, at the
@@ -392,3 +504,22 @@ class ProxyCall(Continuing):
             raise NotFound(f"Response with id '{named[:200]}' not found.", param=param)
         if self._route.kind != "store":
             set_response_id(valid, ids.mint(tenant))
+
+
+def _refusal(status: int, body: bytes) -> GatewayError:
+    """The backend's 4xx for a stream whose head already went out: the same words, as the
+    stream's final error event."""
+    message = None
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if isinstance(answer, dict):
+        inner = answer.get("error")
+        found = inner.get("message") if isinstance(inner, dict) else answer.get("message")
+        if isinstance(found, str):
+            message = found[:1000]
+    err = GatewayError(message or f"The backend refused the request (status {status}).")
+    err.status = status
+    err.type = "backend_rejected"
+    return err

@@ -55,6 +55,7 @@ class Gateway:
             settings.max_concurrent_requests,
             settings.max_queued_requests,
             settings.queue_wait_timeout,
+            shed=settings.shed_low_priority,
         )
         self.ratelimiter: RateLimiter | None = None
         if settings.rate_limit_rpm or settings.rate_limit_tpm:

@@ -49,7 +49,7 @@ from vllm_gateway.proxy.routes import Route
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import UsageTaker
 
-__all__ = ["MAX_EVENT_BYTES", "Relay"]
+__all__ = ["MAX_EVENT_BYTES", "SSE_HEADERS", "Relay"]
 
 log = logging.getLogger("vllm_gateway.proxy.call")
 
@@ -61,7 +61,7 @@ MAX_EVENT_BYTES = 1 << 20
 # How long to wait for a backend's end of body after [DONE], to keep the connection pooled.
 _EOF_GRACE = 0.5
 
-_SSE_HEADERS = [
+SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
@@ -342,7 +342,7 @@ class Relay(Record):
         self.first_byte_at = time.perf_counter()
         self.response_started = True
         self.status = 200
-        self._ex.start(200, [*_SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
+        self._ex.start(200, [*SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
 
     def _send_events(self, data: bytes) -> None:
         """Whole events, before a failure in the same read: the client gets every one."""

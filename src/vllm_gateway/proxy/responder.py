@@ -34,6 +34,9 @@ class RequestContext:
     param: str | None = None  # the route's path parameter (a stored response's id, an adapter)
     admin: bool = False  # an admin key opened it
     place: Place | None = None  # its admission place, taken when it was whole (the call's after)
+    deadline_ms: int | None = None  # X-Request-Deadline-Ms, as the client sent it
+    deadline: float | None = None  # the loop's clock by which its first token is due (None: none)
+    queue_updates: bool = False  # X-Queue-Updates: 1 (a stream told of its place while queued)
 
 
 class ClientGone(Exception):

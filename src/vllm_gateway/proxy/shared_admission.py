@@ -59,7 +59,8 @@ _MARGIN = 2.0
 
 # The refusals that travel: the admission's own errors, by their stable type.
 _REFUSALS: dict[str, type[GatewayError]] = {
-    cls.type: cls for cls in (errors.Overloaded, errors.QueueTimeout, errors.ShuttingDown)
+    cls.type: cls
+    for cls in (errors.Overloaded, errors.QueueTimeout, errors.ShuttingDown, errors.Shed)
 }
 
 

@@ -114,6 +114,7 @@ class _Supervisor:
                 settings.max_concurrent_requests,
                 settings.max_queued_requests,
                 settings.queue_wait_timeout,
+                shed=settings.shed_low_priority,
             )
         )
 

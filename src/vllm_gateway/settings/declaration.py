@@ -267,6 +267,17 @@ class Settings:
     queue_wait_timeout: float = setting(
         ADMISSION, 60.0, "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS", "--queue-wait-timeout",
         parse.positive_float, "max wait for a slot, then 503")
+    priority_scheduling: bool = setting(
+        ADMISSION, False, "VLLM_PRIORITY_SCHEDULING", "--priority-scheduling", parse.boolean,
+        "the backends run with --scheduling-policy priority: send each tenant's priority class "
+        "as vLLM's request priority (docs/admission.md)")
+    shed_low_priority: bool = setting(
+        ADMISSION, False, "VLLM_SHED_LOW_PRIORITY", "--shed-low-priority", parse.boolean,
+        "a full queue refuses its newest lowest-class waiter (503 shed) to take a higher class")
+    queue_update_interval: float = setting(
+        ADMISSION, 2.0, "VLLM_QUEUE_UPDATE_INTERVAL_SECONDS", "--queue-update-interval",
+        parse.seconds_range(0.1, 60.0),
+        "gap between queue comments to a stream that asked with X-Queue-Updates: 1")
     # Timeouts of one request.
     request_timeout: float = setting(
         TIMEOUTS, 120.0, "VLLM_REQUEST_TIMEOUT_SECONDS", "--request-timeout", parse.positive_float,

@@ -59,6 +59,19 @@ def positive_float(raw: str, var: str) -> float:
     return value
 
 
+def seconds_range(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(raw: str, var: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(var, raw, f"must be seconds between {lo:g} and {hi:g}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise SettingsError(var, raw, f"must be seconds between {lo:g} and {hi:g}")
+        return value
+
+    return parse
+
+
 def int_range(lo: int, hi: int) -> Callable[[str, str], int]:
     def parse(raw: str, var: str) -> int:
         try:
@@ -121,7 +134,7 @@ def check_key_entries(entries: frozenset[str], var: str) -> None:
             parse_key_entry(entry)
         except ValueError as exc:
             raise SettingsError(
-                var, "<hidden>", f"has an entry KEY:TENANT:PRIORITY where {exc}"
+                var, "<hidden>", f"has an entry KEY:TENANT:PRIORITY[:DEADLINE_MS] where {exc}"
             ) from None
 
 

@@ -66,6 +66,13 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         return
     record, body, cfg = started
     record["stream"] = body.get("stream") is True
+    # vLLM's request priority (lower first under --scheduling-policy priority): checked and
+    # recorded, so that a test can see what the gateway sent.
+    priority = record["priority"] = body.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        reject(conn, req, record, 400, render.error_body(
+            "priority: Input should be a valid integer", 400, param="priority"))  # fmt: skip
+        return
     model = resolve_model(conn.state, body, record)
     if model is None:
         message = unknown_model(conn.state, record["model"])
