@@ -1,12 +1,18 @@
 """The supervisor's side of the one admission shared by every worker (``proxy.shared_admission``).
 
 ``AdmissionCoordinator`` holds the ``Admission`` (the single-process class: FIFO, tenants,
-priorities, queue timeout, 503s) and one channel per worker. An acquire that a free slot answers is
-granted in the channel's callback, with no task; one that must wait becomes a task awaiting
-``Admission.acquire``, cancelled when the worker says its waiter left, and the worker is told that
-it waits ("W": its request drops what it need not hold while it does). The coordinator keeps, per
-worker, the permits it holds and the acquires it waits on: a worker whose channel drops (it died)
-has its waiters removed and its permits released at once.
+priorities, queue timeout, 503s) and one channel per worker. An ask takes its place in the
+``Admission`` in the channel's callback, so the order of asks is the order of the queue; one that a
+free slot answers is granted there, with no task; one that must wait becomes a task awaiting its
+``Ticket``, cancelled when the worker says its waiter left, and the worker is told that it waits
+("W": its request drops what it need not hold while it does).
+
+Every slot granted to a worker is one of the ``Admission``'s permits, kept in that worker's list
+until it gives the slot back ("R") or its channel drops (it died): then all of them are released at
+once, the same release. While nobody is queued, a worker keeps up to ``lease`` of its slots idle
+and admits into them without asking; the moment an ask queues, the lease becomes 0 and every worker
+is told ("L") before that asker hears "W", and it stays 0 until the queue is empty again (and for
+good after ``close``). See shared_admission.py for why that keeps the limit and the order exact.
 
 It also answers a scrape: a worker asks for the others' metrics snapshots, the coordinator asks each
 of them and forwards what comes back within the bound.
@@ -20,7 +26,7 @@ import logging
 from typing import Any
 
 from vllm_gateway.errors import GatewayError
-from vllm_gateway.proxy.admission import Admission, Place
+from vllm_gateway.proxy.admission import Admission, Permit, Ticket
 from vllm_gateway.proxy.shared_admission import Channel
 
 __all__ = ["AdmissionCoordinator"]
@@ -31,22 +37,28 @@ log = logging.getLogger("vllm_gateway.admission")
 _SCRAPE_TIMEOUT = 1.0
 # How often the shared state is pushed to the workers when it changed without a grant.
 _STATE_INTERVAL = 0.25
+# The most idle slots one worker keeps while nobody is queued. All workers together keep at most
+# half the limit idle, so an ask from any of them usually finds a free slot without a recall.
+_LEASE = 32
 
 
 class _Worker:
-    __slots__ = ("channel", "held", "name", "waiting")
+    __slots__ = ("channel", "idle", "name", "slots", "waiting")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.channel: Channel | None = None
-        self.held: dict[int, Place] = {}
+        self.slots: list[Permit | Ticket] = []  # granted to it, not given back: busy or idle
+        self.idle = 0  # how many of them it last said no request holds
         self.waiting: dict[int, asyncio.Task[None]] = {}
 
 
 class AdmissionCoordinator:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, lease: int = _LEASE) -> None:
         self.admission = admission
         self.workers: list[_Worker] = []
+        self._lease_max = lease
+        self._lease = 0  # the lease every worker was last told
         self._seq = itertools.count(1)
         self._scrapes: dict[int, tuple[_Worker, int, list[Any], int]] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -65,17 +77,22 @@ class AdmissionCoordinator:
         worker.channel = channel
         self.workers.append(worker)
         channel.send(["S", self.state()])
+        channel.send(["L", self._lease])
+        self._set_lease()
         if self._ticker is None:
             self._ticker = loop.create_task(self._push_state(), name="admission-state")
         return worker
 
     def state(self) -> list[Any]:
         adm = self.admission
-        return [adm.in_flight, adm.queued, adm.limit, adm.estimate_wait()]
+        # Requests in flight: the permits, less the idle slots the workers hold as leases.
+        idle = sum(min(w.idle, len(w.slots)) for w in self.workers)
+        return [adm.in_flight - idle, adm.queued, adm.limit, adm.estimate_wait()]
 
     def close(self) -> None:
-        """Drain: waiters and later arrivals get 503 shutting_down."""
+        """Drain: waiters and later arrivals get 503 shutting_down, and the leases end."""
         self.admission.close()
+        self._set_lease()
 
     async def aclose(self) -> None:
         """Hang up on every worker; the state ticker and the acquires still waiting end here
@@ -91,6 +108,28 @@ class AdmissionCoordinator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    # --- leases ---------------------------------------------------------------------------------
+
+    def _set_lease(self) -> None:
+        """The lease follows the queue: 0 while anyone waits (or once draining), else a small
+        share of the limit. Called after everything that can start or end a queue."""
+        adm = self.admission
+        if adm.queued or adm.closed or not self.workers:
+            size = 0
+        else:
+            size = min(self._lease_max, adm.limit // (2 * len(self.workers)))
+        if size != self._lease:
+            self._lease = size
+            for worker in self.workers:
+                self._send(worker, ["L", size])
+
+    def _give_back(self, worker: _Worker, n: int) -> None:
+        """Release ``n`` of the worker's slots: the one release, whether it gave them back or
+        died holding them. A freed permit passes straight to the queue's next waiter."""
+        slots = worker.slots
+        for _ in range(min(n, len(slots))):
+            slots.pop().release()
+
     # --- messages -------------------------------------------------------------------------------
 
     def _on_message(self, worker: _Worker, message: list[Any]) -> None:
@@ -99,48 +138,54 @@ class AdmissionCoordinator:
             _, ident, tenant, priority = message
             self._acquire(worker, ident, tenant, priority)
         elif kind == "R":
-            permit = worker.held.pop(message[1], None)
-            if permit is not None:
-                permit.release()
+            _, n, worker.idle = message
+            self._give_back(worker, n)
+            self._set_lease()
+        elif kind == "I":
+            worker.idle = message[1]
         elif kind == "C":
-            ident = message[1]
-            task = worker.waiting.pop(ident, None)
+            task = worker.waiting.pop(message[1], None)
             if task is not None:
-                task.cancel()
-            permit = worker.held.pop(ident, None)
-            if permit is not None:  # granted as the waiter left
-                permit.release()
+                task.cancel()  # its ticket leaves the queue when the task ends
         elif kind == "Q":
             self._scrape(worker, message[1])
         elif kind == "M":
             self._snapshot(message[1], message[2])
 
     def _acquire(self, worker: _Worker, ident: int, tenant: str, priority: int) -> None:
-        # The fast path: a free slot and nobody queued, answered in this callback.
-        permit = self.admission.try_acquire()
-        if permit is not None:
-            worker.held[ident] = permit
-            self._send(worker, ["G", ident, 0.0, self.state()])
-            return
-        task = asyncio.get_running_loop().create_task(self._wait(worker, ident, tenant, priority))
-        worker.waiting[ident] = task
-        self._send(worker, ["W", ident])  # it waits: the worker sheds what it need not hold
-
-    async def _wait(self, worker: _Worker, ident: int, tenant: str, priority: int) -> None:
         try:
-            permit = await self.admission.acquire(tenant=tenant, priority=priority)
+            place = self.admission.arrive(tenant, priority)
         except GatewayError as err:
-            worker.waiting.pop(ident, None)
             self._send(worker, ["X", ident, err.type, err.message, err.retry_after, self.state()])
             return
-        except asyncio.CancelledError:
-            return  # the worker's waiter left; Admission has taken it out of the queue
-        worker.waiting.pop(ident, None)
-        if worker.channel is None:  # the worker died while it waited
-            permit.release()
+        if isinstance(place, Permit):  # a free slot and nobody queued: answered here
+            worker.slots.append(place)
+            self._send(worker, ["G", ident, 0.0, self.state()])
             return
-        worker.held[ident] = permit
-        self._send(worker, ["G", ident, permit.queue_wait, self.state()])
+        task = asyncio.get_running_loop().create_task(self._wait(worker, ident, place))
+        worker.waiting[ident] = task
+        self._set_lease()  # a queue formed: every lease ends, before the asker hears "W"
+        self._send(worker, ["W", ident])  # it waits: the worker sheds what it need not hold
+
+    async def _wait(self, worker: _Worker, ident: int, ticket: Ticket) -> None:
+        try:
+            await ticket.wait()
+        except GatewayError as err:
+            ticket.release()
+            worker.waiting.pop(ident, None)
+            self._send(worker, ["X", ident, err.type, err.message, err.retry_after, self.state()])
+            self._set_lease()
+            return
+        except asyncio.CancelledError:
+            ticket.release()  # the worker's waiter left: out of the queue (or the slot passes on)
+            self._set_lease()
+            return
+        worker.waiting.pop(ident, None)
+        if worker.channel is None:  # the worker died as the slot reached it
+            ticket.release()
+            return
+        worker.slots.append(ticket)
+        self._send(worker, ["G", ident, ticket.queue_wait, self.state()])
 
     def _send(self, worker: _Worker, message: list[Any]) -> None:
         if worker.channel is not None:
@@ -151,13 +196,13 @@ class AdmissionCoordinator:
         for task in worker.waiting.values():
             task.cancel()
         worker.waiting.clear()
-        held, worker.held = worker.held, {}
-        for permit in held.values():
-            permit.release()
+        held = len(worker.slots)
+        self._give_back(worker, held)
         if held:
-            log.warning("worker %s left holding %d permit(s): released", worker.name, len(held))
+            log.warning("worker %s left holding %d slot(s): released", worker.name, held)
         if worker in self.workers:
             self.workers.remove(worker)
+        self._set_lease()
 
     async def _push_state(self) -> None:
         while True:
