@@ -281,3 +281,36 @@ async def test_drain_ends_the_leases() -> None:
     with pytest.raises(ShuttingDown):
         await b.acquire()  # no lease to admit from: the supervisor refuses
     await coordinator.aclose()
+
+
+@pytest.mark.parametrize("queue", [0, 1])
+async def test_a_full_queue_refuses_no_ask_that_a_recalled_lease_admits(queue: int) -> None:
+    # One process with 2 of 8 slots free admits 2 more and queues up to `queue`: the same here,
+    # though the 2 free slots sit idle in b's lease when a's asks arrive.
+    coordinator, (a, b) = await _setup(2, limit=8, queue=queue)
+    for place in [await b.acquire(), await b.acquire()]:
+        place.release()
+    assert b.idle == 2
+    held = [await a.acquire() for _ in range(6)]
+    asks = [asyncio.create_task(a.acquire()) for _ in range(2 + queue)]
+    await _until(lambda: sum(task.done() for task in asks) == 2)
+    assert coordinator.admission.queued == queue and a.rejected_full_total == 0
+    assert all(not task.exception() for task in asks if task.done())
+    held.extend(task.result() for task in asks if task.done())
+    held[0].release()  # the queued one, if any, gets its slot
+    await asyncio.wait_for(asyncio.gather(*asks), 2)
+    for place in held[1:] + [task.result() for task in asks[2:]]:
+        place.release()
+    await _until(lambda: coordinator.state()[0] == 0 and coordinator.admission.queued == 0)
+    await coordinator.aclose()
+
+
+async def test_releases_inside_a_lease_count_in_the_rate_behind_retry_after() -> None:
+    coordinator, (_a, b) = await _setup(2, limit=8, queue=8)
+    (await b.acquire()).release()
+    assert b.idle == 1
+    for _ in range(20):  # admitted and ended inside the lease: no message each
+        (await b.acquire()).release()
+    assert coordinator.admission.release_rate() is None  # the supervisor saw none of them
+    await _until(lambda: coordinator.admission.release_rate() is not None)  # b's report came
+    await coordinator.aclose()

@@ -22,7 +22,10 @@ when a request ends, the worker may keep its slot idle, up to the lease the supe
   goes through the supervisor's one FIFO (an arrival admitted from a lease before the word came
   is one that reached the idle slot before the queue formed);
 - a worker admits from its lease only while none of its own asks is outstanding, so its own
-  arrivals keep their order.
+  arrivals keep their order;
+- every worker answers a lease change at once ("L" back), and the supervisor holds an ask that
+  would be refused (the queue full) until every worker has answered the last recall, so idle slots
+  on their way back are not counted against it: the 503s are a single process's.
 
 The wire: each message is a 4-byte big-endian length and an orjson array whose first item says
 what it is:
@@ -31,12 +34,18 @@ what it is:
                            ["R", n, idle]                 give back n slots (idle: how many
                                                           slots it still holds that no request
                                                           does, for the in-flight gauge)
-                           ["I", idle]                    the same count, at most every 0.25 s
+                           ["I", idle, released]          the same count, and how many slots
+                                                          its requests freed into the lease
+                                                          since the last "I" (the release rate
+                                                          behind Retry-After), at most every
+                                                          0.25 s
+                           ["L", n, idle, seq]            the answer to lease change seq, with
+                                                          the n idle slots it gave back
                            ["C", id]                      cancel an ask still waiting (a grant
                                                           that crossed it is the worker's slot)
                            ["M", seq, snapshot]           metrics, asked for with "Q"
                            ["Q", seq]                     a scrape: send me every other worker's
-    supervisor -> worker   ["L", size]                    keep up to size idle slots (0: give
+    supervisor -> worker   ["L", size, seq]               keep up to size idle slots (0: give
                                                           back the idle ones, keep none)
                            ["W", id]                      queued: no slot at once (the worker
                                                           sheds what its request need not hold)
@@ -261,7 +270,9 @@ class RemoteAdmission:
         self._busy = 0
         self._lease = 0
         self._reported = 0  # the idle count the supervisor last heard
+        self._released = 0  # slots freed into the lease since the last report
         self._report: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
         self._closed = False
         # The shared state, as the supervisor last said.
@@ -273,7 +284,7 @@ class RemoteAdmission:
         self.snapshot: Callable[[], Any] = dict  # what this worker answers to "Q"
 
     async def connect(self, sock: Any) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         _, channel = await loop.create_connection(
             lambda: Channel(self._on_message, self._on_lost), sock=sock
         )
@@ -334,27 +345,28 @@ class RemoteAdmission:
         if self._slots - self._busy > self._lease or self._closed:
             self._give_back(1)
         else:
+            self._released += 1
             self._report_soon()
 
-    def _give_back(self, n: int) -> None:
-        # The one way a slot leaves a worker that is connected (its death frees the rest).
+    def _give_back(self, n: int, answering: int | None = None) -> None:
+        """The one way slots leave a worker that is connected (its death frees the rest): "R",
+        or the answer to the lease change numbered ``answering``."""
         self._slots -= n
-        self._reported = self._slots - self._busy
+        idle = self._reported = self._slots - self._busy
         if self.channel is not None:
-            self.channel.send(["R", n, self._reported])
+            self.channel.send(["R", n, idle] if answering is None else ["L", n, idle, answering])
 
     def _report_soon(self) -> None:
-        if self._report is None and self.channel is not None:
-            self._report = asyncio.get_running_loop().call_later(
-                _REPORT_INTERVAL, self._report_idle
-            )
+        if self._report is None and self.channel is not None and self._loop is not None:
+            self._report = self._loop.call_later(_REPORT_INTERVAL, self._report_idle)
 
     def _report_idle(self) -> None:
         self._report = None
         idle = self._slots - self._busy
-        if idle != self._reported and self.channel is not None:
+        if (idle != self._reported or self._released) and self.channel is not None:
             self._reported = idle
-            self.channel.send(["I", idle])
+            self.channel.send(["I", idle, self._released])
+            self._released = 0
 
     def close(self) -> None:
         """Stop admitting here: new arrivals and this worker's waiters get 503 at once, and the
@@ -365,13 +377,15 @@ class RemoteAdmission:
         for ident, place in list(self._waiting.items()):
             place._refuse(ShuttingDown(retry_after=self._estimate))
             self._abandon(ident)
-        self._set_lease(0)
-
-    def _set_lease(self, size: int) -> None:
-        self._lease = 0 if self._closed else size
-        excess = self._slots - self._busy - self._lease
-        if excess > 0:
+        excess = self._excess()
+        if excess:
             self._give_back(excess)
+
+    def _excess(self) -> int:
+        """Idle slots beyond the lease (all of them once closed)."""
+        if self._closed:
+            self._lease = 0
+        return max(0, self._slots - self._busy - self._lease)
 
     async def wait_idle(self, timeout: float) -> bool:
         if self._busy == 0:
@@ -420,8 +434,9 @@ class RemoteAdmission:
                 self._busy += 1
             else:  # the waiter left: its "C" crossed this grant
                 self._free()
-        elif kind == "L":
-            self._set_lease(message[1])
+        elif kind == "L":  # answered at once, with the idle slots beyond the new lease
+            self._lease = message[1]
+            self._give_back(self._excess(), message[2])
         elif kind == "W":
             place = self._waiting.get(message[1])
             if place is not None:

@@ -12,7 +12,9 @@ until it gives the slot back ("R") or its channel drops (it died): then all of t
 once, the same release. While nobody is queued, a worker keeps up to ``lease`` of its slots idle
 and admits into them without asking; the moment an ask queues, the lease becomes 0 and every worker
 is told ("L") before that asker hears "W", and it stays 0 until the queue is empty again (and for
-good after ``close``). See shared_admission.py for why that keeps the limit and the order exact.
+good after ``close``). An ask that would be refused while a recall is unanswered is deferred, with
+every ask after it, until each worker has answered. See shared_admission.py for why that keeps the
+limit, the order and the 503s exact.
 
 It also answers a scrape: a worker asks for the others' metrics snapshots, the coordinator asks each
 of them and forwards what comes back within the bound.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any
 
 from vllm_gateway.errors import GatewayError
@@ -43,13 +46,15 @@ _LEASE = 32
 
 
 class _Worker:
-    __slots__ = ("channel", "idle", "name", "slots", "waiting")
+    __slots__ = ("acked", "channel", "idle", "name", "reported_at", "slots", "waiting")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, acked: int) -> None:
         self.name = name
         self.channel: Channel | None = None
         self.slots: list[Permit | Ticket] = []  # granted to it, not given back: busy or idle
         self.idle = 0  # how many of them it last said no request holds
+        self.acked = acked  # the last lease change it answered
+        self.reported_at = time.monotonic()  # when its last "I" came
         self.waiting: dict[int, asyncio.Task[None]] = {}
 
 
@@ -59,6 +64,11 @@ class AdmissionCoordinator:
         self.workers: list[_Worker] = []
         self._lease_max = lease
         self._lease = 0  # the lease every worker was last told
+        self._lease_seq = 0  # lease changes told, counted
+        self._recall_seq = 0  # the last one that shrank it: idle slots may be on their way back
+        # Asks that arrived while leased slots were on their way back and would have been refused
+        # (or would have evicted a waiter) without them: taken in order once every worker answered.
+        self._deferred: dict[tuple[int, int], tuple[_Worker, int, str, int]] = {}
         self._seq = itertools.count(1)
         self._scrapes: dict[int, tuple[_Worker, int, list[Any], int]] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -66,7 +76,7 @@ class AdmissionCoordinator:
 
     async def attach(self, sock: Any, name: str) -> _Worker:
         """Serve one worker on ``sock`` (the supervisor's end of its socket pair)."""
-        worker = _Worker(name)
+        worker = _Worker(name, self._lease_seq)
         loop = asyncio.get_running_loop()
         _, channel = await loop.create_connection(
             lambda: Channel(
@@ -77,7 +87,7 @@ class AdmissionCoordinator:
         worker.channel = channel
         self.workers.append(worker)
         channel.send(["S", self.state()])
-        channel.send(["L", self._lease])
+        channel.send(["L", self._lease, self._lease_seq])
         self._set_lease()
         if self._ticker is None:
             self._ticker = loop.create_task(self._push_state(), name="admission-state")
@@ -92,6 +102,7 @@ class AdmissionCoordinator:
     def close(self) -> None:
         """Drain: waiters and later arrivals get 503 shutting_down, and the leases end."""
         self.admission.close()
+        self._take_deferred()
         self._set_lease()
 
     async def aclose(self) -> None:
@@ -114,14 +125,28 @@ class AdmissionCoordinator:
         """The lease follows the queue: 0 while anyone waits (or once draining), else a small
         share of the limit. Called after everything that can start or end a queue."""
         adm = self.admission
-        if adm.queued or adm.closed or not self.workers:
+        if adm.queued or self._deferred or adm.closed or not self.workers:
             size = 0
         else:
             size = min(self._lease_max, adm.limit // (2 * len(self.workers)))
         if size != self._lease:
+            self._lease_seq += 1
+            if size < self._lease:
+                self._recall_seq = self._lease_seq
             self._lease = size
             for worker in self.workers:
-                self._send(worker, ["L", size])
+                self._send(worker, ["L", size, self._lease_seq])
+
+    def _recalling(self) -> bool:
+        """Some worker has not yet answered the last shrinking of the lease."""
+        return any(w.acked < self._recall_seq for w in self.workers if w.channel is not None)
+
+    def _take_deferred(self) -> None:
+        """Every leased slot that was coming back has (or the gateway is closing): the deferred
+        asks take their places, in the order they came."""
+        while self._deferred and (self.admission.closed or not self._recalling()):
+            worker, ident, tenant, priority = self._deferred.pop(next(iter(self._deferred)))
+            self._admit(worker, ident, tenant, priority)
 
     def _give_back(self, worker: _Worker, n: int) -> None:
         """Release ``n`` of the worker's slots: the one release, whether it gave them back or
@@ -141,18 +166,45 @@ class AdmissionCoordinator:
             _, n, worker.idle = message
             self._give_back(worker, n)
             self._set_lease()
+        elif kind == "L":  # the answer to a lease change, with the idle slots it gave back
+            _, n, worker.idle, worker.acked = message
+            self._give_back(worker, n)
+            self._take_deferred()
+            self._set_lease()
         elif kind == "I":
-            worker.idle = message[1]
+            _, worker.idle, released = message
+            now = time.monotonic()
+            self.admission.note_releases(released, now - worker.reported_at)
+            worker.reported_at = now
         elif kind == "C":
             task = worker.waiting.pop(message[1], None)
             if task is not None:
                 task.cancel()  # its ticket leaves the queue when the task ends
+            elif self._deferred.pop((id(worker), message[1]), None) is not None:
+                self._take_deferred()
+                self._set_lease()
         elif kind == "Q":
             self._scrape(worker, message[1])
         elif kind == "M":
             self._snapshot(message[1], message[2])
 
     def _acquire(self, worker: _Worker, ident: int, tenant: str, priority: int) -> None:
+        adm = self.admission
+        if self._deferred or (
+            not adm.closed
+            and adm.in_flight >= adm.limit
+            and adm.queued >= adm.max_queued
+            and (self._lease or self._recalling())
+        ):
+            # A refusal now might be one a single process would not give: leased slots may be
+            # idle or on their way back. Recall them, and take this ask (and any after it) once
+            # every worker has answered.
+            self._deferred[(id(worker), ident)] = (worker, ident, tenant, priority)
+            self._set_lease()
+            return
+        self._admit(worker, ident, tenant, priority)
+
+    def _admit(self, worker: _Worker, ident: int, tenant: str, priority: int) -> None:
         try:
             place = self.admission.arrive(tenant, priority)
         except GatewayError as err:
@@ -196,12 +248,15 @@ class AdmissionCoordinator:
         for task in worker.waiting.values():
             task.cancel()
         worker.waiting.clear()
+        for key in [key for key in self._deferred if key[0] == id(worker)]:
+            del self._deferred[key]
         held = len(worker.slots)
         self._give_back(worker, held)
         if held:
             log.warning("worker %s left holding %d slot(s): released", worker.name, held)
         if worker in self.workers:
             self.workers.remove(worker)
+        self._take_deferred()
         self._set_lease()
 
     async def _push_state(self) -> None:
