@@ -314,3 +314,22 @@ async def test_releases_inside_a_lease_count_in_the_rate_behind_retry_after() ->
     assert coordinator.admission.release_rate() is None  # the supervisor saw none of them
     await _until(lambda: coordinator.admission.release_rate() is not None)  # b's report came
     await coordinator.aclose()
+
+
+async def test_a_worker_that_never_answers_a_recall_holds_another_s_ask_one_second_at_most() -> (
+    None
+):
+    coordinator, (a, b) = await _setup(2, limit=12, queue=0)
+    silent, unread = socket.socketpair()  # a third worker whose loop never reads its socket
+    await coordinator.attach(silent, "stuck")  # leases: 12 // (2 x 3 workers) = 2 slots each
+    for place in [await b.acquire(), await b.acquire()]:
+        place.release()
+    held = [await a.acquire() for _ in range(10)]
+    assert b.idle == 2 and coordinator.admission.in_flight == 12
+    # No slot free, no queue allowed: the ask waits for the recall, which "stuck" never answers.
+    late = await asyncio.wait_for(a.acquire(), 4)  # not refused: b's lease came back
+    assert a.rejected_full_total == 0 and b.idle == 0
+    for place in [*held, late]:
+        place.release()
+    await coordinator.aclose()
+    unread.close()

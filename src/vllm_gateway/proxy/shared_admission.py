@@ -24,8 +24,9 @@ when a request ends, the worker may keep its slot idle, up to the lease the supe
 - a worker admits from its lease only while none of its own asks is outstanding, so its own
   arrivals keep their order;
 - every worker answers a lease change at once ("L" back), and the supervisor holds an ask that
-  would be refused (the queue full) until every worker has answered the last recall, so idle slots
-  on their way back are not counted against it: the 503s are a single process's.
+  would be refused (the queue full) until every worker has answered the last recall (1 s at
+  most), so idle slots on their way back are not counted against it: the 503s are a single
+  process's.
 
 The wire: each message is a 4-byte big-endian length and an orjson array whose first item says
 what it is:

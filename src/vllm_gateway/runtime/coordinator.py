@@ -13,8 +13,8 @@ once, the same release. While nobody is queued, a worker keeps up to ``lease`` o
 and admits into them without asking; the moment an ask queues, the lease becomes 0 and every worker
 is told ("L") before that asker hears "W", and it stays 0 until the queue is empty again (and for
 good after ``close``). An ask that would be refused while a recall is unanswered is deferred, with
-every ask after it, until each worker has answered. See shared_admission.py for why that keeps the
-limit, the order and the 503s exact.
+every ask after it, until each worker has answered (1 s at most). See shared_admission.py for why
+that keeps the limit, the order and the 503s exact.
 
 It also answers a scrape: a worker asks for the others' metrics snapshots, the coordinator asks each
 of them and forwards what comes back within the bound.
@@ -43,6 +43,9 @@ _STATE_INTERVAL = 0.25
 # The most idle slots one worker keeps while nobody is queued. All workers together keep at most
 # half the limit idle, so an ask from any of them usually finds a free slot without a recall.
 _LEASE = 32
+# How long a deferred ask waits for the workers' answers to a recall (a worker whose loop is stuck
+# cannot hold the others' asks): then it is taken as the admission stands.
+_RECALL_WAIT = 1.0
 
 
 class _Worker:
@@ -69,6 +72,7 @@ class AdmissionCoordinator:
         # Asks that arrived while leased slots were on their way back and would have been refused
         # (or would have evicted a waiter) without them: taken in order once every worker answered.
         self._deferred: dict[tuple[int, int], tuple[_Worker, int, str, int]] = {}
+        self._deferred_timer: asyncio.TimerHandle | None = None
         self._seq = itertools.count(1)
         self._scrapes: dict[int, tuple[_Worker, int, list[Any], int]] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -109,6 +113,9 @@ class AdmissionCoordinator:
         """Hang up on every worker; the state ticker and the acquires still waiting end here
         (cancelled and awaited), not with the loop."""
         tasks = [task for worker in self.workers for task in worker.waiting.values()]
+        if self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
         if self._ticker is not None:
             tasks.append(self._ticker)
             self._ticker = None
@@ -141,12 +148,20 @@ class AdmissionCoordinator:
         """Some worker has not yet answered the last shrinking of the lease."""
         return any(w.acked < self._recall_seq for w in self.workers if w.channel is not None)
 
-    def _take_deferred(self) -> None:
-        """Every leased slot that was coming back has (or the gateway is closing): the deferred
-        asks take their places, in the order they came."""
-        while self._deferred and (self.admission.closed or not self._recalling()):
+    def _take_deferred(self, overdue: bool = False) -> None:
+        """Every leased slot that was coming back has (or the gateway is closing, or the wait
+        is over): the deferred asks take their places, in the order they came."""
+        while self._deferred and (overdue or self.admission.closed or not self._recalling()):
             worker, ident, tenant, priority = self._deferred.pop(next(iter(self._deferred)))
             self._admit(worker, ident, tenant, priority)
+        if not self._deferred and self._deferred_timer is not None:
+            self._deferred_timer.cancel()
+            self._deferred_timer = None
+
+    def _recall_overdue(self) -> None:
+        self._deferred_timer = None
+        self._take_deferred(overdue=True)
+        self._set_lease()
 
     def _give_back(self, worker: _Worker, n: int) -> None:
         """Release ``n`` of the worker's slots: the one release, whether it gave them back or
@@ -200,6 +215,10 @@ class AdmissionCoordinator:
             # idle or on their way back. Recall them, and take this ask (and any after it) once
             # every worker has answered.
             self._deferred[(id(worker), ident)] = (worker, ident, tenant, priority)
+            if self._deferred_timer is None:
+                self._deferred_timer = asyncio.get_running_loop().call_later(
+                    _RECALL_WAIT, self._recall_overdue
+                )
             self._set_lease()
             return
         self._admit(worker, ident, tenant, priority)
