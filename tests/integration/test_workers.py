@@ -113,3 +113,45 @@ async def test_two_workers_hold_one_limit_and_one_scrape_counts_both(
                 and 'route="/v1/chat/completions"' in line
             )
             assert total == 6, text[:2000]
+
+
+async def test_two_workers_with_leases_hold_one_limit_under_a_flood(
+    simulator: Simulator, client: httpx.AsyncClient
+) -> None:
+    # A limit of 8 over 2 workers: each may keep up to 2 idle slots while nobody is queued. A
+    # first wave leaves slots idle in the workers' leases; the flood then queues, the leases are
+    # recalled, and the simulator never sees more than the one limit.
+    simulator.configure(itl=0.02, tokens=20)
+    env = {"VLLM_BACKEND_URL": simulator.url, "VLLM_MAX_CONCURRENT_REQUESTS": "8"}
+    with spawn_gateway(env, "--workers", "2", name="workers-leases") as gw:
+
+        async def ready() -> None:
+            while True:
+                try:
+                    if (await client.get(gw.url + "/health/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(ready(), 30)
+        clients = [httpx.AsyncClient(timeout=60) for _ in range(24)]
+        try:
+            first = await asyncio.gather(
+                *[c.post(gw.url + "/v1/chat/completions", json=chat_body()) for c in clients[:4]]
+            )
+            assert [r.status_code for r in first] == [200] * 4
+            flood = [
+                asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=chat_body()))
+                for c in clients
+            ]
+            peak = 0
+            while not all(s.done() for s in flood):
+                peak = max(peak, simulator.stats()["running"])
+                await asyncio.sleep(0.005)
+            results = await asyncio.gather(*flood)
+        finally:
+            for c in clients:
+                await c.aclose()
+        assert [r.status_code for r in results] == [200] * 24
+        assert peak == 8  # reached, never passed, whichever worker held which slot

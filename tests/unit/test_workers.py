@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -197,3 +198,138 @@ async def test_a_place_released_while_its_ask_waits_leaves_the_supervisor_s_queu
     await asyncio.sleep(0.05)
     assert coordinator.admission.in_flight == 0
     await coordinator.aclose()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait, bounded, for what the other side of a socket pair has done."""
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110 - state moved by messages on the socket pairs
+            await asyncio.sleep(0.01)
+
+
+async def test_a_flood_at_one_worker_while_another_holds_a_lease_keeps_one_limit_and_fifo() -> None:
+    limit = 8  # two workers: a lease of up to 8 // 4 = 2 idle slots each
+    coordinator, (a, b) = await _setup(2, limit=limit, queue=64)
+    for place in [await b.acquire(), await b.acquire()]:
+        place.release()  # b keeps both slots idle: its lease
+    assert b.idle == 2 and coordinator.admission.in_flight == 2
+    asked = coordinator.admission.admitted_total
+    (await b.acquire()).release()  # admitted from the lease: the supervisor is not asked
+    assert coordinator.admission.admitted_total == asked and b.idle == 2
+    await _until(lambda: coordinator.state()[0] == 0)  # the gauge counts requests, not leases
+
+    holding = peak = 0
+    order: list[str] = []
+    names = [f"flood{i}" for i in range(20)] + [f"later{i}" for i in range(4)]
+    gates = {name: asyncio.Event() for name in names}
+
+    async def request(remote: RemoteAdmission, name: str) -> None:
+        nonlocal holding, peak
+        place = await remote.acquire()
+        holding += 1
+        peak = max(peak, holding)
+        order.append(name)
+        await gates[name].wait()
+        holding -= 1
+        place.release()
+
+    # The flood: 20 at a. Six slots are free; the seventh ask queues, so b's lease is recalled
+    # and its two idle slots pass to the queue's head.
+    flood = [asyncio.create_task(request(a, name)) for name in names[:20]]
+    await _until(lambda: coordinator.admission.queued == 12 and b.idle == 0)
+    assert holding == limit
+    # Once the queue formed, arrivals at either worker take their turn behind it, in order.
+    later = []
+    for name, remote in zip(names[20:], [b, a, b, a], strict=True):
+        later.append(asyncio.create_task(request(remote, name)))
+        await _until(lambda: coordinator.admission.queued == 12 + len(later))
+    # Free one slot at a time, the oldest holder first: each passes to the queue's head.
+    for released in range(1, len(names) + 1):
+        gates[order[released - 1]].set()
+        await _until(lambda: len(order) >= min(len(names), released + limit))  # noqa: B023
+    await asyncio.wait_for(asyncio.gather(*flood, *later), 10)
+    assert order == names
+    assert peak == limit  # reached through the recalled lease, never passed
+    assert coordinator.admission.queued == 0
+    await _until(lambda: coordinator.state()[0] == 0)
+    await coordinator.aclose()
+
+
+async def test_a_worker_that_dies_holding_a_lease_gives_back_every_slot() -> None:
+    coordinator, (a, b) = await _setup(2, limit=8, queue=8)
+    busy = await b.acquire()
+    for place in [await b.acquire(), await b.acquire()]:
+        place.release()
+    assert b.idle == 2 and coordinator.admission.in_flight == 3
+    assert b.channel is not None
+    b.channel.close()  # the worker's process is gone: its socket closes
+    await _until(lambda: coordinator.admission.in_flight == 0)  # its busy slot and its lease
+    busy.release()  # the dead worker's own release sends nothing
+    held = [await asyncio.wait_for(a.acquire(), 2) for _ in range(8)]  # the whole limit again
+    assert coordinator.admission.queued == 0
+    for place in held:
+        place.release()
+    await coordinator.aclose()
+
+
+async def test_drain_ends_the_leases() -> None:
+    coordinator, (_a, b) = await _setup(2, limit=8, queue=8)
+    (await b.acquire()).release()
+    assert b.idle == 1
+    coordinator.close()
+    await _until(lambda: b.idle == 0 and coordinator.admission.in_flight == 0)
+    with pytest.raises(ShuttingDown):
+        await b.acquire()  # no lease to admit from: the supervisor refuses
+    await coordinator.aclose()
+
+
+@pytest.mark.parametrize("queue", [0, 1])
+async def test_a_full_queue_refuses_no_ask_that_a_recalled_lease_admits(queue: int) -> None:
+    # One process with 2 of 8 slots free admits 2 more and queues up to `queue`: the same here,
+    # though the 2 free slots sit idle in b's lease when a's asks arrive.
+    coordinator, (a, b) = await _setup(2, limit=8, queue=queue)
+    for place in [await b.acquire(), await b.acquire()]:
+        place.release()
+    assert b.idle == 2
+    held = [await a.acquire() for _ in range(6)]
+    asks = [asyncio.create_task(a.acquire()) for _ in range(2 + queue)]
+    await _until(lambda: sum(task.done() for task in asks) == 2)
+    assert coordinator.admission.queued == queue and a.rejected_full_total == 0
+    assert all(not task.exception() for task in asks if task.done())
+    held.extend(task.result() for task in asks if task.done())
+    held[0].release()  # the queued one, if any, gets its slot
+    await asyncio.wait_for(asyncio.gather(*asks), 2)
+    for place in held[1:] + [task.result() for task in asks[2:]]:
+        place.release()
+    await _until(lambda: coordinator.state()[0] == 0 and coordinator.admission.queued == 0)
+    await coordinator.aclose()
+
+
+async def test_releases_inside_a_lease_count_in_the_rate_behind_retry_after() -> None:
+    coordinator, (_a, b) = await _setup(2, limit=8, queue=8)
+    (await b.acquire()).release()
+    assert b.idle == 1
+    for _ in range(20):  # admitted and ended inside the lease: no message each
+        (await b.acquire()).release()
+    assert coordinator.admission.release_rate() is None  # the supervisor saw none of them
+    await _until(lambda: coordinator.admission.release_rate() is not None)  # b's report came
+    await coordinator.aclose()
+
+
+async def test_a_worker_that_never_answers_a_recall_holds_another_s_ask_one_second_at_most() -> (
+    None
+):
+    coordinator, (a, b) = await _setup(2, limit=12, queue=0)
+    silent, unread = socket.socketpair()  # a third worker whose loop never reads its socket
+    await coordinator.attach(silent, "stuck")  # leases: 12 // (2 x 3 workers) = 2 slots each
+    for place in [await b.acquire(), await b.acquire()]:
+        place.release()
+    held = [await a.acquire() for _ in range(10)]
+    assert b.idle == 2 and coordinator.admission.in_flight == 12
+    # No slot free, no queue allowed: the ask waits for the recall, which "stuck" never answers.
+    late = await asyncio.wait_for(a.acquire(), 4)  # not refused: b's lease came back
+    assert a.rejected_full_total == 0 and b.idle == 0
+    for place in [*held, late]:
+        place.release()
+    await coordinator.aclose()
+    unread.close()

@@ -498,6 +498,16 @@ class Admission:
         if self._in_flight == 0 and self._idle is not None:
             self._idle.set()
 
+    def note_releases(self, n: int, over: float) -> None:
+        """``n`` slots freed in the last ``over`` seconds where this admission did not see them
+        (inside a worker's lease): they count in the release rate, spread evenly up to now."""
+        n = min(n, _RATE_WINDOW)
+        if n <= 0:
+            return
+        now = self._clock()
+        last = self._releases[-1] if self._releases else now - over
+        self._releases.extend(max(last, now - over * (n - 1 - i) / n) for i in range(n))
+
     # --- drain -----------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -4,34 +4,64 @@ sides speak.
 With ``--workers N`` a static split of the limit lets one worker be full while another has room, so
 "N in flight, the rest wait in order" would hold per worker only. Instead the supervisor keeps the
 one ``Admission`` (the same class a single process uses: the same FIFO, tenants, priorities, queue
-timeout and 503s) and each worker asks it for a slot over a Unix socket. A worker's request holds a
-``RemotePlace`` from its arrival (``arrive``, which sends nothing); ``wait`` sends one small message
-and waits for the grant or the refusal; ``release`` sends one (the slot's release, or the ask's
-cancellation) and does not wait. The place is the ``Place`` of admission.py: one owner releases it
-once, on every path.
+timeout and 503s) and each worker holds slots granted by it over a Unix socket. A worker's request
+holds a ``RemotePlace`` from its arrival (``arrive``, which sends nothing); ``wait`` takes an idle
+slot of the worker's lease, or sends one small message and waits for the grant or the refusal;
+``release`` frees the slot (kept for the lease, or given back) or cancels the ask, and does not
+wait. The place is the ``Place`` of admission.py: one owner releases it once, on every path.
+
+Leases. A slot the supervisor grants belongs to the worker until the worker gives it back ("R");
+when a request ends, the worker may keep its slot idle, up to the lease the supervisor last set
+("L"), and admit a later arrival into it without a round trip. The invariants:
+
+- every slot a worker's request holds is one of the supervisor's ``Admission`` permits, granted to
+  that worker and not given back, so the global limit holds exactly as in one process;
+- the lease is 0 whenever anyone is queued anywhere: the supervisor sends "L 0" to every worker
+  before it answers the ask that queues, and a worker that hears it gives back its idle slots at
+  once and from then on keeps none, so after a worker hears of a queue every admission it makes
+  goes through the supervisor's one FIFO (an arrival admitted from a lease before the word came
+  is one that reached the idle slot before the queue formed);
+- a worker admits from its lease only while none of its own asks is outstanding, so its own
+  arrivals keep their order;
+- every worker answers a lease change at once ("L" back), and the supervisor holds an ask that
+  would be refused (the queue full) until every worker has answered the last recall (1 s at
+  most), so idle slots on their way back are not counted against it: the 503s are a single
+  process's.
 
 The wire: each message is a 4-byte big-endian length and an orjson array whose first item says
 what it is:
 
-    worker -> supervisor   ["A", id, tenant, priority]   acquire
-                           ["R", id]                      release (the permit of acquire ``id``)
-                           ["C", id]                      cancel (the waiter left; a grant that
-                                                          crossed it is released)
+    worker -> supervisor   ["A", id, tenant, priority]   acquire one slot
+                           ["R", n, idle]                 give back n slots (idle: how many
+                                                          slots it still holds that no request
+                                                          does, for the in-flight gauge)
+                           ["I", idle, released]          the same count, and how many slots
+                                                          its requests freed into the lease
+                                                          since the last "I" (the release rate
+                                                          behind Retry-After), at most every
+                                                          0.25 s
+                           ["L", n, idle, seq]            the answer to lease change seq, with
+                                                          the n idle slots it gave back
+                           ["C", id]                      cancel an ask still waiting (a grant
+                                                          that crossed it is the worker's slot)
                            ["M", seq, snapshot]           metrics, asked for with "Q"
                            ["Q", seq]                     a scrape: send me every other worker's
-    supervisor -> worker   ["W", id]                      queued: no slot at once (the worker
+    supervisor -> worker   ["L", size, seq]               keep up to size idle slots (0: give
+                                                          back the idle ones, keep none)
+                           ["W", id]                      queued: no slot at once (the worker
                                                           sheds what its request need not hold)
-                           ["G", id, queue_wait, state]   granted
+                           ["G", id, queue_wait, state]   granted: one more slot is the worker's
                            ["X", id, type, message, retry_after, state]   refused
                            ["S", state]                   the shared state, when it changes
                            ["Q", seq]                     send your metrics snapshot
                            ["P", seq, [snapshots]]        the other workers' snapshots
 
-``state`` is ``[in_flight, queued, limit, estimate]``: what a worker's gauges and Retry-After read.
+``state`` is ``[in_flight, queued, limit, estimate]``: what a worker's gauges and Retry-After read
+(``in_flight`` counts requests, not the idle slots of leases).
 
 Bounds: a worker's wait for a grant is the supervisor's queue timeout plus a margin (a wedged
-supervisor cannot hold a request for ever); a worker whose connection drops has its permits
-released and its waiters removed by the supervisor at once.
+supervisor cannot hold a request for ever); a worker whose connection drops has every slot it
+held, leased or busy, released and its waiters removed by the supervisor at once.
 """
 
 from __future__ import annotations
@@ -56,6 +86,8 @@ _HEADER = struct.Struct(">I")
 _MAX_MESSAGE = 64 << 20  # a metrics snapshot of a big gateway is well under this
 # Beyond the queue timeout, how long a worker waits for the supervisor's answer.
 _MARGIN = 2.0
+# How often, at most, a worker tells the supervisor how many idle slots it holds.
+_REPORT_INTERVAL = 0.25
 
 # The refusals that travel: the admission's own errors, by their stable type.
 _REFUSALS: dict[str, type[GatewayError]] = {
@@ -117,9 +149,9 @@ class Channel(asyncio.Protocol):
 
 
 class RemotePlace:
-    """A request's place in the supervisor's admission: asked for when waited on, released once
-    by its owner (the slot's release, or the ask's cancellation). ``release()`` may be called any
-    number of times; the first sends what is due."""
+    """A request's place in the supervisor's admission: a slot of the worker's lease, or one asked
+    for when waited on; released once by its owner (the slot freed, or the ask cancelled).
+    ``release()`` may be called any number of times; the first does what is due."""
 
     __slots__ = (
         "_admission",
@@ -141,22 +173,30 @@ class RemotePlace:
         self._id = 0  # the ask's id, once asked
         self._fut: asyncio.Future[float] | None = None
         self._shed: Callable[[], None] | None = None
+        # True from the moment the slot is this place's (a grant may reach it as its wait ends:
+        # the owner's release then frees the slot all the same).
         self.granted = False
         self.queue_wait = 0.0
         self.acquired_at = 0.0
         self.released = False
 
     async def wait(self, shed: Callable[[], None] | None = None) -> RemotePlace:
-        """The place, once the supervisor granted it a slot; ``QueueTimeout`` when no answer
-        comes within the queue timeout and a margin, the supervisor's refusal otherwise (the
-        place is still the owner's to release). ``shed`` is called when the supervisor says the
-        ask is queued."""
+        """The place, once it holds a slot: an idle one of the worker's lease at once, else the
+        supervisor's grant; ``QueueTimeout`` when no answer comes within the queue timeout and a
+        margin, the supervisor's refusal otherwise (the place is still the owner's to release).
+        ``shed`` is called when the supervisor says the ask is queued."""
         if self.granted:
             return self
         adm = self._admission
         channel = adm.channel
         if self.released or adm._closed or channel is None:
             raise ShuttingDown(retry_after=adm._estimate)
+        if adm._lease and not adm._waiting and adm._slots > adm._busy:
+            adm._busy += 1  # an idle slot of the lease: no round trip
+            adm._report_soon()
+            self.granted = True
+            adm.admitted_total += 1
+            return self
         ident = self._id = next(adm._ids)
         fut = self._fut = asyncio.get_running_loop().create_future()
         self._shed = shed
@@ -170,14 +210,12 @@ class RemotePlace:
         finally:
             adm._waiting.pop(ident, None)
             self._shed = None
-        self.granted = True
         self.queue_wait = queue_wait
-        adm._held += 1
         adm.admitted_total += 1
         return self
 
     def step_aside(self) -> RemotePlace:
-        if not self._id:
+        if not self._id and not self.granted:
             return self  # never asked: nothing to give up
         self.release()
         return RemotePlace(self._admission, self.tenant, self.priority)
@@ -187,7 +225,7 @@ class RemotePlace:
             return
         self.released = True
         if self.granted:
-            self._admission._release(self._id)
+            self._admission._release()
         elif self._id:
             self._admission._abandon(self._id)  # asked, never granted: the ask is cancelled
 
@@ -196,18 +234,26 @@ class RemotePlace:
         if shed is not None:
             shed()
 
-    def _answer(self, queue_wait: float | None, err: GatewayError | None) -> None:
+    def _grant(self, queue_wait: float) -> bool:
+        """The supervisor's grant reached this place; False if its waiter had left."""
         fut = self._fut
         if fut is None or fut.done():
-            return  # the waiter left: its "C" crossed this answer (the supervisor releases it)
-        if err is None:
-            fut.set_result(float(queue_wait or 0.0))
-        else:
-            fut.set_exception(err)
+            return False
+        self.granted = True
+        fut.set_result(queue_wait)
+        return True
+
+    def _refuse(self, err: GatewayError) -> bool:
+        fut = self._fut
+        if fut is None or fut.done():
+            return False
+        fut.set_exception(err)
+        return True
 
 
 class RemoteAdmission:
-    """The worker's admission: the interface of ``Admission``, answered by the supervisor."""
+    """The worker's admission: the interface of ``Admission``, answered by the supervisor, with
+    the worker's lease of idle slots."""
 
     def __init__(self, limit: int, max_queued: int, queue_timeout: float) -> None:
         self.limit = limit
@@ -220,7 +266,15 @@ class RemoteAdmission:
         self.channel: Channel | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, RemotePlace] = {}  # asked, not yet answered
-        self._held = 0  # permits this worker holds (what its drain waits for)
+        # The slots the supervisor granted this worker and it has not given back; of those, the
+        # ones a request holds (what the drain waits for); how many idle ones it may keep.
+        self._slots = 0
+        self._busy = 0
+        self._lease = 0
+        self._reported = 0  # the idle count the supervisor last heard
+        self._released = 0  # slots freed into the lease since the last report
+        self._report: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: asyncio.Event | None = None
         self._closed = False
         # The shared state, as the supervisor last said.
@@ -232,7 +286,7 @@ class RemoteAdmission:
         self.snapshot: Callable[[], Any] = dict  # what this worker answers to "Q"
 
     async def connect(self, sock: Any) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         _, channel = await loop.create_connection(
             lambda: Channel(self._on_message, self._on_lost), sock=sock
         )
@@ -252,12 +306,18 @@ class RemoteAdmission:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def idle(self) -> int:
+        """Slots this worker holds that no request does: its lease."""
+        return self._slots - self._busy
+
     def estimate_wait(self, position: int | None = None) -> float:
         return self._estimate
 
     def arrive(self, tenant: str = "", priority: int = 0) -> RemotePlace:
-        """A place, asked for when waited on: the ask is a message and its answer comes back on
-        the socket, so the request's task waits for it (``RemotePlace.wait``)."""
+        """A place, taken when waited on: from the lease at once, or asked for with a message
+        whose answer comes back on the socket, so the request's task waits for it
+        (``RemotePlace.wait``)."""
         return RemotePlace(self, tenant, priority)
 
     async def acquire(
@@ -276,29 +336,66 @@ class RemoteAdmission:
         if self.channel is not None:
             self.channel.send(["C", ident])
 
-    def _release(self, ident: int) -> None:
-        self._held -= 1
-        if self.channel is not None:
-            self.channel.send(["R", ident])
-        if self._held == 0 and self._idle is not None:
+    def _release(self) -> None:
+        self._busy -= 1
+        self._free()
+        if self._busy == 0 and self._idle is not None:
             self._idle.set()
 
+    def _free(self) -> None:
+        """A slot no request holds: kept for the lease, or given back."""
+        if self._slots - self._busy > self._lease or self._closed:
+            self._give_back(1)
+        else:
+            self._released += 1
+            self._report_soon()
+
+    def _give_back(self, n: int, answering: int | None = None) -> None:
+        """The one way slots leave a worker that is connected (its death frees the rest): "R",
+        or the answer to the lease change numbered ``answering``."""
+        self._slots -= n
+        idle = self._reported = self._slots - self._busy
+        if self.channel is not None:
+            self.channel.send(["R", n, idle] if answering is None else ["L", n, idle, answering])
+
+    def _report_soon(self) -> None:
+        if self._report is None and self.channel is not None and self._loop is not None:
+            self._report = self._loop.call_later(_REPORT_INTERVAL, self._report_idle)
+
+    def _report_idle(self) -> None:
+        self._report = None
+        idle = self._slots - self._busy
+        if (idle != self._reported or self._released) and self.channel is not None:
+            self._reported = idle
+            self.channel.send(["I", idle, self._released])
+            self._released = 0
+
     def close(self) -> None:
-        """Stop admitting here: new arrivals and this worker's waiters get 503 at once."""
+        """Stop admitting here: new arrivals and this worker's waiters get 503 at once, and the
+        lease's idle slots go back."""
         if self._closed:
             return
         self._closed = True
         for ident, place in list(self._waiting.items()):
-            place._answer(None, ShuttingDown(retry_after=self._estimate))
+            place._refuse(ShuttingDown(retry_after=self._estimate))
             self._abandon(ident)
+        excess = self._excess()
+        if excess:
+            self._give_back(excess)
+
+    def _excess(self) -> int:
+        """Idle slots beyond the lease (all of them once closed)."""
+        if self._closed:
+            self._lease = 0
+        return max(0, self._slots - self._busy - self._lease)
 
     async def wait_idle(self, timeout: float) -> bool:
-        if self._held == 0:
+        if self._busy == 0:
             return True
         self._idle = asyncio.Event()
         try:
             async with asyncio.timeout(timeout):
-                while self._held:
+                while self._busy:
                     await self._idle.wait()
                     self._idle.clear()
         except TimeoutError:
@@ -333,10 +430,15 @@ class RemoteAdmission:
         if kind == "G":
             _, ident, queue_wait, state = message
             self._state(state)
+            self._slots += 1  # the worker's from here, whoever takes it
             place = self._waiting.get(ident)
-            if place is not None:
-                place._answer(queue_wait, None)
-            # Else the waiter left: its "C" crossed this grant, and the supervisor releases it.
+            if place is not None and place._grant(float(queue_wait or 0.0)):
+                self._busy += 1
+            else:  # the waiter left: its "C" crossed this grant
+                self._free()
+        elif kind == "L":  # answered at once, with the idle slots beyond the new lease
+            self._lease = message[1]
+            self._give_back(self._excess(), message[2])
         elif kind == "W":
             place = self._waiting.get(message[1])
             if place is not None:
@@ -345,12 +447,11 @@ class RemoteAdmission:
             _, ident, err_type, text, retry_after, state = message
             self._state(state)
             place = self._waiting.get(ident)
-            if place is not None and place._fut is not None and not place._fut.done():
+            if place is not None and place._refuse(decode_error(err_type, text, retry_after)):
                 if err_type == errors.Overloaded.type:
                     self.rejected_full_total += 1
                 elif err_type == errors.QueueTimeout.type:
                     self.rejected_timeout_total += 1
-                place._answer(None, decode_error(err_type, text, retry_after))
         elif kind == "S":
             self._state(message[1])
         elif kind == "Q":
@@ -362,8 +463,13 @@ class RemoteAdmission:
                 fut2.set_result(message[2])
 
     def _on_lost(self) -> None:
-        # The supervisor is gone (it kills its workers when it exits): refuse from now on.
+        # The supervisor is gone (it kills its workers when it exits): refuse from now on. The
+        # slots went with it: it released them when the socket closed.
         self.channel = None
         self._closed = True
+        self._lease = 0
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
         for place in list(self._waiting.values()):
-            place._answer(None, ShuttingDown(retry_after=self._estimate))
+            place._refuse(ShuttingDown(retry_after=self._estimate))

@@ -2,7 +2,8 @@
 
 The supervisor binds the socket once and starts N workers that all accept on it; the kernel spreads
 connections among them. The admission is not split among the workers: the supervisor holds the one
-``Admission`` (``coordinator.py``) and every worker asks it for permits over a Unix socket pair, so
+``Admission`` (``coordinator.py``) and every worker holds permits it granted over a Unix socket
+pair (a small lease of them idle while nobody is queued: ``proxy/shared_admission.py``), so
 ``VLLM_MAX_CONCURRENT_REQUESTS`` in flight and one FIFO queue hold across all of them, with the
 order and the 503s of a single process. A scrape of any worker's ``/metrics`` answers for all of
 them (the others' snapshots come through the supervisor).
@@ -11,7 +12,7 @@ Signals: the supervisor installs its handlers before it binds or spawns. The fir
 closes the admission (queued requests get 503 ``shutting_down``) and is forwarded to every worker
 (each drains on its own); the supervisor waits for them up to the drain deadline plus a margin,
 then kills what is left. A second signal kills them at once. A worker that dies while the gateway
-is serving is restarted; the permits it held are released when its socket closes.
+is serving is restarted; the permits it held, leased ones too, are released when its socket closes.
 """
 
 from __future__ import annotations
