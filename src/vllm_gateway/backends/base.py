@@ -171,8 +171,7 @@ class Backend(abc.ABC):
 
     def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
         """None when a stream of ``model`` may go on, now, on a member not in ``avoid`` after
-        ``done`` failovers; else why not (``limit``, ``budget``, ``no_member``). A yes takes a
-        token of the retry budget."""
+        ``done`` failovers; else why not (``limit``, ``no_member``)."""
         return "no_member"
 
     def note_prompt_ids(self, request_id: str, prompt_ids: list[int]) -> None:
