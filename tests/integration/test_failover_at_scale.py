@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import run_gateway, wait_for
+from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 from vllm_gateway_tools.soak import SimulatorProcess
@@ -93,7 +94,9 @@ async def test_one_of_two_members_killed_under_64_streams_breaks_none_with_defau
             gathered, client = await streams.run()
             async with client:
                 await asyncio.wait_for(streams.ready.wait(), 60)
-                held = sum(m.in_flight for m in gw.gateway.backend.members if m.url == first.url)
+                pool = gw.gateway.backend
+                assert isinstance(pool, PoolBackend)
+                held = sum(m.in_flight for m in pool.members if m.url == first.url)
                 first.kill()  # SIGKILL, mid-stream for every stream it holds
                 results = await gathered
             metrics = gw.app.observer.metrics.render()
@@ -126,7 +129,9 @@ async def test_every_member_failing_at_once_ends_each_stream_and_bounds_the_extr
     ):
         settings = Settings(backend_urls=(a.url, b.url, c.url))
         if eject_after is not None:
-            settings = settings.replace(pool=settings.pool.replace(eject_after_failures=eject_after))
+            settings = settings.replace(
+                pool=settings.pool.replace(eject_after_failures=eject_after)
+            )
         async with run_gateway(settings) as gw:
             streams = Streams(gw.url, at=0)
             gathered, client = await streams.run()

@@ -114,6 +114,7 @@ class BackendStats(TypedDict, total=False):
     name: str
     url: str
     weight: float
+    state: str  # a pool member's lifecycle state: joining, ready, draining, ejected, gone
     in_flight: int
     max_outstanding: int | None
     healthy: bool | None
