@@ -150,3 +150,21 @@ async def test_every_member_failing_at_once_ends_each_stream_and_bounds_the_extr
         assert f'outcome="resumed"}} {STREAMS * failover_max}' in metrics.replace(
             'reason="connection_lost",', ""
         )
+
+
+async def test_every_member_sigkilled_at_once_ends_each_stream_with_its_error_event() -> None:
+    pace = ("--ttft", "0.02", "--itl", "0.02")
+    with SimulatorProcess(*pace) as first, SimulatorProcess(*pace) as second:
+        async with run_gateway(Settings(backend_urls=(first.url, second.url))) as gw:
+            streams = Streams(gw.url, at=TOKENS // 4)
+            gathered, client = await streams.run()
+            async with client:
+                await asyncio.wait_for(streams.ready.wait(), 60)
+                first.kill()
+                second.kill()
+                results = await gathered
+            await wait_for(lambda: gw.gateway.admission.in_flight == 0)
+    for raw in results:
+        assert b"data: [DONE]" not in raw
+        last = raw.rstrip().rsplit(b"data: ", 1)[-1]
+        assert b'"error"' in last and b"backend_unavailable" in last
