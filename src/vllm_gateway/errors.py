@@ -12,7 +12,6 @@ The tree::
     │   ├── NotFound                   404 not_found
     │   ├── ModelNotFound              404 model_not_found
     │   ├── MethodNotAllowed           405 method_not_allowed
-    │   ├── Conflict                   409 conflict (the state does not allow it: a full pool)
     │   ├── ClientTimeout              408 client_timeout (headers or body too slow to arrive)
     │   ├── BodyTooLarge               413 body_too_large
     │   ├── UriTooLong                 414 uri_too_long
@@ -53,7 +52,6 @@ __all__ = [
     "BodyTooLarge",
     "ClientError",
     "ClientTimeout",
-    "Conflict",
     "ExpectationFailed",
     "FirstTokenTimeout",
     "Forbidden",
@@ -151,12 +149,6 @@ class Forbidden(ClientError):
     status = 403
     type = "forbidden"
     default_message = "This route needs the gateway's admin key."
-
-
-class Conflict(ClientError):
-    status = 409
-    type = "conflict"
-    default_message = "The request conflicts with the gateway's state."
 
 
 class ModelNotFound(ClientError):

@@ -6,8 +6,9 @@
     POST   /admin/backends/drain   {url}  no new requests; in-flight ones finish (a preStop hook)
     POST   /admin/backends/undrain {url}  back through joining
 
-The front door opens ``/admin/`` to the admin keys only (``VLLM_ADMIN_API_KEYS``; without them
-the routes are 404, with a wrong key 403); each route checks that again. A member is named by its
+The front door opens ``/admin/`` to the admin keys only (``VLLM_ADMIN_API_KEYS``): with them, any
+other key is 403; without them, the routes answer 404 to every key (after the client-key check
+where client keys are set, as for every route). Each route checks again that the caller is admin. A member is named by its
 URL (or its name in the backends file). Every change is logged on ``vllm_gateway.admin``.
 """
 
@@ -33,13 +34,20 @@ ADMIN_PREFIX = "/admin/"
 admin_log = logging.getLogger("vllm_gateway.admin")
 
 
+class _Conflict(errors.InvalidRequest):
+    """409: the pool's state does not allow it (full; or not a pool). Its type stays
+    ``invalid_request``: the set of error types (and so of metric outcomes) does not grow."""
+
+    status = 409
+
+
 def add_admin_routes(api: FastAPI, gateway: Gateway) -> None:
     def fleet(request: Request) -> Fleet:
         if not getattr(request.state, "admin", False):
             raise errors.NotFound()  # the front door lets no one else in; never open by mistake
         backend = gateway.backend
         if not isinstance(backend, PoolBackend):
-            raise errors.Conflict(
+            raise _Conflict(
                 "The gateway has one backend, not a pool: start it with several "
                 "VLLM_BACKEND_URLs or a VLLM_BACKENDS_FILE to change members at run time."
             )
@@ -94,7 +102,7 @@ def add_admin_routes(api: FastAPI, gateway: Gateway) -> None:
         try:
             member = await f.add(url, "admin")
         except FleetFull as exc:
-            raise errors.Conflict(str(exc)) from None
+            raise _Conflict(str(exc)) from None
         changed(request, "added", member)
         return JSONResponse(one(f, member), status_code=201)
 

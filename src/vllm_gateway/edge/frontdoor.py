@@ -101,7 +101,7 @@ class FrontDoor:
             ex.render_error = route.protocol.error_body
         if route is not None and route.kind == "admin" and not preflight:
             return self._admit_admin(ex, route, found[1] if found is not None else None)
-        if route is None and path.startswith(ADMIN_PREFIX) and not preflight:
+        if route is None and self._admin_keys and path.startswith(ADMIN_PREFIX) and not preflight:
             return self._admit_gateway_admin(ex)
         ctx = ex.context
         identity = ANONYMOUS
@@ -150,9 +150,9 @@ class FrontDoor:
         return self._admit_route(ex, route)
 
     def _admit_gateway_admin(self, ex: Exchange) -> GatewayError | None:
-        """The gateway's own admin API (``edge/admin.py``): closed as vLLM's admin routes are."""
-        if not self._admin_keys:
-            return errors.NotFound()
+        """The gateway's own admin API (``edge/admin.py``), open to the admin keys only. Without
+        admin keys it takes the ordinary way (a client key, when keys are set) to routes that
+        answer 404 to anyone who is not admin."""
         identity = self._admin_keys.identify(ex.headers)
         if identity is None:
             admin_log.warning(
