@@ -158,10 +158,14 @@ async def test_sighup_rereads_the_backends_file(tmp_path: Path, workers: int) ->
                     assert resp.status_code == 200, resp.text
                     return {d["url"] for d in resp.json()["data"] if d["state"] == "ready"}
 
-                for _ in range(200):
-                    if await urls() == {a.url, b.url}:
+                # Every worker serving (and so taking SIGHUP) before the file changes.
+                seen = 0
+                for _ in range(400):
+                    seen = seen + 1 if await urls() == {a.url, b.url} else 0
+                    if seen >= 4 * workers:
                         break
                     await asyncio.sleep(0.05)
+                assert seen >= 4 * workers, gw.log()
                 _write(path, [a.url, b.url, c.url])
                 gw.terminate(signal.SIGHUP)
                 seen = 0
