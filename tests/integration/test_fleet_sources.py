@@ -23,7 +23,7 @@ from vllm_gateway.backends.pool.file_source import MIN_GAP
 from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 PACE = SimulatorConfig(ttft=0.01, itl=0.005, tokens=4)
 FAST = PoolSettings(health_interval=0.1, health_timeout=0.5, slow_start=0.0, drain_timeout=2.0)
@@ -148,7 +148,8 @@ async def test_sighup_rereads_the_backends_file(tmp_path: Path, workers: int) ->
             "VLLM_WORKERS": str(workers),
         }
         with spawn_gateway(env, name=f"sighup-{workers}") as gw:
-            async with httpx.AsyncClient(timeout=10) as client:
+            # Generous: on a loaded host the workers may take many seconds to start accepting.
+            async with httpx.AsyncClient(timeout=60) as client:
 
                 async def urls() -> set[str]:
                     # A new connection each time: with workers, any of them may answer.
