@@ -237,3 +237,9 @@ async def test_a_draining_member_that_dies_first_moves_its_streams_at_once() -> 
             assert _text(raw, 60) and raw.count("data: [DONE]") == 1
             metrics = gw.app.observer.metrics.render()
             assert 'outcome="resumed"} 1' in metrics
+
+
+def test_a_pool_given_more_members_than_its_cap_fails_at_start() -> None:
+    urls = tuple(f"http://127.0.0.1:{port}" for port in (1, 2, 3))
+    with pytest.raises(ValueError, match="holds 2 at most"):
+        PoolBackend(Settings(backend_urls=urls), config=PoolConfig(max_members=2))
