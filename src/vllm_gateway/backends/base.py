@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 __all__ = [
+    "MEMBER_STATES",
     "Backend",
     "BackendStats",
     "Charge",
@@ -108,12 +109,18 @@ class UpstreamResponse(abc.ABC):
         """Release the response; if it has not ended, abort the work behind it."""
 
 
+# A pool member's lifecycle states (backends/pool/member.py), in the order a member goes through
+# them; metrics and the status page name them.
+MEMBER_STATES = ("joining", "ready", "draining", "ejected", "gone")
+
+
 class BackendStats(TypedDict, total=False):
     """One backend's state, as metrics and the status page show it. ``healthy`` None: unknown."""
 
     name: str
     url: str
     weight: float
+    state: str  # a pool member's lifecycle state: joining, ready, draining, ejected, gone
     in_flight: int
     max_outstanding: int | None
     healthy: bool | None
@@ -171,8 +178,7 @@ class Backend(abc.ABC):
 
     def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
         """None when a stream of ``model`` may go on, now, on a member not in ``avoid`` after
-        ``done`` failovers; else why not (``limit``, ``budget``, ``no_member``). A yes takes a
-        token of the retry budget."""
+        ``done`` failovers; else why not (``limit``, ``no_member``)."""
         return "no_member"
 
     def note_prompt_ids(self, request_id: str, prompt_ids: list[int]) -> None:

@@ -11,7 +11,8 @@ lifecycle (``start`` and ``aclose``, in that order and the reverse); each job is
 - ``response.py``: the pool's responses (a member's, swapped before its first byte; its own);
 - ``holders.py``: which member holds a stored response;
 - ``broadcast.py``, ``model_list.py``: admin requests to every member; the merged model list;
-- ``health.py``: the background checks, the watchdog and readmission.
+- ``health.py``: the background checks, the watchdog and readmission;
+- ``file_source.py``: the backends file, re-read when it changes (and on SIGHUP).
 
 ``send`` sends a request: ``GET /v1/models`` and admin requests to every member, any other to one
 member (the holder of the stored response it names, when one is found; never a member in
@@ -19,11 +20,14 @@ member (the holder of the stored response it names, when one is found; never a m
 
 Invariants: the parts are built here and nowhere else, each given the one ``Fleet``; ``start``
 starts the members' clients, then the health task (whose first round marks the members that are
-down at start), then cache-aware routing's task; ``aclose`` stops them in the reverse order.
+down at start), then cache-aware routing's task, then the backends file's watcher; ``aclose``
+stops them in the reverse order.
 """
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 from vllm_gateway.backends.base import Backend, BackendStats, UpstreamRequest, UpstreamResponse
@@ -37,6 +41,7 @@ from vllm_gateway.backends.pool.config import (
     load_backends_file,
     specs_from_urls,
 )
+from vllm_gateway.backends.pool.file_source import BackendsFile
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.health import PoolHealth
 from vllm_gateway.backends.pool.holders import Holders
@@ -62,27 +67,45 @@ class PoolBackend(Backend):
         **overrides: Any,
     ) -> None:
         settings = settings if settings is not None else Settings()
+        specs_given = specs
         if specs is None:
             path = settings.backends_file
             specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
         if not specs:
             raise ValueError("a pool needs at least one backend")
         self.config = cfg = config if config is not None else settings.pool.replace(**overrides)
-        self.fleet = Fleet(
-            [
-                Member(s, cfg, HTTPBackend.from_settings(settings, s.url, s.name or s.url))
-                for s in specs
-            ],
-            cfg,
-        )
+        self.settings = settings
+
+        def make(spec: BackendSpec) -> Member:
+            backend = HTTPBackend.from_settings(settings, spec.url, spec.name or spec.url)
+            return Member(spec, cfg, backend)
+
+        if len(specs) > cfg.max_members:
+            raise ValueError(
+                f"{len(specs)} backends given; a pool holds {cfg.max_members} at most "
+                "(VLLM_POOL_MAX_MEMBERS)"
+            )
+        self.fleet = Fleet([make(s) for s in specs], cfg, make)
+        source = "file" if settings.backends_file and specs_given is None else "start"
+        for m in self.fleet.members:
+            m.source = source
         self.cache_aware = CacheAware(self.fleet, cfg) if cfg.routing == "cache_aware" else None
         if self.cache_aware is not None:
             self.fleet.on_leave.append(self.cache_aware.forget)
+            self.fleet.on_join.append(self.cache_aware.joined)
+            self.fleet.on_gone.append(self.cache_aware.gone)
         self.router = Router(self.fleet, cfg, self.cache_aware)
-        self.acquirer = Acquirer(self.fleet, cfg, self.router)
+        self.acquirer = Acquirer(self.fleet, cfg, self.router, settings.queue_wait_timeout)
         self.retries = Retries(self.fleet, cfg, self.acquirer)
         self.holders = Holders(self.fleet, cfg)
         self.health = PoolHealth(self.fleet, cfg)
+        self.file: BackendsFile | None = None
+        if source == "file" and settings.backends_file:
+            self.file = BackendsFile(
+                settings.backends_file, self.fleet, settings.backends_file_poll
+            )
+            with contextlib.suppress(OSError):
+                self.file.seen(Path(settings.backends_file).read_bytes())
 
     @classmethod
     def from_file(cls, path: str, settings: Any = None, **kwargs: Any) -> PoolBackend:
@@ -101,13 +124,26 @@ class PoolBackend(Backend):
         await self.health.start()
         if self.cache_aware is not None:
             await self.cache_aware.start()
+        if self.file is not None:
+            await self.file.start()
 
     async def aclose(self) -> None:
+        if self.file is not None:
+            await self.file.aclose()
         if self.cache_aware is not None:
             await self.cache_aware.aclose()
         await self.health.aclose()
         for m in self.fleet.members:
             await m.backend.aclose()
+
+    def reload(self) -> None:
+        """Read the backends file now (SIGHUP); nothing without one."""
+        if self.file is not None:
+            self.file.wake()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Each member with its lifecycle state (the admin API's list)."""
+        return self.fleet.describe()
 
     # --- the Backend seam ------------------------------------------------------------------
 
@@ -136,6 +172,8 @@ class PoolBackend(Backend):
         return PoolResponse(retries, request, member, resp, tried)
 
     def may_fail_over(self) -> bool:
+        # Read per stream: a pool of one asks no token ids (what a continuation needs) until a
+        # second member is added; its streams then in flight may only finish by the drain deadline.
         return self.config.failover_max > 0 and len(self.fleet.members) > 1
 
     def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
@@ -152,6 +190,7 @@ class PoolBackend(Backend):
         if self.cache_aware is not None:
             for entry, m in zip(stats, members, strict=True):
                 entry["cache"] = self.cache_aware.member_stats(m)
+        stats.extend(m.stats() for m in self.fleet.gone)  # the last ones gone (bounded)
         return stats
 
     def pool_stats(self) -> dict[str, Any]:
