@@ -10,6 +10,7 @@ replicas. Each configuration runs alone, in turn, in one run:
   and the longest waiting queue each engine's ``/metrics`` showed (sampled every 20 ms).
 - ``tenants``: 2 replicas sharing Redis, 2 tenants; the polite one (``--polite`` clients) alone,
   then beside a flood (``--flood`` clients) of the other: the polite tenant's goodput and TTFT.
+- ``cost``: the pool's acquire and release in-process, without and with the rule.
 
     PYTHONPATH=src:tools .venv/bin/python scripts/bench_saturation.py --seconds 10
 
@@ -254,6 +255,36 @@ async def tenants(args: argparse.Namespace) -> None:
             print(f"| {mode} | {row[0]} | {row[1]} | {flood_done} | {len(errors)} |", flush=True)
 
 
+async def cost(args: argparse.Namespace) -> None:
+    """The pool's acquire and release, in-process, without and with the rule (fresh readings
+    with room): the CPU the rule adds per request."""
+    from vllm_gateway.backends.base import UpstreamRequest
+    from vllm_gateway.backends.pool.backend import PoolBackend
+    from vllm_gateway.backends.pool.saturation import Reading
+    from vllm_gateway.settings import Settings
+
+    urls = ("http://127.0.0.1:9", "http://127.0.0.1:10")
+    request = UpstreamRequest("POST", "/v1/chat/completions", model="m", request_id="r")
+    print("\n## cost: acquire + release, µs per request (best of 5 rounds of 100,000)")
+    for mode in ("off", "on"):
+        pool = Settings(backend_urls=urls).pool
+        if mode == "on":
+            pool = pool.replace(saturation_max_waiting=1_000_000)
+        backend = PoolBackend(Settings(backend_urls=urls, pool=pool))
+        sat = backend.saturation
+        best = float("inf")
+        for _ in range(5):
+            if sat is not None:
+                for m in backend.members:
+                    sat.readings[m.name] = Reading(0.0, 0.0, 0.1, time.monotonic() + 3600, 0)
+            t0 = time.perf_counter()
+            for _ in range(100_000):
+                member = await backend.acquirer.acquire(request, [])
+                backend.acquirer.release(member)
+            best = min(best, (time.perf_counter() - t0) / 100_000 * 1e6)
+        print(f"| {mode} | {best:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=10.0)
@@ -264,12 +295,14 @@ def main() -> None:
     p.add_argument("--slo", type=float, default=1.0, help="TTFT bound of goodput, seconds")
     p.add_argument("--polite", type=int, default=2)
     p.add_argument("--flood", type=int, default=64)
-    p.add_argument("--only", choices=("fleet", "tenants"), default=None)
+    p.add_argument("--only", choices=("fleet", "tenants", "cost"), default=None)
     args = p.parse_args()
-    if args.only != "tenants":
+    if args.only in (None, "fleet"):
         asyncio.run(fleet(args))
-    if args.only != "fleet":
+    if args.only in (None, "tenants"):
         asyncio.run(tenants(args))
+    if args.only in (None, "cost"):
+        asyncio.run(cost(args))
 
 
 if __name__ == "__main__":

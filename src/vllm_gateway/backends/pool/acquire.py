@@ -71,6 +71,8 @@ class Acquirer:
             if room:
                 member = router.pick(room, key, request.request_id)
                 member.begin()
+                if saturation is not None:
+                    saturation.sent(member)
                 return member
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -9,7 +9,8 @@ this gateway had in flight to it then. A member *admits* a request while
     and (when set) reading.kv_usage < saturation_max_kv_cache_usage
 
 The middle term counts what this gateway sent since the reading (net of what ended), so a burst is
-not all admitted on one reading. A member with no reading, or one older than
+not all admitted on one reading; a request sent within one scrape interval before the reading
+counts as sent after it (it may not have reached the engine when the engine answered). A member with no reading, or one older than
 ``saturation_stale_after``, is *unknown*, never idle: it admits only while this gateway has fewer
 than ``saturation_unknown_limit`` requests in flight to it. Several gateway replicas in front of
 the same members read the same engines, so they agree without talking; between two readings each
@@ -34,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -130,6 +132,8 @@ class Saturation:
         self.readings: dict[str, Reading] = {}
         self._line = FairLine()
         self._task: asyncio.Task[None] | None = None
+        self._recent: dict[str, deque[float]] = {}  # per member, when requests were sent lately
+        self._grace = config.saturation_scrape_interval
         self.counts = {"waited": 0, "wakeups": 0, "timeouts": 0, "unknown": 0, "scrapes_failed": 0}
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -149,8 +153,10 @@ class Saturation:
                 waiter.set_result(None)
 
     async def _loop(self) -> None:
+        interval = self.config.saturation_scrape_interval
         while True:
-            await asyncio.sleep(self.config.saturation_scrape_interval)
+            # Jittered, so that no replica reads (and takes the room it shows) always first.
+            await asyncio.sleep(interval * random.uniform(0.75, 1.25))
             try:
                 await self._round()
             except Exception:  # the loop must outlive any one bad round
@@ -161,8 +167,22 @@ class Saturation:
         if self._line:
             self._wake(self._room())
 
+    def sent(self, m: Member) -> None:
+        """A request was sent to ``m`` (its slot taken)."""
+        recent = self._recent.get(m.name)
+        if recent is None:
+            recent = self._recent[m.name] = deque()
+        now = time.monotonic()
+        recent.append(now)
+        while recent and recent[0] < now - self._grace:
+            recent.popleft()
+
     async def _read(self, m: Member) -> None:
-        at, base = time.monotonic(), m.in_flight
+        at = time.monotonic()
+        # Requests sent just before the scrape may not have reached the engine when it answers:
+        # they count as sent after the reading (at worst counted twice, for one reading).
+        recent = self._recent.get(m.name, ())
+        base = m.in_flight - sum(1 for t in recent if t >= at - self._grace)
         request = UpstreamRequest("GET", "/metrics", request_id="sat-" + os.urandom(6).hex())
         try:
             async with asyncio.timeout(self.config.health_timeout):
