@@ -2,9 +2,9 @@
 
 One tenant floods both replicas; the other sends a few requests once the flood is established.
 With admission from the engines' state, the flood waits in the gateways, where each replica serves
-tenants in turns, so the other tenant's requests pass it: each finishes among the first
-``BOUND`` completions after it was sent (alone it would be the first; here 28 of 84). With the seed's default
-the whole flood is admitted into the engines' queues ahead of it, and the same bound fails.
+tenants in turns, so the other tenant's requests pass it: each finishes before three quarters of
+the flood's backlog has. With the seed's default the whole flood is admitted into the engines'
+queues ahead of it, and it finishes after nearly all of the backlog: the same bound fails.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ THRESHOLD = 2  # VLLM_POOL_SATURATION_MAX_WAITING
 REPLICAS = 2
 FLOOD = 80
 POLITE = 4
-# What may finish before a polite request: in its engine, what runs and what may wait ahead of
-# it (the capacity plus the queue bound, threshold x replicas) and what runs beside it; as much in
-# the other engine meanwhile; and the other polite requests. Alone, none would.
-BOUND = 2 * (2 * CAPACITY + THRESHOLD * REPLICAS) + POLITE
+# A polite request must finish before this share of the flood's backlog (the flood's requests not
+# yet finished when it was sent) has. Alone it would finish first; behind the backlog, last.
+# What does finish before it: what the engines hold when it is admitted (their places and the
+# queue bound, threshold x replicas), what runs beside it, and what finishes while it waits for
+# its turn in its replica (a few readings, longer on a busy machine).
+SHARE = 0.75
 
 
 @contextlib.asynccontextmanager
@@ -53,9 +55,9 @@ async def fleet(env: dict[str, str], tmp: Path) -> AsyncIterator[tuple[list[Simu
             yield [one, two], gateways
 
 
-async def polite_places(env: dict[str, str], tmp: Path) -> list[int]:
+async def polite_places(env: dict[str, str], tmp: Path) -> tuple[list[int], int]:
     """For each of the polite tenant's requests, how many requests finished after it was sent
-    and before it did."""
+    and before it did; and the flood's backlog when they were sent."""
     finished: list[str] = []
     async with fleet(env, tmp) as (sims, gateways), httpx.AsyncClient(timeout=60) as client:
 
@@ -75,24 +77,24 @@ async def polite_places(env: dict[str, str], tmp: Path) -> list[int]:
         polite = [asyncio.create_task(one(i, "key-b", f"b{i}")) for i in range(POLITE)]
         await asyncio.gather(*flood, *polite)
     assert len(finished) == FLOOD + POLITE
-    return [finished.index(f"b{i}") - sent_at for i in range(POLITE)]
+    return [finished.index(f"b{i}") - sent_at for i in range(POLITE)], FLOOD - sent_at
 
 
 async def test_a_flooding_tenant_does_not_hold_back_another_across_replicas(
     tmp_path: Path,
 ) -> None:
-    places = await polite_places(
+    places, backlog = await polite_places(
         {
             "VLLM_POOL_SATURATION_MAX_WAITING": str(THRESHOLD),
             "VLLM_POOL_SATURATION_SCRAPE_SECONDS": "0.05",
         },
         tmp_path,
     )
-    assert max(places) <= BOUND, places
+    assert max(places) <= SHARE * backlog, (places, backlog)
 
 
 async def test_with_the_seeds_default_the_flood_fills_the_engines_ahead_of_it(
     tmp_path: Path,
 ) -> None:
-    places = await polite_places({}, tmp_path)
-    assert min(places) > BOUND, places
+    places, backlog = await polite_places({}, tmp_path)
+    assert min(places) > SHARE * backlog, (places, backlog)

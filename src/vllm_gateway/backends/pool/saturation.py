@@ -22,7 +22,7 @@ fair turns must hold here too), up to the
 queue-wait timeout counted from its first wait (and within the first-token timeout, so it ends as
 ``queue_timeout``, 503 with Retry-After). Wakeups are bounded: after a reading, as many waiters as
 the readings leave room for, from the front; after a release on a member that admits, one. A woken
-request that finds no room after all waits again at the front of the line. No one polls.
+request that finds no room after all waits again first among its tenant's. No one polls.
 
 Invariants: a waiter's future is on ``_line`` only while its ``wait`` runs (taken off by the
 wakeup, or by ``wait`` itself when it leaves otherwise); readings are replaced, never merged; the scrape loop has one owner (``start`` /
@@ -87,9 +87,8 @@ class FairLine:
         queue = self._by.get(tenant)
         if queue is None:
             queue = self._by[tenant] = deque()
-        if front:  # woken before and still without room: its turn again, first
+        if front:  # woken before and still without room: first of its tenant's, in its turn
             queue.appendleft(waiter)
-            self._by.move_to_end(tenant, last=False)
         else:
             queue.append(waiter)
         self.size += 1
@@ -245,7 +244,7 @@ class Saturation:
 
     async def wait(self, deadline: float, again: bool, tenant: str = "") -> None:
         """Wait for a wakeup; ``QueueTimeout`` at ``deadline``. ``again``: woken before and
-        still without room, it keeps its place at the front. A waiter woken that leaves anyway
+        still without room, it goes first among its tenant's. A waiter woken that leaves anyway
         (cancelled, timed out) passes its wakeup on."""
         loop = asyncio.get_running_loop()
         if loop.time() >= deadline:
