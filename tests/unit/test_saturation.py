@@ -160,3 +160,13 @@ async def test_the_line_serves_tenants_in_turns() -> None:
     # The flood queued first, yet team-b's two go out within the first four.
     assert order == ["a0", "b0", "a1", "b1", "a2", "a3", "a4"]
     await asyncio.gather(*tasks)
+
+
+def test_a_request_sent_just_before_a_reading_counts_as_sent_after_it() -> None:
+    backend = pool(saturation_max_waiting=2, saturation_scrape_interval=0.5)
+    sat = saturation(backend)
+    a, _ = backend.members
+    a.begin()
+    sat.sent(a)  # it may still be on its way when the engine answers the scrape
+    assert sat.base(a, time.monotonic()) == 0
+    assert sat.base(a, time.monotonic() + 1.0) == 1  # a reading a while later has seen it

@@ -176,12 +176,16 @@ class Saturation:
         while recent and recent[0] < now - self._grace:
             recent.popleft()
 
+    def base(self, m: Member, at: float) -> int:
+        """The requests in flight to ``m`` that a reading taken at ``at`` shows. Those sent just
+        before it may not have reached the engine when it answers: they count as sent after the
+        reading (at worst counted twice, for one reading)."""
+        recent = self._recent.get(m.name, ())
+        return m.in_flight - sum(1 for t in recent if t >= at - self._grace)
+
     async def _read(self, m: Member) -> None:
         at = time.monotonic()
-        # Requests sent just before the scrape may not have reached the engine when it answers:
-        # they count as sent after the reading (at worst counted twice, for one reading).
-        recent = self._recent.get(m.name, ())
-        base = m.in_flight - sum(1 for t in recent if t >= at - self._grace)
+        base = self.base(m, at)
         request = UpstreamRequest("GET", "/metrics", request_id="sat-" + os.urandom(6).hex())
         try:
             async with asyncio.timeout(self.config.health_timeout):
