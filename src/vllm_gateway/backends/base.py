@@ -49,6 +49,7 @@ class UpstreamRequest:
     locate: str | None = None
     broadcast: bool = False
     avoid: frozenset[str] = frozenset()  # a pool's members not to use (a failover's failed ones)
+    tenant: str = ""  # whose request: a pool waiting for engines with room serves tenants in turns
 
 
 Charge = Callable[[int], None]

@@ -486,6 +486,7 @@ class ProxyCall(Continuing):
             content_type=content_type,
             locate=locate,
             broadcast=route.reach is Reach.ALL,
+            tenant=self.tenant,
         )
 
     def _own_responses(self, valid: ValidRequest) -> None:

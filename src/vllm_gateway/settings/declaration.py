@@ -204,6 +204,28 @@ class PoolSettings:
     cache_links_kept: int = setting(
         POOL, 100_000, "VLLM_POOL_CACHE_LINKS_KEPT", "--pool-cache-links-kept",
         parse.int_range(1, 1 << 26), "cache_aware: prompt-text pieces linked to token blocks (LRU)")
+    # Admission from the engines' state (backends/pool/saturation.py; docs/pool.md#saturation)
+    saturation_max_waiting: int | None = setting(
+        POOL, None, "VLLM_POOL_SATURATION_MAX_WAITING", "--pool-saturation-max-waiting",
+        parse.optional_int,
+        "a member takes a request only while its vLLM's waiting requests, plus those this "
+        "gateway sent it since its last reading, are below this; empty: off (docs/pool.md)")
+    saturation_max_kv_cache_usage: float | None = setting(
+        POOL, None, "VLLM_POOL_SATURATION_MAX_KV_CACHE_USAGE",
+        "--pool-saturation-max-kv-cache-usage", parse.optional_fraction,
+        "... and while its vllm:kv_cache_usage_perc (0-1) is below this; empty: not checked")
+    saturation_scrape_interval: float = setting(
+        POOL, 0.5, "VLLM_POOL_SATURATION_SCRAPE_SECONDS", "--pool-saturation-scrape-interval",
+        parse.positive_float, "seconds between readings of each member's /metrics for that rule")
+    saturation_stale_after: float = setting(
+        POOL, 2.0, "VLLM_POOL_SATURATION_STALE_SECONDS", "--pool-saturation-stale-after",
+        parse.positive_float,
+        "a reading older than this is unknown: the member then takes at most "
+        "saturation_unknown_limit requests in flight from this gateway")
+    saturation_unknown_limit: int = setting(
+        POOL, 1, "VLLM_POOL_SATURATION_UNKNOWN_LIMIT", "--pool-saturation-unknown-limit",
+        parse.int_range(0, 1_000_000),
+        "requests in flight from this gateway to a member whose engine state is unknown")
     # Not settings: fixed, and turned only by tests. Retries may be at most retry_budget_ratio of
     # the requests of the last retry_budget_window seconds, but retry_budget_min are always allowed.
     retry_budget_min: int = 3
@@ -220,6 +242,11 @@ class PoolSettings:
                 continue
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"pool {f.name} must be a non-negative number, not {value!r}")
+        if self.saturation_max_kv_cache_usage is not None and self.saturation_max_waiting is None:
+            raise ValueError(
+                "pool saturation_max_kv_cache_usage needs saturation_max_waiting: the waiting "
+                "bound also bounds what is sent between two readings"
+            )
         if self.max_outstanding is not None and self.max_outstanding < 1:
             raise ValueError("pool max_outstanding must be at least 1")
         if (

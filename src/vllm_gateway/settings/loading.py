@@ -82,6 +82,16 @@ def load_settings(
 
     if values.get(("use_embedded_engine",)) and ("backend_urls",) not in values:
         values[("backend_urls",)] = ()
+    if ("pool", "saturation_max_kv_cache_usage") in values and (
+        "pool",
+        "saturation_max_waiting",
+    ) not in values:
+        raise SettingsError(
+            _name_of("pool_saturation_max_kv_cache_usage", flags or {}),
+            values[("pool", "saturation_max_kv_cache_usage")],
+            "needs VLLM_POOL_SATURATION_MAX_WAITING too (it also bounds what is sent between "
+            "two readings of a member's metrics)",
+        )
     settings = build(Settings, values)
     _validate(settings, env, flags or {})
     return settings

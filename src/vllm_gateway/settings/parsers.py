@@ -169,6 +169,16 @@ def ratio(raw: str, var: str) -> float:
     return value
 
 
+def optional_fraction(raw: str, var: str) -> float | None:
+    """Empty: None; else a number in (0, 1]."""
+    if not raw.strip():
+        return None
+    value = ratio(raw, var)
+    if value <= 0.0:
+        raise SettingsError(var, raw, "must be a number above 0 and at most 1, or empty")
+    return value
+
+
 def redis_url(raw: str, var: str) -> str | None:
     raw = raw.strip()
     if not raw:

@@ -63,6 +63,8 @@ class SimulatorConfig:
     request's TTFT grows by ``prefill_per_token`` seconds per prompt token it does not find cached.
     ``kv_events_port`` (None: off; 0: any free port) publishes vLLM's KV-cache events on a ZMQ PUB
     socket bound on 127.0.0.1, under ``kv_events_topic`` (``simulator.kv_events``).
+    Capacity (off while ``max_num_seqs`` is 0): at most ``max_num_seqs`` engine requests run at
+    once, as vLLM's ``--max-num-seqs``; the others wait in arrival order (``engine.py``).
     """
 
     models: tuple[str, ...] = ("sim-model",)
@@ -87,6 +89,7 @@ class SimulatorConfig:
     prefill_per_token: float = 0.0
     kv_events_port: int | None = None
     kv_events_topic: str = ""
+    max_num_seqs: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.models, str):
@@ -120,6 +123,7 @@ class SimulatorConfig:
         _check_int("prefix_cache_blocks", self.prefix_cache_blocks, minimum=0)
         _check_int("block_size", self.block_size, minimum=1)
         _check_number("prefill_per_token", self.prefill_per_token)
+        _check_int("max_num_seqs", self.max_num_seqs, minimum=0)
         if self.kv_events_port is not None:
             _check_int("kv_events_port", self.kv_events_port, minimum=0)
             if self.kv_events_port > 65535:

@@ -16,6 +16,8 @@ Invariants:
   stream resumes where it stopped.
 - ``state.active`` holds the jobs with a timer armed (or due to be); a held job is in
   ``state.held``; a stalled or hung job is in neither: it waits for its client to leave.
+- With ``max_num_seqs``, a job that finds that many running waits in ``state.waiting`` (arrival
+  order; ``vllm:num_requests_waiting``) and begins, its clock starting then, when one ends.
 """
 
 from __future__ import annotations
@@ -84,10 +86,22 @@ class Job:
 
     # --- start ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Count the request as running and send what is due at once (faults, the stream head)."""
-        state, cfg, record, script = self.state, self.cfg, self.record, self.script
-        state.job_started(self.route, self.model, script.prompt_tokens)
-        record["stream"] = script.stream
+        """Count the request, then run it, or (``max_num_seqs`` requests already run) queue it."""
+        state = self.state
+        state.job_started(self.route, self.model, self.script.prompt_tokens)
+        self.record["stream"] = self.script.stream
+        limit = state.config.max_num_seqs
+        if limit and state.running - len(state.waiting) > limit:  # running counts this job too
+            state.waiting[self] = None  # state.schedule() begins it when a running job ends
+            return
+        self.begin()
+
+    def begin(self) -> None:
+        """Send what is due at once (faults, the stream head); its clock starts now."""
+        if self.done:  # its client left while it waited
+            return
+        cfg, record, script = self.cfg, self.record, self.script
+        self.t0 = self.loop.time()
         if cfg.status is not None:
             record["fault"] = f"status={cfg.status}"
             body = script.error(cfg.status, f"simulated error (status {cfg.status})")

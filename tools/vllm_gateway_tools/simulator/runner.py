@@ -214,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--kv-events-topic", default=d.kv_events_topic, help="the events' topic")
     p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=d.max_num_seqs,
+        help="requests run at once, the rest wait (vLLM's --max-num-seqs; 0: no limit)",
+    )
+    p.add_argument(
         "--loop",
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
@@ -246,6 +252,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         prefill_per_token=args.prefill_per_token,
         kv_events_port=args.kv_events_port,
         kv_events_topic=args.kv_events_topic,
+        max_num_seqs=args.max_num_seqs,
     )
 
 

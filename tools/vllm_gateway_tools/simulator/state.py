@@ -51,6 +51,8 @@ class SimState:
         self.running_by_model: dict[str, int] = {}
         self.active: set[Any] = set()  # engine.Job with a step scheduled
         self.held: set[Any] = set()  # engine.Job waiting for /wake_up or /resume
+        # engine.Job waiting for one of max_num_seqs places, in arrival order (an ordered set).
+        self.waiting: dict[Any, None] = {}
         self.paused = False
         self.sleeping_tags: set[str] = set()  # what /sleep put to sleep; empty: awake
         self.sleep_level = 0
@@ -90,6 +92,17 @@ class SimState:
         except KVEventsError as exc:
             self.config = old
             raise ConfigError(str(exc)) from None
+        self.schedule()  # a larger max_num_seqs lets waiting jobs begin
+
+    def schedule(self) -> None:
+        """Begin waiting jobs, oldest first, while fewer than ``max_num_seqs`` run. A job begins
+        from the loop, not here: an end inside an end would nest as deep as the queue."""
+        limit = self.config.max_num_seqs
+        waiting = self.waiting
+        while waiting and (not limit or self.running - len(waiting) < limit):
+            job = next(iter(waiting))
+            del waiting[job]  # running now: its place is taken
+            job.loop.call_soon(job.begin)
 
     def _sync_cache(self, old: SimulatorConfig | None) -> None:
         cfg = self.config
@@ -175,6 +188,7 @@ class SimState:
     def job_finished(self, job: Any, outcome: str, tokens: int) -> None:
         self.active.discard(job)
         self.held.discard(job)
+        self.waiting.pop(job, None)
         self.running -= 1
         self.running_by_model[job.model] -= 1
         name = _OUTCOMES.get(outcome, "failed")
@@ -186,6 +200,8 @@ class SimState:
         if name != "failed":  # a simulated error is the API server's, not a finished request
             key = (job.model, job.script.finish if name == "completed" else "abort")
             self.finished[key] = self.finished.get(key, 0) + 1
+        if self.waiting:
+            self.schedule()
         if self.idle_waiters and not self.active:
             waiters, self.idle_waiters = self.idle_waiters, []
             for wake in waiters:
@@ -209,6 +225,7 @@ class SimState:
         return {
             "running": self.running,
             "held": len(self.held),
+            "waiting": len(self.waiting),
             "total": self.total,
             "completed": self.completed,
             "aborted": self.aborted,
@@ -227,14 +244,18 @@ class SimState:
     def metrics(self) -> bytes:
         """Prometheus text with vLLM's metric names and labels (``model_name``, ``engine``)."""
         lines = []
-        none: dict[str, int] = {}  # the simulator never queues: waiting is always 0
-        # A held request waits before the scheduler, as vLLM holds it while asleep or paused.
+        # A held request waits before the scheduler, as vLLM holds it while asleep or paused; a
+        # request beyond max_num_seqs waits in the scheduler's queue.
         running = dict(self.running_by_model)
+        waiting: dict[str, int] = {}
         for job in self.held:
             running[job.model] = running.get(job.model, 0) - 1
+        for job in self.waiting:
+            running[job.model] = running.get(job.model, 0) - 1
+            waiting[job.model] = waiting.get(job.model, 0) + 1
         gauges: tuple[tuple[str, str, str, dict[str, int]], ...] = (
             ("vllm:num_requests_running", "Number of requests in model execution batches.", "gauge", running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "gauge", none),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", "gauge", waiting),
             ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", "counter", self.prompt_tokens),
             ("vllm:generation_tokens_total", "Number of generation tokens processed.", "counter", self.generation_tokens),
         )  # fmt: skip
@@ -244,6 +265,16 @@ class SimState:
             for model in self.config.models:
                 value = float(values.get(model, 0))
                 lines.append(f'{name}{{model_name="{model}",engine="0"}} {value}')
+        limit = self.config.max_num_seqs
+        if self.prefix_cache is None and limit:
+            # Without the cache model, each running sequence holds an equal share of the KV cache.
+            used = (self.running - len(self.waiting) - len(self.held)) / limit
+            lines += [
+                "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.",
+                "# TYPE vllm:kv_cache_usage_perc gauge",
+                f'vllm:kv_cache_usage_perc{{model_name="{self.config.models[0]}",engine="0"}} '
+                f"{float(min(max(used, 0.0), 1.0))}",
+            ]
         if self.prefix_cache is not None:
             lines += self._cache_metrics(self.prefix_cache)
             lines += [

@@ -9,6 +9,9 @@ waits for a release, up to ``admission_wait`` in all, then gets ``NoHealthyBacke
 waits for one to become ready (``Fleet.on_ready`` wakes it), up to ``ready_wait`` (the gateway's
 queue-wait timeout), then gets ``NoHealthyBackend``: a fleet being restarted or replaced is a
 wait, not an error. That check runs only when no member could be chosen: no request pays for it.
+With admission from the engines' state on (``saturation.py``), the members with room are narrowed
+again to those whose engines admit; when none does, the request waits in that module's line (up
+to the queue-wait timeout, then ``QueueTimeout``).
 
 Invariants: a slot is taken only in ``acquire`` and given back only in ``release``, once per
 attempt (the callers are ``retry.py`` and ``response.py``); every release wakes every waiter, and
@@ -25,6 +28,7 @@ from vllm_gateway.backends.pool.config import PoolConfig
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.member import Member
 from vllm_gateway.backends.pool.routing import Router
+from vllm_gateway.backends.pool.saturation import Saturation
 from vllm_gateway.errors import ModelNotFound, NoHealthyBackend
 
 __all__ = ["Acquirer"]
@@ -32,13 +36,19 @@ __all__ = ["Acquirer"]
 
 class Acquirer:
     def __init__(
-        self, fleet: Fleet, config: PoolConfig, router: Router, ready_wait: float = 60.0
+        self,
+        fleet: Fleet,
+        config: PoolConfig,
+        router: Router,
+        ready_wait: float = 60.0,
+        saturation: Saturation | None = None,
     ) -> None:
         self.fleet = fleet
         self.config = config
         self.router = router
         self.ready_wait = ready_wait  # the wait for a member to become ready (the queue's)
         fleet.on_ready.append(self.wake)
+        self.saturation = saturation
         self._waiters: list[asyncio.Future[None]] = []
 
     async def acquire(self, request: UpstreamRequest, tried: list[Member]) -> Member:
@@ -48,6 +58,9 @@ class Acquirer:
         router = self.router
         key = router.key(request)
         ready_deadline: float | None = None
+        saturation = self.saturation
+        sat_deadline: float | None = None
+        woken = False
         while True:
             members = self.fleet.members
             eligible = [m for m in members if m.serves(request.model)]
@@ -68,9 +81,18 @@ class Acquirer:
                     )
                 raise NoHealthyBackend(retry_after=max(1.0, self.config.health_interval))
             room = [m for m in up if m.has_room()]
+            if room and saturation is not None:  # admission from the engines' state
+                room = saturation.admitting(room, woken)
+                if not room:
+                    sat_deadline = sat_deadline or saturation.deadline()
+                    await saturation.wait(sat_deadline, again=woken, tenant=request.tenant)
+                    woken = True
+                    continue
             if room:
                 member = router.pick(room, key, request.request_id)
                 member.begin()
+                if saturation is not None:
+                    saturation.sent(member)
                 return member
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -95,6 +117,8 @@ class Acquirer:
 
     def release(self, member: Member) -> None:
         member.end()
+        if self.saturation is not None:
+            self.saturation.released(member)
         self.wake()
 
     def wake(self) -> None:

@@ -7,6 +7,7 @@ lifecycle (``start`` and ``aclose``, in that order and the reverse); each job is
 - ``fleet.py``: the set of members (``member.py``), and a member's ejection;
 - ``acquire.py``: a member's slot for an attempt, and the wait when every member is full;
 - ``routing.py``: which member, by ``pool_routing`` (``cache_aware.py`` for ``cache_aware``);
+- ``saturation.py``: admission from the engines' state (``pool_saturation_max_waiting``);
 - ``retry.py``: sending, and moving to another member before the first byte; the retry budget;
 - ``response.py``: the pool's responses (a member's, swapped before its first byte; its own);
 - ``holders.py``: which member holds a stored response;
@@ -20,8 +21,8 @@ member (the holder of the stored response it names, when one is found; never a m
 
 Invariants: the parts are built here and nowhere else, each given the one ``Fleet``; ``start``
 starts the members' clients, then the health task (whose first round marks the members that are
-down at start), then cache-aware routing's task, then the backends file's watcher; ``aclose``
-stops them in the reverse order.
+down at start), then cache-aware routing's task, then the saturation readings' task, then the
+backends file's watcher; ``aclose`` stops them in the reverse order.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from vllm_gateway.backends.pool.model_list import model_ids, model_listing
 from vllm_gateway.backends.pool.response import PoolResponse
 from vllm_gateway.backends.pool.retry import Retries
 from vllm_gateway.backends.pool.routing import Router
+from vllm_gateway.backends.pool.saturation import Saturation
 from vllm_gateway.settings import Settings
 
 __all__ = ["PoolBackend", "PoolResponse", "load_backends_file"]
@@ -95,7 +97,16 @@ class PoolBackend(Backend):
             self.fleet.on_join.append(self.cache_aware.joined)
             self.fleet.on_gone.append(self.cache_aware.gone)
         self.router = Router(self.fleet, cfg, self.cache_aware)
-        self.acquirer = Acquirer(self.fleet, cfg, self.router, settings.queue_wait_timeout)
+        self.saturation = (
+            Saturation(self.fleet, cfg, settings.queue_wait_timeout, settings.first_token_timeout)
+            if cfg.saturation_max_waiting is not None
+            else None
+        )
+        if self.saturation is not None:
+            self.fleet.on_gone.append(self.saturation.gone)
+        self.acquirer = Acquirer(
+            self.fleet, cfg, self.router, settings.queue_wait_timeout, self.saturation
+        )
         self.retries = Retries(self.fleet, cfg, self.acquirer)
         self.holders = Holders(self.fleet, cfg)
         self.health = PoolHealth(self.fleet, cfg)
@@ -124,12 +135,16 @@ class PoolBackend(Backend):
         await self.health.start()
         if self.cache_aware is not None:
             await self.cache_aware.start()
+        if self.saturation is not None:
+            await self.saturation.start()
         if self.file is not None:
             await self.file.start()
 
     async def aclose(self) -> None:
         if self.file is not None:
             await self.file.aclose()
+        if self.saturation is not None:
+            await self.saturation.aclose()
         if self.cache_aware is not None:
             await self.cache_aware.aclose()
         await self.health.aclose()
@@ -202,4 +217,6 @@ class PoolBackend(Backend):
         }
         if self.cache_aware is not None:
             stats["cache_decisions"] = dict(self.cache_aware.decisions)
+        if self.saturation is not None:
+            stats["saturation"] = self.saturation.stats()
         return stats

@@ -1,8 +1,10 @@
-"""What a member's vLLM says about itself in ``/metrics``, for cache-aware routing.
+"""What a member's vLLM says about itself in ``/metrics``, for cache-aware routing and admission.
 
-Read every ``health_interval`` while the pool routes ``cache_aware``: requests waiting in the
-engine (part of a member's load), KV-cache usage, the prefix cache's hits and queries (in tokens;
-the actual hit rate beside the gateway's prediction), the block size and block count
+Read every ``health_interval`` while the pool routes ``cache_aware``, and every
+``saturation_scrape_interval`` while admission from the engines' state is on (``saturation.py``):
+requests waiting and running in the engine (waiting is part of a member's load), KV-cache usage,
+the prefix cache's hits and queries (in tokens; the actual hit rate beside the gateway's
+prediction), the block size and block count
 (``vllm:cache_config_info``), and the process start time (a new one means a restarted engine, whose
 cache is empty). Samples of one name are summed over engines and models. Only the lines of these
 names are parsed, so a scrape of a large exposition costs little.
@@ -17,6 +19,7 @@ __all__ = ["EngineGauges", "parse_engine_metrics"]
 
 _SUMMED = {
     b"vllm:num_requests_waiting": "waiting",
+    b"vllm:num_requests_running": "running",
     b"vllm:kv_cache_usage_perc": "kv_usage",
     b"vllm:prefix_cache_hits_total": "prefix_hits",
     b"vllm:prefix_cache_queries_total": "prefix_queries",
@@ -28,6 +31,7 @@ class EngineGauges:
     """A member's engine as its last scrape showed it (None: not read, or not exposed)."""
 
     waiting: float = 0.0
+    running: float = 0.0
     kv_usage: float | None = None
     prefix_hits: float | None = None  # tokens, since the engine started
     prefix_queries: float | None = None
@@ -57,6 +61,7 @@ def parse_engine_metrics(text: bytes) -> EngineGauges:
         elif name.strip() == b"process_start_time_seconds":
             gauges.started = number
     gauges.waiting = found.get("waiting", 0.0)
+    gauges.running = found.get("running", 0.0)
     gauges.kv_usage = found.get("kv_usage")
     gauges.prefix_hits = found.get("prefix_hits")
     gauges.prefix_queries = found.get("prefix_queries")
