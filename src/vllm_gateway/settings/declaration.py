@@ -330,7 +330,8 @@ class Settings:
         "tokens per minute allowed to each tenant (429 beyond); empty means no limit")
     redis_url: str | None = setting(  # may carry a password
         CLIENTS, None, "VLLM_REDIS_URL", "--redis-url", parse.redis_url,
-        "Redis shared by gateway replicas for rate limits; per-replica limits without it",
+        "Redis shared by gateway replicas for rate limits and results kept for an "
+        "Idempotency-Key; per-replica without it",
         secret=True)
     idempotency_grace: float = setting(
         CLIENTS, 60.0, "VLLM_IDEMPOTENCY_GRACE_SECONDS", "--idempotency-grace",
