@@ -76,12 +76,23 @@ class _RedisWriter:
         self._queue: list[tuple[str, Any]] = []
         self._wake = asyncio.Event()
         self._seq = 0
+        self._pending = 0  # bytes queued, counted in the store's ``used`` until sent
         self._finished = False
+        self._abandoned = False
         self._closed = False
         store.spawn(self._run(), task_name)
 
+    def _take(self, n: int) -> bool:
+        """Count ``n`` queued bytes; past the budget (Redis is behind), cut the generation."""
+        if not self._store.take(n):
+            self._store.counts["cut"] += 1
+            self._abandon()
+            return False
+        self._pending += n
+        return True
+
     def head(self, head: Head) -> None:
-        if self._finished:
+        if self._finished or not self._take(len(head.body or b"") + 256):
             return
         if head.body is not None:
             self._finished = True
@@ -89,7 +100,7 @@ class _RedisWriter:
         self._wake.set()
 
     def append(self, events: list[bytes], ended: bool) -> None:
-        if self._finished:
+        if self._finished or not self._take(sum(len(e) for e in events)):
             return
         numbered = []
         for event in events:
@@ -120,20 +131,26 @@ class _RedisWriter:
                     next_beat = loop.time() + _BEAT
                 queue, self._queue = self._queue, []
                 if queue:
-                    await self._send(redis, keys, queue, grace_ms)
+                    sent, self._pending = self._pending, 0
+                    try:
+                        await self._send(redis, keys, queue, grace_ms)
+                    finally:
+                        self._store.give(sent)
                 if self._closed and not self._queue:
                     break
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(max(0.0, next_beat - loop.time())):
                         await self._wake.wait()
-            if not self._finished:
+            if self._abandoned or not self._finished:
                 await redis.hset(keys.meta, "state", "lost")
                 self._store.counts["lost"] += 1
         except Exception:
             log.exception("writing a kept generation to Redis failed")
             self._abandon()
         finally:
+            self._store.give(self._pending)
+            self._pending = 0
             with contextlib.suppress(Exception):
                 await redis.delete(keys.alive)
 
@@ -147,7 +164,7 @@ class _RedisWriter:
             self._abandon()
 
     def _abandon(self) -> None:
-        self._finished = True
+        self._finished = self._abandoned = True
         callback, self.on_abandon = self.on_abandon, None
         if callback is not None and not self._closed:
             callback()
@@ -249,12 +266,24 @@ class RedisStore(Tasks):
         self.grace = grace
         self.longest = longest  # the longest a generation may run (its keys' first lifetime)
         self.counts = dict.fromkeys(STAT_EVENTS, 0)
+        self._used = 0
         self.redis: Any = None
         self.reader_redis: Any = None  # blocking reads: a socket timeout past their block
 
     @property
     def used(self) -> int:
-        return 0  # the kept bytes live in Redis, bounded there by length and age
+        """Bytes queued for Redis and not yet sent: the kept bytes themselves live in Redis,
+        bounded there by length and age."""
+        return self._used
+
+    def take(self, n: int) -> bool:
+        if self._used + n > self.limit:
+            return False
+        self._used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self._used -= n
 
     @property
     def entries(self) -> int:
