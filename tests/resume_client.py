@@ -45,18 +45,15 @@ async def _chunks(reader: asyncio.StreamReader, headers: dict[str, str]) -> Any:
         yield await reader.readexactly(int(headers.get("content-length", "0")))
 
 
-async def request(
-    port: int,
+def request_bytes(
     body: dict[str, Any],
     key: str | None,
     *,
     last_event_id: int | None = None,
-    drop_after: int | None = None,
     api_key: str | None = None,
     path: str = "/v1/chat/completions",
-) -> Answer:
-    """POST ``body``; read the whole answer, or only ``drop_after`` events of a stream and then
-    close the socket at once (a client that went away)."""
+) -> bytes:
+    """The bytes of a POST of ``body`` with the headers named."""
     raw = orjson.dumps(body)
     lines = [
         f"POST {path} HTTP/1.1",
@@ -70,22 +67,40 @@ async def request(
         lines.append(f"Last-Event-ID: {last_event_id}")
     if api_key is not None:
         lines.append(f"Authorization: Bearer {api_key}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + raw
+
+
+async def request(
+    port: int,
+    body: dict[str, Any],
+    key: str | None,
+    *,
+    last_event_id: int | None = None,
+    drop_after: int | None = None,
+    api_key: str | None = None,
+    path: str = "/v1/chat/completions",
+) -> Answer:
+    """POST ``body``; read the whole answer, or only ``drop_after`` events of a stream and then
+    close the socket at once (a client that went away)."""
+    data = request_bytes(body, key, last_event_id=last_event_id, api_key=api_key, path=path)
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + raw)
+        writer.write(data)
         async with asyncio.timeout(60):
             status, headers = await _read_head(reader)
             answer = Answer(status, headers)
+            pieces = []
             pending = b""
             async for piece in _chunks(reader, headers):
-                answer.body += piece
+                pieces.append(piece)
                 pending += piece
-                while b"\n\n" in pending:
-                    event, pending = pending.split(b"\n\n", 1)
+                *events, pending = pending.split(b"\n\n")
+                for event in events:
                     answer.events.append(event + b"\n\n")
                     if drop_after is not None and len(answer.events) >= drop_after:
                         answer.body = b"".join(answer.events)
                         return answer
+            answer.body = b"".join(pieces)
         return answer
     finally:
         writer.transport.abort()

@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from tests.conftest import RunningGateway, chat_body, run_gateway, wait_for
-from tests.resume_client import event_id, request
+from tests.integration.rogue import raw_connect
+from tests.resume_client import event_id, request, request_bytes
 from vllm_gateway.proxy.resume.store import Store
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
@@ -202,6 +203,22 @@ async def test_the_budget_holds_when_a_thousand_clients_drop_at_once() -> None:
         async with httpx.AsyncClient() as http:
             metrics = (await http.get(gw.url + "/metrics")).text
         assert 'vllm_gateway_idempotency_events_total{event="cut"}' in metrics
+
+
+async def test_a_reader_that_stops_reading_is_dropped_and_the_kept_stream_stays() -> None:
+    config = SimulatorConfig(ttft=0.0, itl=0.0, tokens=16000, max_model_len=32768)
+    async with _behind(config, client_send_timeout=0.5) as (sim, gw):
+        body = chat_body(stream=True, max_tokens=16000)
+        whole = await request(gw.port, body, "big")
+        assert whole.status == 200 and whole.events[-1].endswith(b"data: [DONE]\n\n")
+        # A reader of the kept stream that reads nothing: the send timeout drops it.
+        stuck = await raw_connect(gw.port, rcvbuf=4096)
+        await asyncio.get_running_loop().sock_sendall(stuck, request_bytes(body, "big"))
+        await wait_for(lambda: gw.app.server_stats.send_timeouts >= 1, timeout=30)
+        stuck.close()
+        again = await request(gw.port, body, "big")
+        assert again.body == whole.body
+        assert sim.stats()["total"] == 1
 
 
 async def test_sdk_retries_with_one_key_get_one_generation(simulator: Simulator) -> None:
