@@ -117,6 +117,15 @@ async def test_the_same_key_with_another_body_is_refused_naming_it(
             headers={"Idempotency-Key": "k-9", "Last-Event-ID": "x"},
         )
         assert bad_id.status_code == 400 and bad_id.json()["error"]["param"] == "Last-Event-ID"
+        # Resuming a key nothing is kept under: no new generation, a clear 410.
+        unknown = await client.post(
+            url,
+            json=chat_body(stream=True),
+            headers={"Idempotency-Key": "never-seen", "Last-Event-ID": "4"},
+        )
+        assert unknown.status_code == 410
+        assert unknown.json()["error"]["type"] == "result_lost"
+        assert "never-seen" in unknown.json()["error"]["message"]
         assert simulator.stats()["total"] == 1
         assert gw.gateway.admission.in_flight == 0
 

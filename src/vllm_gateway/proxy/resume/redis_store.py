@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,20 @@ _TIMEOUT = 2.0  # every Redis call but a blocking read
 _GONE = "the gateway replica running the generation is gone"
 
 
+# The claim, atomic: the first to set the fingerprint runs generation ARGV[2] (its heartbeat and
+# the "seen" mark set with it, so that no other claim takes it for a dead one).
+_CLAIM = """
+if redis.call('HSETNX', KEYS[1], 'fp', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'run', 'gen', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[5])
+  return 1
+end
+return 0
+"""
+
+
 def _head_json(head: Head) -> bytes:
     headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in head.headers]
     return orjson.dumps({"status": head.status, "headers": headers})
@@ -55,15 +70,23 @@ def _head_from(raw: bytes, body: bytes | None) -> Head:
 
 
 class _Keys:
-    __slots__ = ("alive", "log", "meta", "seen")
+    """A key's Redis keys; the log's and the heartbeat's name the generation (a generation run
+    again after its replica died writes elsewhere than the one its old readers read)."""
+
+    __slots__ = ("alive", "base", "log", "meta", "seen")
 
     def __init__(self, scope: str, key: str) -> None:
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:40]
-        base = f"vllm_gateway:idem:{digest}"
-        self.meta = base + ":meta"
-        self.log = base + ":log"
-        self.alive = base + ":alive"
-        self.seen = base + ":seen"
+        self.base = f"vllm_gateway:idem:{digest}"
+        self.meta = self.base + ":meta"
+        self.seen = self.base + ":seen"
+        self.log = self.alive = ""
+
+    def of(self, generation: bytes | str) -> _Keys:
+        gen = generation.decode() if isinstance(generation, bytes) else generation
+        self.log = f"{self.base}:{gen}:log"
+        self.alive = f"{self.base}:{gen}:alive"
+        return self
 
 
 class _RedisWriter:
@@ -268,6 +291,7 @@ class RedisStore(Tasks):
         self.counts = dict.fromkeys(STAT_EVENTS, 0)
         self._used = 0
         self.redis: Any = None
+        self._claim: Any = None
         self.reader_redis: Any = None  # blocking reads: a socket timeout past their block
 
     @property
@@ -295,6 +319,7 @@ class RedisStore(Tasks):
         self.redis = aioredis.Redis.from_url(
             self.url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
         )
+        self._claim = self.redis.register_script(_CLAIM)
         self.reader_redis = aioredis.Redis.from_url(
             self.url, socket_timeout=_TIMEOUT + 2.0, socket_connect_timeout=_TIMEOUT
         )
@@ -305,31 +330,33 @@ class RedisStore(Tasks):
             if client is not None:
                 await client.aclose()
 
-    async def claim(self, scope: str, key: str, fingerprint: str) -> Claim:
+    async def claim(self, scope: str, key: str, fingerprint: str, create: bool = True) -> Claim:
         keys = _Keys(scope, key)
         life_ms = int((self.longest + self.grace) * 1000)
         try:
             for _ in range(2):
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.hsetnx(keys.meta, "fp", fingerprint)
-                pipe.hmget(keys.meta, "fp", "state")
-                new, (held, state) = await pipe.execute()
-                if new:
-                    pipe = self.redis.pipeline(transaction=True)
-                    pipe.hset(keys.meta, "state", "run")
-                    pipe.delete(keys.log)
-                    pipe.set(keys.seen, b"1", px=int(self.grace * 1000))
-                    pipe.set(keys.alive, b"1", px=_ALIVE_MS)
-                    pipe.pexpire(keys.meta, life_ms)
-                    await pipe.execute()
+                gen = secrets.token_hex(6)
+                keys.of(gen)
+                grace_ms = int(self.grace * 1000)
+                made = create and await self._claim(
+                    keys=[keys.meta, keys.seen, keys.alive],
+                    args=[fingerprint, gen, life_ms, grace_ms, _ALIVE_MS],
+                )
+                if made:
                     self.counts["started"] += 1
-                    writer = _RedisWriter(self, keys, f"redis-log-{keys.meta[-12:]}")
+                    writer = _RedisWriter(self, keys, f"redis-log-{gen}")
                     return Claim(_RedisReader(self, keys), writer)
+                held, state, held_gen = await self.redis.hmget(keys.meta, "fp", "state", "gen")
+                if held is None or held_gen is None:
+                    return Claim(missing=True)
                 if held != fingerprint.encode():
                     self.counts["conflicts"] += 1
                     return Claim()
-                if state == b"lost":
-                    await self.redis.delete(keys.meta, keys.log)  # run it again
+                keys.of(held_gen)
+                alive = await self.redis.exists(keys.alive)
+                if create and (state == b"lost" or (state == b"run" and not alive)):
+                    # Its replica is gone, or it was stopped: run it again.
+                    await self.redis.delete(keys.meta, keys.log)
                     continue
                 replayed = state == b"done"
                 self.counts["replayed" if replayed else "attached"] += 1

@@ -112,7 +112,14 @@ async def serve_keyed(gw: Gateway, ex: Responder, route: Route, param: str | Non
         assert raw is not None
         key = _check_key(raw)
         after = _last_event_id(ex)
-        claim = await store.claim(_scope(gw, ex), key, _fingerprint(ex))
+        # A client resuming from an event needs the generation it had: never a new one.
+        claim = await store.claim(_scope(gw, ex), key, _fingerprint(ex), create=after == 0)
+        if claim.missing:
+            raise ResultLost(
+                f"No generation is kept under the Idempotency-Key '{key[:100]}' (it ended more "
+                "than the grace period ago, or was stopped); send the request again without "
+                "Last-Event-ID."
+            )
         if claim.reader is None:
             raise IdempotencyKeyReused(
                 f"The Idempotency-Key '{key[:100]}' was used with another request; "

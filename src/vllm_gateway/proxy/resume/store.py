@@ -113,6 +113,7 @@ class Claim:
     reader: Reader | None = None
     writer: Writer | None = None  # set: this request runs the generation
     replayed: bool = False  # the generation had already finished
+    missing: bool = False  # nothing is kept under the key, and the claim was not to create
 
 
 class Store(Protocol):
@@ -125,8 +126,10 @@ class Store(Protocol):
     @property
     def entries(self) -> int: ...
 
-    async def claim(self, scope: str, key: str, fingerprint: str) -> Claim:
-        """The key's log; ``Claim()`` (nothing) when another body holds the key."""
+    async def claim(self, scope: str, key: str, fingerprint: str, create: bool = True) -> Claim:
+        """The key's log; ``Claim()`` (nothing) when another body holds the key. A generation
+        that was lost (its replica gone, cut, abandoned) runs again when ``create``; without
+        ``create`` (a client resuming from an event) a key with nothing kept is ``missing``."""
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run a generation as a task the store owns (cancelled and awaited at ``aclose``)."""
@@ -321,12 +324,14 @@ class LocalStore(Tasks):
         for entry in list(self._entries.values()):
             self._unlist(entry)
 
-    async def claim(self, scope: str, key: str, fingerprint: str) -> Claim:
+    async def claim(self, scope: str, key: str, fingerprint: str, create: bool = True) -> Claim:
         name = (scope, key)
         entry = self._entries.get(name)
         if entry is not None and entry.lost is not None:
             self._unlist(entry)  # a lost generation is run again
             entry = None
+        if entry is None and not create:
+            return Claim(missing=True)
         if entry is None:
             if not self._room(1):
                 raise Overloaded(f"{CUT}; retry later.", retry_after=1.0)
