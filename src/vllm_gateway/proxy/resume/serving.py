@@ -32,7 +32,7 @@ from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.protocols import StreamProtocol
 from vllm_gateway.proxy.responder import Responder
 from vllm_gateway.proxy.resume.recorder import Recorder
-from vllm_gateway.proxy.resume.store import CUT, Claim, Reader
+from vllm_gateway.proxy.resume.store import CUT, Reader
 from vllm_gateway.proxy.routes import Body, Route
 
 __all__ = ["keyed", "serve_keyed"]
@@ -103,10 +103,20 @@ def _answer_error(ex: Responder, protocol: StreamProtocol, err: GatewayError) ->
 
 async def serve_keyed(gw: Gateway, ex: Responder, route: Route, param: str | None) -> None:
     """Answer a request that carries an Idempotency-Key (``keyed`` said so)."""
+    ctx = ex.context
+    try:
+        await _serve(gw, ex, route, param)
+    finally:
+        # The admission place the front door took: the generation's call took it when this
+        # request runs one; otherwise nothing here generates, and it goes back.
+        place, ctx.place = ctx.place, None
+        if place is not None:
+            place.release()
+
+
+async def _serve(gw: Gateway, ex: Responder, route: Route, param: str | None) -> None:
     store = gw.resume
     assert store is not None
-    ctx = ex.context
-    claim: Claim | None = None
     try:
         raw = ex.header(b"idempotency-key")
         assert raw is not None
@@ -127,20 +137,11 @@ async def serve_keyed(gw: Gateway, ex: Responder, route: Route, param: str | Non
                 param="Idempotency-Key",
             )
     except GatewayError as err:
-        refused: GatewayError | None = err
-    else:
-        refused = None
-    if claim is None or claim.writer is None:
-        # Nothing to generate here: the admission place the front door took goes back now.
-        place, ctx.place = ctx.place, None
-        if place is not None:
-            place.release()
-    if refused is not None or claim is None or claim.reader is None:
-        _answer_error(ex, route.protocol, refused or GatewayError())
+        _answer_error(ex, route.protocol, err)
         return
     if claim.writer is not None:
         recorder = Recorder(ex, claim.writer)
-        call = ProxyCall(gw, recorder, route, param)
+        call = ProxyCall(gw, recorder, route, param)  # takes the admission place
 
         async def generate() -> None:
             try:
@@ -149,6 +150,10 @@ async def serve_keyed(gw: Gateway, ex: Responder, route: Route, param: str | Non
                 recorder.close()
 
         store.spawn(generate(), f"generation-{ex.request_id}")
+    else:
+        place, ex.context.place = ex.context.place, None
+        if place is not None:
+            place.release()  # a reader generates nothing: its place goes back before it reads
     await _read(gw, ex, claim.reader, after, route.protocol, replay=claim.writer is None)
 
 
