@@ -257,5 +257,29 @@ async def test_sdk_retries_with_one_key_get_one_generation(simulator: Simulator)
             parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
             texts.append("".join(parts))
         assert texts[0] and texts[0] == texts[1]
-        assert simulator.stats()["total"] == 2
+        # A stream the SDK left after 3 chunks (an event each) goes on from event 3.
+        resumed_key = str(uuid.uuid4())
+        head: list[str] = []
+        cut = await sdk.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=8,
+            stream=True,
+            extra_headers={"Idempotency-Key": resumed_key},
+        )
+        async for chunk in cut:
+            head.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+            if len(head) == 3:
+                break
+        await cut.close()
+        rest = await sdk.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=8,
+            stream=True,
+            extra_headers={"Idempotency-Key": resumed_key, "Last-Event-ID": "3"},
+        )
+        tail = [c.choices[0].delta.content or "" async for c in rest if c.choices]
+        assert "".join(head + tail) == texts[0]
+        assert simulator.stats()["total"] == 3
         await sdk.close()
