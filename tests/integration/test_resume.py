@@ -74,6 +74,39 @@ async def test_a_client_dropped_after_every_event_gets_the_rest_exactly(
         assert stats["aborted"] == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "end"),
+    [
+        (
+            "/v1/messages",
+            {
+                "model": "sim-model",
+                "max_tokens": 8,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hello"}],
+            },
+            b"message_stop",
+        ),
+        (
+            "/v1/responses",
+            {"model": "sim-model", "input": "hello", "max_output_tokens": 8, "stream": True},
+            b"response.completed",
+        ),
+    ],
+)
+async def test_messages_and_responses_streams_resume_too(
+    slow_sim: Simulator, path: str, body: dict[str, Any], end: bytes
+) -> None:
+    async with run_gateway(backend_urls=(slow_sim.url,)) as gw:
+        first = await request(gw.port, body, "p", drop_after=2, path=path)
+        assert first.status == 200 and [event_id(e) for e in first.events] == [1, 2]
+        rest = await request(gw.port, body, "p", last_event_id=2, path=path)
+        whole = await request(gw.port, body, "p", path=path)
+        assert first.body + rest.body == whole.body
+        assert end in whole.events[-1]
+        assert slow_sim.stats()["total"] == 1
+
+
 async def test_a_retried_request_is_generated_once(
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
