@@ -93,6 +93,8 @@ OUTCOMES = {
     "stream_idle_timeout",
     "unavailable",
     "unsupported_media_type",
+    "idempotency_key_reused",
+    "result_lost",
 }
 # Outcomes that are the service's fault (the 5xx error types that are not a ClientError; the timeouts and
 # backend errors among them may also end a stream that started with 200). The error-ratio panel

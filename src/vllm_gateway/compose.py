@@ -94,6 +94,9 @@ class App:
             if limiter is not None:
                 await limiter.start()
                 stack.push_async_callback(limiter.aclose)
+            if gateway.resume is not None:
+                await gateway.resume.start()
+                stack.push_async_callback(gateway.resume.aclose)
             admission = gateway.admission
             if self._supervisor is not None and isinstance(admission, RemoteAdmission):
                 await admission.connect(self._supervisor)
@@ -166,6 +169,8 @@ def create_app(
     frontdoor = FrontDoor(gateway, api)
     metrics.add_connection_metrics(frontdoor.server_stats)
     metrics.add_budget_metrics(frontdoor.budget)
+    if gateway.resume is not None:
+        metrics.add_resume_metrics(gateway.resume)
     if admission is not None:  # a worker of several answers the others' scrapes with its own
         admission.snapshot = metrics.registry.snapshot
     return App(gateway, frontdoor, api, observer, health, tracer, supervisor)

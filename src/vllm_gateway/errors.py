@@ -17,6 +17,7 @@ The tree::
     │   ├── UriTooLong                 414 uri_too_long
     │   ├── UnsupportedMediaType       415 unsupported_media_type
     │   ├── ExpectationFailed          417 expectation_failed (an Expect other than 100-continue)
+    │   ├── IdempotencyKeyReused       422 idempotency_key_reused (the key came with another body)
     │   ├── RateLimited                429 rate_limited (Retry-After)
     │   ├── HeadersTooLarge            431 headers_too_large (head or trailers past their bounds)
     │   ├── UnsupportedTransferCoding  501 unsupported_transfer_coding (a coding besides chunked)
@@ -31,6 +32,7 @@ The tree::
     │   ├── Shed                       503 shed (a higher class took its place in a full queue)
     │   ├── ShuttingDown               503 shutting_down
     │   └── NoHealthyBackend           503 no_healthy_backend
+    ├── ResultLost                     410 result_lost (a kept generation can no longer be read)
     └── UpstreamError                  502/504: the backend failed us
         ├── BackendUnavailable         502 backend_unavailable (connect refused, reset, died)
         ├── BadBackendResponse         502 bad_backend_response (malformed output, 5xx)
@@ -62,6 +64,7 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "HeadersTooLarge",
+    "IdempotencyKeyReused",
     "InvalidJSON",
     "InvalidRequest",
     "MalformedRequest",
@@ -73,6 +76,7 @@ __all__ = [
     "QueueTimeout",
     "RateLimited",
     "RequestTimeout",
+    "ResultLost",
     "Shed",
     "ShuttingDown",
     "StreamIdleTimeout",
@@ -220,6 +224,12 @@ class UnsupportedMediaType(ClientError):
     default_message = "The request body must be application/json."
 
 
+class IdempotencyKeyReused(ClientError):
+    status = 422
+    type = "idempotency_key_reused"
+    default_message = "The Idempotency-Key was used with another request."
+
+
 class RateLimited(ClientError):
     status = 429
     type = "rate_limited"
@@ -298,6 +308,12 @@ class ShuttingDown(Unavailable):
 class NoHealthyBackend(Unavailable):
     type = "no_healthy_backend"
     default_message = "No healthy backend can serve the request; retry later."
+
+
+class ResultLost(GatewayError):
+    status = 410
+    type = "result_lost"
+    default_message = "The generation under this Idempotency-Key can no longer be read."
 
 
 class UpstreamError(GatewayError):

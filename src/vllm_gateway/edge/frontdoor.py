@@ -40,6 +40,7 @@ from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.call import ProxyCall
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.record import RejectedCall
+from vllm_gateway.proxy.resume.serving import keyed, serve_keyed
 from vllm_gateway.proxy.routes import OPEN_ROUTES, Body, Route, match
 from vllm_gateway.proxy.validation import is_json_media_type, is_multipart
 
@@ -268,6 +269,9 @@ class FrontDoor:
             return
         ctx = ex.context
         if ctx.route is not None:
+            if keyed(self.gateway, ex, ctx.route) is not None:
+                await serve_keyed(self.gateway, ex, ctx.route, ctx.param)
+                return
             call = ProxyCall(self.gateway, ex, ctx.route, ctx.param)
             await call.run()
             if ctx.admin:

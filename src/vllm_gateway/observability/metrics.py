@@ -28,6 +28,7 @@ from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.prometheus import Counter, Gauge, Histogram, Registry
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.gateway import Gateway
+from vllm_gateway.proxy.resume.store import STAT_EVENTS, Store
 from vllm_gateway.proxy.routes import ROUTE_NAMES
 from vllm_gateway.proxy.shared_admission import RemoteAdmission
 
@@ -423,6 +424,27 @@ class GatewayMetrics:
                 "Bytes of request bodies and non-streamed answers held now, and the budget.",
                 lambda: [(("used",), float(budget.used)), (("limit",), float(budget.limit))],
                 ("kind",),
+            )
+        )
+
+    def add_resume_metrics(self, store: Store) -> None:
+        r = self.registry
+        r.register(
+            Gauge(
+                "vllm_gateway_idempotency_bytes",
+                "Bytes of results kept for Idempotency-Key retries now, and the budget.",
+                lambda: [(("used",), float(store.used)), (("limit",), float(store.limit))],
+                ("kind",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_idempotency_events_total",
+                "Keyed generations: started, attached (a retry read a running one), replayed "
+                "(a finished one), conflicts (another body), evicted (for the budget), expired, "
+                "abandoned (nobody read it), cut (over the budget), lost (unreadable).",
+                lambda: [((event,), float(store.counts[event])) for event in STAT_EVENTS],
+                ("event",),
             )
         )
 

@@ -18,6 +18,8 @@ from vllm_gateway.proxy.admission import Admission
 from vllm_gateway.proxy.catalog import ModelCatalog
 from vllm_gateway.proxy.ratelimit import RateLimiter
 from vllm_gateway.proxy.record import CallRecord
+from vllm_gateway.proxy.resume.redis_store import RedisStore
+from vllm_gateway.proxy.resume.store import LocalStore, Store
 from vllm_gateway.proxy.shared_admission import RemoteAdmission
 from vllm_gateway.settings import Settings
 
@@ -64,6 +66,17 @@ class Gateway:
             )
         # Who owns each stored response: its id says (ids.py).
         self.response_ids = ResponseIds(settings.api_keys, settings.response_id_secret)
+        # Results kept for retries with an Idempotency-Key (proxy/resume/); None: turned off.
+        self.resume: Store | None = None
+        if settings.idempotency_budget_bytes and settings.redis_url:
+            self.resume = RedisStore(
+                settings.redis_url,
+                settings.idempotency_budget_bytes,
+                settings.idempotency_grace,
+                settings.request_timeout + settings.first_token_timeout,
+            )
+        elif settings.idempotency_budget_bytes:
+            self.resume = LocalStore(settings.idempotency_budget_bytes, settings.idempotency_grace)
         self.draining = False
         self.active: set[InFlight] = set()
         self.observers: list[RequestObserver] = []

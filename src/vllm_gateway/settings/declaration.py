@@ -357,8 +357,23 @@ class Settings:
         "tokens per minute allowed to each tenant (429 beyond); empty means no limit")
     redis_url: str | None = setting(  # may carry a password
         CLIENTS, None, "VLLM_REDIS_URL", "--redis-url", parse.redis_url,
-        "Redis shared by gateway replicas for rate limits; per-replica limits without it",
+        "Redis shared by gateway replicas for rate limits and results kept for an "
+        "Idempotency-Key; per-replica without it",
         secret=True)
+    idempotency_grace: float = setting(
+        CLIENTS, 60.0, "VLLM_IDEMPOTENCY_GRACE_SECONDS", "--idempotency-grace",
+        parse.positive_float,
+        "how long a request's result stays for a retry with its Idempotency-Key, and how long "
+        "a generation whose client left goes on with nobody reading it")
+    idempotency_budget_bytes: int = setting(
+        CLIENTS, 64 * 1024 * 1024, "VLLM_IDEMPOTENCY_BUDGET_BYTES",
+        "--idempotency-budget-bytes", parse.int_range(0, 1 << 40),
+        "bytes of kept results (stream events, answers) held at once; past it the oldest "
+        "finished are evicted first; 0 turns Idempotency-Key off")
+    idempotency_per_client_address: bool = setting(
+        CLIENTS, False, "VLLM_IDEMPOTENCY_PER_CLIENT_ADDRESS",
+        "--idempotency-per-client-address", parse.boolean,
+        "without API keys, scope Idempotency-Keys per client address (default: one scope)")
     cors_origins: tuple[str, ...] = setting(
         CLIENTS, (), "VLLM_CORS_ORIGINS", "--cors-origins", parse.str_list,
         "comma-separated origins allowed by CORS; empty means CORS is off")

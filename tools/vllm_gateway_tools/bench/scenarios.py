@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_gateway_tools.bench import metrics
+from vllm_gateway_tools.bench.retry_scenario import run_retry
 from vllm_gateway_tools.bench.runner import LoadSpec, progress
 from vllm_gateway_tools.bench.session import LevelResult, Session
 
@@ -87,6 +88,14 @@ PRESETS: dict[str, Preset] = {
         rounds=1,
         duration=120.0,
         quick={"concurrency": 50, "num_requests": 50, "max_tokens": 20, "duration": 4.0},
+    ),
+    "retry": Preset(
+        itl=0.02,
+        max_tokens=64,
+        concurrency=200,
+        num_requests=200,
+        rounds=1,
+        quick={"concurrency": 20, "num_requests": 20, "max_tokens": 16},
     ),
     "admission": Preset(
         itl=0.05,
@@ -360,6 +369,10 @@ async def _admission(session: Session, spec: LoadSpec, p: Preset) -> dict[str, A
     return {"levels": [level], "goals": goals, "findings": findings}
 
 
+async def _retry(session: Session, spec: LoadSpec, p: Preset) -> dict[str, Any]:
+    return await run_retry(session, spec)
+
+
 SCENARIOS: dict[str, Callable[[Session, LoadSpec, Preset], Awaitable[dict[str, Any]]]] = {
     "single": _single,
     "c1000": _c1000,
@@ -367,4 +380,5 @@ SCENARIOS: dict[str, Callable[[Session, LoadSpec, Preset], Awaitable[dict[str, A
     "nonstream": _nonstream,
     "memory": _memory,
     "admission": _admission,
+    "retry": _retry,
 }
