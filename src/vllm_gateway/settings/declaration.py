@@ -380,6 +380,27 @@ class Settings:
     backends_file: str | None = setting(
         POOL, None, "VLLM_BACKENDS_FILE", "--backends-file", parse.optional_str,
         "YAML or JSON file listing backends with weights and models (a pool)")
+    backend_discovery: str | None = setting(
+        POOL, None, "VLLM_BACKEND_DISCOVERY", "--backend-discovery", parse.discovery,
+        "dns://NAME:PORT: the pool's members are NAME's A and AAAA records, re-resolved as "
+        "their TTL says (docs/pool.md#members-from-dns)")
+    backend_discovery_min_interval: float = setting(
+        POOL, 1.0, "VLLM_BACKEND_DISCOVERY_MIN_INTERVAL_SECONDS", "--backend-discovery-min-interval",
+        parse.positive_float, "shortest wait between two resolutions (a TTL below it is raised)")
+    backend_discovery_max_interval: float = setting(
+        POOL, 30.0, "VLLM_BACKEND_DISCOVERY_MAX_INTERVAL_SECONDS",
+        "--backend-discovery-max-interval", parse.positive_float,
+        "longest wait between two resolutions (a TTL above it is lowered)")
+    backend_discovery_timeout: float = setting(
+        POOL, 5.0, "VLLM_BACKEND_DISCOVERY_TIMEOUT_SECONDS", "--backend-discovery-timeout",
+        parse.positive_float, "bound on one resolution; a failure keeps the last good members")
+    backend_discovery_max_members: int = setting(
+        POOL, 256, "VLLM_BACKEND_DISCOVERY_MAX_MEMBERS", "--backend-discovery-max-members",
+        parse.int_range(1, 4096), "most members taken from one answer (the lowest addresses)")
+    backend_discovery_nameservers: tuple[str, ...] = setting(
+        POOL, (), "VLLM_BACKEND_DISCOVERY_NAMESERVERS", "--backend-discovery-nameservers",
+        parse.nameservers,
+        "comma-separated ADDRESS[:PORT] of DNS servers to ask; empty: /etc/resolv.conf's")
     pool: PoolSettings = field(default_factory=PoolSettings, metadata=nested("pool_"))
     # Logs.
     log_level: str = setting(

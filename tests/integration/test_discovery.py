@@ -1,0 +1,198 @@
+"""Members from DNS (``backends/pool/discovery.py``) against a real DNS server: dnsmasq on 127.0.0.1
+whose records each test changes (``tests/integration/dnsserver.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from tests.integration.dnsserver import DnsServer, dns_server
+from vllm_gateway.backends.pool.discovery import DnsDiscovery, DnsTarget
+
+NAME = "vllm-headless.default.test"
+PORT = 8000
+
+
+class Applied:
+    """``apply``'s calls, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, urls: list[str]) -> None:
+        self.calls.append(urls)
+        self.changed.set()
+
+    @property
+    def last(self) -> list[str]:
+        return self.calls[-1]
+
+    async def next(self, timeout: float = 30.0) -> list[str]:
+        """The next set handed on (bounded)."""
+        self.changed.clear()
+        async with asyncio.timeout(timeout):
+            await self.changed.wait()
+        return self.last
+
+
+def source(
+    server: DnsServer,
+    applied: Applied,
+    *,
+    min_interval: float = 1.0,
+    max_interval: float = 30.0,
+    max_members: int = 256,
+    timeout: float = 5.0,
+) -> DnsDiscovery:
+    return DnsDiscovery(
+        DnsTarget(NAME, PORT),
+        applied,
+        min_interval=min_interval,
+        max_interval=max_interval,
+        timeout=timeout,
+        max_members=max_members,
+        nameservers=[server.address],
+    )
+
+
+def urls(*hosts: str) -> list[str]:
+    return [f"http://{h}:{PORT}" for h in hosts]
+
+
+async def test_records_added_and_removed_are_the_members(tmp_path: Path) -> None:
+    with dns_server(tmp_path, {NAME: ["10.0.0.2", "10.0.0.1", "fd00::1"]}) as server:
+        applied = Applied()
+        dns = source(server, applied)
+        await dns.resolve()
+        # Sorted (IPv4 first): every worker and every restart hands on the same list.
+        assert applied.calls == [urls("10.0.0.1", "10.0.0.2", "[fd00::1]")]
+
+        server.set(NAME, ["10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::1"])
+        await dns.resolve()
+        assert applied.last == urls("10.0.0.1", "10.0.0.2", "10.0.0.3", "[fd00::1]")
+
+        server.set(NAME, ["10.0.0.3", "fd00::1"])
+        await dns.resolve()
+        assert applied.last == urls("10.0.0.3", "[fd00::1]")
+
+        await dns.resolve()  # the same answer again: nothing handed on
+        assert len(applied.calls) == 3
+        assert dns.counts == {"ok": 4, "empty": 0, "error": 0}
+
+
+async def test_the_loop_follows_the_records_until_closed(tmp_path: Path) -> None:
+    # TTL 0: each round comes min_interval after the last.
+    with dns_server(tmp_path, {NAME: ["10.0.0.1"]}, ttl=0) as server:
+        applied = Applied()
+        dns = source(server, applied, min_interval=0.05)
+        await dns.start()
+        try:
+            assert applied.calls == [urls("10.0.0.1")]
+            server.set(NAME, ["10.0.0.1", "10.0.0.2"])
+            assert await applied.next() == urls("10.0.0.1", "10.0.0.2")
+            server.set(NAME, ["10.0.0.2"])
+            assert await applied.next() == urls("10.0.0.2")
+        finally:
+            await dns.aclose()
+        task_names = {t.get_name() for t in asyncio.all_tasks()}
+        assert "backend-discovery" not in task_names
+
+
+@pytest.mark.parametrize(
+    ("ttl", "min_interval", "max_interval", "expected"),
+    [
+        (7, 1.0, 30.0, 7.0),  # within the bounds: the TTL
+        (7, 10.0, 30.0, 10.0),  # below the floor: raised to it
+        (7, 1.0, 3.0, 3.0),  # above the ceiling: lowered to it
+        (0, 0.5, 30.0, 0.5),  # TTL 0 (not to be cached) does not make a busy loop
+    ],
+)
+async def test_the_next_round_comes_after_the_ttl_within_the_bounds(
+    tmp_path: Path, ttl: int, min_interval: float, max_interval: float, expected: float
+) -> None:
+    with dns_server(tmp_path, {NAME: ["10.0.0.1", "fd00::1"]}, ttl=ttl) as server:
+        dns = source(server, Applied(), min_interval=min_interval, max_interval=max_interval)
+        assert await dns.resolve() == expected
+        assert dns.last_ttl == ttl
+
+
+async def test_a_resolver_down_keeps_the_last_good_set_and_is_counted(tmp_path: Path) -> None:
+    with dns_server(tmp_path, {NAME: ["10.0.0.1", "10.0.0.2"]}) as server:
+        applied = Applied()
+        dns = source(server, applied, min_interval=0.5, timeout=1.0)
+        await dns.resolve()
+        server.stop()  # nobody answers on that port now
+
+        assert await dns.resolve() == 0.5  # the next try comes at the floor
+        assert await dns.resolve() == 0.5
+        assert dns.counts == {"ok": 1, "empty": 0, "error": 2}
+        assert applied.calls == [urls("10.0.0.1", "10.0.0.2")]  # nothing else handed on
+        assert dns.members == tuple(urls("10.0.0.1", "10.0.0.2"))
+
+        server.records[NAME] = ["10.0.0.2", "10.0.0.3"]
+        server.start()  # back, with other records
+        await dns.resolve()
+        assert applied.last == urls("10.0.0.2", "10.0.0.3")
+        assert dns.counts == {"ok": 2, "empty": 0, "error": 2}
+
+
+async def test_a_refusing_or_empty_answer_keeps_the_last_good_set(tmp_path: Path) -> None:
+    with dns_server(tmp_path, {NAME: ["10.0.0.1"]}) as server:
+        applied = Applied()
+        dns = source(server, applied)
+        await dns.resolve()
+
+        server.set(NAME, [])  # the name is gone: NXDOMAIN (every pod restarting, say)
+        await dns.resolve()
+        assert dns.counts == {"ok": 1, "empty": 1, "error": 0}
+
+        # A name outside the server's zone: REFUSED, a failure.
+        other = DnsDiscovery(
+            DnsTarget("elsewhere.example", PORT),
+            applied,
+            min_interval=1.0,
+            max_interval=30.0,
+            timeout=5.0,
+            max_members=8,
+            nameservers=[server.address],
+        )
+        await other.resolve()
+        assert other.counts == {"ok": 0, "empty": 0, "error": 1}
+        assert applied.calls == [urls("10.0.0.1")]
+
+
+async def test_ten_thousand_records_stay_bounded(tmp_path: Path) -> None:
+    many = [f"10.{i // 65536}.{(i // 256) % 256}.{i % 256}" for i in range(10_000)]
+    with dns_server(tmp_path, {NAME: ["10.0.0.1"]}) as server:
+        server.set(NAME, many)  # more than one DNS message holds: the server cuts the answer
+        applied = Applied()
+        dns = source(server, applied, max_members=50, timeout=20.0)
+        await dns.resolve()
+        # The lowest 50 of the answer (which holds what one message can: about 4,000).
+        answer = sorted(ipaddress.ip_address(a) for a in server.query(NAME))
+        assert len(answer) > 50
+        assert applied.last == urls(*map(str, answer[:50]))
+        assert dns.truncated == 1
+        assert dns.stats()["members"] == 50
+        await dns.resolve()
+        assert dns.truncated == 2
+        assert len(applied.calls) == 1
+
+
+def test_a_bad_source_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="dns://NAME:PORT"):
+        DnsTarget.parse("http://vllm:8000")
+    with pytest.raises(ValueError, match="bad intervals"):
+        DnsDiscovery(
+            DnsTarget(NAME, PORT),
+            Applied(),
+            min_interval=5.0,
+            max_interval=1.0,
+            timeout=1.0,
+            max_members=1,
+            nameservers=["127.0.0.1:53"],
+        )
