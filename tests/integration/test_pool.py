@@ -59,7 +59,8 @@ async def pool_of(
 ) -> AsyncIterator[PoolBackend]:
     specs = [m if isinstance(m, BackendSpec) else BackendSpec(url=m.url) for m in members]
     pool = PoolBackend(
-        Settings(backend_urls=tuple(s.url for s in specs)),
+        # A request that finds no member ready waits for one up to the queue wait.
+        Settings(backend_urls=tuple(s.url for s in specs), queue_wait_timeout=0.5),
         specs=specs,
         config=PoolConfig(**{**FAST, **knobs}),
     )
@@ -430,13 +431,16 @@ async def test_gateway_mid_stream_drop_is_an_error_event_when_failover_is_off(
             assert sum(totals(members)) == 1 and pool.pool_stats()["retries"] == 0
 
 
-async def test_gateway_all_members_down_is_503(client: httpx.AsyncClient) -> None:
+async def test_gateway_all_members_down_is_503_after_the_queue_wait(
+    client: httpx.AsyncClient,
+) -> None:
     async with sims(2) as members:
         for s in members:
             s.configure(unhealthy=True)
         urls = tuple(s.url for s in members)
-        pool = PoolBackend(Settings(backend_urls=urls), config=PoolConfig(**FAST))
-        async with run_gateway(Settings(backend_urls=urls), backend=pool) as gw:
+        settings = Settings(backend_urls=urls, queue_wait_timeout=0.5)
+        pool = PoolBackend(settings, config=PoolConfig(**FAST))
+        async with run_gateway(settings, backend=pool) as gw:
             resp = await client.post(gw.url + "/v1/chat/completions", json=chat_body())
             assert resp.status_code == 503
             assert resp.json()["error"]["type"] == "no_healthy_backend"

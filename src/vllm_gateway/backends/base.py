@@ -114,6 +114,7 @@ class BackendStats(TypedDict, total=False):
     name: str
     url: str
     weight: float
+    state: str  # a pool member's lifecycle state: joining, ready, draining, ejected, gone
     in_flight: int
     max_outstanding: int | None
     healthy: bool | None
@@ -171,8 +172,7 @@ class Backend(abc.ABC):
 
     def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
         """None when a stream of ``model`` may go on, now, on a member not in ``avoid`` after
-        ``done`` failovers; else why not (``limit``, ``budget``, ``no_member``). A yes takes a
-        token of the retry budget."""
+        ``done`` failovers; else why not (``limit``, ``no_member``)."""
         return "no_member"
 
     def note_prompt_ids(self, request_id: str, prompt_ids: list[int]) -> None:

@@ -9,8 +9,8 @@ it, is this module's.
 Invariants:
 - only a stream that has started goes on (before its first byte a failure is still a status);
 - a stream goes on only when ``Resumable`` says it can, the request's deadline has not passed and
-  the backend allows another failover (``Backend.can_fail_over``: the request's limit, the pool's
-  retry budget, a healthy member not yet used); otherwise the part's error stands;
+  the backend allows another failover (``Backend.can_fail_over``: the request's limit, a healthy
+  member not yet used); otherwise the part's error stands;
 - the failed part's response is closed before the next is asked for, and the next one is the
   call's ``upstream`` from the moment it exists (the call closes it at its end whatever happens);
 - every failure after the first byte is counted once in ``failovers``, with why it went on or

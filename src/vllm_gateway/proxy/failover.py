@@ -26,8 +26,7 @@ error event as before):
   continuous usage in every chunk; ``echo``/``suffix``/``best_of`` on completions;
 - ``no_token_ids``: the backend did not return ids (not a vLLM, or an old one);
 - ``reasoning``, ``tool_call``: such a delta appeared in the stream;
-- ``limit``: the request's failovers are spent; ``budget``: the pool's retry budget is;
-  ``no_member``: no other healthy member serves the model; ``deadline``: the request's time is up.
+- ``limit``: the request's failovers are spent; ``no_member``: no other healthy member serves the model; ``deadline``: the request's time is up.
 """
 
 from __future__ import annotations

@@ -161,6 +161,19 @@ class PoolSettings:
         POOL, 2, "VLLM_POOL_FAILOVER_MAX", "--pool-failover-max", parse.int_range(0, 10),
         "continuations of one stream on another member after its member failed mid-stream "
         "(0: the stream ends with an error event)")
+    # Membership at run time (backends/pool/fleet.py)
+    slow_start: float = setting(
+        POOL, 10.0, "VLLM_POOL_SLOW_START_SECONDS", "--pool-slow-start", parse.seconds,
+        "a member that joins or comes back ramps its weight from a tenth to whole over this "
+        "many seconds (0: at once)")
+    drain_timeout: float = setting(
+        POOL, 30.0, "VLLM_POOL_DRAIN_TIMEOUT_SECONDS", "--pool-drain-timeout",
+        parse.positive_float,
+        "a draining or removed member's in-flight requests may finish there this long; then its "
+        "streams go on elsewhere")
+    max_members: int = setting(
+        POOL, 256, "VLLM_POOL_MAX_MEMBERS", "--pool-max-members", parse.int_range(1, 4096),
+        "members a pool holds at most, draining ones included; more are refused")
     # cache_aware routing (backends/pool/cache_index.py)
     cache_balance_abs: int = setting(
         POOL, 8, "VLLM_POOL_CACHE_BALANCE_ABS", "--pool-cache-balance-abs",
@@ -379,7 +392,11 @@ class Settings:
     # A pool of backends (several VLLM_BACKEND_URLs, or a backends file); see docs/pool.md.
     backends_file: str | None = setting(
         POOL, None, "VLLM_BACKENDS_FILE", "--backends-file", parse.optional_str,
-        "YAML or JSON file listing backends with weights and models (a pool)")
+        "YAML or JSON file listing backends with weights and models (a pool); re-read when it "
+        "changes and on SIGHUP")
+    backends_file_poll: float = setting(
+        POOL, 2.0, "VLLM_BACKENDS_FILE_POLL_SECONDS", "--backends-file-poll",
+        parse.positive_float, "how often the backends file is checked for a change")
     backend_discovery: str | None = setting(
         POOL, None, "VLLM_BACKEND_DISCOVERY", "--backend-discovery", parse.discovery,
         "dns://NAME:PORT: the pool's members are NAME's A and AAAA records, re-resolved as "
@@ -394,9 +411,6 @@ class Settings:
     backend_discovery_timeout: float = setting(
         POOL, 5.0, "VLLM_BACKEND_DISCOVERY_TIMEOUT_SECONDS", "--backend-discovery-timeout",
         parse.positive_float, "bound on one resolution; a failure keeps the last good members")
-    backend_discovery_max_members: int = setting(
-        POOL, 256, "VLLM_BACKEND_DISCOVERY_MAX_MEMBERS", "--backend-discovery-max-members",
-        parse.int_range(1, 4096), "most members taken from one answer (the lowest addresses)")
     backend_discovery_nameservers: tuple[str, ...] = setting(
         POOL, (), "VLLM_BACKEND_DISCOVERY_NAMESERVERS", "--backend-discovery-nameservers",
         parse.nameservers,

@@ -63,6 +63,17 @@ def positive_float(raw: str, var: str) -> float:
     return value
 
 
+def seconds(raw: str, var: str) -> float:
+    """A number of seconds that may be 0 (0: off)."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(var, raw, "must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise SettingsError(var, raw, "must be 0 or a positive number of seconds")
+    return value
+
+
 def int_range(lo: int, hi: int) -> Callable[[str, str], int]:
     def parse(raw: str, var: str) -> int:
         try:

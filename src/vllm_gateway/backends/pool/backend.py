@@ -62,24 +62,30 @@ class PoolBackend(Backend):
         **overrides: Any,
     ) -> None:
         settings = settings if settings is not None else Settings()
+        specs_given = specs
         if specs is None:
             path = settings.backends_file
             specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
         if not specs:
             raise ValueError("a pool needs at least one backend")
         self.config = cfg = config if config is not None else settings.pool.replace(**overrides)
-        self.fleet = Fleet(
-            [
-                Member(s, cfg, HTTPBackend.from_settings(settings, s.url, s.name or s.url))
-                for s in specs
-            ],
-            cfg,
-        )
+        self.settings = settings
+
+        def make(spec: BackendSpec) -> Member:
+            backend = HTTPBackend.from_settings(settings, spec.url, spec.name or spec.url)
+            return Member(spec, cfg, backend)
+
+        self.fleet = Fleet([make(s) for s in specs[: cfg.max_members]], cfg, make)
+        source = "file" if settings.backends_file and specs_given is None else "start"
+        for m in self.fleet.members:
+            m.source = source
         self.cache_aware = CacheAware(self.fleet, cfg) if cfg.routing == "cache_aware" else None
         if self.cache_aware is not None:
             self.fleet.on_leave.append(self.cache_aware.forget)
+            self.fleet.on_join.append(self.cache_aware.joined)
+            self.fleet.on_gone.append(self.cache_aware.gone)
         self.router = Router(self.fleet, cfg, self.cache_aware)
-        self.acquirer = Acquirer(self.fleet, cfg, self.router)
+        self.acquirer = Acquirer(self.fleet, cfg, self.router, settings.queue_wait_timeout)
         self.retries = Retries(self.fleet, cfg, self.acquirer)
         self.holders = Holders(self.fleet, cfg)
         self.health = PoolHealth(self.fleet, cfg)
@@ -109,6 +115,10 @@ class PoolBackend(Backend):
         for m in self.fleet.members:
             await m.backend.aclose()
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Each member with its lifecycle state (the admin API's list)."""
+        return self.fleet.describe()
+
     # --- the Backend seam ------------------------------------------------------------------
 
     async def check_health(self, timeout: float) -> bool:
@@ -136,6 +146,8 @@ class PoolBackend(Backend):
         return PoolResponse(retries, request, member, resp, tried)
 
     def may_fail_over(self) -> bool:
+        # Read per stream: a pool of one asks no token ids (what a continuation needs) until a
+        # second member is added; its streams then in flight may only finish by the drain deadline.
         return self.config.failover_max > 0 and len(self.fleet.members) > 1
 
     def can_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:

@@ -229,6 +229,17 @@ class CacheAware:
                 links = self.links[size] = Links(size, self.config.cache_links_kept)
             links.learn(chain, prompt_ids)
 
+    def joined(self, m: Member) -> None:
+        """A member added at run time: an empty index, before any request can reach it."""
+        m.cache = MemberCache(self.config.cache_index_blocks, self._sent_capacity(None))
+
+    def gone(self, m: Member) -> None:
+        """A member left the pool: its event reader stops (its done callback drops it)."""
+        task = self._readers.get(m.name)
+        if task is not None:
+            task.cancel()
+        self.forget(m)
+
     def forget(self, m: Member) -> None:
         """The member left the pool: it comes back cold."""
         if m.cache is not None:

@@ -64,6 +64,10 @@ class PoolHealth:
             await asyncio.sleep(tick)
             try:
                 self._watchdog()
+                await self.fleet.tend()
+                joining = [m for m in self.fleet.members if m.state == "joining"]
+                if joining:  # a new member waits one tick for its first check, not a round
+                    await asyncio.gather(*(self._check(m, False, False) for m in joining))
                 now = loop.time()
                 if now >= next_health:
                     refresh = now >= next_models
@@ -79,10 +83,23 @@ class PoolHealth:
 
     async def _check(self, m: Member, refresh_models: bool, initial: bool) -> None:
         cfg = self.config
+        if m.state == "draining":
+            return  # it takes no new requests: nothing to decide
         ok = await m.backend.check_health(cfg.health_timeout)
+        if m.state == "draining":
+            return  # drained while the check ran
         if initial and not ok:
-            m.up, m.down_reason = False, "health"  # never up yet: no ejection, no backoff
+            m.join()  # never up yet: no ejection, no backoff; in once a check passes
+            m.down_reason = "health"
             log.warning("backend %s is not healthy at start", m.name)
+        elif m.state == "joining":
+            if not ok:
+                return
+            await self._refresh_models(m)
+            if m.models is None or m.state != "joining":
+                return  # its model list is not known yet: no traffic
+            log.warning("backend %s is ready: in the pool", m.name)
+            self.fleet.admitted(m)
         elif m.up and not ok:
             m.health_failures += 1
             m.errors["health"] += 1
@@ -99,8 +116,10 @@ class PoolHealth:
                 return
             if refresh_models or m.models is None:
                 await self._refresh_models(m)
+            if m.state != "ejected":
+                return  # drained or removed while it was checked
             log.warning("backend %s is back in the pool (was out: %s)", m.name, m.down_reason)
-            m.readmit()
+            self.fleet.admitted(m)
             return
         if ok and refresh_models:
             await self._refresh_models(m)

@@ -5,9 +5,16 @@ its in-flight requests last produced a byte (the watchdog reads it), whether it 
 consecutive failures and its error counters. It is touched only from the event loop, so plain
 attributes need no lock.
 
+Its lifecycle ``state`` (docs/pool.md): ``joining`` (added; no traffic until its health check and
+model list succeed), ``ready`` (takes requests; ramping up while ``ramp_until`` is ahead),
+``draining`` (no new requests; its in-flight ones finish there until ``drain_at``), ``ejected``
+(out after failures; back through the health checks) and ``gone`` (left the pool). ``up`` is True
+exactly in ``ready``: routing reads that plain attribute, so the states cost the hot path nothing.
+
 Invariants: ``in_flight`` goes up in ``begin()`` and down in ``end()`` exactly once per attempt;
 ``up`` is False from an ejection until a health check (and, after a watchdog ejection, a canary)
-passes once ``readmit_at`` has come; counters only grow.
+passes once ``readmit_at`` has come; counters only grow; ``state`` changes only through the
+methods here (``admit``, ``eject``, ``readmit``, ``drain``, ``undrain``, ``leave``).
 
 Who changes it: ``acquire.py`` takes and gives back its slot (``begin``/``end``); ``fleet.py`` counts
 failures and ejects it; ``health.py`` checks it, readmits it and refreshes ``models``; ``retry.py``
@@ -27,16 +34,21 @@ from vllm_gateway.backends.pool.engine_metrics import EngineGauges
 if TYPE_CHECKING:
     from vllm_gateway.backends.pool.cache_index import MemberCache
 
-__all__ = ["Member"]
+__all__ = ["STATES", "Member"]
+
+# A member's lifecycle states, in the order a member normally goes through them.
+STATES = ("joining", "ready", "draining", "ejected", "gone")
 
 
 class Member:
     __slots__ = (
         "backend",
+        "base_weight",
         "cache",
         "consecutive_failures",
         "declared_models",
         "down_reason",
+        "drain_at",
         "ejection_streak",
         "ejections",
         "engine",
@@ -45,13 +57,20 @@ class Member:
         "in_flight",
         "kv_events",
         "last_progress",
+        "leaving",
         "limit",
         "models",
         "name",
         "pending",
+        "ramp_from",
+        "ramp_until",
         "readmit_at",
         "requests",
         "retries",
+        "source",
+        "spec",
+        "state",
+        "state_since",
         "streams",
         "up",
         "url",
@@ -64,9 +83,11 @@ class Member:
         config: PoolConfig,
         backend: Backend,
     ) -> None:
+        self.spec = spec
+        self.source = "start"  # where it came from: start, file, admin, dns (``Fleet.reconcile``)
         self.url = spec.url
         self.name = spec.name or spec.url
-        self.weight = spec.weight
+        self.weight = self.base_weight = spec.weight
         self.limit = (
             spec.max_outstanding if spec.max_outstanding is not None else config.max_outstanding
         )
@@ -76,6 +97,12 @@ class Member:
         self.in_flight = 0
         self.last_progress = time.monotonic()
         self.up = True
+        self.state = "ready"  # a member of the pool's first set; one added later starts joining
+        self.state_since = time.monotonic()
+        self.ramp_from = 0.0  # slow start: the weight ramps from ramp_from to ramp_until
+        self.ramp_until = 0.0
+        self.drain_at = 0.0  # draining: when its streams still here are moved elsewhere
+        self.leaving = False  # draining to leave the pool (removed), not to come back (drained)
         self.down_reason: str | None = None
         self.readmit_at = 0.0
         self.ejection_streak = 0  # ejections since the member last completed a request
@@ -118,10 +145,56 @@ class Member:
         self.consecutive_failures += 1
         return self.up and self.consecutive_failures >= threshold
 
+    def _become(self, state: str) -> None:
+        self.state = state
+        self.state_since = time.monotonic()
+        self.up = state == "ready"
+
+    def join(self) -> None:
+        """A member added at run time: no traffic until ``admit``."""
+        self._become("joining")
+        self.down_reason = "joining"
+
+    def admit(self, slow_start: float) -> None:
+        """Its health check and model list succeeded: ready, its weight ramping over
+        ``slow_start`` seconds (``ramp``, from the health loop)."""
+        self.readmit()
+        now = time.monotonic()
+        if slow_start > 0:
+            self.ramp_from, self.ramp_until = now, now + slow_start
+            self.ramp(now)
+
+    def ramp(self, now: float) -> None:
+        """Slow start: the weight grows with the time since admission, from a tenth to whole."""
+        if now >= self.ramp_until:
+            self.weight = self.base_weight
+            self.ramp_until = 0.0
+            return
+        span = self.ramp_until - self.ramp_from
+        self.weight = self.base_weight * max(0.1, (now - self.ramp_from) / span)
+
+    def drain(self, deadline: float, *, leaving: bool) -> None:
+        """No new requests from now; the ones in flight may finish here until ``deadline``."""
+        self.leaving = self.leaving or leaving
+        if self.state != "draining":
+            self.drain_at = deadline
+            self._become("draining")
+            self.down_reason = "draining"
+
+    def undrain(self) -> None:
+        """Back from draining: ready again (after a health check when it was ejected first)."""
+        self.leaving = False
+        self.readmit()
+
+    def leave(self) -> None:
+        """Out of the pool for good."""
+        self._become("gone")
+        self.down_reason = "gone"
+
     def eject(self, reason: str, config: PoolConfig) -> None:
         if not self.up:
             return
-        self.up = False
+        self._become("ejected")
         self.down_reason = reason
         self.ejections += 1
         self.ejection_streak += 1
@@ -131,7 +204,7 @@ class Member:
             task.cancel()  # pre-first-byte attempts on this member move elsewhere
 
     def readmit(self) -> None:
-        self.up = True
+        self._become("ready")
         self.down_reason = None
         self.consecutive_failures = 0
         self.health_failures = 0
@@ -153,6 +226,7 @@ class Member:
             "name": self.name,
             "url": self.url,
             "weight": self.weight,
+            "state": self.state,
             "in_flight": self.in_flight,
             "max_outstanding": self.limit,
             "healthy": self.up,

@@ -11,7 +11,14 @@ on a failure is a failover (``proxy/failover.py``), which asks ``may_fail_over``
 response, has been tried on at most ``max_retries`` members, another member that is up serves its
 model, and the ``RetryBudget`` has a token: retries in the last ``retry_budget_window`` seconds are
 at most ``retry_budget_ratio`` of the requests in it (or ``retry_budget_min``), so that when every
-member fails at once retries do not multiply the load. Each failover takes a token too.
+member fails at once retries do not multiply the load.
+
+``may_fail_over`` takes no token of that budget: a continuation is not extra work but the rest of
+work already admitted (the dead member's share of it), and in a small pool one member's death is
+most of the recent traffic, far beyond any ratio. It is bounded per stream instead: at most
+``failover_max`` continuations, each to a member the stream has not used (``avoid``), within the
+request's deadlines; so when every member fails at once the extra requests stay at most
+streams x ``failover_max``, and nothing is resent in a loop.
 
 Invariants: every slot ``open`` took is given back on every path that does not return it (the
 caller then owns it); an attempt awaited in ``guarded`` is in its member's ``pending`` set exactly
@@ -171,15 +178,12 @@ class Retries:
         return True
 
     def may_fail_over(self, model: str | None, avoid: frozenset[str], done: int) -> str | None:
-        """None when a stream may go on on another member now (a budget token taken); else why
-        not: ``limit``, ``no_member``, ``budget``."""
+        """None when a stream may go on on another member now; else why not: ``limit``,
+        ``no_member``. No retry-budget token is taken (see the module's docstring)."""
         if done >= self.config.failover_max:
             return "limit"
         if not any(m.up and m.name not in avoid and m.serves(model) for m in self.fleet.members):
             return "no_member"
-        if not self.budget.try_retry():
-            log.warning("retry budget exhausted: a stream is not continued elsewhere")
-            return "budget"
         self.failovers += 1
         return None
 
