@@ -3,8 +3,8 @@
 ``dns_server(tmp)`` starts dnsmasq with no system configuration (no /etc/dnsmasq.conf, no
 /etc/hosts, no upstream, no pid file), authoritative for ``test`` (an unknown name under it is
 NXDOMAIN), serving the records of a hosts file in ``tmp``. ``DnsServer.set`` rewrites that file and
-sends SIGHUP, then waits until the server answers with the new records, so a test that resolves
-afterwards sees them. ``--local-ttl`` is the TTL of every answer.
+sends SIGHUP, then waits until the server says it has read it again and (for a set that fits one
+message) answers with the new records, so a test that resolves afterwards sees them. ``--local-ttl`` is the TTL of every answer.
 """
 
 from __future__ import annotations
@@ -93,20 +93,33 @@ class DnsServer:
         self.records[name] = list(addresses)
         self._write()
         assert self.proc is not None
+        reads = self._reads()
         self.proc.send_signal(signal.SIGHUP)
-        self.wait_for({name: self.records[name]})
+        deadline = time.monotonic() + START_TIMEOUT
+        while self._reads() == reads:  # its log line: the file read again
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dnsmasq did not reload:\n{self._log_tail()}")
+            time.sleep(0.02)
+        if len(addresses) <= FULL_MESSAGE:
+            self.wait_for({name: self.records[name]})
+
+    def _reads(self) -> int:
+        return self.log.read_text(errors="replace").count(f"read {self.hosts} - ")
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
 
     def wait_for(self, records: dict[str, list[str]]) -> None:
         """Until the server answers each name with exactly its addresses (bounded)."""
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"dnsmasq exited:\n{self.log.read_text(errors='replace')}")
+                raise RuntimeError(f"dnsmasq exited:\n{self._log_tail()}")
             with contextlib.suppress(dns.exception.DNSException, OSError):
                 if all(_serves(self.query(n), a) for n, a in records.items()):
                     return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"dnsmasq does not serve {records}")
+                raise RuntimeError(f"dnsmasq does not serve {list(records)}:\n{self._log_tail()}")
             time.sleep(0.02)
 
     def query(self, name: str) -> list[str]:
@@ -114,7 +127,7 @@ class DnsServer:
         out: list[str] = []
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
             reply = dns.query.tcp(
-                dns.message.make_query(name, rdtype), "127.0.0.1", timeout=5, port=self.port
+                dns.message.make_query(name, rdtype), "127.0.0.1", timeout=15, port=self.port
             )
             out += [r.to_text() for rrset in reply.answer for r in rrset]
         return out

@@ -4,13 +4,20 @@ whose records each test changes (``tests/integration/dnsserver.py``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import chat_body, free_port, run_gateway, wait_for
 from tests.integration.dnsserver import DnsServer, dns_server
+from vllm_gateway.backends.pool.backend import PoolBackend
+from vllm_gateway.backends.pool.config import PoolConfig
 from vllm_gateway.backends.pool.discovery import DnsDiscovery, DnsTarget
+from vllm_gateway.settings import Settings
+from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
 
 NAME = "vllm-headless.default.test"
 PORT = 8000
@@ -23,7 +30,7 @@ class Applied:
         self.calls: list[list[str]] = []
         self.changed = asyncio.Event()
 
-    def __call__(self, urls: list[str]) -> None:
+    async def __call__(self, urls: list[str]) -> None:
         self.calls.append(urls)
         self.changed.set()
 
@@ -59,8 +66,8 @@ def source(
     )
 
 
-def urls(*hosts: str) -> list[str]:
-    return [f"http://{h}:{PORT}" for h in hosts]
+def urls(*hosts: str, port: int = PORT) -> list[str]:
+    return [f"http://{h}:{port}" for h in hosts]
 
 
 async def test_records_added_and_removed_are_the_members(tmp_path: Path) -> None:
@@ -170,7 +177,7 @@ async def test_ten_thousand_records_stay_bounded(tmp_path: Path) -> None:
     with dns_server(tmp_path, {NAME: ["10.0.0.1"]}) as server:
         server.set(NAME, many)  # more than one DNS message holds: the server cuts the answer
         applied = Applied()
-        dns = source(server, applied, max_members=50, timeout=20.0)
+        dns = source(server, applied, max_members=50, timeout=60.0)
         await dns.resolve()
         # The lowest 50 of the answer (which holds what one message can: about 4,000).
         answer = sorted(ipaddress.ip_address(a) for a in server.query(NAME))
@@ -196,3 +203,98 @@ def test_a_bad_source_is_refused_at_construction() -> None:
             max_members=1,
             nameservers=["127.0.0.1:53"],
         )
+
+
+# --- the pool's members from DNS, under load ---------------------------------------------------
+
+LOADED = SimulatorConfig(ttft=0.01, itl=0.01, tokens=30)
+FAST = PoolConfig(
+    health_interval=0.1, health_timeout=0.5, readmit_backoff=0.2, slow_start=1.0, drain_timeout=20.0
+)
+
+
+class Load:
+    """Clients sending streams and non-streamed requests back to back until ``stop``; every
+    answer that is not a 200 with a whole body (a stream: ``[DONE]``, no error event) is kept."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, clients: int) -> None:
+        self.client, self.url = client, url
+        self.done = 0
+        self.failed: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._run(i % 2 == 0)) for i in range(clients)]
+
+    async def _run(self, stream: bool) -> None:
+        while not self._stop.is_set():
+            body = chat_body(stream=stream, max_tokens=30)
+            async with self.client.stream(
+                "POST", self.url + "/v1/chat/completions", json=body
+            ) as resp:
+                text = (await resp.aread()).decode()
+            whole = "data: [DONE]" in text and '"error"' not in text if stream else True
+            if resp.status_code != 200 or not whole:
+                self.failed.append(f"{resp.status_code} {text[-300:]}")
+            self.done += 1
+
+    async def stop(self) -> None:
+        self._stop.set()
+        async with asyncio.timeout(60):
+            await asyncio.gather(*self._tasks)
+
+
+async def test_dns_records_changed_under_load_fail_no_request(tmp_path: Path) -> None:
+    port = free_port()
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    with dns_server(tmp_path, {NAME: hosts[:2]}) as server:
+        settings = Settings(
+            backend_discovery=f"dns://{NAME}:{port}",
+            backend_discovery_nameservers=(server.address,),
+            backend_discovery_min_interval=0.1,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            a, b, c = [
+                await stack.enter_async_context(run_simulator(LOADED, host=h, port=port))
+                for h in hosts
+            ]
+            pool = PoolBackend(settings, config=FAST)
+            gw = await stack.enter_async_context(run_gateway(settings, backend=pool))
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=60))
+            members = lambda: {d["url"]: d["state"] for d in pool.fleet.describe()}  # noqa: E731
+            a_url, b_url, c_url = urls(*hosts, port=port)
+            await wait_for(lambda: members() == {a_url: "ready", b_url: "ready"}, timeout=30)
+
+            load = Load(client, gw.url, clients=8)
+            await wait_for(lambda: load.done >= 20, timeout=60)
+
+            # A member added: it joins, passes its checks, ramps up, then takes its share.
+            server.set(NAME, hosts)
+            await wait_for(lambda: c_url in members(), timeout=30)
+            new = pool.fleet.find(c_url)
+            await wait_for(lambda: new.state == "ready", timeout=30)
+            await wait_for(lambda: new.weight == new.base_weight, timeout=30)
+            after_ramp = c.stats()["total"]
+            await wait_for(lambda: c.stats()["total"] >= after_ramp + 10, timeout=60)
+
+            # A member removed while it serves: no new request goes to it, the ones it holds end
+            # there (the drain deadline is far), and it leaves once it holds none.
+            await wait_for(lambda: a.stats()["running"] > 0, timeout=30)
+            server.set(NAME, hosts[1:])
+            old = pool.fleet.find(a_url)
+            await wait_for(lambda: old.state == "draining", timeout=30)
+            sent_to_old = a.stats()["total"]
+            await wait_for(lambda: a_url not in {m.url for m in pool.fleet.members}, timeout=30)
+            assert old.state == "gone"
+            assert a.stats()["completed"] == sent_to_old  # every request it held ended there
+            done_at_removal = load.done
+            await wait_for(lambda: load.done >= done_at_removal + 40, timeout=60)
+            await load.stop()
+
+            assert load.failed == []
+            assert a.stats()["total"] == sent_to_old  # nothing new after it began to drain
+            assert b.stats()["total"] > 0 and c.stats()["total"] > after_ramp
+            stats = pool.pool_stats()["discovery"]
+            assert stats["resolutions"]["error"] == 0
+            assert stats["members"] == 2
+            metrics = (await client.get(gw.url + "/metrics")).text
+            assert 'vllm_gateway_backend_discovery_resolutions_total{result="ok"}' in metrics
+            assert "vllm_gateway_backend_discovery_members 2" in metrics

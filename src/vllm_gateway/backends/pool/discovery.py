@@ -4,7 +4,9 @@
 each address NAME resolves to a member at PORT: ``http://10.0.0.7:8000``, ``http://[fd00::7]:8000``.
 The source resolves both record types with dnspython's async resolver, hands the set to its
 ``apply`` callback when it differs from the last one handed, and resolves again after the answers'
-TTL, raised to ``min_interval`` and lowered to ``max_interval``.
+TTL, raised to ``min_interval`` and lowered to ``max_interval``. The pool's ``apply`` is
+``Fleet.reconcile(urls, "dns")``: new addresses join (health check, then slow start), those gone
+from the answer drain, then leave.
 
 What a peer (the DNS server) can do, and what it costs:
 
@@ -18,11 +20,12 @@ What a peer (the DNS server) can do, and what it costs:
 - a huge answer: one DNS message is at most 64 KiB (a TCP length is two bytes), so one answer holds
   at most about 4,000 addresses; the set handed on is at most ``max_members`` of them, the lowest
   addresses (sorted, so every worker and every restart keeps the same ones); an answer cut to the
-  cap is counted (``truncated``) and logged when the cut starts.
+  cap (``pool_max_members``) is counted (``truncated``) and logged when the cut starts.
 
 Invariants: one background task, started by ``start`` and cancelled and awaited by ``aclose``;
 ``apply`` is called from that task (and from ``start``'s first round) only, never with an empty
-list, and only with a set that differs from the last one handed.
+list, and only with a set that differs from the last one handed (one that ``apply`` failed on is
+handed again at the next round).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -76,7 +79,7 @@ class DnsDiscovery:
     def __init__(
         self,
         target: DnsTarget,
-        apply: Callable[[list[str]], None],
+        apply: Callable[[list[str]], Awaitable[object]],
         *,
         min_interval: float,
         max_interval: float,
@@ -156,7 +159,7 @@ class DnsDiscovery:
             if not self._cut:
                 log.warning(
                     "backend discovery %s: %d addresses, more than the cap of %d; the lowest %d "
-                    "are the members (VLLM_BACKEND_DISCOVERY_MAX_MEMBERS)",
+                    "are the members (VLLM_POOL_MAX_MEMBERS)",
                     self.target,
                     len(addresses),
                     self.max_members,
@@ -171,8 +174,12 @@ class DnsDiscovery:
         self.last_ttl = min(ttls) if ttls else None
         if tuple(urls) != self.members:
             self._announce(urls)
+            try:
+                await self.apply(list(urls))
+            except Exception:  # the source outlives a bad round; the next one hands it again
+                log.exception("backend discovery %s: applying the members failed", self.target)
+                return self.min_interval
             self.members = tuple(urls)
-            self.apply(list(urls))
         ttl = self.last_ttl if self.last_ttl is not None else self.min_interval
         return min(max(ttl, self.min_interval), self.max_interval)
 
