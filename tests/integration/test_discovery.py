@@ -259,7 +259,10 @@ async def test_dns_records_changed_under_load_fail_no_request(tmp_path: Path) ->
             pool = PoolBackend(settings, config=FAST)
             gw = await stack.enter_async_context(run_gateway(settings, backend=pool))
             client = await stack.enter_async_context(httpx.AsyncClient(timeout=60))
-            members = lambda: {d["url"]: d["state"] for d in pool.fleet.describe()}  # noqa: E731
+
+            def members() -> dict[str, str]:
+                return {d["url"]: d["state"] for d in pool.fleet.describe()}
+
             a_url, b_url, c_url = urls(*hosts, port=port)
             await wait_for(lambda: members() == {a_url: "ready", b_url: "ready"}, timeout=30)
 

@@ -411,8 +411,8 @@ class Settings:
     backend_discovery_timeout: float = setting(
         POOL, 5.0, "VLLM_BACKEND_DISCOVERY_TIMEOUT_SECONDS", "--backend-discovery-timeout",
         parse.positive_float, "bound on one resolution; a failure keeps the last good members")
-    backend_discovery_nameservers: tuple[str, ...] = setting(
-        POOL, (), "VLLM_BACKEND_DISCOVERY_NAMESERVERS", "--backend-discovery-nameservers",
+    backend_discovery_nameservers: tuple[str, ...] | None = setting(
+        POOL, None, "VLLM_BACKEND_DISCOVERY_NAMESERVERS", "--backend-discovery-nameservers",
         parse.nameservers,
         "comma-separated ADDRESS[:PORT] of DNS servers to ask; empty: /etc/resolv.conf's")
     pool: PoolSettings = field(default_factory=PoolSettings, metadata=nested("pool_"))

@@ -257,8 +257,11 @@ def discovery(raw: str, var: str) -> str | None:
     return f"dns://{name}:{port}"
 
 
-def nameservers(raw: str, var: str) -> tuple[str, ...]:
-    """Comma-separated ``ADDRESS[:PORT]`` (an IPv6 address in brackets when a port follows)."""
+_SERVER = "ADDRESS[:PORT] (an IPv6 address in brackets: [fd00::a]:53)"
+
+
+def nameservers(raw: str, var: str) -> tuple[str, ...] | None:
+    """Comma-separated ``ADDRESS[:PORT]`` (an IPv6 address in brackets); empty: None."""
     out = []
     for item in str_list(raw, var):
         try:
@@ -266,8 +269,8 @@ def nameservers(raw: str, var: str) -> tuple[str, ...]:
             address = ipaddress.ip_address(parts.hostname or "")
             port = parts.port or 53
         except ValueError:
-            raise SettingsError(var, raw, f"{item!r} is not ADDRESS[:PORT]") from None
+            raise SettingsError(var, raw, f"{item!r} is not {_SERVER}") from None
         if parts.path or parts.username or (address.version == 6 and not item.startswith("[")):
-            raise SettingsError(var, raw, f"{item!r} is not ADDRESS[:PORT] ([v6]:PORT for IPv6)")
+            raise SettingsError(var, raw, f"{item!r} is not {_SERVER}")
         out.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
-    return tuple(out)
+    return tuple(out) or None

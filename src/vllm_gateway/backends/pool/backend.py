@@ -105,7 +105,7 @@ class PoolBackend(Backend):
                 max_interval=settings.backend_discovery_max_interval,
                 timeout=settings.backend_discovery_timeout,
                 max_members=cfg.max_members,
-                nameservers=settings.backend_discovery_nameservers,
+                nameservers=settings.backend_discovery_nameservers or (),
             )
 
     async def _discovered(self, urls: list[str]) -> None:
