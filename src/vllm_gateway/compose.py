@@ -25,8 +25,10 @@ from fastapi import FastAPI
 
 from vllm_gateway.backends.base import Backend
 from vllm_gateway.backends.factory import build_backend
+from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.edge.api import create_api
 from vllm_gateway.edge.frontdoor import FrontDoor
+from vllm_gateway.observability import access_log
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.metrics import GatewayMetrics, backend_name
@@ -66,6 +68,12 @@ class App:
         self.health = health
         self._tracer = tracer
         self._supervisor = supervisor
+
+    def reload(self) -> None:
+        """SIGHUP: a pool reads its backends file now."""
+        backend = self.gateway.backend
+        if isinstance(backend, PoolBackend):
+            backend.reload()
 
     @property
     def budget(self) -> BufferBudget:
@@ -139,6 +147,11 @@ def create_app(
     gateway = Gateway(
         settings, backend if backend is not None else build_backend(settings), admission
     )
+    if isinstance(gateway.backend, PoolBackend):
+        # Each change of a member's lifecycle state is a line of the access log.
+        gateway.backend.fleet.on_state.append(
+            lambda m: access_log.member_state(m.name, m.url, m.state, m.source, m.in_flight)
+        )
     # The probes and the backend_healthy gauge share this one check.
     health = BackendHealth(gateway.backend.check_health, min(2.0, settings.connect_timeout))
     metrics = GatewayMetrics(gateway, health)

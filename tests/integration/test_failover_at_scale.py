@@ -25,7 +25,7 @@ from vllm_gateway_tools.soak import SimulatorProcess
 pytestmark = pytest.mark.timeout(180)
 
 STREAMS = 64
-TOKENS = 96
+TOKENS = 256  # 5 s a stream at 20 ms a token: still generating when the member dies
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -90,7 +90,7 @@ async def test_one_of_two_members_killed_under_64_streams_breaks_none_with_defau
     with SimulatorProcess(*pace) as first, SimulatorProcess(*pace) as second:
         async with run_gateway(Settings(backend_urls=(first.url, second.url))) as gw:
             expected = await _unbroken(gw.url)
-            streams = Streams(gw.url, at=TOKENS // 4)
+            streams = Streams(gw.url, at=8)
             gathered, client = await streams.run()
             async with client:
                 await asyncio.wait_for(streams.ready.wait(), 60)
@@ -150,3 +150,21 @@ async def test_every_member_failing_at_once_ends_each_stream_and_bounds_the_extr
         assert f'outcome="resumed"}} {STREAMS * failover_max}' in metrics.replace(
             'reason="connection_lost",', ""
         )
+
+
+async def test_every_member_sigkilled_at_once_ends_each_stream_with_its_error_event() -> None:
+    pace = ("--ttft", "0.02", "--itl", "0.02")
+    with SimulatorProcess(*pace) as first, SimulatorProcess(*pace) as second:
+        async with run_gateway(Settings(backend_urls=(first.url, second.url))) as gw:
+            streams = Streams(gw.url, at=8)
+            gathered, client = await streams.run()
+            async with client:
+                await asyncio.wait_for(streams.ready.wait(), 60)
+                first.kill()
+                second.kill()
+                results = await gathered
+            await wait_for(lambda: gw.gateway.admission.in_flight == 0)
+    for raw in results:
+        assert b"data: [DONE]" not in raw
+        last = raw.rstrip().rsplit(b"data: ", 1)[-1]
+        assert b'"error"' in last and b"backend_unavailable" in last

@@ -91,7 +91,7 @@ async def test_an_added_member_gets_traffic_only_after_its_checks_then_ramps_up(
         run_simulator(PACE) as a,
         run_simulator(PACE) as b,
         run_simulator(PACE) as c,
-        gateway([a.url, b.url], slow_start=1.0) as (gw, pool),
+        gateway([a.url, b.url], slow_start=3.0) as (gw, pool),
         httpx.AsyncClient(timeout=30) as client,
     ):
         c.configure(unhealthy=True)
@@ -103,7 +103,7 @@ async def test_an_added_member_gets_traffic_only_after_its_checks_then_ramps_up(
         c.configure(unhealthy=False)
         await wait_for(lambda: member.state == "ready")
         assert member.weight < member.base_weight  # ramping
-        await wait_for(lambda: member.weight == member.base_weight, timeout=10)
+        await wait_for(lambda: member.weight == member.base_weight, timeout=30)
         results = await asyncio.gather(*(_chat(client, gw.url) for _ in range(30)))
         assert all(r.status_code == 200 for r in results)
         assert c.stats()["total"] > 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 __all__ = [
+    "MEMBER_STATES",
     "Backend",
     "BackendStats",
     "Charge",
@@ -106,6 +107,11 @@ class UpstreamResponse(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release the response; if it has not ended, abort the work behind it."""
+
+
+# A pool member's lifecycle states (backends/pool/member.py), in the order a member goes through
+# them; metrics and the status page name them.
+MEMBER_STATES = ("joining", "ready", "draining", "ejected", "gone")
 
 
 class BackendStats(TypedDict, total=False):

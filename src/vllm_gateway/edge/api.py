@@ -1,5 +1,6 @@
 """The FastAPI app of the routes off the hot path: health, readiness, the model list, ``/metrics``,
-the status page and its data, and the error handlers that give them the gateway's error shape.
+the status page and its data, the admin API of a pool's members (``admin.py``), and the error
+handlers that give them the gateway's error shape.
 The composition root (``compose.py``) builds it from the parts it serves and puts it behind the
 front door; the app has no lifespan of its own (the composition root starts and stops the parts).
 
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_gateway import __version__, errors
 from vllm_gateway.backends.base import Backend, UpstreamRequest
+from vllm_gateway.edge.admin import add_admin_routes
 from vllm_gateway.edge.openapi import relayed_paths
 from vllm_gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from vllm_gateway.identity import ANONYMOUS
@@ -144,6 +146,7 @@ def create_api(
         data = board.snapshot(window, None if everyone else identity.tenant)
         return JSONResponse(data, headers={"cache-control": "no-store"})
 
+    add_admin_routes(api, gateway)
     return api
 
 

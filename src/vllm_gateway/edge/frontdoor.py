@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from starlette.routing import Match
 
 from vllm_gateway import errors
+from vllm_gateway.edge.admin import ADMIN_PREFIX
 from vllm_gateway.edge.asgi import serve_asgi
 from vllm_gateway.edge.auth import KeyRing
 from vllm_gateway.edge.clients import ClientResolver
@@ -100,6 +101,8 @@ class FrontDoor:
             ex.render_error = route.protocol.error_body
         if route is not None and route.kind == "admin" and not preflight:
             return self._admit_admin(ex, route, found[1] if found is not None else None)
+        if route is None and self._admin_keys and path.startswith(ADMIN_PREFIX) and not preflight:
+            return self._admit_gateway_admin(ex)
         ctx = ex.context
         identity = ANONYMOUS
         if self._keys and path not in OPEN_ROUTES and not preflight:
@@ -145,6 +148,26 @@ class FrontDoor:
         ctx.route, ctx.param = route, param  # param: an adapter's name
         ctx.admin = True
         return self._admit_route(ex, route)
+
+    def _admit_gateway_admin(self, ex: Exchange) -> GatewayError | None:
+        """The gateway's own admin API (``edge/admin.py``), open to the admin keys only. Without
+        admin keys it takes the ordinary way (a client key, when keys are set) to routes that
+        answer 404 to anyone who is not admin."""
+        identity = self._admin_keys.identify(ex.headers)
+        if identity is None:
+            admin_log.warning(
+                "admin route %s %s refused: no valid admin key (request %s)",
+                ex.method,
+                ex.path,
+                ex.request_id,
+            )
+            return errors.Forbidden()
+        ctx = ex.context
+        ctx.identity = identity
+        ctx.client_address = ex.client[0] if ex.client else None
+        ctx.admin = True
+        ex.body_limit = _SMALL_BODY
+        return None
 
     def _admit_route(self, ex: Exchange, route: Route) -> GatewayError | None:
         if ex.method not in route.methods:

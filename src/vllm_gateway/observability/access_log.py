@@ -1,4 +1,6 @@
-"""The access log: one line per ended request, logger ``vllm_gateway.access``, level INFO.
+"""The access log: one line per ended request, logger ``vllm_gateway.access``, level INFO; and
+one line per change of a pool member's lifecycle state (``member_state``), so that a request's
+line can be read beside what its backend was doing.
 
 ``write`` builds the line's fields (the JSON formatter prints them; docs/observability.md names
 each) and its text (the text formatter prints that). The observer calls it only when the logger is
@@ -13,7 +15,7 @@ from typing import Any
 from vllm_gateway.observability.status import clip
 from vllm_gateway.proxy.record import CallRecord
 
-__all__ = ["logger", "write"]
+__all__ = ["logger", "member_state", "write"]
 
 logger = logging.getLogger("vllm_gateway.access")
 
@@ -85,4 +87,25 @@ def write(
         "-" if completion is None else completion,
         *args,
         extra=fields,
+    )
+
+
+def member_state(name: str, url: str, state: str, source: str, in_flight: int) -> None:
+    """A pool member entered ``state`` (joining, ready, draining, ejected, gone)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    logger.info(
+        "backend %s state=%s source=%s in_flight=%d",
+        name,
+        state,
+        source,
+        in_flight,
+        extra={
+            "event": "backend_state",
+            "backend": name,
+            "backend_url": url,
+            "state": state,
+            "source": source,
+            "in_flight": in_flight,
+        },
     )

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from vllm_gateway import errors
-from vllm_gateway.backends.base import BackendStats
+from vllm_gateway.backends.base import MEMBER_STATES, BackendStats
 from vllm_gateway.observability.connections import ConnectionStats
 from vllm_gateway.observability.health import BackendHealth
 from vllm_gateway.observability.prometheus import Counter, Gauge, Histogram, Registry
@@ -222,6 +222,16 @@ class GatewayMetrics:
         )
         r.register(
             Gauge(
+                "vllm_gateway_backend_state",
+                "1 for a pool member's lifecycle state now (joining, ready, draining, ejected, "
+                "gone), 0 for the others.",
+                self._backend_states,
+                ("backend", "state"),
+                merge="max",
+            )
+        )
+        r.register(
+            Gauge(
                 "vllm_gateway_backend_connections",
                 "HTTP connections held to the backend now, idle or busy.",
                 lambda: self._connection_counts("open"),
@@ -360,6 +370,15 @@ class GatewayMetrics:
             if value is None:
                 continue  # unknown (no health check yet): no sample rather than a wrong one
             yield (str(entry.get("name", "backend")),), float(value)
+
+    def _backend_states(self) -> Iterable[tuple[tuple[str, ...], float]]:
+        for entry in self.backend_stats():
+            state = entry.get("state")
+            if state is None:
+                continue  # one backend, not a pool: no lifecycle
+            name = str(entry.get("name", "backend"))
+            for each in MEMBER_STATES:
+                yield (name, each), 1.0 if each == state else 0.0
 
     def _connection_counts(
         self, key: Literal["open", "opened"]

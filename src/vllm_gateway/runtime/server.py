@@ -71,11 +71,12 @@ class GatewayRunner:
             # Before anything else: a signal during startup drains (nothing) and exits 0.
             for sig in HANDLED_SIGNALS:
                 loop.add_signal_handler(sig, self.on_signal)
+            loop.add_signal_handler(signal.SIGHUP, self.app.reload)  # re-read the backends file
         try:
             await self._serve(sock)
         finally:
             if self._handle_signals:
-                for sig in HANDLED_SIGNALS:
+                for sig in (*HANDLED_SIGNALS, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
             await self._stop_drain()
 

@@ -10,7 +10,8 @@ them (the others' snapshots come through the supervisor).
 Signals: the supervisor installs its handlers before it binds or spawns. The first SIGTERM/SIGINT
 closes the admission (queued requests get 503 ``shutting_down``) and is forwarded to every worker
 (each drains on its own); the supervisor waits for them up to the drain deadline plus a margin,
-then kills what is left. A second signal kills them at once. A worker that dies while the gateway
+then kills what is left. A second signal kills them at once. A SIGHUP is forwarded to every
+worker: each re-reads the backends file for its own pool. A worker that dies while the gateway
 is serving is restarted; the permits it held are released when its socket closes.
 """
 
@@ -81,6 +82,8 @@ def _worker_main(
     # Until the server installs its drain-first handlers, a SIGTERM (the supervisor stopping
     # soon after start) ends a worker that has accepted nothing with status 0, not -SIGTERM.
     signal.signal(signal.SIGTERM, _exit_before_serving)
+    # A SIGHUP (the supervisor forwarding one) before the server takes it must not end the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     started.set()
     _detach_from_terminal_group()
     from vllm_gateway.compose import create_app
@@ -153,6 +156,7 @@ class _Supervisor:
         # in that window must stop the gateway cleanly, not kill the supervisor.
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.on_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.on_hangup)
         sock = _bind(self.settings)
         try:
             for i in range(self.settings.workers):
@@ -193,10 +197,17 @@ class _Supervisor:
                     await self.start(i, sock)
             return await self._wait_for_exit()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.coordinator.aclose()
             sock.close()
+
+    def on_hangup(self) -> None:
+        """SIGHUP: each worker re-reads the backends file (each keeps its own pool)."""
+        for proc in self.procs:
+            if proc is not None and proc.pid is not None and proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGHUP)
 
     async def _wait_for_exit(self) -> int:
         procs = [p for p in self.procs if p is not None]

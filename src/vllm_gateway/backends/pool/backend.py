@@ -12,7 +12,8 @@ lifecycle (``start`` and ``aclose``, in that order and the reverse); each job is
 - ``holders.py``: which member holds a stored response;
 - ``broadcast.py``, ``model_list.py``: admin requests to every member; the merged model list;
 - ``health.py``: the background checks, the watchdog and readmission;
-- ``discovery.py``: members from DNS (``VLLM_BACKEND_DISCOVERY``), reconciled into the fleet.
+- ``discovery.py``: members from DNS (``VLLM_BACKEND_DISCOVERY``), reconciled into the fleet;
+- ``file_source.py``: the backends file, re-read when it changes (and on SIGHUP).
 
 ``send`` sends a request: ``GET /v1/models`` and admin requests to every member, any other to one
 member (the holder of the stored response it names, when one is found; never a member in
@@ -21,11 +22,14 @@ member (the holder of the stored response it names, when one is found; never a m
 Invariants: the parts are built here and nowhere else, each given the one ``Fleet``; ``start``
 starts the members' clients, then DNS discovery (its first answer's members join), then the health
 task (whose first round admits those that pass and marks the members that are down at start),
-then cache-aware routing's task; ``aclose`` stops them in the reverse order.
+then cache-aware routing's task, then the backends file's watcher; ``aclose`` stops them in the
+reverse order.
 """
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
 from vllm_gateway.backends.base import Backend, BackendStats, UpstreamRequest, UpstreamResponse
@@ -40,6 +44,7 @@ from vllm_gateway.backends.pool.config import (
     specs_from_urls,
 )
 from vllm_gateway.backends.pool.discovery import DnsDiscovery, DnsTarget
+from vllm_gateway.backends.pool.file_source import BackendsFile
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.health import PoolHealth
 from vllm_gateway.backends.pool.holders import Holders
@@ -107,6 +112,13 @@ class PoolBackend(Backend):
                 max_members=cfg.max_members,
                 nameservers=settings.backend_discovery_nameservers or (),
             )
+        self.file: BackendsFile | None = None
+        if source == "file" and settings.backends_file:
+            self.file = BackendsFile(
+                settings.backends_file, self.fleet, settings.backends_file_poll
+            )
+            with contextlib.suppress(OSError):
+                self.file.seen(Path(settings.backends_file).read_bytes())
 
     async def _discovered(self, urls: list[str]) -> None:
         await self.fleet.reconcile(urls, "dns")
@@ -130,8 +142,12 @@ class PoolBackend(Backend):
         await self.health.start()
         if self.cache_aware is not None:
             await self.cache_aware.start()
+        if self.file is not None:
+            await self.file.start()
 
     async def aclose(self) -> None:
+        if self.file is not None:
+            await self.file.aclose()
         if self.cache_aware is not None:
             await self.cache_aware.aclose()
         await self.health.aclose()
@@ -139,6 +155,11 @@ class PoolBackend(Backend):
             await self.discovery.aclose()
         for m in self.fleet.members:
             await m.backend.aclose()
+
+    def reload(self) -> None:
+        """Read the backends file now (SIGHUP); nothing without one."""
+        if self.file is not None:
+            self.file.wake()
 
     def describe(self) -> list[dict[str, Any]]:
         """Each member with its lifecycle state (the admin API's list)."""
@@ -189,6 +210,7 @@ class PoolBackend(Backend):
         if self.cache_aware is not None:
             for entry, m in zip(stats, members, strict=True):
                 entry["cache"] = self.cache_aware.member_stats(m)
+        stats.extend(m.stats() for m in self.fleet.gone)  # the last ones gone (bounded)
         return stats
 
     def pool_stats(self) -> dict[str, Any]:

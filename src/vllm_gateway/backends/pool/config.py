@@ -32,7 +32,14 @@ from urllib.parse import urlsplit
 
 from vllm_gateway.settings import ROUTINGS, PoolSettings
 
-__all__ = ["ROUTINGS", "BackendSpec", "PoolConfig", "load_backends_file", "specs_from_urls"]
+__all__ = [
+    "ROUTINGS",
+    "BackendSpec",
+    "PoolConfig",
+    "load_backends_file",
+    "parse_backends_text",
+    "specs_from_urls",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +68,12 @@ def load_backends_file(path: str | Path) -> list[BackendSpec]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"backends file {p}: cannot be read ({exc.strerror})") from None
+    return parse_backends_text(text, str(p))
+
+
+def parse_backends_text(text: str, path: str) -> list[BackendSpec]:
+    """A backends file's contents, parsed and checked (``ValueError`` naming the entry)."""
+    p = Path(path)
     data: Any
     if p.suffix.lower() == ".json" or text.lstrip().startswith(("{", "[")):
         try:

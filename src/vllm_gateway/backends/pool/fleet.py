@@ -68,6 +68,9 @@ class Fleet:
         self.members = members
         self.config = config
         self._make = make  # builds a member for a spec (its backend not started)
+        self.on_state: list[Callable[[Member], None]] = []  # a member's state changed (logs)
+        for m in members:
+            m.notify = self._state_changed
         self.on_leave: list[Callable[[Member], None]] = []  # each called when a member is ejected
         self.on_join: list[Callable[[Member], None]] = []  # a member was added (before routing)
         self.on_ready: list[Callable[[], None]] = []  # a member became ready (waiters re-check)
@@ -132,6 +135,7 @@ class Fleet:
             raise RuntimeError("this fleet cannot build members")
         member = self._make(spec)
         member.source = source
+        member.notify = self._state_changed
         member.join()
         for listener in self.on_join:
             listener(member)
@@ -244,6 +248,10 @@ class Fleet:
             listener()
 
     # --- internals -------------------------------------------------------------------------
+
+    def _state_changed(self, member: Member) -> None:
+        for listener in self.on_state:
+            listener(member)
 
     def _drain(self, member: Member, *, leaving: bool) -> None:
         if member.state != "draining" and member.state != "joining":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vllm_gateway.backends.base import Backend, BackendStats
@@ -34,10 +35,7 @@ from vllm_gateway.backends.pool.engine_metrics import EngineGauges
 if TYPE_CHECKING:
     from vllm_gateway.backends.pool.cache_index import MemberCache
 
-__all__ = ["STATES", "Member"]
-
-# A member's lifecycle states, in the order a member normally goes through them.
-STATES = ("joining", "ready", "draining", "ejected", "gone")
+__all__ = ["Member"]
 
 
 class Member:
@@ -61,6 +59,7 @@ class Member:
         "limit",
         "models",
         "name",
+        "notify",
         "pending",
         "ramp_from",
         "ramp_until",
@@ -85,6 +84,7 @@ class Member:
     ) -> None:
         self.spec = spec
         self.source = "start"  # where it came from: start, file, admin, dns (``Fleet.reconcile``)
+        self.notify: Callable[[Member], None] | None = None  # told each state change (the fleet)
         self.url = spec.url
         self.name = spec.name or spec.url
         self.weight = self.base_weight = spec.weight
@@ -146,9 +146,12 @@ class Member:
         return self.up and self.consecutive_failures >= threshold
 
     def _become(self, state: str) -> None:
+        changed = state != self.state
         self.state = state
         self.state_since = time.monotonic()
         self.up = state == "ready"
+        if changed and self.notify is not None:
+            self.notify(self)
 
     def join(self) -> None:
         """A member added at run time: no traffic until ``admit``."""
