@@ -19,6 +19,7 @@ from vllm_gateway.backends.pool.config import PoolConfig
 from vllm_gateway.backends.pool.fleet import FleetFull
 from vllm_gateway.settings import Settings
 from vllm_gateway_tools.simulator import SimulatorConfig, run_simulator
+from vllm_gateway_tools.soak import SimulatorProcess
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -216,3 +217,29 @@ async def test_a_flapping_member_stays_bounded() -> None:
             fleet.remove(b.url)
         await wait_for(lambda: len(fleet.members) == 1)
         assert len(fleet.describe()) <= 1 + 16  # the members, and the last ones gone
+
+
+async def test_a_draining_member_that_dies_first_moves_its_streams_at_once() -> None:
+    pace = ("--ttft", "0.01", "--itl", "0.05")
+    with SimulatorProcess(*pace) as a, SimulatorProcess(*pace) as b:
+        async with (
+            gateway([a.url, b.url], drain_timeout=600.0) as (gw, pool),
+            httpx.AsyncClient(timeout=60) as client,
+        ):
+            task = asyncio.create_task(_stream(client, gw.url, 60))
+            first = await _busy(pool)
+            pool.fleet.drain(first.url)
+            for _ in range(3):  # a few more chunks from the draining member: it is mid-stream
+                mark = first.last_progress
+                await wait_for(lambda: first.last_progress > mark)  # noqa: B023
+            (a if first.url == a.url else b).kill()  # SIGKILL, long before its drain deadline
+            raw = await asyncio.wait_for(task, 30)
+            assert _text(raw, 60) and raw.count("data: [DONE]") == 1
+            metrics = gw.app.observer.metrics.render()
+            assert 'outcome="resumed"} 1' in metrics
+
+
+def test_a_pool_given_more_members_than_its_cap_fails_at_start() -> None:
+    urls = tuple(f"http://127.0.0.1:{port}" for port in (1, 2, 3))
+    with pytest.raises(ValueError, match="holds 2 at most"):
+        PoolBackend(Settings(backend_urls=urls), config=PoolConfig(max_members=2))

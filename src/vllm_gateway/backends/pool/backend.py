@@ -87,7 +87,12 @@ class PoolBackend(Backend):
             backend = HTTPBackend.from_settings(settings, spec.url, spec.name or spec.url)
             return Member(spec, cfg, backend)
 
-        self.fleet = Fleet([make(s) for s in specs[: cfg.max_members]], cfg, make)
+        if len(specs) > cfg.max_members:
+            raise ValueError(
+                f"{len(specs)} backends given; a pool holds {cfg.max_members} at most "
+                "(VLLM_POOL_MAX_MEMBERS)"
+            )
+        self.fleet = Fleet([make(s) for s in specs], cfg, make)
         source = "file" if settings.backends_file and specs_given is None else "start"
         for m in self.fleet.members:
             m.source = source
