@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import chat_body, free_port, run_gateway, wait_for
+from tests.conftest import chat_body, free_port, run_gateway, spawn_gateway, wait_for
 from tests.integration.dnsserver import DnsServer, dns_server
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.config import PoolConfig
@@ -301,3 +301,60 @@ async def test_dns_records_changed_under_load_fail_no_request(tmp_path: Path) ->
             metrics = (await client.get(gw.url + "/metrics")).text
             assert 'vllm_gateway_backend_discovery_resolutions_total{result="ok"}' in metrics
             assert "vllm_gateway_backend_discovery_members 2" in metrics
+
+
+async def test_every_worker_follows_the_records(tmp_path: Path) -> None:
+    # Each worker resolves the name for its own pool: a worker that did not would have no member
+    # and fail its requests at the (short) queue wait.
+    port = free_port()
+    with dns_server(tmp_path, {NAME: ["127.0.0.2"]}) as server:
+        async with (
+            run_simulator(LOADED, host="127.0.0.2", port=port) as a,
+            run_simulator(LOADED, host="127.0.0.3", port=port) as b,
+        ):
+            env = {
+                "VLLM_BACKEND_DISCOVERY": f"dns://{NAME}:{port}",
+                "VLLM_BACKEND_DISCOVERY_NAMESERVERS": server.address,
+                "VLLM_BACKEND_DISCOVERY_MIN_INTERVAL_SECONDS": "0.2",
+                "VLLM_POOL_HEALTH_INTERVAL_SECONDS": "0.2",
+                "VLLM_POOL_SLOW_START_SECONDS": "0",
+                "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS": "5",
+            }
+            with spawn_gateway(env, "--workers", "2", name="workers-dns") as gw:
+
+                async def send(n: int) -> list[int]:
+                    # Separate connections, so the kernel spreads them over both workers.
+                    async def one() -> int:
+                        async with httpx.AsyncClient(timeout=30) as c:
+                            body = chat_body(max_tokens=4)
+                            r = await c.post(gw.url + "/v1/chat/completions", json=body)
+                            return r.status_code
+
+                    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+                async def until_ready() -> None:
+                    while True:
+                        with contextlib.suppress(httpx.TransportError):
+                            async with httpx.AsyncClient(timeout=5) as c:
+                                if (await c.get(gw.url + "/health/ready")).status_code == 200:
+                                    return
+                        await asyncio.sleep(0.1)
+
+                await asyncio.wait_for(until_ready(), 30)
+                assert await send(30) == [200] * 30
+                assert b.stats()["total"] == 0
+
+                server.set(NAME, ["127.0.0.3"])  # a replaced: b joins, a drains and goes
+
+                async def a_left() -> None:  # until a round sends a nothing
+                    while True:
+                        seen = a.stats()["total"]
+                        assert await send(10) == [200] * 10
+                        if a.stats()["total"] == seen:
+                            return
+
+                await asyncio.wait_for(a_left(), 60)
+                left_at = a.stats()["total"]
+                assert await send(30) == [200] * 30  # over both workers: none sends to a
+                assert a.stats()["total"] == left_at
+                assert b.stats()["total"] >= 30
