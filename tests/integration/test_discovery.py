@@ -190,6 +190,31 @@ async def test_ten_thousand_records_stay_bounded(tmp_path: Path) -> None:
         assert len(applied.calls) == 1
 
 
+async def test_a_set_the_pool_failed_to_take_is_handed_again(tmp_path: Path) -> None:
+    with dns_server(tmp_path, {NAME: ["10.0.0.1"]}) as server:
+        calls: list[list[str]] = []
+
+        async def apply(urls: list[str]) -> None:
+            calls.append(urls)
+            if len(calls) == 1:
+                raise RuntimeError("the pool refused it")
+
+        dns = DnsDiscovery(
+            DnsTarget(NAME, PORT),
+            apply,
+            min_interval=0.5,
+            max_interval=30.0,
+            timeout=5.0,
+            max_members=8,
+            nameservers=[server.address],
+        )
+        assert await dns.resolve() == 0.5  # failed: soon again, nothing taken as applied
+        assert dns.members == ()
+        await dns.resolve()
+        assert calls == [urls("10.0.0.1"), urls("10.0.0.1")]
+        assert dns.members == tuple(urls("10.0.0.1"))
+
+
 def test_a_bad_source_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="dns://NAME:PORT"):
         DnsTarget.parse("http://vllm:8000")
