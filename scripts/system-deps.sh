@@ -20,6 +20,7 @@ NEEDED=(
     "runc|the container runtime podman uses here (the default crun fails on this machine's limits)"
     "catatonit|PID 1 of the test container (podman run --init), so podman stop delivers SIGTERM"
     "debootstrap|makes the container's Debian base image locally (no registry is reachable)"
+    "dnsmasq|a real DNS server on loopback whose records the tests change (tests/integration/test_discovery.py)"
 )
 
 say() { printf '[system-deps] %s\n' "$*"; }

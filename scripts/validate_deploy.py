@@ -294,8 +294,10 @@ def k8s_meaning_problems(docs: list[dict[str, Any]], *, defaults: bool = True) -
                 f"gateway: terminationGracePeriodSeconds {grace} must exceed preStop "
                 f"{pre[1]} s + drain {drain:g} s"
             )
+    data = cm["data"]
+    if ("VLLM_BACKEND_URL" in data) == ("VLLM_BACKEND_DISCOVERY" in data):
+        problems.append("gateway ConfigMap: want one of VLLM_BACKEND_URL, VLLM_BACKEND_DISCOVERY")
     for var in (
-        "VLLM_BACKEND_URL",
         "VLLM_MAX_CONCURRENT_REQUESTS",
         "VLLM_QUEUE_WAIT_TIMEOUT_SECONDS",
         "VLLM_REQUEST_TIMEOUT_SECONDS",
@@ -330,8 +332,35 @@ def k8s_meaning_problems(docs: list[dict[str, Any]], *, defaults: bool = True) -
                 problems.append(f"vllm: {flag} missing from args")
             elif defaults and value is not None and flag_values(args, flag) != [value]:
                 problems.append(f"vllm: {flag} is {flag_values(args, flag)}, want {value}")
-        if not _find(docs, "Service", "vllm"):
+        service = _find(docs, "Service", "vllm")
+        if not service:
             problems.append("vllm: Service missing")
+        elif "VLLM_BACKEND_DISCOVERY" in data and service["spec"].get("clusterIP") != "None":
+            problems.append("vllm: the Service the gateway discovers must be headless")
+        problems += _vllm_drain_problems(vpod, vctr, data)
+    return problems
+
+
+def _vllm_drain_problems(
+    vpod: dict[str, Any], vctr: dict[str, Any], data: dict[str, str]
+) -> list[str]:
+    """vLLM's preStop hook waits past the gateway's drain deadline, and the kubelet past it."""
+    pre = vctr.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    if pre[-1:] != ["/etc/vllm-gateway/drain.py"]:
+        return [f"vllm: preStop should run the drain hook, is {pre}"]
+    env = {e["name"]: e.get("value") for e in vctr.get("env", [])}
+    wait = float(env.get("DRAIN_SECONDS") or 0)
+    deadline = float(data.get("VLLM_POOL_DRAIN_TIMEOUT_SECONDS", 30))
+    grace = vpod.get("terminationGracePeriodSeconds", 30)
+    problems = []
+    if wait <= deadline:
+        problems.append(
+            f"vllm: preStop waits {wait:g} s, not past the drain deadline {deadline:g} s"
+        )
+    if grace <= wait:
+        problems.append(
+            f"vllm: terminationGracePeriodSeconds {grace} must exceed preStop {wait:g} s"
+        )
     return problems
 
 

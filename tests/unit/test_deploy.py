@@ -493,6 +493,88 @@ def test_chart_without_autoscaling_sets_replicas_and_external_backend() -> None:
     assert vd.k8s_schema_problems(docs) == []
 
 
+def test_chart_gateway_discovers_the_vllm_pods_through_their_headless_service() -> None:
+    from vllm_gateway.settings import load_settings
+
+    docs = vd.load_manifests(vd.K8S_MANIFESTS.read_text())
+    data = vd._find(docs, "ConfigMap", "gateway")["data"]
+    assert "VLLM_BACKEND_URL" not in data
+    assert (
+        data["VLLM_BACKEND_DISCOVERY"] == "dns://vllm-gateway-vllm.default.svc.cluster.local:8000"
+    )
+    settings = load_settings(data)  # the gateway's own parser takes the ConfigMap as it is
+    assert settings.backend_discovery == data["VLLM_BACKEND_DISCOVERY"]
+    assert settings.pool.drain_timeout == 30
+    service = vd._find(docs, "Service", "vllm")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["name"] == "vllm-gateway-vllm"
+    vllm = vd._find(docs, "Deployment", "vllm")
+    assert vllm["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    # No admin key by default: the pod leaves through DNS only, and no gateway pods Service.
+    assert vd._find(docs, "Service", "gateway-pods") is None
+
+
+def test_chart_vllm_grace_period_is_dns_lag_plus_drain_deadline_plus_margin() -> None:
+    docs = _render(
+        {
+            "vllm": {"dnsLagSeconds": 7, "terminationGraceMarginSeconds": 20},
+            "gateway": {"drainTimeoutSeconds": 45.5},
+        }
+    )
+    pod = vd._find(docs, "Deployment", "vllm")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["DRAIN_SECONDS"] == str(7 + 46)
+    assert pod["terminationGracePeriodSeconds"] == 7 + 46 + 20
+    assert vd._find(docs, "ConfigMap", "gateway")["data"]["VLLM_POOL_DRAIN_TIMEOUT_SECONDS"] == (
+        "45.5"
+    )
+    hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook == ["python3", "/etc/vllm-gateway/drain.py"]
+    assert vd.k8s_meaning_problems(docs) == []
+    pod["terminationGracePeriodSeconds"] = 53
+    assert any("must exceed preStop" in p for p in vd.k8s_meaning_problems(docs))
+
+
+def test_chart_with_admin_keys_drains_through_every_gateway_pod() -> None:
+    docs = _render({"gateway": {"adminApiKeys": {"values": ["adm1"]}}})
+    secret = vd._find(docs, "Secret", "gateway-admin")
+    assert secret["stringData"]["admin-api-keys"] == "adm1"
+    gw_env = vd._find(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    assert gw_env == [
+        {
+            "name": "VLLM_ADMIN_API_KEYS",
+            "valueFrom": {
+                "secretKeyRef": {"name": secret["metadata"]["name"], "key": "admin-api-keys"}
+            },
+        }
+    ]
+    pods = vd._find(docs, "Service", "gateway-pods")
+    assert pods["spec"]["clusterIP"] == "None"
+    vctr = vd._find(docs, "Deployment", "vllm")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in vctr["env"]}
+    assert env["GATEWAY_PODS"]["value"] == (
+        f"{pods['metadata']['name']}.default.svc.cluster.local:7000"
+    )
+    assert (
+        env["DRAIN_ADMIN_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
+    )
+    assert vd.k8s_schema_problems(docs) == []
+    assert vd.k8s_meaning_problems(docs) == []
+
+
+def test_chart_with_a_backend_url_sets_no_discovery() -> None:
+    docs = _render({"gateway": {"backendUrl": "http://a:8000"}})
+    data = vd._find(docs, "ConfigMap", "gateway")["data"]
+    assert data["VLLM_BACKEND_URL"] == "http://a:8000"
+    assert "VLLM_BACKEND_DISCOVERY" not in data
+    assert vd.k8s_meaning_problems(docs) == []
+
+
 # --- dashboard and alerts ----------------------------------------------------------------------
 
 

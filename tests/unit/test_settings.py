@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,57 @@ def test_serve_help_groups_the_flags_and_its_examples_work() -> None:
         given = [by_flag[w] for w in flags if w.startswith("--")] + [by_env[e] for e in env]
         for s in given:
             assert _value(settings, s.path) != s.default, (command, s.flag)
+
+
+def test_backend_discovery_is_a_dns_name_and_port() -> None:
+    s = load_settings(
+        {
+            "VLLM_BACKEND_DISCOVERY": "dns://vllm-headless.default.svc.cluster.local.:8000",
+            "VLLM_BACKEND_DISCOVERY_NAMESERVERS": "10.96.0.10, [fd00::a]:5353",
+        },
+        {"backend_discovery_min_interval": "0.5"},
+    )
+    assert s.backend_discovery == "dns://vllm-headless.default.svc.cluster.local:8000"
+    assert s.backend_discovery_nameservers == ("10.96.0.10:53", "[fd00::a]:5353")
+    assert s.backend_discovery_min_interval == 0.5
+    assert Settings().backend_discovery is None
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"VLLM_BACKEND_DISCOVERY": "http://vllm:8000"}, "dns://NAME:PORT"),
+        ({"VLLM_BACKEND_DISCOVERY": "dns://vllm"}, "the members' port"),
+        ({"VLLM_BACKEND_DISCOVERY": "dns://vllm:99999"}, "invalid port"),
+        ({"VLLM_BACKEND_DISCOVERY": "dns://bad name!:8000"}, "DNS name"),
+        ({"VLLM_BACKEND_DISCOVERY": "dns://vllm:8000/path"}, "nothing after the port"),
+        ({"VLLM_BACKEND_DISCOVERY_NAMESERVERS": "dns.example:53"}, "ADDRESS[:PORT]"),
+        ({"VLLM_BACKEND_DISCOVERY_NAMESERVERS": "fd00::a"}, "IPv6"),
+    ],
+)
+def test_a_bad_discovery_value_is_named(env: dict[str, str], reason: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(reason)) as err:
+        load_settings(env)
+    assert err.value.variable == next(iter(env))
+
+
+@pytest.mark.parametrize(
+    "other", [{"VLLM_BACKEND_URL": "http://a:8000"}, {"VLLM_BACKENDS_FILE": "backends.yaml"}]
+)
+def test_discovery_is_the_pools_one_source_of_members(other: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="names them too"):
+        load_settings({"VLLM_BACKEND_DISCOVERY": "dns://vllm:8000", **other})
+
+
+def test_discovery_intervals_are_in_order_and_not_with_the_embedded_engine() -> None:
+    with pytest.raises(SettingsError, match="must not exceed"):
+        load_settings(
+            {
+                "VLLM_BACKEND_DISCOVERY": "dns://vllm:8000",
+                "VLLM_BACKEND_DISCOVERY_MIN_INTERVAL_SECONDS": "60",
+            }
+        )
+    with pytest.raises(SettingsError, match="embedded engine"):
+        load_settings(
+            {"VLLM_BACKEND_DISCOVERY": "dns://vllm:8000", "VLLM_USE_EMBEDDED_ENGINE": "1"}
+        )

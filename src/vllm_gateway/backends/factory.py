@@ -20,7 +20,7 @@ def build_backend(settings: Settings) -> Backend:
         return EmbeddedBackend(
             model=model, served_model_names=None, extra_args=settings.engine_args
         )
-    if len(settings.backend_urls) > 1 or settings.backends_file:
+    if len(settings.backend_urls) > 1 or settings.backends_file or settings.backend_discovery:
         from vllm_gateway.backends.pool.backend import PoolBackend
 
         return PoolBackend(settings)

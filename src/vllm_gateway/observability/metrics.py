@@ -317,6 +317,31 @@ class GatewayMetrics:
                 ("decision",),
             )
         )
+        # DNS discovery (docs/pool.md#members-from-dns).
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_discovery_resolutions_total",
+                "DNS discovery: resolutions of the pool's name by result (ok; empty: no address; "
+                "error: no answer; both keep the last good members).",
+                lambda: self._discovery("resolutions"),
+                ("result",),
+            )
+        )
+        r.register(
+            _CounterView(
+                "vllm_gateway_backend_discovery_truncated_total",
+                "DNS discovery: answers with more addresses than VLLM_POOL_MAX_MEMBERS, cut to it.",
+                lambda: self._discovery("truncated"),
+            )
+        )
+        r.register(
+            Gauge(
+                "vllm_gateway_backend_discovery_members",
+                "DNS discovery: addresses in the last good answer (the members it names).",
+                lambda: self._discovery("members"),
+                merge="max",
+            )
+        )
 
     # --- per-backend state, from ``backend.stats()`` or the single-backend fallback ------------
 
@@ -391,6 +416,18 @@ class GatewayMetrics:
         for decision in ("hit", "yield", "miss"):
             if decisions is not None:
                 yield (decision,), float(decisions.get(decision, 0))
+
+    def _discovery(self, key: str) -> Iterable[tuple[tuple[str, ...], float]]:
+        pool_stats = getattr(self.gateway.backend, "pool_stats", None)
+        found = pool_stats().get("discovery") if pool_stats is not None else None
+        if found is None:
+            return
+        value = found[key]
+        if isinstance(value, dict):
+            for result in ("ok", "empty", "error"):
+                yield (result,), float(value.get(result, 0))
+        else:
+            yield (), float(value)
 
     def _backend_errors(self) -> Iterable[tuple[tuple[str, ...], float]]:
         for entry in self.backend_stats():

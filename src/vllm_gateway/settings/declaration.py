@@ -450,6 +450,24 @@ class Settings:
     backends_file_poll: float = setting(
         POOL, 2.0, "VLLM_BACKENDS_FILE_POLL_SECONDS", "--backends-file-poll",
         parse.positive_float, "how often the backends file is checked for a change")
+    backend_discovery: str | None = setting(
+        POOL, None, "VLLM_BACKEND_DISCOVERY", "--backend-discovery", parse.discovery,
+        "dns://NAME:PORT: the pool's members are NAME's A and AAAA records, re-resolved as "
+        "their TTL says (docs/pool.md#members-from-dns)")
+    backend_discovery_min_interval: float = setting(
+        POOL, 1.0, "VLLM_BACKEND_DISCOVERY_MIN_INTERVAL_SECONDS", "--backend-discovery-min-interval",
+        parse.positive_float, "shortest wait between two resolutions (a TTL below it is raised)")
+    backend_discovery_max_interval: float = setting(
+        POOL, 30.0, "VLLM_BACKEND_DISCOVERY_MAX_INTERVAL_SECONDS",
+        "--backend-discovery-max-interval", parse.positive_float,
+        "longest wait between two resolutions (a TTL above it is lowered)")
+    backend_discovery_timeout: float = setting(
+        POOL, 5.0, "VLLM_BACKEND_DISCOVERY_TIMEOUT_SECONDS", "--backend-discovery-timeout",
+        parse.positive_float, "bound on one resolution; a failure keeps the last good members")
+    backend_discovery_nameservers: tuple[str, ...] | None = setting(
+        POOL, None, "VLLM_BACKEND_DISCOVERY_NAMESERVERS", "--backend-discovery-nameservers",
+        parse.nameservers,
+        "comma-separated ADDRESS[:PORT] of DNS servers to ask; empty: /etc/resolv.conf's")
     pool: PoolSettings = field(default_factory=PoolSettings, metadata=nested("pool_"))
     # Logs.
     log_level: str = setting(

@@ -116,12 +116,20 @@ def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | Non
                 s.workers,
                 "must be 1 with the embedded engine (each worker would load the model)",
             )
+        if s.backend_discovery is not None:
+            raise SettingsError(
+                _name_of("backend_discovery", flags),
+                s.backend_discovery,
+                "must be empty when the embedded engine is on",
+            )
         if s.backend_urls:
             raise SettingsError(
                 _name_of("backend_urls", flags),
                 ",".join(s.backend_urls),
                 "must be empty when the embedded engine is on",
             )
+    elif s.backend_discovery is not None:
+        _check_discovery(s, env, flags)
     elif not s.backend_urls:
         raise SettingsError(
             "VLLM_BACKEND_URL", "", "is empty; set it, or set VLLM_USE_EMBEDDED_ENGINE=true"
@@ -132,8 +140,27 @@ def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | Non
             s.first_token_timeout,
             f"must not exceed VLLM_REQUEST_TIMEOUT_SECONDS ({s.request_timeout:g})",
         )
-    if not s.use_embedded_engine:
+    if not s.use_embedded_engine and s.backend_discovery is None:
         _check_port_clash(s, flags)
+
+
+def _check_discovery(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | None]) -> None:
+    """Discovery is the pool's one source of members: a URL list or a file beside it is a mistake."""
+    where = _name_of("backend_discovery", flags)
+    for other in ("backend_urls", "backends_file"):
+        if flags.get(other) is not None or env.get(_BY_NAME[other].env):
+            raise SettingsError(
+                where,
+                s.backend_discovery,
+                f"names the pool's members; unset {_name_of(other, flags)}, which names them too",
+            )
+    if s.backend_discovery_min_interval > s.backend_discovery_max_interval:
+        raise SettingsError(
+            _name_of("backend_discovery_min_interval", flags),
+            s.backend_discovery_min_interval,
+            "must not exceed VLLM_BACKEND_DISCOVERY_MAX_INTERVAL_SECONDS "
+            f"({s.backend_discovery_max_interval:g})",
+        )
 
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1", "::", ""}

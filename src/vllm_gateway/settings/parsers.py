@@ -6,7 +6,9 @@ the value or raises ``SettingsError`` naming that variable, in one line.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,9 +20,11 @@ __all__ = [
     "boolean",
     "check_key_entries",
     "choice",
+    "discovery",
     "host",
     "int_range",
     "key_set",
+    "nameservers",
     "networks",
     "optional_int",
     "optional_rate",
@@ -248,3 +252,48 @@ def host(raw: str, var: str) -> str:
     if not raw.strip() or any(c.isspace() for c in raw.strip()):
         raise SettingsError(var, raw, "must be a host name or address")
     return raw.strip()
+
+
+# A DNS name: labels of letters, digits, '-' and '_' (SRV-style and Kubernetes names), dot-separated.
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def discovery(raw: str, var: str) -> str | None:
+    """``dns://NAME:PORT``: the members are NAME's A and AAAA records, each at PORT. Empty: none."""
+    text = raw.strip()
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme != "dns":
+        raise SettingsError(var, raw, "must be dns://NAME:PORT (the only source is dns)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise SettingsError(var, raw, "must be dns://NAME:PORT, with nothing after the port")
+    name = (parts.hostname or "").rstrip(".")
+    if len(name) > 253 or not name or not all(_LABEL.fullmatch(x) for x in name.split(".")):
+        raise SettingsError(var, raw, "must name a DNS name: dns://NAME:PORT")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SettingsError(var, raw, "has an invalid port") from None
+    if port is None:
+        raise SettingsError(var, raw, "must give the members' port: dns://NAME:PORT")
+    return f"dns://{name}:{port}"
+
+
+_SERVER = "ADDRESS[:PORT] (an IPv6 address in brackets: [fd00::a]:53)"
+
+
+def nameservers(raw: str, var: str) -> tuple[str, ...] | None:
+    """Comma-separated ``ADDRESS[:PORT]`` (an IPv6 address in brackets); empty: None."""
+    out = []
+    for item in str_list(raw, var):
+        try:
+            parts = urlsplit(f"//{item}")
+            address = ipaddress.ip_address(parts.hostname or "")
+            port = parts.port or 53
+        except ValueError:
+            raise SettingsError(var, raw, f"{item!r} is not {_SERVER}") from None
+        if parts.path or parts.username or (address.version == 6 and not item.startswith("[")):
+            raise SettingsError(var, raw, f"{item!r} is not {_SERVER}")
+        out.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    return tuple(out) or None

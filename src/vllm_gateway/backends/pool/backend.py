@@ -13,6 +13,7 @@ lifecycle (``start`` and ``aclose``, in that order and the reverse); each job is
 - ``holders.py``: which member holds a stored response;
 - ``broadcast.py``, ``model_list.py``: admin requests to every member; the merged model list;
 - ``health.py``: the background checks, the watchdog and readmission;
+- ``discovery.py``: members from DNS (``VLLM_BACKEND_DISCOVERY``), reconciled into the fleet;
 - ``file_source.py``: the backends file, re-read when it changes (and on SIGHUP).
 
 ``send`` sends a request: ``GET /v1/models`` and admin requests to every member, any other to one
@@ -20,9 +21,10 @@ member (the holder of the stored response it names, when one is found; never a m
 ``request.avoid``, a failover's failed ones).
 
 Invariants: the parts are built here and nowhere else, each given the one ``Fleet``; ``start``
-starts the members' clients, then the health task (whose first round marks the members that are
-down at start), then cache-aware routing's task, then the saturation readings' task, then the
-backends file's watcher; ``aclose`` stops them in the reverse order.
+starts the members' clients, then DNS discovery (its first answer's members join), then the health
+task (whose first round admits those that pass and marks the members that are down at start),
+then cache-aware routing's task, then the saturation readings' task, then the backends file's
+watcher; ``aclose`` stops them in the reverse order.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from vllm_gateway.backends.pool.config import (
     load_backends_file,
     specs_from_urls,
 )
+from vllm_gateway.backends.pool.discovery import DnsDiscovery, DnsTarget
 from vllm_gateway.backends.pool.file_source import BackendsFile
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.health import PoolHealth
@@ -70,10 +73,14 @@ class PoolBackend(Backend):
     ) -> None:
         settings = settings if settings is not None else Settings()
         specs_given = specs
-        if specs is None:
+        # Members from DNS start none: the first resolution, in ``start``, adds them.
+        discovery = settings.backend_discovery if specs is None else None
+        if discovery is not None:
+            specs = []
+        elif specs is None:
             path = settings.backends_file
             specs = load_backends_file(path) if path else specs_from_urls(settings.backend_urls)
-        if not specs:
+        if not specs and discovery is None:
             raise ValueError("a pool needs at least one backend")
         self.config = cfg = config if config is not None else settings.pool.replace(**overrides)
         self.settings = settings
@@ -110,6 +117,17 @@ class PoolBackend(Backend):
         self.retries = Retries(self.fleet, cfg, self.acquirer)
         self.holders = Holders(self.fleet, cfg)
         self.health = PoolHealth(self.fleet, cfg)
+        self.discovery: DnsDiscovery | None = None
+        if discovery is not None:
+            self.discovery = DnsDiscovery(
+                DnsTarget.parse(discovery),
+                self._discovered,
+                min_interval=settings.backend_discovery_min_interval,
+                max_interval=settings.backend_discovery_max_interval,
+                timeout=settings.backend_discovery_timeout,
+                max_members=cfg.max_members,
+                nameservers=settings.backend_discovery_nameservers or (),
+            )
         self.file: BackendsFile | None = None
         if source == "file" and settings.backends_file:
             self.file = BackendsFile(
@@ -117,6 +135,9 @@ class PoolBackend(Backend):
             )
             with contextlib.suppress(OSError):
                 self.file.seen(Path(settings.backends_file).read_bytes())
+
+    async def _discovered(self, urls: list[str]) -> None:
+        await self.fleet.reconcile(urls, "dns")
 
     @classmethod
     def from_file(cls, path: str, settings: Any = None, **kwargs: Any) -> PoolBackend:
@@ -132,6 +153,8 @@ class PoolBackend(Backend):
     async def start(self) -> None:
         for m in self.fleet.members:
             await m.backend.start()
+        if self.discovery is not None:  # before the health task: its first round admits them
+            await self.discovery.start()
         await self.health.start()
         if self.cache_aware is not None:
             await self.cache_aware.start()
@@ -148,6 +171,8 @@ class PoolBackend(Backend):
         if self.cache_aware is not None:
             await self.cache_aware.aclose()
         await self.health.aclose()
+        if self.discovery is not None:
+            await self.discovery.aclose()
         for m in self.fleet.members:
             await m.backend.aclose()
 
@@ -219,4 +244,6 @@ class PoolBackend(Backend):
             stats["cache_decisions"] = dict(self.cache_aware.decisions)
         if self.saturation is not None:
             stats["saturation"] = self.saturation.stats()
+        if self.discovery is not None:
+            stats["discovery"] = self.discovery.stats()
         return stats
