@@ -21,7 +21,12 @@ import pytest
 from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.http.backend import HTTPBackend
 from vllm_gateway.backends.http.client import ConnectionPool, TLSOptions
-from vllm_gateway.backends.http.connection import MAX_HEAD_BYTES, MAX_HEADER_COUNT
+from vllm_gateway.backends.http.connection import (
+    MAX_HEAD_BYTES,
+    MAX_HEADER_COUNT,
+    Connection,
+    HTTPResponse,
+)
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse
 
 pytestmark = pytest.mark.timeout(20)
@@ -678,3 +683,36 @@ async def test_a_whole_body_that_came_with_its_head_is_still_held_to_the_read_li
         assert await resp.read(100, charged.append) == b"x" * 100
         assert charged == [100]
         await pool.aclose()
+
+
+class _NoPool:
+    def _forget(self, conn: Connection) -> None:
+        pass
+
+    def _release(self, conn: Connection) -> None:
+        pass
+
+
+async def test_a_sink_takes_pieces_until_it_refuses_one_and_the_order_holds() -> None:
+    """``push_to``: a piece the sink takes is never iterated; a refused piece, and every piece
+    after it, are buffered in order until the iterator has taken them; then the sink is offered
+    pieces again; without a sink everything is iterated."""
+    resp = HTTPResponse(Connection(_NoPool()), asyncio.get_running_loop())
+    resp.status = 200  # its head parsed
+    offered: list[bytes] = []
+
+    def sink(piece: bytes) -> bool:
+        offered.append(piece)
+        return piece != b"b"
+
+    assert resp.push_to(sink)
+    for piece in (b"a", b"b", b"c"):
+        resp.on_body(piece)
+    assert offered == [b"a", b"b"]  # c came behind a buffered piece: never offered
+    assert await anext(resp) == b"bc"
+    resp.on_body(b"d")
+    assert offered == [b"a", b"b", b"d"]
+    resp.push_to(None)
+    resp.on_body(b"e")
+    resp.on_message_complete()
+    assert [piece async for piece in resp] == [b"e"]
