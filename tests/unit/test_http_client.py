@@ -693,26 +693,28 @@ class _NoPool:
         pass
 
 
-async def test_a_sink_takes_pieces_until_it_refuses_one_and_the_order_holds() -> None:
-    """``push_to``: a piece the sink takes is never iterated; a refused piece, and every piece
-    after it, are buffered in order until the iterator has taken them; then the sink is offered
-    pieces again; without a sink everything is iterated."""
+async def test_a_sink_takes_each_reads_pieces_until_it_refuses_and_the_order_holds() -> None:
+    """``push_to``: the body pieces of one read go to the sink joined, and are never iterated once
+    it takes them; a refused read, and every read after it, are buffered in order until the
+    iterator has taken them; then the sink is offered reads again; without a sink everything is
+    iterated."""
     resp = HTTPResponse(Connection(_NoPool()), asyncio.get_running_loop())
-    resp.status = 200  # its head parsed
     offered: list[bytes] = []
 
     def sink(piece: bytes) -> bool:
         offered.append(piece)
-        return piece != b"b"
+        return b"b" not in piece
 
+    resp._feed(_CHUNKED_HEAD)
+    assert resp.status == 200
     assert resp.push_to(sink)
-    for piece in (b"a", b"b", b"c"):
-        resp.on_body(piece)
-    assert offered == [b"a", b"b"]  # c came behind a buffered piece: never offered
-    assert await anext(resp) == b"bc"
-    resp.on_body(b"d")
-    assert offered == [b"a", b"b", b"d"]
+    resp._feed(b"1\r\na\r\n")
+    resp._feed(b"1\r\nb\r\n1\r\nc\r\n")  # two pieces, one read: offered as one
+    resp._feed(b"1\r\nd\r\n")  # behind a buffered read: never offered
+    assert offered == [b"a", b"bc"]
+    assert await anext(resp) == b"bcd"
+    resp._feed(b"1\r\ne\r\n")
+    assert offered == [b"a", b"bc", b"e"]
     resp.push_to(None)
-    resp.on_body(b"e")
-    resp.on_message_complete()
-    assert [piece async for piece in resp] == [b"e"]
+    resp._feed(b"1\r\nf\r\n0\r\n\r\n")
+    assert [piece async for piece in resp] == [b"f"]
