@@ -21,12 +21,7 @@ import pytest
 from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.http.backend import HTTPBackend
 from vllm_gateway.backends.http.client import ConnectionPool, TLSOptions
-from vllm_gateway.backends.http.connection import (
-    MAX_HEAD_BYTES,
-    MAX_HEADER_COUNT,
-    Connection,
-    HTTPResponse,
-)
+from vllm_gateway.backends.http.connection import MAX_HEAD_BYTES, MAX_HEADER_COUNT
 from vllm_gateway.errors import BackendUnavailable, BadBackendResponse
 
 pytestmark = pytest.mark.timeout(20)
@@ -683,38 +678,3 @@ async def test_a_whole_body_that_came_with_its_head_is_still_held_to_the_read_li
         assert await resp.read(100, charged.append) == b"x" * 100
         assert charged == [100]
         await pool.aclose()
-
-
-class _NoPool:
-    def _forget(self, conn: Connection) -> None:
-        pass
-
-    def _release(self, conn: Connection) -> None:
-        pass
-
-
-async def test_a_sink_takes_each_reads_pieces_until_it_refuses_and_the_order_holds() -> None:
-    """``push_to``: the body pieces of one read go to the sink joined, and are never iterated once
-    it takes them; a refused read, and every read after it, are buffered in order until the
-    iterator has taken them; then the sink is offered reads again; without a sink everything is
-    iterated."""
-    resp = HTTPResponse(Connection(_NoPool()), asyncio.get_running_loop())
-    offered: list[bytes] = []
-
-    def sink(piece: bytes) -> bool:
-        offered.append(piece)
-        return b"b" not in piece
-
-    resp._feed(_CHUNKED_HEAD)
-    assert resp.status == 200
-    assert resp.push_to(sink)
-    resp._feed(b"1\r\na\r\n")
-    resp._feed(b"1\r\nb\r\n1\r\nc\r\n")  # two pieces, one read: offered as one
-    resp._feed(b"1\r\nd\r\n")  # behind a buffered read: never offered
-    assert offered == [b"a", b"bc"]
-    assert await anext(resp) == b"bcd"
-    resp._feed(b"1\r\ne\r\n")
-    assert offered == [b"a", b"bc", b"e"]
-    resp.push_to(None)
-    resp._feed(b"1\r\nf\r\n0\r\n\r\n")
-    assert [piece async for piece in resp] == [b"f"]

@@ -107,14 +107,6 @@ class UpstreamResponse(abc.ABC):
     async def aclose(self) -> None:
         """Release the response; if it has not ended, abort the work behind it."""
 
-    def push_to(self, sink: Callable[[bytes], bool] | None) -> bool:
-        """Offer each piece of the body to ``sink`` as it arrives, before it is buffered for
-        ``chunks()``: a piece the sink takes (True) is its own and is not iterated; one it refuses
-        is buffered as usual, and so is every piece after it until the iterator has taken what was
-        buffered (the order holds). None removes the sink. Returns False when this response
-        cannot (its pieces are only iterated): the default."""
-        return False
-
 
 class BackendStats(TypedDict, total=False):
     """One backend's state, as metrics and the status page show it. ``healthy`` None: unknown."""

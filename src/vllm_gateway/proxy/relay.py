@@ -45,7 +45,7 @@ from vllm_gateway.errors import (
 from vllm_gateway.proxy.failover import Resumable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
-from vllm_gateway.proxy.protocols import DONE, ERROR, NOTE, OK
+from vllm_gateway.proxy.protocols import DONE, ERROR, OK
 from vllm_gateway.proxy.record import Record
 from vllm_gateway.proxy.responder import Responder
 from vllm_gateway.proxy.routes import Route
@@ -96,7 +96,6 @@ class Relay(Record):
         "_charged",
         "_ex",
         "_gw",
-        "_last_block",
         "_not_resumable",
         "_protocol",
         "_resumable",
@@ -128,7 +127,6 @@ class Relay(Record):
         self._resumable: Resumable | None = None  # a stream that may go on on another member
         self._not_resumable: str | None = None  # why it may not, when failover applies
         self._taker: UsageTaker | None = None  # takes out a usage chunk the client did not ask for
-        self._last_block = b""  # the last block of events relayed (a usage chunk before [DONE])
         self.upstream: UpstreamResponse | None = None  # the response the call closes at its end
         self.response_started = False
         self.events = 0  # every event relayed (a Responses error event numbers itself after)
@@ -256,44 +254,10 @@ class Relay(Record):
         scanner = EventScanner(MAX_EVENT_BYTES)
         chunks = upstream.chunks()
         done = False
-        self._last_block = b""
+        previous = b""
         start = first_deadline if first else min(deadline, loop.time() + idle)
-        pushing = False
         try:
             async with IdleTimeout(start, self._task) as timer:
-
-                def push(data: bytes) -> bool:
-                    """The common piece, relayed from the backend's read itself: whole content
-                    events, the stream started, the client keeping up. Anything else (the end,
-                    an error, a partial event, a client behind) is refused, and this loop
-                    takes it, and every piece after it until it has caught up."""
-                    if (
-                        not self.response_started
-                        or ex.paused
-                        or ex.gone
-                        or timer.expired()
-                        or not scanner.idle
-                        or not data.endswith(b"\n\n")
-                        or b"\r" in data
-                    ):
-                        return False
-                    events = split_events(data)
-                    counted = 0
-                    for event in events:
-                        kind = classify(event)
-                        if kind == OK:
-                            counted += 1
-                        elif kind != NOTE:
-                            return False
-                    self.chunks += counted
-                    self.events += len(events)
-                    self._last_block = data
-                    ex.write(data)
-                    timer.push(min(deadline, loop.time() + idle))
-                    return True
-
-                if not shaped:
-                    pushing = upstream.push_to(push)
                 while not done:
                     try:
                         data = await anext(chunks)
@@ -342,9 +306,8 @@ class Relay(Record):
                         ex.end(block)
                         if taker is None:
                             # The usage chunk, when asked for, is the last event before [DONE].
-                            self.usage = self._last_block + block
+                            self.usage = previous + block
                     else:
-                        self._last_block = block
                         ex.write(block)
                         if ex.paused:
                             # The client is behind: wait for it (bounded by the server's send
@@ -352,6 +315,7 @@ class Relay(Record):
                             # the client's, not the backend's idle time.
                             timer.reschedule(deadline)
                             await ex.drain()
+                    previous = block
                     timer.push(min(deadline, loop.time() + idle))
         except TimeoutError:
             if taker is not None:
@@ -363,9 +327,6 @@ class Relay(Record):
             if taker is not None:
                 self._send_part([], taker)  # what it held reaches the client before the error
             raise
-        finally:
-            if pushing:
-                upstream.push_to(None)
         if not done:
             if taker is not None:
                 self._send_part([], taker)

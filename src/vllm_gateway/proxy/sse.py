@@ -53,11 +53,6 @@ class EventScanner:
         return data[:end] if end < len(data) else data
 
     @property
-    def idle(self) -> bool:
-        """True between events: nothing held, so the next bytes start an event."""
-        return not self._buf and not self._cr
-
-    @property
     def pending(self) -> bytes:
         """Bytes of an event not yet finished."""
         return self._buf

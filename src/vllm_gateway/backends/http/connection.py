@@ -5,9 +5,7 @@ general-purpose client spends more CPU on its own machinery (request objects, st
 timers) than on those bytes. Here a request is one ``transport.write`` of bytes built from a
 per-backend template, a response is one object that is at once the parser's callback target, its
 own body buffer and its own async iterator, and a chunk costs one ``on_body`` call, one list append
-and (only when the consumer is waiting) one future; or, when the consumer gave a sink
-(``push_to``) that takes it, one call of that sink per read (every piece of the read joined),
-and no wake-up at all. Measured against aiohttp's client on the relay
+and (only when the consumer is waiting) one future. Measured against aiohttp's client on the relay
 path: 27-32% less CPU per chunk and a fifth per request (docs/performance.md).
 
 Invariants:
@@ -32,7 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 import httptools
@@ -127,13 +125,10 @@ class HTTPResponse(UpstreamResponse):
         "_head",
         "_head_bytes",
         "_header_size",
-        "_holding",
         "_keep_alive",
         "_loop",
         "_parser",
         "_paused",
-        "_pushed",
-        "_sink",
         "_trailer_bytes",
         "_trailer_count",
         "_until_eof",
@@ -151,9 +146,6 @@ class HTTPResponse(UpstreamResponse):
         self._waiter: asyncio.Future[None] | None = None
         self._chunks: list[bytes] = []
         self._buffered = 0
-        self._sink: Callable[[bytes], bool] | None = None  # takes pieces before they buffer
-        self._pushed = 0  # body bytes the sink took
-        self._holding = False  # within a read whose body goes to the sink first
         self._paused = False
         self._done = False
         self._keep_alive = False
@@ -175,17 +167,11 @@ class HTTPResponse(UpstreamResponse):
 
     def _feed(self, data: bytes) -> None:
         self._got_bytes = True
-        body_before = self._buffered + self._pushed
+        body_before = self._buffered
         trailers_before = self._trailer_bytes
-        # With a sink and nothing buffered, this read's body pieces are held, not woken for, and
-        # offered to the sink in one piece after the parser returns: one write per read.
-        holding = self._holding = self._sink is not None and not self._chunks
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if holding:
-                holding = self._holding = False
-                self._wake()
             if isinstance(exc.__context__, _HeadTooLarge):
                 self._fail(
                     BadBackendResponse("The backend's response headers are too large."), None
@@ -195,9 +181,6 @@ class HTTPResponse(UpstreamResponse):
                 self._fail(BadBackendResponse("The backend sent a malformed HTTP response."), exc)
                 return
             self._extra = True
-        if holding:
-            self._holding = False
-            self._offer()
         if self._head is not None:
             # The head is not complete yet: all of these bytes were head bytes.
             self._head_bytes += len(data)
@@ -207,7 +190,7 @@ class HTTPResponse(UpstreamResponse):
                 )
                 return
         elif not self._done:
-            body = self._buffered + self._pushed - body_before
+            body = self._buffered - body_before
             if body and data.endswith(b"\n"):
                 self._carry = 0  # a read of body that ends at a line end: nothing is held
             else:
@@ -252,28 +235,6 @@ class HTTPResponse(UpstreamResponse):
         if self._error is None and not self._done:
             self._error = _with_cause(err or BackendUnavailable(), cause)
             self._wake()
-
-    def _offer(self) -> None:
-        """The body pieces of one read, in one piece, to the sink; what it refuses is buffered
-        for the iterator, which is woken."""
-        chunks = self._chunks
-        if not chunks:
-            return
-        sink = self._sink
-        if sink is not None and self._error is None:
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            if sink(data):
-                chunks.clear()
-                self._buffered = 0
-                self._pushed += len(data)
-                if self._paused:
-                    self._paused = False
-                    if self._conn is not None:
-                        self._conn.transport.resume_reading()  # type: ignore[union-attr]
-                return
-            if len(chunks) > 1:
-                chunks[:] = [data]
-        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -357,8 +318,6 @@ class HTTPResponse(UpstreamResponse):
         if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
             self._paused = True
             self._conn.transport.pause_reading()  # type: ignore[union-attr]
-        if self._holding:
-            return  # offered to the sink when the read is parsed (``_offer``)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -374,10 +333,6 @@ class HTTPResponse(UpstreamResponse):
 
     def chunks(self) -> AsyncIterator[bytes]:
         return self
-
-    def push_to(self, sink: Callable[[bytes], bool] | None) -> bool:
-        self._sink = sink
-        return True
 
     def __aiter__(self) -> HTTPResponse:
         return self
@@ -429,7 +384,6 @@ class HTTPResponse(UpstreamResponse):
                 self._wake()
         self._chunks.clear()
         self._buffered = 0
-        self._sink = None
 
     @property
     def complete(self) -> bool:
