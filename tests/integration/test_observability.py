@@ -299,3 +299,55 @@ async def test_json_log_format_gives_one_json_access_line_per_request(
     # Regression: uvicorn answers receive() with http.disconnect as soon as a response is
     # complete, and the disconnect watcher used to record a whole stream as a 499.
     assert (line["status"], line["outcome"]) == (200, "completed")
+
+
+async def test_every_answer_carries_its_overhead_and_the_log_and_metric_say_the_same(
+    obs_gateway: RunningGateway, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """X-Gateway-Overhead-Ms on a body, a stream, a relayed 4xx, a 502 after the send and the
+    gateway's own 400 and 404: the access log's overhead_ms and the histogram hold its value."""
+    gw = obs_gateway
+    asks: dict[str, dict[str, object] | bytes] = {
+        "ov-body": chat_body(max_tokens=4),
+        "ov-stream": chat_body(stream=True, max_tokens=4),
+        "ov-4xx": chat_body(vllm_sim={"status": 400}),
+        "ov-502": chat_body(vllm_sim={"status": 500}),
+        "ov-404": chat_body(model="no-such-model"),
+        "ov-400": b"{not json",
+    }
+    expected = {
+        "ov-body": 200,
+        "ov-stream": 200,
+        "ov-4xx": 400,
+        "ov-502": 502,
+        "ov-404": 404,
+        "ov-400": 400,
+    }
+    headers: dict[str, float] = {}
+    with caplog.at_level(logging.INFO, logger="vllm_gateway.access"):
+        for rid, body in asks.items():
+            r = await client.post(
+                gw.url + CHAT,
+                headers={"x-request-id": rid, "content-type": "application/json"},
+                content=body if isinstance(body, bytes) else json.dumps(body),
+            )
+            assert r.status_code == expected[rid], (rid, r.text)
+            headers[rid] = float(r.headers["x-gateway-overhead-ms"])
+    lines = {
+        getattr(rec, "request_id", None): rec
+        for rec in caplog.records
+        if rec.name == "vllm_gateway.access"
+    }
+    for rid, ms in headers.items():
+        line = lines[rid]
+        # Sane: a non-negative share of the request's own time, and the log says the same.
+        assert 0 <= ms <= line.duration_ms, rid  # type: ignore[attr-defined]
+        assert line.overhead_ms == pytest.approx(ms, abs=0.001), rid  # type: ignore[attr-defined]
+        assert f"overhead_ms={ms:.3f}" in line.getMessage(), rid
+    # The stream's header went out with its head: the time before the send, below the first byte.
+    assert headers["ov-stream"] <= lines["ov-stream"].ttft_ms  # type: ignore[attr-defined]
+    got = await scrape(client, gw)
+    assert got["vllm_gateway_overhead_seconds_count"] == len(asks)
+    assert got["vllm_gateway_overhead_seconds_sum"] == pytest.approx(
+        sum(headers.values()) / 1000, abs=len(asks) * 1e-6
+    )

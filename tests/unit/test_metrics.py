@@ -40,6 +40,7 @@ class FakeCall:
         self.status = 200
         self.outcome = "completed"
         self.queue_wait = 0.0
+        self.overhead: float | None = None
         self.chunks = 0
         self.admitted = True
         self.usage: Any = None
@@ -200,6 +201,7 @@ def test_observer_counts_a_completed_stream_with_ttft_itl_tokens_and_overhead() 
         chunks=11,
         queue_wait=0.2,
         upstream_sent_at=start + 0.201,
+        overhead=0.001,
         usage=b'data: {"usage":{"prompt_tokens":4,"completion_tokens":10}}\n\n',
     )
     obs.request_ended(call)
@@ -304,6 +306,7 @@ def test_access_log_line_carries_every_field_in_json(caplog: pytest.LogCaptureFi
         ended_at=start + 1.0,
         chunks=4,
         queue_wait=0.125,
+        overhead=0.0005,
         tenant="team-a",
         usage=b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}',
     )
@@ -320,6 +323,7 @@ def test_access_log_line_carries_every_field_in_json(caplog: pytest.LogCaptureFi
     assert line["queue_wait_ms"] == pytest.approx(125.0)
     assert line["ttft_ms"] == pytest.approx(250.0)
     assert line["duration_ms"] == pytest.approx(1000.0)
+    assert line["overhead_ms"] == pytest.approx(0.5)
     assert line["chunks"] == 4
     assert (line["prompt_tokens"], line["completion_tokens"]) == (3, 4)
     assert line["model"] == "m"

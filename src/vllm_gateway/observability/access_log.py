@@ -21,7 +21,7 @@ logger = logging.getLogger("vllm_gateway.access")
 
 _LINE = (
     "request %s %s %s %s model=%s backend=%s tenant=%s queue_wait_ms=%.1f ttft_ms=%s "
-    "backend_ms=%s duration_ms=%.1f chunks=%d tokens=%s/%s"
+    "backend_ms=%s duration_ms=%.1f overhead_ms=%s chunks=%d tokens=%s/%s"
 )
 
 
@@ -43,6 +43,7 @@ def write(
     # A model name is the client's: cut to a bound (the text formatter escapes what remains).
     model = clip(call.model)
     upstream_id = call.upstream_id
+    overhead = call.overhead
     fields = {
         "request_id": call.request_id,
         "upstream_id": upstream_id,
@@ -60,6 +61,7 @@ def write(
         "ttft_ms": None if ttft is None else round(ttft * 1000, 3),
         "backend_ms": _span_ms(call.upstream_sent_at, call.upstream_answered_at),
         "duration_ms": round(duration * 1000, 3),
+        "overhead_ms": None if overhead is None else round(overhead * 1000, 3),
         "chunks": call.chunks,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -82,6 +84,7 @@ def write(
         "-" if ttft is None else f"{ttft * 1000:.1f}",
         "-" if fields["backend_ms"] is None else f"{fields['backend_ms']:.1f}",
         duration * 1000,
+        "-" if overhead is None else f"{overhead * 1000:.3f}",
         call.chunks,
         "-" if prompt is None else prompt,
         "-" if completion is None else completion,

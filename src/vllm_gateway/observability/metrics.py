@@ -175,8 +175,9 @@ class GatewayMetrics:
         self.overhead = r.register(
             Histogram(
                 "vllm_gateway_overhead_seconds",
-                "The gateway's own time before the upstream send: arrival to upstream send, "
-                "minus the queue wait.",
+                "The gateway's own time for a request, as its X-Gateway-Overhead-Ms header says: "
+                "arrival to upstream send less the queue wait, plus the relay's share of a "
+                "non-streamed answer.",
                 OVERHEAD_BUCKETS,
             )
         )

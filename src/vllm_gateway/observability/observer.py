@@ -88,9 +88,9 @@ class Observer:
             if call.stream and call.chunks > 1:
                 itl = (end - first) / (call.chunks - 1)
                 self._itl.observe(itl)
-        sent = call.upstream_sent_at
-        if sent is not None:
-            self._overhead.observe(max(0.0, sent - started - queue_wait))
+        overhead = call.overhead
+        if overhead is not None:
+            self._overhead.observe(overhead)
         prompt = completion = None
         if call.usage is not None:
             prompt, completion = parse_usage(call.usage)

@@ -53,7 +53,7 @@ from vllm_gateway.proxy.continuation import Continuing
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
-from vllm_gateway.proxy.relay import SSE_HEADERS
+from vllm_gateway.proxy.relay import SSE_HEADERS, overhead_header
 from vllm_gateway.proxy.responder import ClientGone, Responder
 from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
 from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
@@ -236,11 +236,18 @@ class ProxyCall(Continuing):
         if not self.response_started and not self._early_head:
             self.status = err.status
             self.response_started = True
+            overhead = self.overhead
+            if overhead is None:
+                # Answered before any upstream send: the whole time is the gateway's, less a
+                # wait for a slot.
+                overhead = time.perf_counter() - self.started_at - self.queue_wait
+                self.overhead = overhead = max(0.0, overhead)
             ex.respond(
                 err.status,
                 [
                     (b"content-type", b"application/json"),
                     (b"x-request-id", self.request_id.encode()),
+                    overhead_header(overhead),
                     *err.headers(),
                 ],
                 self._protocol.error_body(err, self.request_id),
@@ -295,7 +302,13 @@ class ProxyCall(Continuing):
             if not place.granted:
                 # A place in the queue waits without the parsed body (up to ~30x the body's
                 # bytes) and parses it again when its slot comes; one granted at once keeps it.
-                await self._await_turn(place, valid)
+                waiting_since = time.perf_counter()
+                try:
+                    await self._await_turn(place, valid)
+                except GatewayError:
+                    # Refused while queued: that wait was not the gateway's own time either.
+                    self.queue_wait = time.perf_counter() - waiting_since
+                    raise
             self.admitted = True
             self.queue_wait = place.queue_wait
         if valid.dropped:
@@ -340,7 +353,10 @@ class ProxyCall(Continuing):
             # One timer for the request's wait on the backend: the first token's deadline until
             # the answer's head, the request's own for a body read whole.
             async with IdleTimeout(first_deadline, self._task) as timer:
-                self.upstream_sent_at = time.perf_counter()
+                sent = self.upstream_sent_at = time.perf_counter()
+                # The gateway's own time so far (X-Gateway-Overhead-Ms): since the request was
+                # whole, less its wait for a slot.
+                self.overhead = max(0.0, sent - self.started_at - self.queue_wait)
                 upstream = self.upstream = await gw.backend.send(request)
                 self.upstream_answered_at = time.perf_counter()
                 if upstream.status == 200 and (
@@ -365,10 +381,10 @@ class ProxyCall(Continuing):
         elif upstream.status != 200:
             if self._early_head:
                 raise _refusal(upstream.status, body)  # the head went out: an error event
-            self._relay_error_status(upstream, body)
+            self._relay_error_status(upstream, body, time.perf_counter())
         else:
-            self.first_byte_at = time.perf_counter()
-            self._relay_body(upstream, body)
+            read_at = self.first_byte_at = time.perf_counter()
+            self._relay_body(upstream, body, read_at)
             if ex.paused:
                 await ex.drain()
 

@@ -70,6 +70,11 @@ class CallRecord(Protocol):
     def queue_wait(self) -> float: ...
 
     @property
+    def overhead(self) -> float | None:
+        """The gateway's own time for the request, in seconds (the ``X-Gateway-Overhead-Ms``
+        header's value); None where the request ended without an answer that carried it."""
+
+    @property
     def admitted(self) -> bool: ...
 
     @property
@@ -105,6 +110,7 @@ class Record:
         "members",
         "model",
         "outcome",
+        "overhead",
         "path",
         "queue_wait",
         "request_headers",
@@ -128,6 +134,7 @@ class Record:
         self.chunks = 0  # content events relayed
         self.admitted = False  # the request held an admission slot
         self.queue_wait = 0.0
+        self.overhead: float | None = None  # what X-Gateway-Overhead-Ms said (relay.py)
         self.first_byte_at: float | None = None
         self.ended_at: float | None = None
         self.upstream_sent_at: float | None = None

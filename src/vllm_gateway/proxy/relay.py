@@ -16,7 +16,10 @@ Invariants:
 - a buffered body is counted in the process's buffer budget as it is read (``_charge``); the call
   gives the count back in its cleanup;
 - the relay opens nothing it does not hand to the call: ``self.upstream`` is the response the call
-  closes at its end.
+  closes at its end;
+- every answer it starts carries ``X-Gateway-Overhead-Ms``, the gateway's own time (``overhead``):
+  the call's part before the upstream send, plus, for a body, the relay's from the body in hand to
+  the response handed to the connection (a stream's head goes out before its relay has run).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from vllm_gateway.proxy.routes import Route
 from vllm_gateway.proxy.sse import EventScanner, FramingError, split_events
 from vllm_gateway.proxy.usage import UsageTaker
 
-__all__ = ["MAX_EVENT_BYTES", "SSE_HEADERS", "Relay"]
+__all__ = ["MAX_EVENT_BYTES", "OVERHEAD_HEADER", "SSE_HEADERS", "Relay", "overhead_header"]
 
 log = logging.getLogger("vllm_gateway.proxy.call")
 
@@ -60,6 +63,14 @@ _TEXT_ANSWERS = ("text/plain", "text/vtt", "application/x-subrip", "text/srt")
 MAX_EVENT_BYTES = 1 << 20
 # How long to wait for a backend's end of body after [DONE], to keep the connection pooled.
 _EOF_GRACE = 0.5
+
+OVERHEAD_HEADER = b"x-gateway-overhead-ms"
+
+
+def overhead_header(seconds: float) -> tuple[bytes, bytes]:
+    """``X-Gateway-Overhead-Ms``: the gateway's own time for the request, in milliseconds."""
+    return (OVERHEAD_HEADER, b"%.3f" % (seconds * 1000.0))
+
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -149,7 +160,7 @@ class Relay(Record):
             )
         self._charged += n
 
-    def _relay_error_status(self, upstream: UpstreamResponse, body: bytes) -> None:
+    def _relay_error_status(self, upstream: UpstreamResponse, body: bytes, read_at: float) -> None:
         if 400 <= upstream.status < 500:
             if json_object(body) is None:
                 log.warning(
@@ -161,14 +172,14 @@ class Relay(Record):
                 raise BackendRejected(upstream.status)
             # The backend judged the request: its status and body are the client's answer.
             self.outcome = "client_error"
-            self._respond(upstream.status, body, "application/json")
+            self._respond(upstream.status, body, "application/json", read_at)
             return
         log.warning(
             "request %s: backend answered %d: %.300r", self.request_id, upstream.status, body
         )
         raise BadBackendResponse(f"The backend failed with status {upstream.status}.")
 
-    def _relay_body(self, upstream: UpstreamResponse, body: bytes) -> None:
+    def _relay_body(self, upstream: UpstreamResponse, body: bytes, read_at: float) -> None:
         content_type = "application/json"
         if not self._route.json_answer and upstream.content_type.startswith(_TEXT_ANSWERS):
             content_type = upstream.content_type  # a transcript as text, srt or vtt
@@ -180,16 +191,20 @@ class Relay(Record):
             usage = answer.get("usage")
             self.usage = usage if isinstance(usage, dict) else None
         self.outcome = "completed"
-        self._respond(200, body, content_type)
+        self._respond(200, body, content_type, read_at)
 
-    def _respond(self, status: int, body: bytes, content_type: str) -> None:
+    def _respond(self, status: int, body: bytes, content_type: str, read_at: float) -> None:
+        """Answer with the backend's body, read whole at ``read_at``: the relay's share of the
+        gateway's time runs from there to here."""
         self.status = status
         self.response_started = True
+        overhead = self.overhead = (self.overhead or 0.0) + time.perf_counter() - read_at
         self._ex.respond(
             status,
             [
                 (b"content-type", content_type.encode("latin-1")),
                 (b"x-request-id", self.request_id.encode()),
+                overhead_header(overhead),
             ],
             body,
         )
@@ -342,7 +357,15 @@ class Relay(Record):
         self.first_byte_at = time.perf_counter()
         self.response_started = True
         self.status = 200
-        self._ex.start(200, [*SSE_HEADERS, (b"x-request-id", self.request_id.encode())])
+        self._ex.start(
+            200,
+            [
+                *SSE_HEADERS,
+                (b"x-request-id", self.request_id.encode()),
+                # Sent with the head: the part before the upstream send only.
+                overhead_header(self.overhead or 0.0),
+            ],
+        )
 
     def _send_events(self, data: bytes) -> None:
         """Whole events, before a failure in the same read: the client gets every one."""
