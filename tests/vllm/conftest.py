@@ -3,12 +3,11 @@
 - ``vllm_model_dir``: the prepared default model folder (SmolLM2-135M-Instruct, bf16 safetensors),
   converted once from the packaged GGUF file and cached (``$VLLM_GATEWAY_CACHE`` or
   ``~/.cache/vllm-gateway``).
-- ``priority_server``: the same model on a server started with ``--scheduling-policy priority``,
-  started by the first test of a module that uses it and stopped after that module.
 - ``vllm_server``: one real vLLM OpenAI server per session on a free loopback port, started the
   way ``vllm-gateway up`` starts it (same command, same scrubbed environment); its log is kept at
   ``test-artifacts/vllm-server.log``. It yields ``.url``, ``.model`` (the served short name),
   ``.pid`` and ``.process``, and is stopped (SIGTERM to its group, then SIGKILL) at session end.
+  It runs vLLM's priority scheduling policy (``--scheduling-policy priority``) for the priority test.
 
 Every test under tests/vllm is marked ``vllm`` (deselect with ``-m 'not vllm'``). The session's
 first test that uses ``vllm_server`` pays for its warm-up (about 2 minutes on a cold compile
@@ -55,9 +54,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if HERE not in Path(str(item.path)).parents:
             continue
         item.add_marker(pytest.mark.vllm)
-        uses_server = {"vllm_server", "vllm_model_dir", "priority_server"} & set(
-            getattr(item, "fixturenames", ())
-        )
+        uses_server = {"vllm_server", "vllm_model_dir"} & set(getattr(item, "fixturenames", ()))
         if uses_server and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(SERVER_TEST_TIMEOUT_S))
 
@@ -143,20 +140,10 @@ def vllm_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
     yield from _start_server(
         str(vllm_model_dir),
         "vllm-server.log",
-        extra=("--kv-events-config", events),
+        # The priority policy for test_priority_vllm.py (one engine for the session): with every
+        # other test's requests at priority 0 it serves them first come, first served, as fcfs.
+        extra=("--kv-events-config", events, "--scheduling-policy", "priority"),
         env=SERVER_FEATURES,
-    )
-
-
-@pytest.fixture(scope="module")
-def priority_server(vllm_model_dir: Path) -> Iterator[VllmServer]:
-    """vLLM serving the default model with ``--scheduling-policy priority``: it takes each
-    request's ``priority`` and serves the lowest first (docs/admission.md)."""
-    yield from _start_server(
-        str(vllm_model_dir),
-        "vllm-priority-server.log",
-        # Eager: no compilation to wait for; the test is about the field, not the speed.
-        extra=("--scheduling-policy", "priority", "--enforce-eager"),
     )
 
 

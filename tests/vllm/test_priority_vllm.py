@@ -15,19 +15,19 @@ from vllm_gateway.settings import Settings
 
 
 async def test_a_tenants_class_is_taken_and_served_by_vllm_with_the_priority_policy(
-    priority_server: VllmServer,
+    vllm_server: VllmServer,
 ) -> None:
     settings = Settings(
-        backend_urls=(priority_server.url,),
+        backend_urls=(vllm_server.url,),
         api_keys=frozenset({"hi:gold:5", "lo:bronze:0"}),
         priority_scheduling=True,
     )
     async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=120) as client:
         # The engine itself takes a non-zero priority (vLLM rejects what it cannot parse).
         direct = await client.post(
-            priority_server.url + "/v1/chat/completions",
+            vllm_server.url + "/v1/chat/completions",
             json={
-                "model": priority_server.model,
+                "model": vllm_server.model,
                 "messages": [{"role": "user", "content": "Say hi."}],
                 "max_tokens": 4,
                 "priority": -5,
@@ -38,7 +38,7 @@ async def test_a_tenants_class_is_taken_and_served_by_vllm_with_the_priority_pol
             resp = await client.post(
                 gw.url + "/v1/chat/completions",
                 json={
-                    "model": priority_server.model,
+                    "model": vllm_server.model,
                     "messages": [{"role": "user", "content": "Say hi."}],
                     "max_tokens": 4,
                     # A client's own priority is replaced by its tenant's class: vLLM would
@@ -55,7 +55,7 @@ async def test_a_tenants_class_is_taken_and_served_by_vllm_with_the_priority_pol
             base_url=gw.url + "/v1", api_key="hi", max_retries=0, timeout=120
         ) as sdk:
             stream = await sdk.completions.create(
-                model=priority_server.model, prompt="The sky is", max_tokens=4, stream=True
+                model=vllm_server.model, prompt="The sky is", max_tokens=4, stream=True
             )
             text = "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
         assert text
