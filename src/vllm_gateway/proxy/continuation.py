@@ -93,7 +93,7 @@ class Continuing(Relay):
         if failed is not None and failed not in self.members:
             self.members.append(failed)
         why = resumable.why_not()
-        if why is None and resumable.finish_reason is None:
+        if why is None and not resumable.finished:
             if loop.time() >= deadline:
                 why = "deadline"
             else:
@@ -106,7 +106,7 @@ class Continuing(Relay):
         if self.upstream is not None:
             await self.upstream.aclose()
             self.upstream = None
-        if resumable.finish_reason is not None:
+        if resumable.finished:
             # The last token came and the backend died before its end of stream: end it here.
             self.failovers.append((reason, "completed_here"))
             self._ex.end(resumable.closing())

@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "ASCII_BASE",
+    "CHOICE_STRIDE",
     "OUTPUT_BASE",
     "PIECE",
     "VOCAB_SIZE",
@@ -29,6 +30,9 @@ __all__ = [
     "chat_tokens",
     "content_text",
     "count_text",
+    "output_id",
+    "output_lineage",
+    "output_piece",
     "prompt_tokens",
 ]
 
@@ -39,9 +43,12 @@ _CODE = {c: i + 1 for i, c in enumerate(_SYMBOLS)}  # 0 pads a short last piece
 _RADIX = len(_SYMBOLS) + 1
 _TABLE_BASE: int = ASCII_BASE + _RADIX**PIECE
 _TABLE_MAX = 65536
-# Output token k (the text `` tok{k}``) has id OUTPUT_BASE + k: a continuation whose prompt ends in
-# output ids goes on from the next one, as a model continues its own answer.
+# Output token k of choice c (the text `` tok{k}``, `` c{c}tok{k}`` for c > 0: the sampled choices
+# of an ``n`` > 1 request differ, so a mix-up shows; greedy ones are all choice 0's) has id OUTPUT_BASE + c * CHOICE_STRIDE + k: a
+# continuation whose prompt ends in output ids goes on from the next one of the same choice, as a
+# model continues its own answer.
 OUTPUT_BASE = _TABLE_BASE + _TABLE_MAX
+CHOICE_STRIDE = 1 << 16
 _OUTPUT_MAX = 1 << 20
 VOCAB_SIZE = OUTPUT_BASE + _OUTPUT_MAX
 IM_START, IM_END = 1, 2
@@ -86,13 +93,32 @@ def chat_tokens(messages: Iterable[tuple[str, str]]) -> int:
     return sum(3 + count_text(text) for _, text in messages)
 
 
+def output_id(index: int, choice: int = 0) -> int:
+    """The id of output token ``index`` of choice ``choice``."""
+    return OUTPUT_BASE + choice * CHOICE_STRIDE + index
+
+
+def output_piece(index: int, choice: int = 0) -> str:
+    """The text of output token ``index`` of choice ``choice``."""
+    return f" tok{index}" if choice == 0 else f" c{choice}tok{index}"
+
+
 def output_start(prompt: Any) -> int:
     """The index of the first output token for a prompt of token ids: after the last output id
     the prompt ends with (a continuation), else 0."""
     last = prompt[-1] if isinstance(prompt, list) and prompt else None
     if isinstance(last, int) and OUTPUT_BASE <= last < VOCAB_SIZE:
-        return last - OUTPUT_BASE + 1
+        return (last - OUTPUT_BASE) % CHOICE_STRIDE + 1
     return 0
+
+
+def output_lineage(prompt: Any) -> int | None:
+    """The choice a prompt of token ids continues (its last id is that choice's output), or
+    None for a fresh prompt."""
+    last = prompt[-1] if isinstance(prompt, list) and prompt else None
+    if isinstance(last, int) and OUTPUT_BASE <= last < VOCAB_SIZE:
+        return (last - OUTPUT_BASE) // CHOICE_STRIDE
+    return None
 
 
 def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
@@ -108,6 +134,8 @@ def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)
+        if all(isinstance(p, list) for p in prompt):  # several prompts of token ids
+            return max(1, sum(len(p) for p in prompt))
         return max(1, sum(count_text(p) for p in prompt if isinstance(p, str)))
     return None
 
@@ -138,7 +166,8 @@ class Vocabulary:
         if special is not None:
             return special
         if OUTPUT_BASE <= token < VOCAB_SIZE:
-            return f" tok{token - OUTPUT_BASE}"
+            choice, index = divmod(token - OUTPUT_BASE, CHOICE_STRIDE)
+            return output_piece(index, choice)
         if ASCII_BASE <= token < _TABLE_BASE:
             value = token - ASCII_BASE
             codes = []
