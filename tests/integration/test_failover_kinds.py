@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import sse_blocks, wait_for
 from tests.integration.test_failover import TOKENS, _stream, pool
+from vllm_gateway_tools.simulator.tokenizer import IM_START, OUTPUT_BASE
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -186,3 +187,78 @@ async def test_a_choice_further_along_ends_at_its_own_budget(tmp_path: Path) -> 
     prompts = requests[0]["body"]["prompt"]
     assert len(prompts) == 2 and len(prompts[0]) == len(prompts[1]) + 1
     assert requests[0]["body"]["max_tokens"] == TOKENS - 3
+
+
+MESSAGES = {
+    "model": "sim-model",
+    "system": "be brief",
+    "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+    "max_tokens": 2 * TOKENS,  # the answer ends first (end_turn) ...
+    "stream": True,
+    "temperature": 0,
+}
+_MESSAGE_ID = re.compile(rb'"id":"[^"]*"')
+
+
+def _messages_normal(raw: bytes) -> list[bytes]:
+    return [_MESSAGE_ID.sub(b'"id":"X"', e) for e in sse_blocks(raw)]
+
+
+@pytest.mark.parametrize("max_tokens", [2 * TOKENS, TOKENS - 2])  # ... or max_tokens does
+@pytest.mark.parametrize("cut", range(1, TOKENS + 5))
+async def test_a_messages_stream_goes_on_from_its_text(
+    tmp_path: Path, cut: int, max_tokens: int
+) -> None:
+    """The prompt's ids and the answer's come from a member's /tokenize; the continuation's
+    text comes back as Messages events, the stream's end with the whole answer's usage."""
+    body = {**MESSAGES, "max_tokens": max_tokens}
+    events = min(TOKENS, max_tokens) + 5  # start, block start, deltas, block stop, delta, stop
+    async with pool(tmp_path) as (first, second, gw):
+        whole = _messages_normal(await _stream(gw.url, "/v1/messages", body))
+        first.configure(drop_after=cut)
+        broken = _messages_normal(await _stream(gw.url, "/v1/messages", body))
+        await wait_for(lambda: gw.gateway.admission.in_flight == 0)
+        metrics = gw.app.observer.metrics.render()
+        continued = [
+            r["body"] for r in second.stats()["requests"] if r["path"] == "/v1/completions"
+        ]
+    assert len(whole) == events
+    assert broken == whole
+    # Every delta relayed: at its budget the answer has ended (the gateway ends the stream);
+    # below it, only the member knows (the continuation's first chunk is the EOS).
+    spent = cut > events - 3 or (cut == events - 3 and max_tokens <= TOKENS)
+    if cut < events:
+        outcome = "completed_here" if spent else "resumed"
+        assert f'reason="connection_lost",outcome="{outcome}"}} 1' in metrics
+    if not spent:
+        # The conversation rendered by a member's /tokenize, then the answer's ids so far.
+        (continuation,) = continued
+        sent = max(0, cut - 2)
+        assert continuation["prompt"][0] == IM_START
+        assert [t for t in continuation["prompt"] if t >= OUTPUT_BASE] == [
+            OUTPUT_BASE + k for k in range(sent)
+        ]
+        assert continuation["max_tokens"] == max_tokens - sent
+
+
+async def test_a_messages_stream_with_tools_is_not_continued_and_counted(tmp_path: Path) -> None:
+    tool = {"name": "f", "input_schema": {"type": "object"}}
+    async with pool(tmp_path) as (first, _, gw):
+        first.configure(drop_after=4)
+        raw = await _stream(gw.url, "/v1/messages", {**MESSAGES, "tools": [tool]})
+        metrics = gw.app.observer.metrics.render()
+    assert b"event: message_stop" not in raw and b"event: error" in raw
+    assert 'outcome="not_continued:tools"} 1' in metrics
+
+
+async def test_a_responses_stream_is_not_continued_and_counted(tmp_path: Path) -> None:
+    async with pool(tmp_path) as (first, _, gw):
+        first.configure(drop_after=4)
+        raw = await _stream(
+            gw.url,
+            "/v1/responses",
+            {"model": "sim-model", "input": "hello", "stream": True, "max_output_tokens": TOKENS},
+        )
+        metrics = gw.app.observer.metrics.render()
+    assert b"event: response.completed" not in raw and b"event: error" in raw
+    assert 'outcome="not_continued:protocol"} 1' in metrics

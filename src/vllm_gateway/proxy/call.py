@@ -44,10 +44,20 @@ from vllm_gateway.ids import fresh_id
 from vllm_gateway.proxy.admission import Place
 from vllm_gateway.proxy.continuation import Continuing
 from vllm_gateway.proxy.failover import Resumable, not_continuable
+from vllm_gateway.proxy.failover_messages import MessagesResumable, messages_not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
+from vllm_gateway.proxy.routes import (
+    CHAT,
+    COMPLETIONS,
+    MESSAGES,
+    RESPONSES_PATH,
+    Body,
+    Reach,
+    Route,
+    target,
+)
 from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
 from vllm_gateway.proxy.validation import ValidRequest, set_response_id, validate
 
@@ -283,12 +293,19 @@ class ProxyCall(Continuing):
         if valid.dropped:
             valid.parse_again()
         deadline = loop.time() + settings.request_timeout
-        if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
-            assert valid.json is not None
-            why = not_continuable(valid.json, chat=route.name == CHAT)
-            if why is None:
-                self._resumable = Resumable(valid.json, chat=route.name == CHAT)
-            self._not_resumable = why
+        if valid.stream and valid.json is not None and gw.backend.may_fail_over():
+            if route.name in (CHAT, COMPLETIONS):
+                why = not_continuable(valid.json, chat=route.name == CHAT)
+                if why is None:
+                    self._resumable = Resumable(valid.json, chat=route.name == CHAT)
+                self._not_resumable = why
+            elif route.name == MESSAGES:
+                why = messages_not_continuable(valid.json)
+                if why is None:
+                    self._resumable = MessagesResumable(valid.json)
+                self._not_resumable = why
+            elif route.name == RESPONSES_PATH:
+                self._not_resumable = "protocol"
         if (
             self._token_charge is not None
             and valid.stream
@@ -359,7 +376,7 @@ class ProxyCall(Continuing):
         if route.reach is Reach.HOLDER:
             locate = self._param
         body = valid.body
-        if self._resumable is not None:
+        if isinstance(self._resumable, Resumable):
             body = self._resumable.upstream_body(body)
         return UpstreamRequest(
             ex.method,

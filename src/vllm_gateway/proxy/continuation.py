@@ -22,17 +22,25 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import orjson
+
 from vllm_gateway.backends.base import UpstreamRequest, UpstreamResponse
 from vllm_gateway.errors import (
     BackendUnavailable,
+    BadBackendResponse,
     GatewayError,
     StreamIdleTimeout,
     Unavailable,
     UpstreamError,
 )
-from vllm_gateway.proxy.failover import Resumable
+from vllm_gateway.proxy.failover import AnyResumable, Resumable
+from vllm_gateway.proxy.failover_messages import MessagesResumable
 from vllm_gateway.proxy.relay import Relay
 from vllm_gateway.proxy.routes import COMPLETIONS
+
+# The most a /tokenize answer may be (a prompt's ids as JSON): what a broken member can make the
+# failover hold.
+_TOKENIZE_MAX_BYTES = 16 << 20
 
 __all__ = ["Continuing", "failure_reason"]
 
@@ -54,13 +62,16 @@ class Continuing(Relay):
 
     __slots__ = ()
 
-    def _follow(self, resumable: Resumable, events: list[bytes], first: bool) -> list[bytes]:
+    def _follow(self, resumable: AnyResumable, events: list[bytes], first: bool) -> list[bytes]:
         """The events as the client sees them: the first part's noted (and its ids taken out
         unless asked for); a continuation's rewritten into the original stream, its end replaced
         by the stream's own (the usage of every part, then [DONE])."""
         out = []
         for event in events:
             if first:
+                if not isinstance(resumable, Resumable):
+                    out.append(resumable.observe(event))  # typed events: event: ... data: ...
+                    continue
                 if not event.startswith(b"data: {"):
                     out.append(event)
                     continue
@@ -93,6 +104,13 @@ class Continuing(Relay):
         if failed is not None and failed not in self.members:
             self.members.append(failed)
         why = resumable.why_not()
+        if (
+            why is None
+            and isinstance(resumable, MessagesResumable)
+            and resumable.prompt_ids is None
+            and not resumable.stopped
+        ):
+            why = await self._fetch_ids(resumable, deadline)
         if why is None and not resumable.finished:
             if loop.time() >= deadline:
                 why = "deadline"
@@ -146,3 +164,42 @@ class Continuing(Relay):
         if upstream.served_by is not None and upstream.served_by not in self.members:
             self.members.append(upstream.served_by)
         return upstream
+
+    async def _tokenize(self, body: dict[str, object], deadline: float) -> list[int]:
+        """The ids a member's ``/tokenize`` gives for ``body`` (a member this stream did not use)."""
+        gw = self._gw
+        loop = asyncio.get_running_loop()
+        raw = orjson.dumps(body)
+        request = UpstreamRequest(
+            "POST",
+            "/tokenize",
+            raw,
+            body,
+            False,
+            self.upstream_id,
+            self.model,
+            avoid=frozenset(self.members),
+        )
+        async with asyncio.timeout_at(min(deadline, loop.time() + gw.settings.first_token_timeout)):
+            response = await gw.backend.send(request)
+            try:
+                answer = await response.read(_TOKENIZE_MAX_BYTES)
+            finally:
+                await response.aclose()
+        tokens = orjson.loads(answer).get("tokens") if response.status == 200 else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise BadBackendResponse("The backend's /tokenize answer has no token ids.")
+        return tokens
+
+    async def _fetch_ids(self, resumable: MessagesResumable, deadline: float) -> str | None:
+        """Ask a member for the ids of a Messages stream's prompt and answer so far (vLLM takes
+        none there); None when they came, else why the stream cannot go on."""
+        prompt, answer = resumable.tokenize_requests()
+        try:
+            prompt_ids = await self._tokenize(prompt, deadline)
+            answer_ids = await self._tokenize(answer, deadline) if answer is not None else []
+        except (TimeoutError, GatewayError, orjson.JSONDecodeError, AttributeError) as err:
+            log.warning("request %s: no token ids for failover: %r", self.request_id, err)
+            return "no_token_ids"
+        resumable.take_ids(prompt_ids, answer_ids)
+        return None

@@ -32,7 +32,8 @@ count so far in the whole stream.
 
 What is not continued, and why (each a reason counted in the metrics; the stream ends with its
 error event as before):
-- ``protocol``: the Responses and Messages APIs (vLLM takes no token ids there);
+- ``protocol``: the Responses API (vLLM takes no token ids there; Messages streams go on, see
+  ``failover_messages``);
 - ``tools``: tool calls (a half-streamed call cannot be resumed by the completions route);
   ``structured``: structured output (its grammar state is lost); ``echo``/``suffix``/``best_of``
   on completions; ``prompts``: several prompts in one completions request;
@@ -51,7 +52,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["Resumable", "not_continuable"]
+from vllm_gateway.proxy.failover_messages import MessagesResumable
+
+__all__ = ["AnyResumable", "Resumable", "not_continuable"]
 
 # Request fields the continuation keeps (the rest are chat-only, or routing).
 _CARRIED = (
@@ -491,3 +494,7 @@ class Resumable:
                 usage["system_fingerprint"] = self._fingerprint
             out += b"data: " + orjson.dumps(usage) + b"\n\n"
         return out + b"data: [DONE]\n\n"
+
+
+# A stream that may go on on another member: a chat or completions one, or a Messages one.
+AnyResumable = Resumable | MessagesResumable

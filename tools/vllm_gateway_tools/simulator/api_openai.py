@@ -24,6 +24,7 @@ from vllm_gateway_tools.simulator.exchange import (
 )
 from vllm_gateway_tools.simulator.prefix_cache import prompt_sequences
 from vllm_gateway_tools.simulator.tokenizer import (
+    IM_START,
     chat_messages,
     chat_tokens,
     output_lineage,
@@ -162,6 +163,17 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
                     prompt_tokens=size,
                 )
             )
+    finish = "stop" if max_tokens is None else "length"
+    continues = choices[0].start > 0 or (
+        _is_ids(body.get("prompt")) and body["prompt"][0] == IM_START
+    )
+    if not chat and len(prompts) == 1 and continues:
+        # A continuation of the model's own answer (or of a conversation rendered as ids) ends
+        # where that answer ends (its EOS after ``tokens`` tokens in all) unless its max_tokens
+        # comes first.
+        natural = cfg.tokens - choices[0].start
+        if max_tokens is None or natural < max_tokens:
+            n, finish = max(1, natural), "stop"
     first_ids = prompts[0][0] if return_ids else None
     script = make(
         prompt_ids=first_ids,
@@ -172,7 +184,7 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         request_id=request_id(req, "chatcmpl-" if chat else "cmpl-"),
         model=model,
         n=n,
-        finish="stop" if max_tokens is None else "length",
+        finish=finish,
         prompt_tokens=prompt_tokens,
         created=int(time.time()),
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
@@ -180,6 +192,15 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         and options.get("continuous_usage_stats") is True,
     )
     prompt_ids = first_ids
+    # Continued past the answer's end: the EOS at once (one chunk without text).
+    script.eos_only = (
+        not chat
+        and len(prompts) == 1
+        and continues
+        and n == 1
+        and finish == "stop"
+        and cfg.tokens <= choices[0].start
+    )
     script.stream = record["stream"]
     prefill = 0.0
     if conn.state.prefix_cache is not None:

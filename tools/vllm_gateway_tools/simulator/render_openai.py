@@ -349,6 +349,7 @@ class ChatScript(Script):
         self.include_usage = include_usage
         self.continuous = include_usage and continuous_usage
         self.logprobs = logprobs
+        self.eos_only = False  # the answer had ended: one chunk without text, then the end
         self.start = start  # the index of the first output token (a continuation's is later)
         self.choices = choices or [Choice(0, 0, start, prompt_ids, self.prompt_tokens)]
         self._offsets = [0] * len(self.choices)  # completions' text offset, per choice
@@ -386,6 +387,8 @@ class ChatScript(Script):
                                usage=usage, prompt_ids=c.prompt_ids)  # fmt: skip
 
     def tokens(self, i: int, last: bool) -> list[bytes]:
+        if self.eos_only:
+            return self.cut_short()
         out = []
         for c in self.choices:
             k = c.start + i

@@ -16,6 +16,7 @@ process (``Vocabulary``). Ids from ``VOCAB_SIZE`` up, and table ids never handed
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,6 +52,7 @@ OUTPUT_BASE = _TABLE_BASE + _TABLE_MAX
 CHOICE_STRIDE = 1 << 16
 _OUTPUT_MAX = 1 << 20
 VOCAB_SIZE = OUTPUT_BASE + _OUTPUT_MAX
+_OUTPUT_PIECE = re.compile(r" (?:c(\d+))?tok(\d+)")
 IM_START, IM_END = 1, 2
 ROLES = {"system": 3, "user": 4, "assistant": 5, "tool": 6, "developer": 7}
 _SPECIAL = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"} | {v: k for k, v in ROLES.items()}
@@ -150,6 +152,17 @@ class Vocabulary:
 
     def encode(self, text: str) -> list[int]:
         return [self._piece_id(text[i : i + PIECE]) for i in range(0, len(text), PIECE)]
+
+    def encode_output(self, text: str) -> list[int]:
+        """``text`` with the model's own output pieces (`` tok3``, `` c1tok3``) read back as their
+        output ids, as a tokenizer reads back what it wrote; other text as ``encode``."""
+        out: list[int] = []
+        at = 0
+        for match in _OUTPUT_PIECE.finditer(text):
+            out += self.encode(text[at : match.start()])
+            out.append(output_id(int(match.group(2)), int(match.group(1) or 0)))
+            at = match.end()
+        return out + self.encode(text[at:])
 
     def encode_chat(self, messages: Iterable[tuple[str, str]]) -> list[int]:
         out: list[int] = []
