@@ -251,14 +251,61 @@ async def test_a_messages_stream_with_tools_is_not_continued_and_counted(tmp_pat
     assert 'outcome="not_continued:tools"} 1' in metrics
 
 
-async def test_a_responses_stream_is_not_continued_and_counted(tmp_path: Path) -> None:
+RESPONSES = {
+    "model": "sim-model",
+    "instructions": "be brief",
+    "input": "hello there",
+    "stream": True,
+    "temperature": 0,
+}
+_RESPONSE_IDS = re.compile(rb'"(id|item_id)":"[^"]*"|"created_at":\d+')
+
+
+def _responses_normal(raw: bytes) -> list[bytes]:
+    return [_RESPONSE_IDS.sub(b"X", e) for e in sse_blocks(raw)]
+
+
+@pytest.mark.parametrize("max_tokens", [2 * TOKENS, TOKENS - 2])
+@pytest.mark.parametrize("cut", range(1, TOKENS + 8))
+async def test_a_responses_stream_goes_on_from_its_text(
+    tmp_path: Path, cut: int, max_tokens: int
+) -> None:
+    """As Messages: ids from /tokenize, the continuation's text as Responses events numbered on,
+    the end with the whole text, the status and the usage of the whole answer."""
+    body = {**RESPONSES, "max_output_tokens": max_tokens}
+    tokens = min(TOKENS, max_tokens)
+    events = tokens + 8  # created, in progress, item, part, deltas, text/part/item done, completed
+    async with pool(tmp_path) as (first, second, gw):
+        whole = _responses_normal(await _stream(gw.url, "/v1/responses", body))
+        first.configure(drop_after=cut)
+        broken = _responses_normal(await _stream(gw.url, "/v1/responses", body))
+        await wait_for(lambda: gw.gateway.admission.in_flight == 0)
+        metrics = gw.app.observer.metrics.render()
+        continued = [
+            r["body"] for r in second.stats()["requests"] if r["path"] == "/v1/completions"
+        ]
+    assert len(whole) == events
+    assert broken == whole
+    spent = cut > tokens + 4 or (cut == tokens + 4 and max_tokens <= TOKENS)
+    if cut < events:
+        outcome = "completed_here" if spent else "resumed"
+        assert f'reason="connection_lost",outcome="{outcome}"}} 1' in metrics
+    if not spent:
+        (continuation,) = continued
+        assert continuation["prompt"][0] == IM_START
+        sent = max(0, cut - 4)
+        assert [t for t in continuation["prompt"] if t >= OUTPUT_BASE] == [
+            OUTPUT_BASE + k for k in range(sent)
+        ]
+
+
+async def test_a_responses_stream_with_tools_is_not_continued_and_counted(
+    tmp_path: Path,
+) -> None:
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
     async with pool(tmp_path) as (first, _, gw):
-        first.configure(drop_after=4)
-        raw = await _stream(
-            gw.url,
-            "/v1/responses",
-            {"model": "sim-model", "input": "hello", "stream": True, "max_output_tokens": TOKENS},
-        )
+        first.configure(drop_after=6)
+        raw = await _stream(gw.url, "/v1/responses", {**RESPONSES, "tools": [tool]})
         metrics = gw.app.observer.metrics.render()
     assert b"event: response.completed" not in raw and b"event: error" in raw
-    assert 'outcome="not_continued:protocol"} 1' in metrics
+    assert 'outcome="not_continued:tools"} 1' in metrics

@@ -45,6 +45,7 @@ from vllm_gateway.proxy.admission import Place
 from vllm_gateway.proxy.continuation import Continuing
 from vllm_gateway.proxy.failover import Resumable, not_continuable
 from vllm_gateway.proxy.failover_messages import MessagesResumable, messages_not_continuable
+from vllm_gateway.proxy.failover_responses import ResponsesResumable, responses_not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.responder import ClientGone, Responder
@@ -305,7 +306,10 @@ class ProxyCall(Continuing):
                     self._resumable = MessagesResumable(valid.json)
                 self._not_resumable = why
             elif route.name == RESPONSES_PATH:
-                self._not_resumable = "protocol"
+                why = responses_not_continuable(valid.json)
+                if why is None:
+                    self._resumable = ResponsesResumable(valid.json)
+                self._not_resumable = why
         if (
             self._token_charge is not None
             and valid.stream

@@ -33,8 +33,7 @@ from vllm_gateway.errors import (
     Unavailable,
     UpstreamError,
 )
-from vllm_gateway.proxy.failover import AnyResumable, Resumable
-from vllm_gateway.proxy.failover_messages import MessagesResumable
+from vllm_gateway.proxy.failover import AnyResumable, Resumable, TextResumable
 from vllm_gateway.proxy.relay import Relay
 from vllm_gateway.proxy.routes import COMPLETIONS
 
@@ -106,7 +105,7 @@ class Continuing(Relay):
         why = resumable.why_not()
         if (
             why is None
-            and isinstance(resumable, MessagesResumable)
+            and not isinstance(resumable, Resumable)
             and resumable.prompt_ids is None
             and not resumable.stopped
         ):
@@ -191,9 +190,9 @@ class Continuing(Relay):
             raise BadBackendResponse("The backend's /tokenize answer has no token ids.")
         return tokens
 
-    async def _fetch_ids(self, resumable: MessagesResumable, deadline: float) -> str | None:
-        """Ask a member for the ids of a Messages stream's prompt and answer so far (vLLM takes
-        none there); None when they came, else why the stream cannot go on."""
+    async def _fetch_ids(self, resumable: TextResumable, deadline: float) -> str | None:
+        """Ask a member for the ids of a Messages or Responses stream's prompt and answer so far
+        (vLLM takes none there); None when they came, else why the stream cannot go on."""
         prompt, answer = resumable.tokenize_requests()
         try:
             prompt_ids = await self._tokenize(prompt, deadline)

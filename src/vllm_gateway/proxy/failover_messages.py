@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MessagesResumable", "messages_not_continuable"]
+__all__ = ["MessagesResumable", "messages_not_continuable", "parse_typed"]
 
 _CARRIED = ("temperature", "top_p", "top_k")
 
@@ -126,7 +126,7 @@ class MessagesResumable:
 
     def observe(self, event: bytes) -> bytes:
         """Note one event of the stream being relayed; the event as the client sees it (as is)."""
-        kind, obj = _parse(event)
+        kind, obj = parse_typed(event)
         if obj is None:
             return event
         if kind == "message_start":
@@ -285,7 +285,8 @@ class MessagesResumable:
         return out + _event("message_stop", {})
 
 
-def _parse(event: bytes) -> tuple[str | None, dict[str, Any] | None]:
+def parse_typed(event: bytes) -> tuple[str | None, dict[str, Any] | None]:
+    """(event name, JSON object) of one typed SSE event; None where absent or not an object."""
     kind = None
     data = None
     for line in event.split(b"\n"):
