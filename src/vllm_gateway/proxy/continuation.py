@@ -179,13 +179,22 @@ class Continuing(Relay):
             self.model,
             avoid=frozenset(self.members),
         )
-        async with asyncio.timeout_at(min(deadline, loop.time() + gw.settings.first_token_timeout)):
-            response = await gw.backend.send(request)
-            try:
-                answer = await response.read(_TOKENIZE_MAX_BYTES)
-            finally:
-                await response.aclose()
-        tokens = orjson.loads(answer).get("tokens") if response.status == 200 else None
+        # The answer is counted in the buffer budget while it is held (``_charge``), and given
+        # back once its ids are out of it.
+        before = self._charged
+        try:
+            async with asyncio.timeout_at(
+                min(deadline, loop.time() + gw.settings.first_token_timeout)
+            ):
+                response = await gw.backend.send(request)
+                try:
+                    answer = await response.read(_TOKENIZE_MAX_BYTES, self._charge)
+                finally:
+                    await response.aclose()
+            tokens = orjson.loads(answer).get("tokens") if response.status == 200 else None
+        finally:
+            self._ex.budget.give(self._charged - before)
+            self._charged = before
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise BadBackendResponse("The backend's /tokenize answer has no token ids.")
         return tokens

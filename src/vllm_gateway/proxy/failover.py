@@ -38,7 +38,8 @@ error event as before):
   ``structured``: structured output (its grammar state is lost); ``echo``/``suffix``/``best_of``
   on completions; ``prompts``: several prompts in one completions request;
 - ``n``: several choices cut at different lengths with ``min_tokens`` (one ``min_tokens`` cannot
-  hold for both);
+  hold for both); ``logprobs``: logprobs with ``return_tokens_as_token_ids`` or
+  ``logprob_token_ids`` (not rebuilt from the completions form);
 - ``no_token_ids``: the backend did not return ids (not a vLLM, or an old one);
 - ``reasoning``, ``tool_call``: such a delta appeared in the stream;
 - ``limit``: the request's failovers are spent; ``budget``: the pool's retry budget is;
@@ -111,6 +112,11 @@ def not_continuable(body: dict[str, Any], chat: bool) -> str | None:
         value = body.get(field)
         if value not in (None, False, [], {}):
             return reason
+    if _top(body, chat) is not None and (
+        body.get("return_tokens_as_token_ids") or body.get("logprob_token_ids")
+    ):
+        # Logprobs in those forms are not rebuilt from the completions form.
+        return "logprobs"
     if not chat:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt):
