@@ -33,7 +33,8 @@ from vllm_gateway.errors import (
     Unavailable,
     UpstreamError,
 )
-from vllm_gateway.proxy.failover import AnyResumable, Resumable, TextResumable
+from vllm_gateway.proxy.failover import AnyResumable, Resumable
+from vllm_gateway.proxy.failover_text import TextResumable
 from vllm_gateway.proxy.relay import Relay
 from vllm_gateway.proxy.routes import COMPLETIONS
 

@@ -32,8 +32,8 @@ count so far in the whole stream.
 
 What is not continued, and why (each a reason counted in the metrics; the stream ends with its
 error event as before):
-- Messages and Responses streams go on with ids from ``/tokenize`` (``failover_messages``,
-  ``failover_responses``), each with reasons of its own;
+- Messages and Responses streams go on with ids from ``/tokenize`` (``failover_text``), each
+  with reasons of its own;
 - ``tools``: tool calls (a half-streamed call cannot be resumed by the completions route);
   ``structured``: structured output (its grammar state is lost); ``echo``/``suffix``/``best_of``
   on completions; ``prompts``: several prompts in one completions request;
@@ -53,10 +53,9 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway.proxy.failover_messages import MessagesResumable
-from vllm_gateway.proxy.failover_responses import ResponsesResumable
+from vllm_gateway.proxy.failover_text import TextResumable
 
-__all__ = ["AnyResumable", "Resumable", "TextResumable", "not_continuable"]
+__all__ = ["AnyResumable", "Resumable", "not_continuable"]
 
 # Request fields the continuation keeps (the rest are chat-only, or routing).
 _CARRIED = (
@@ -505,5 +504,4 @@ class Resumable:
 
 # A stream that may go on on another member: a chat or completions one, or a Messages or
 # Responses one (whose ids come from /tokenize).
-TextResumable = MessagesResumable | ResponsesResumable
 AnyResumable = Resumable | TextResumable

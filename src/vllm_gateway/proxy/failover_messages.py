@@ -1,22 +1,16 @@
 """Mid-stream failover for the Anthropic Messages API, text output: what a Messages stream has
-produced, the ``/v1/completions`` continuation, and its chunks framed back into Messages events.
+produced and the continuation's text framed back into Messages events (how the ids are had and the
+continuation made: ``failover_text``).
 
-vLLM runs a Messages request as a chat completion of its conversation and takes no token ids
-there, so the ids come from vLLM itself when a stream must go on (``continuation.py`` asks a
-member that is up): the prompt's from ``/tokenize`` with ``messages`` (the conversation as chat
-messages, the system prompt first: vLLM renders them with the model's chat template, as its
-Messages route does), the answer's so far from ``/tokenize`` of its text without special tokens.
-The continuation is then the chat one's: the prompt's ids and the answer's, ``max_tokens``
-reduced by as many, the request's sampling and stop parameters (``stop_sequences`` as ``stop``).
+The conversation goes to ``/tokenize`` as vLLM's Messages route converts it (its
+``_convert_system_message`` and ``_convert_messages``): the system text joined, without billing
+headers, first; one text block as a string, several as text parts. ``stop_sequences`` go on as
+``stop``.
 
-Unlike chat's ids, the answer's ids are its text tokenized again: where a tokenizer reads its own
-output back differently (a ``"\\n","\\n"`` pair as one ``"\\n\\n"`` token), the continuation is a
-valid one but not the token-for-token one. The text the client already has is never changed.
-
-Each continuation chunk with text becomes a ``content_block_delta``; its end the stream's own:
-``content_block_stop`` (unless sent), ``message_delta`` with vLLM's stop reason mapping and the
-usage of the whole answer (the original input tokens, every output token of every part), and
-``message_stop``.
+Each continuation chunk with text becomes a ``content_block_delta`` (a ``content_block_start``
+first if the member died before it); its end is the stream's own: ``content_block_stop`` (unless
+sent), ``message_delta`` with vLLM's stop reason mapping and the usage of the whole answer (the
+original input tokens, every output token of every part), and ``message_stop``.
 
 Not continued (counted like chat's reasons): ``tools`` (tool definitions, tool_use or
 tool_result blocks), ``reasoning`` (``thinking``), ``structured`` (``output_config.format``),
@@ -31,9 +25,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MessagesResumable", "messages_not_continuable", "parse_typed"]
+from vllm_gateway.proxy.failover_text import TextResumable, parse_typed
 
-_CARRIED = ("temperature", "top_p", "top_k")
+__all__ = ["MessagesResumable", "messages_not_continuable"]
 
 
 def _text_blocks(content: Any) -> bool:
@@ -82,47 +76,15 @@ def _event(kind: str, fields: dict[str, Any]) -> bytes:
     return b"event: %b\ndata: %b\n\n" % (kind.encode(), orjson.dumps({"type": kind, **fields}))
 
 
-class MessagesResumable:
+class MessagesResumable(TextResumable):
     """What one streamed Messages request has produced so far, and how to go on."""
 
-    __slots__ = (
-        "_block_closed",
-        "_block_opened",
-        "_budget",
-        "_finish",
-        "_input_tokens",
-        "_stop_reason",
-        "_text",
-        "blocked",
-        "body",
-        "generated",
-        "ident",
-        "model",
-        "parts",
-        "prompt_ids",
-        "stopped",
-    )
+    __slots__ = ("_block_opened", "_input_tokens")
 
     def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        budget = body.get("max_tokens")
-        self._budget = budget if isinstance(budget, int) else None
-        self.ident: str | None = None
-        self.model: str | None = None
+        super().__init__(body)
         self._input_tokens = 0
-        self._text: list[str] = []  # the answer's text, as relayed
         self._block_opened = False  # content_block_start relayed
-        self._block_closed = False
-        self._finish: str | None = None
-        self._stop_reason: Any = None
-        self.stopped = False  # message_delta relayed: the generation is over
-        self.blocked: str | None = None
-        # Filled from /tokenize when the stream must go on (None before).
-        self.prompt_ids: list[int] | None = None
-        self.generated: list[int] = []
-        self.parts = 1
-
-    # --- what the stream shows ----------------------------------------------------------------
 
     def observe(self, event: bytes) -> bytes:
         """Note one event of the stream being relayed; the event as the client sees it (as is)."""
@@ -153,31 +115,12 @@ class MessagesResumable:
             else:
                 self.blocked = self.blocked or "reasoning"
         elif kind == "content_block_stop":
-            self._block_closed = True
+            self._whole = True
         elif kind == "message_delta":
             self.stopped = True
         return event
 
-    # --- going on elsewhere -------------------------------------------------------------------
-
-    @property
-    def finished(self) -> bool:
-        """The generation is over: its stop was relayed; or, its ids known, its text block was
-        closed (vLLM closes it when the generation's last chunk came) or its budget is spent."""
-        return self.stopped or (self.prompt_ids is not None and self._finish is not None)
-
-    def why_not(self) -> str | None:
-        if self.blocked is not None:
-            return self.blocked
-        if self.ident is None:
-            return "no_token_ids"
-        return None
-
-    def tokenize_requests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The ``/tokenize`` bodies for the prompt's ids and the answer's (None: no answer yet)."""
-        # As vLLM's Messages route converts the conversation (its _convert_system_message and
-        # _convert_messages): the system text joined, without billing headers; one text block
-        # as a string, several as text parts.
+    def conversation(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         system = self.body.get("system")
         if isinstance(system, list):
@@ -194,64 +137,13 @@ class MessagesResumable:
                 parts = [{"type": "text", "text": b.get("text")} for b in content]
                 content = parts[0]["text"] if len(parts) == 1 else parts
             messages.append({"role": m.get("role"), "content": content})
-        model = self.body.get("model") or self.model
-        prompt = {"model": model, "messages": messages, "add_generation_prompt": True}
-        text = "".join(self._text)
-        answer = {"model": model, "prompt": text, "add_special_tokens": False} if text else None
-        return prompt, answer
+        return messages
 
-    def take_ids(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
-        self.prompt_ids = prompt_ids
-        self.generated = list(answer_ids)
-        if self._budget is not None and len(answer_ids) >= self._budget:
-            self._finish = "length"
-        elif self._block_closed:
-            self._finish = "stop"  # a stop string's text is lost with the stream: end_turn
+    def carried(self) -> dict[str, Any]:
+        stops = self.body.get("stop_sequences")
+        return {"stop": stops} if stops else {}
 
-    def continuation(self) -> tuple[bytes, dict[str, Any]]:
-        """The ``/v1/completions`` body that goes on from the text relayed so far."""
-        assert self.prompt_ids is not None
-        body: dict[str, Any] = {
-            "model": self.body.get("model") or self.model,
-            "prompt": [*self.prompt_ids, *self.generated],
-            "stream": True,
-            "return_token_ids": True,
-        }
-        for field in _CARRIED:
-            if field in self.body:
-                body[field] = self.body[field]
-        if self.body.get("stop_sequences"):
-            body["stop"] = self.body["stop_sequences"]
-        if self._budget is not None:
-            body["max_tokens"] = max(1, self._budget - len(self.generated))
-        self.parts += 1
-        return orjson.dumps(body), body
-
-    def rewrite(self, event: bytes) -> bytes | None:
-        """A continuation's event as a Messages event (None: nothing to send for it)."""
-        payload = event[5:].strip() if event.startswith(b"data:") else b""
-        if payload == b"[DONE]":
-            return None
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
-            return event
-        choices = obj.get("choices") or []
-        if not choices:
-            return None
-        choice = choices[0]
-        ids = choice.get("token_ids")
-        if isinstance(ids, list):
-            self.generated.extend(ids)
-        if choice.get("finish_reason") is not None:
-            self._finish = choice["finish_reason"]
-            self._stop_reason = choice.get("stop_reason")
-        text = choice.get("text") or ""
-        if not text:
-            return None
-        self._text.append(text)
+    def frame(self, text: str) -> bytes:
         out = b""
         if not self._block_opened:
             self._block_opened = True  # vLLM opens the text block with its first text
@@ -264,10 +156,9 @@ class MessagesResumable:
         return self._input_tokens, len(self.generated)
 
     def closing(self) -> bytes:
-        """The end of the stream after a continuation (or a member that died before it)."""
         out = b""
-        if not self._block_closed:
-            self._block_closed = True
+        if not self._whole:
+            self._whole = True
             out += _event("content_block_stop", {"index": 0})
         if not self.stopped:
             self.stopped = True
@@ -283,21 +174,3 @@ class MessagesResumable:
                 },
             )
         return out + _event("message_stop", {})
-
-
-def parse_typed(event: bytes) -> tuple[str | None, dict[str, Any] | None]:
-    """(event name, JSON object) of one typed SSE event; None where absent or not an object."""
-    kind = None
-    data = None
-    for line in event.split(b"\n"):
-        if line.startswith(b"event:"):
-            kind = line[6:].strip().decode("latin-1")
-        elif line.startswith(b"data:"):
-            data = line[5:].strip()
-    if data is None:
-        return kind, None
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return kind, None
-    return kind, obj if isinstance(obj, dict) else None

@@ -1,10 +1,7 @@
-"""Mid-stream failover for the Responses API, text output: what a Responses stream has produced,
-the ``/v1/completions`` continuation, and its chunks framed back into Responses events.
-
-As for Messages (``failover_messages``), vLLM takes no token ids on ``/v1/responses``: when a
-stream must go on, a member that is up gives them through ``/tokenize``: the prompt's with
-``messages`` (the instructions as the system message, then the input, as vLLM's
-``construct_input_messages`` builds them), the answer's from its text without special tokens.
+"""Mid-stream failover for the Responses API, text output: what a Responses stream has produced
+and the continuation's text framed back into Responses events (how the ids are had and the
+continuation made: ``failover_text``). The conversation goes to ``/tokenize`` as vLLM's
+``construct_input_messages`` builds it: the instructions as the system message, then the input.
 
 Each continuation chunk with text becomes a ``response.output_text.delta`` numbered on from the
 stream's last ``sequence_number`` (with ``response.in_progress``, ``response.output_item.added``
@@ -12,9 +9,8 @@ and ``response.content_part.added`` first if the member died before them); its e
 own: ``response.output_text.done``, ``response.content_part.done``,
 ``response.output_item.done`` (the whole text) and ``response.completed``, whose response is the
 stream's ``response.created`` one with the output, the status (``incomplete`` at
-``max_output_tokens``) and the usage of the whole answer. A stream cut after its text was done is
-ended by the gateway. The usage's ``cached_tokens`` is 0: what the members cached is not known
-to the gateway.
+``max_output_tokens``) and the usage of the whole answer. The usage's ``cached_tokens`` is 0:
+what the members cached is not known to the gateway.
 
 Not continued (counted): ``tools``, ``reasoning``, ``structured`` (``text.format`` other than
 text), ``previous_response`` (the conversation lives on a member), ``background``, ``content``
@@ -28,11 +24,9 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway.proxy.failover_messages import parse_typed
+from vllm_gateway.proxy.failover_text import TextResumable, parse_typed
 
 __all__ = ["ResponsesResumable", "responses_not_continuable"]
-
-_CARRIED = ("temperature", "top_p", "top_k")
 
 
 def _text_message(item: Any) -> bool:
@@ -70,14 +64,11 @@ def _event(kind: str, fields: dict[str, Any]) -> bytes:
     return b"event: %b\ndata: %b\n\n" % (kind.encode(), orjson.dumps(fields))
 
 
-class ResponsesResumable:
+class ResponsesResumable(TextResumable):
     """What one streamed Responses request has produced so far, and how to go on."""
 
     __slots__ = (
         "_added",
-        "_budget",
-        "_done",
-        "_finish",
         "_in_progress",
         "_item_done",
         "_item_id",
@@ -85,41 +76,20 @@ class ResponsesResumable:
         "_part_done",
         "_response",
         "_seq",
-        "_text",
-        "blocked",
-        "body",
-        "generated",
-        "ident",
-        "model",
-        "parts",
-        "prompt_ids",
-        "stopped",
     )
 
+    budget_field = "max_output_tokens"
+
     def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        budget = body.get("max_output_tokens")
-        self._budget = budget if isinstance(budget, int) else None
-        self.ident: str | None = None
-        self.model: str | None = None
+        super().__init__(body)
         self._response: dict[str, Any] | None = None  # response.created's response
         self._item_id: str | None = None
         self._in_progress = False  # response.in_progress relayed
         self._added = False  # response.output_item.added relayed
         self._part_added = False  # response.content_part.added relayed
-        self._done = False  # response.output_text.done relayed: the text is whole
-        self._seq = -1  # the last sequence_number relayed
-        self._text: list[str] = []
-        self._finish: str | None = None
         self._part_done = False  # response.content_part.done relayed
         self._item_done = False  # response.output_item.done relayed
-        self.stopped = False  # response.completed (or another end) relayed
-        self.blocked: str | None = None
-        self.prompt_ids: list[int] | None = None
-        self.generated: list[int] = []
-        self.parts = 1
-
-    # --- what the stream shows ----------------------------------------------------------------
+        self._seq = -1  # the last sequence_number relayed
 
     def observe(self, event: bytes) -> bytes:
         kind, obj = parse_typed(event)
@@ -129,10 +99,11 @@ class ResponsesResumable:
         if isinstance(seq, int):
             self._seq = max(self._seq, seq)
         if kind == "response.created":
-            self._response = obj.get("response")
-            if isinstance(self._response, dict):
-                self.ident = self._response.get("id")
-                self.model = self._response.get("model")
+            response = obj.get("response")
+            if isinstance(response, dict):
+                self._response = response
+                self.ident = response.get("id")
+                self.model = response.get("model")
         elif kind == "response.in_progress":
             self._in_progress = True
         elif kind == "response.output_item.added":
@@ -148,7 +119,7 @@ class ResponsesResumable:
         elif kind == "response.output_text.delta":
             self._text.append(obj.get("delta") or "")
         elif kind == "response.output_text.done":
-            self._done = True
+            self._whole = True
         elif kind == "response.content_part.done":
             self._part_done = True
         elif kind == "response.output_item.done":
@@ -159,20 +130,7 @@ class ResponsesResumable:
             self.blocked = self.blocked or "reasoning"
         return event
 
-    # --- going on elsewhere -------------------------------------------------------------------
-
-    @property
-    def finished(self) -> bool:
-        return self.stopped or (self.prompt_ids is not None and self._finish is not None)
-
-    def why_not(self) -> str | None:
-        if self.blocked is not None:
-            return self.blocked
-        if self._response is None:
-            return "no_token_ids"
-        return None
-
-    def tokenize_requests(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def conversation(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if self.body.get("instructions"):
             messages.append({"role": "system", "content": self.body["instructions"]})
@@ -181,35 +139,7 @@ class ResponsesResumable:
             messages.append({"role": "user", "content": given})
         else:
             messages += [{"role": i["role"], "content": i["content"]} for i in given or ()]
-        model = self.body.get("model") or self.model
-        prompt = {"model": model, "messages": messages, "add_generation_prompt": True}
-        text = "".join(self._text)
-        answer = {"model": model, "prompt": text, "add_special_tokens": False} if text else None
-        return prompt, answer
-
-    def take_ids(self, prompt_ids: list[int], answer_ids: list[int]) -> None:
-        self.prompt_ids = prompt_ids
-        self.generated = list(answer_ids)
-        if self._budget is not None and len(answer_ids) >= self._budget:
-            self._finish = "length"
-        elif self._done:
-            self._finish = "stop"
-
-    def continuation(self) -> tuple[bytes, dict[str, Any]]:
-        assert self.prompt_ids is not None
-        body: dict[str, Any] = {
-            "model": self.body.get("model") or self.model,
-            "prompt": [*self.prompt_ids, *self.generated],
-            "stream": True,
-            "return_token_ids": True,
-        }
-        for field in _CARRIED:
-            if field in self.body:
-                body[field] = self.body[field]
-        if self._budget is not None:
-            body["max_tokens"] = max(1, self._budget - len(self.generated))
-        self.parts += 1
-        return orjson.dumps(body), body
+        return messages
 
     def _next(self, kind: str, fields: dict[str, Any]) -> bytes:
         self._seq += 1
@@ -247,39 +177,14 @@ class ResponsesResumable:
             )  # fmt: skip
         return out
 
-    def rewrite(self, event: bytes) -> bytes | None:
-        payload = event[5:].strip() if event.startswith(b"data:") else b""
-        if payload == b"[DONE]":
-            return None
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
-            return event
-        choices = obj.get("choices") or []
-        if not choices:
-            return None
-        choice = choices[0]
-        ids = choice.get("token_ids")
-        if isinstance(ids, list):
-            self.generated.extend(ids)
-        if choice.get("finish_reason") is not None:
-            self._finish = choice["finish_reason"]
-        text = choice.get("text") or ""
-        if not text:
-            return None
-        self._text.append(text)
+    def frame(self, text: str) -> bytes:
         out = self._open()
         seq = self._seq + 1
         self._seq = seq
-        delta: dict[str, Any] = {"content_index": 0, "delta": text, "item_id": self._item_id, "logprobs": [],
-                 "output_index": 0, "sequence_number": seq,
-                 "type": "response.output_text.delta"}  # fmt: skip
+        delta: dict[str, Any] = {"content_index": 0, "delta": text, "item_id": self._item_id,
+                                 "logprobs": [], "output_index": 0, "sequence_number": seq,
+                                 "type": "response.output_text.delta"}  # fmt: skip
         return out + _event("response.output_text.delta", delta)
-
-    def counts(self) -> tuple[int, int]:
-        return len(self.prompt_ids or ()), len(self.generated)
 
     def _final(self, text: str) -> dict[str, Any]:
         assert self._response is not None
@@ -308,8 +213,8 @@ class ResponsesResumable:
         self.stopped = True
         text = "".join(self._text)
         out = self._open()
-        if not self._done:
-            self._done = True
+        if not self._whole:
+            self._whole = True
             out += self._next(
                 "response.output_text.done",
                 {"content_index": 0, "item_id": self._item_id, "logprobs": [],
