@@ -3,8 +3,9 @@ another one, and the client sees one unbroken stream.
 
 ``Continuing`` is the layer of ``ProxyCall`` between the relay (relay.py, which calls its two
 hooks) and the request's life (call.py). How the continuation's request is made and its events
-rewritten is ``failover.Resumable``'s; when a stream goes on, where, and what the call records of
-it, is this module's.
+rewritten is ``failover.Resumable``'s (``failover_text.TextResumable``'s for Messages and
+Responses, whose ids this module asks a member's ``/tokenize`` for); when a stream goes on, where,
+and what the call records of it, is this module's.
 
 Invariants:
 - only a stream that has started goes on (before its first byte a failure is still a status);
@@ -104,20 +105,17 @@ class Continuing(Relay):
         if failed is not None and failed not in self.members:
             self.members.append(failed)
         why = resumable.why_not()
-        if (
-            why is None
-            and not isinstance(resumable, Resumable)
-            and resumable.prompt_ids is None
-            and not resumable.stopped
-        ):
-            why = await self._fetch_ids(resumable, deadline)
-        if why is None and not resumable.finished:
+        text = resumable if isinstance(resumable, TextResumable) else None
+        # A Messages or Responses stream whose text was whole only needs its ids to be ended here.
+        if why is None and not resumable.finished and not (text is not None and text.whole):
             if loop.time() >= deadline:
                 why = "deadline"
             else:
                 why = gw.backend.can_fail_over(
                     self.model, frozenset(self.members), len(self.failovers)
                 )
+        if why is None and text is not None and text.prompt_ids is None and not text.stopped:
+            why = await self._fetch_ids(text, deadline)
         if why is not None:
             self.failovers.append((reason, f"not_continued:{why}"))
             raise exc

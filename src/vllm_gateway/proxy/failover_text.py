@@ -110,6 +110,11 @@ class TextResumable:
     # --- going on elsewhere -------------------------------------------------------------------
 
     @property
+    def whole(self) -> bool:
+        """The protocol said the answer's text is whole (the generation had ended)."""
+        return self._whole
+
+    @property
     def finished(self) -> bool:
         """The generation is over: its stop was relayed; or, its ids known, its text was whole
         (vLLM ends the text when the generation's last chunk came) or its budget is spent."""
