@@ -4,13 +4,12 @@ greedy stream leaves the client with the bytes of the unbroken stream: the same 
 field, and the usage added up as if nothing broke. Only the response id and ``created`` differ
 between two requests; both are the first member's throughout the failed-over stream.
 
-With several choices, each choice's events are the unbroken stream's, byte for byte, in order;
-how the choices interleave is the engine's timing (vLLM interleaves them as its steps go), so that
-is compared as a set.
-
-Greedy choices are all alike (vLLM's and the simulator's); the simulator's sampled choices write
-different tokens (`` tok3`` for the first, `` c1tok3`` for the second), so a continuation that mixed
-them up would show.
+Several choices need sampling (vLLM refuses ``n`` > 1 with greedy decoding): the simulator's
+sampled choices are deterministic and differ (`` tok3`` for the first, `` c1tok3`` for the
+second), so each choice's events are compared with the unbroken stream's, byte for byte, in order,
+and a continuation that mixed them up would show. How the choices interleave is the engine's
+timing (vLLM interleaves them as its steps go), so that is compared as a set. A choice cut before
+its first token is sampled afresh, so those cuts are left out.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -98,13 +98,17 @@ CONTINUOUS = {"stream_options": {"include_usage": True, "continuous_usage_stats"
 _CHAT_N2 = 2 + 2 * TOKENS + 2
 
 
-@pytest.mark.parametrize("cut", range(1, _CHAT_N2))
+@pytest.mark.parametrize("cut", range(4, _CHAT_N2))  # after each choice's first token
 async def test_a_chat_stream_of_two_choices_goes_on_choice_by_choice(
     tmp_path: Path, cut: int
 ) -> None:
-    body = {**CHAT, "n": 2, **USAGE}
+    body = {**CHAT, "n": 2, "temperature": 1.0, **USAGE}
     whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
+    assert _texts(broken) == {
+        0: "".join(f" tok{k}" for k in range(TOKENS)),
+        1: "".join(f" c1tok{k}" for k in range(TOKENS)),
+    }
 
 
 def _texts(events: list[bytes]) -> dict[int, str]:
@@ -115,21 +119,9 @@ def _texts(events: list[bytes]) -> dict[int, str]:
     }
 
 
-@pytest.mark.parametrize("cut", [4, 7, 10, 13, 16])
-async def test_each_sampled_choice_goes_on_from_its_own_tokens(tmp_path: Path, cut: int) -> None:
-    """Sampled choices differ (the simulator writes `` c1tok3`` for the second): cut after each
-    has a token, every choice goes on with its own."""
-    body = {**CHAT, "n": 2, "temperature": 1.0, **USAGE}
-    _, broken, _ = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
-    assert _texts(broken) == {
-        0: "".join(f" tok{k}" for k in range(TOKENS)),
-        1: "".join(f" c1tok{k}" for k in range(TOKENS)),
-    }
-
-
-@pytest.mark.parametrize("cut", [1, 4, 7, 10, 13, 16, 17])
+@pytest.mark.parametrize("cut", [3, 5, 7, 10, 13, 16, 23, 24, 25])
 async def test_a_completions_stream_of_three_choices_goes_on(tmp_path: Path, cut: int) -> None:
-    body = {**COMPLETION, "n": 3, **USAGE}
+    body = {**COMPLETION, "n": 3, "temperature": 1.0, **USAGE}
     whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
 
@@ -163,19 +155,28 @@ async def test_a_chat_stream_with_continuous_usage_adds_it_up(tmp_path: Path, cu
     assert last["usage"]["completion_tokens"] == TOKENS
 
 
-@pytest.mark.parametrize("cut", [1, 3, 6, 9, 12])
+@pytest.mark.parametrize("cut", [2, 3, 6, 9, 12, 16, 17])
 async def test_every_kind_at_once(tmp_path: Path, cut: int) -> None:
     """Two choices with logprobs and continuous usage, on completions (offsets per choice)."""
-    body = {**COMPLETION, "n": 2, "logprobs": 1, **CONTINUOUS}
+    body = {**COMPLETION, "n": 2, "temperature": 1.0, "logprobs": 1, **CONTINUOUS}
     whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
+
+
+async def test_greedy_decoding_with_several_choices_is_refused_as_vllm_refuses_it(
+    tmp_path: Path,
+) -> None:
+    async with pool(tmp_path) as (_, _, gw), httpx.AsyncClient(timeout=30) as client:
+        resp = await client.post(gw.url + "/v1/chat/completions", json={**CHAT, "n": 2})
+    assert resp.status_code == 400
+    assert "n must be 1 when using greedy sampling" in resp.text
 
 
 async def test_a_choice_further_along_ends_at_its_own_budget(tmp_path: Path) -> None:
     """Cut between the two choices' chunks of one step: the first choice is one token ahead, the
     continuation runs to the second's budget, and the first is ended at its own, with
     ``length``, as vLLM ends it."""
-    body = {**CHAT, "n": 2, **USAGE}
+    body = {**CHAT, "n": 2, "temperature": 1.0, **USAGE}
     cut = 2 + 2 * 3 + 1  # the role chunks, three steps, and the first choice's fourth token
     async with pool(tmp_path) as (first, second, gw):
         whole = _normal(await _stream(gw.url, "/v1/chat/completions", body))

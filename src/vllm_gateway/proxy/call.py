@@ -350,9 +350,11 @@ class ProxyCall(Continuing):
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
 
-        if self.stream:
+        if self.stream and upstream.status == 200:
             await self._relay_stream(upstream, first_deadline, deadline)
         elif upstream.status != 200:
+            # A stream request the backend refused (vLLM checks its sampling parameters before
+            # it streams): its status and body, as for any request.
             self._relay_error_status(upstream, body)
         else:
             self.first_byte_at = time.perf_counter()

@@ -130,6 +130,12 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         message = f"n must be between 1 and {MAX_CHOICES}, got {choices_per_prompt}."
         reject(conn, req, record, 400, render.error_body(message, 400, param="n"))
         return
+    temperature = body.get("temperature")
+    if choices_per_prompt > 1 and isinstance(temperature, (int, float)) and temperature < 1e-5:
+        # vLLM's SamplingParams: greedy decoding would write the same answer n times.
+        message = f"n must be 1 when using greedy sampling, got {choices_per_prompt}."
+        reject(conn, req, record, 400, render.error_body(message, 400))
+        return
     top = _logprobs(body, chat)
     options = body.get("stream_options")
     make = render_openai.ChatScript if chat else render_openai.CompletionScript
@@ -147,9 +153,7 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         else:
             ids = conn.state.vocab.encode(str(prompt)) if return_ids else None
             prompts = [(ids, prompt_tokens, prompt)]
-    # Greedy decoding (temperature 0) writes the same tokens for every choice, as vLLM does;
-    # sampling gives each choice its own.
-    greedy = body.get("temperature") == 0
+    # Each sampled choice writes its own tokens (deterministically: `` c1tok0`` for the second).
     choices = []
     for p, (ids, size, prompt) in enumerate(prompts):
         lineage = output_lineage(prompt)
@@ -157,7 +161,7 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
             choices.append(
                 render_openai.Choice(
                     index=p * choices_per_prompt + c,
-                    lineage=(0 if greedy else c) if lineage is None else lineage,
+                    lineage=c if lineage is None else lineage,
                     start=output_start(prompt),
                     prompt_ids=ids if return_ids else None,
                     prompt_tokens=size,

@@ -44,8 +44,8 @@ _CODE = {c: i + 1 for i, c in enumerate(_SYMBOLS)}  # 0 pads a short last piece
 _RADIX = len(_SYMBOLS) + 1
 _TABLE_BASE: int = ASCII_BASE + _RADIX**PIECE
 _TABLE_MAX = 65536
-# Output token k of choice c (the text `` tok{k}``, `` c{c}tok{k}`` for c > 0: the sampled choices
-# of an ``n`` > 1 request differ, so a mix-up shows; greedy ones are all choice 0's) has id OUTPUT_BASE + c * CHOICE_STRIDE + k: a
+# Output token k of choice c (the text `` tok{k}``, `` c{c}tok{k}`` for c > 0: the choices of an
+# ``n`` > 1 request, sampled, differ, so a mix-up shows) has id OUTPUT_BASE + c * CHOICE_STRIDE + k: a
 # continuation whose prompt ends in output ids goes on from the next one of the same choice, as a
 # model continues its own answer.
 OUTPUT_BASE = _TABLE_BASE + _TABLE_MAX
