@@ -137,12 +137,16 @@ async def test_a_request_that_cannot_be_continued_ends_with_its_error_event(
 ) -> None:
     async with pool(tmp_path) as (first, second, gw):
         first.configure(drop_after=3)
-        raw = await _stream(gw.url, "/v1/chat/completions", {**CHAT_BODY, "n": 2})
+        raw = await _stream(
+            gw.url,
+            "/v1/chat/completions",
+            {**CHAT_BODY, "response_format": {"type": "json_object"}},
+        )
         assert b"data: [DONE]" not in raw
         assert b"backend_unavailable" in raw
         assert not [r for r in second.stats()["requests"] if r["path"] == "/v1/completions"]
         metrics = gw.app.observer.metrics.render()
-    assert 'outcome="not_continued:n"} 1' in metrics
+    assert 'outcome="not_continued:structured"} 1' in metrics
 
 
 async def test_failovers_are_bounded_per_stream(tmp_path: Path) -> None:

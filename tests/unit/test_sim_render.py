@@ -171,3 +171,27 @@ def test_response_heads_are_http11() -> None:
     assert b"\r\ntransfer-encoding: chunked\r\n" in stream
     assert b"\r\ncontent-type: text/event-stream; charset=utf-8\r\n" in stream
     assert b"content-length" not in stream
+
+
+# Chunks with logprobs and continuous usage statistics, and a choice other than the first, made
+# the same way (``chunk.usage = UsageInfo(...)`` set after the chunk, as the serving code does).
+VLLM_CHAT_LOGPROBS = '{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"sim-model","choices":[{"index":1,"delta":{"content":" tok2"},"logprobs":{"content":[{"token":" tok2","logprob":-0.3125,"bytes":[32,116,111,107,50],"top_logprobs":[{"token":" tok2","logprob":-0.3125,"bytes":[32,116,111,107,50]},{"token":" alt1","logprob":-0.8125,"bytes":[32,97,108,116,49]},{"token":" alt2","logprob":-1.3125,"bytes":[32,97,108,116,50]}]}]},"finish_reason":null,"token_ids":null}],"usage":{"prompt_tokens":5,"total_tokens":8,"completion_tokens":3,"completion_tokens_details":null}}'
+VLLM_CHAT_ROLE_USAGE = '{"id":"chatcmpl-abc","object":"chat.completion.chunk","created":1700000000,"model":"sim-model","choices":[{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"usage":{"prompt_tokens":5,"total_tokens":5,"completion_tokens":0,"completion_tokens_details":null},"prompt_token_ids":null,"prompt_text":null}'
+VLLM_CMPL_LOGPROBS = '{"id":"cmpl-abc","object":"text_completion","created":1700000000,"model":"sim-model","choices":[{"index":2,"text":" tok2","logprobs":{"text_offset":[10],"token_logprobs":[-0.3125],"tokens":[" tok2"],"top_logprobs":[{" tok2":-0.3125," alt1":-0.8125}]},"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}],"usage":{"prompt_tokens":5,"total_tokens":8,"completion_tokens":3}}'
+
+
+def test_chat_logprobs_and_continuous_usage_render_as_vllm() -> None:
+    t = _chat()
+    lp = render_openai.chat_logprobs(2, 0, 3)
+    chunk = t.token(" tok2", index=1, logprobs=lp, usage=t.chunk_usage(5, 3))
+    assert _event(chunk) == VLLM_CHAT_LOGPROBS
+    first = t.first(1, t.chunk_usage(5, 0))
+    assert first is not None and _event(first) == VLLM_CHAT_ROLE_USAGE
+
+
+def test_completion_logprobs_and_continuous_usage_render_as_vllm() -> None:
+    t = _cmpl()
+    lp = render_openai.completion_logprobs(2, 0, 2, 10)
+    assert _event(t.token(" tok2", index=2, logprobs=lp, usage=t.chunk_usage(5, 3))) == (
+        VLLM_CMPL_LOGPROBS
+    )

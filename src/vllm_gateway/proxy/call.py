@@ -51,11 +51,22 @@ from vllm_gateway.ids import fresh_id
 from vllm_gateway.proxy.admission import RETRY_AFTER_MAX, RETRY_AFTER_MIN, Admission, Place
 from vllm_gateway.proxy.continuation import Continuing
 from vllm_gateway.proxy.failover import Resumable, not_continuable
+from vllm_gateway.proxy.failover_messages import MessagesResumable, messages_not_continuable
+from vllm_gateway.proxy.failover_responses import ResponsesResumable, responses_not_continuable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.relay import SSE_HEADERS, overhead_header
 from vllm_gateway.proxy.responder import ClientGone, Responder
-from vllm_gateway.proxy.routes import CHAT, COMPLETIONS, RESPONSES_PATH, Body, Reach, Route, target
+from vllm_gateway.proxy.routes import (
+    CHAT,
+    COMPLETIONS,
+    MESSAGES,
+    RESPONSES_PATH,
+    Body,
+    Reach,
+    Route,
+    target,
+)
 from vllm_gateway.proxy.usage import UsageTaker, ask_for_usage, asks_for_usage, parse_usage
 from vllm_gateway.proxy.validation import ValidRequest, set_response_id, validate
 
@@ -323,12 +334,22 @@ class ProxyCall(Continuing):
             valid.json["priority"] = -self.priority
             valid.body = orjson.dumps(valid.json)
         deadline = loop.time() + settings.request_timeout
-        if valid.stream and route.name in (CHAT, COMPLETIONS) and gw.backend.may_fail_over():
-            assert valid.json is not None
-            why = not_continuable(valid.json, chat=route.name == CHAT)
-            if why is None:
-                self._resumable = Resumable(valid.json, chat=route.name == CHAT)
-            self._not_resumable = why
+        if valid.stream and valid.json is not None and gw.backend.may_fail_over():
+            if route.name in (CHAT, COMPLETIONS):
+                why = not_continuable(valid.json, chat=route.name == CHAT)
+                if why is None:
+                    self._resumable = Resumable(valid.json, chat=route.name == CHAT)
+                self._not_resumable = why
+            elif route.name == MESSAGES:
+                why = messages_not_continuable(valid.json)
+                if why is None:
+                    self._resumable = MessagesResumable(valid.json)
+                self._not_resumable = why
+            elif route.name == RESPONSES_PATH:
+                why = responses_not_continuable(valid.json)
+                if why is None:
+                    self._resumable = ResponsesResumable(valid.json)
+                self._not_resumable = why
         if (
             self._token_charge is not None
             and valid.stream
@@ -376,11 +397,13 @@ class ProxyCall(Continuing):
         except TimeoutError:
             raise (RequestTimeout() if loop.time() >= deadline else FirstTokenTimeout()) from None
 
-        if self.stream:
+        if self.stream and upstream.status == 200:
             await self._relay_stream(upstream, first_deadline, deadline)
         elif upstream.status != 200:
             if self._early_head:
                 raise _refusal(upstream.status, body)  # the head went out: an error event
+            # A stream request the backend refused (vLLM checks its sampling parameters before
+            # it streams): its status and body, as for any request.
             self._relay_error_status(upstream, body, time.perf_counter())
         else:
             read_at = self.first_byte_at = time.perf_counter()
@@ -487,7 +510,7 @@ class ProxyCall(Continuing):
         if route.reach is Reach.HOLDER:
             locate = self._param
         body = valid.body
-        if self._resumable is not None:
+        if isinstance(self._resumable, Resumable):
             body = self._resumable.upstream_body(body)
         return UpstreamRequest(
             ex.method,

@@ -42,7 +42,7 @@ from vllm_gateway.errors import (
     RequestTimeout,
     StreamIdleTimeout,
 )
-from vllm_gateway.proxy.failover import Resumable
+from vllm_gateway.proxy.failover import AnyResumable
 from vllm_gateway.proxy.gateway import Gateway
 from vllm_gateway.proxy.idle import IdleTimeout
 from vllm_gateway.proxy.protocols import DONE, ERROR, OK
@@ -124,7 +124,7 @@ class Relay(Record):
         self._protocol = route.protocol
         self._task: asyncio.Task[Any] | None = None  # the call's task (its timers cancel it)
         self._charged = 0  # bytes of a buffered backend body counted in the buffer budget
-        self._resumable: Resumable | None = None  # a stream that may go on on another member
+        self._resumable: AnyResumable | None = None  # a stream that may go on on another member
         self._not_resumable: str | None = None  # why it may not, when failover applies
         self._taker: UsageTaker | None = None  # takes out a usage chunk the client did not ask for
         self.upstream: UpstreamResponse | None = None  # the response the call closes at its end
@@ -138,7 +138,7 @@ class Relay(Record):
 
     # --- what continuation.py adds: going on on another member -------------------------------
 
-    def _follow(self, resumable: Resumable, events: list[bytes], first: bool) -> list[bytes]:
+    def _follow(self, resumable: AnyResumable, events: list[bytes], first: bool) -> list[bytes]:
         """The events as the client sees them, for a stream that may go on elsewhere."""
         return events
 

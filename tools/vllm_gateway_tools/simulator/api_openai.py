@@ -9,7 +9,7 @@ gets ``cached_tokens`` and its first token waits ``prefill_per_token`` per uncac
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from vllm_gateway_tools.simulator import render, render_openai
 from vllm_gateway_tools.simulator.engine import Job
@@ -23,7 +23,13 @@ from vllm_gateway_tools.simulator.exchange import (
     unknown_model,
 )
 from vllm_gateway_tools.simulator.prefix_cache import prompt_sequences
-from vllm_gateway_tools.simulator.tokenizer import chat_messages, chat_tokens, output_start
+from vllm_gateway_tools.simulator.tokenizer import (
+    IM_START,
+    chat_messages,
+    chat_tokens,
+    output_lineage,
+    output_start,
+)
 from vllm_gateway_tools.simulator.tokenizer import prompt_tokens as count_prompt_tokens
 
 __all__ = ["batch", "chat", "completions"]
@@ -37,6 +43,32 @@ def chat(conn: Conn, req: Req) -> None:
 
 def completions(conn: Conn, req: Req) -> None:
     _generate(conn, req, chat=False)
+
+
+# The most choices one request may ask for (vLLM bounds them by its scheduler; a simulator bound).
+MAX_CHOICES = 16
+
+
+def _is_ids(prompt: Any) -> TypeGuard[list[int]]:
+    return (
+        isinstance(prompt, list)
+        and bool(prompt)
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    )
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many top candidates each token's logprobs list (None: no logprobs asked). Chat asks
+    with ``logprobs: true`` and ``top_logprobs``; completions with ``logprobs: <int>``."""
+    if chat:
+        if body.get("logprobs") is not True:
+            return None
+        top = body.get("top_logprobs")
+        return top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
+    value = body.get("logprobs")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _max_tokens(body: dict[str, Any], chat: bool) -> tuple[int | None, str | None]:
@@ -94,35 +126,98 @@ def _generate(conn: Conn, req: Req, *, chat: bool) -> None:
         message = _too_long(cfg.max_model_len, n, prompt_tokens)
         reject(conn, req, record, 400, render.error_body(message, 400, param="max_tokens"))
         return
+    choices_per_prompt = body.get("n", 1)
+    if choices_per_prompt is None:
+        choices_per_prompt = 1
+    if (
+        isinstance(choices_per_prompt, bool)
+        or not isinstance(choices_per_prompt, int)
+        or not 1 <= choices_per_prompt <= MAX_CHOICES
+    ):
+        message = f"n must be between 1 and {MAX_CHOICES}, got {choices_per_prompt}."
+        reject(conn, req, record, 400, render.error_body(message, 400, param="n"))
+        return
+    temperature = body.get("temperature")
+    if choices_per_prompt > 1 and isinstance(temperature, (int, float)) and temperature < 1e-5:
+        # vLLM's SamplingParams: greedy decoding would write the same answer n times.
+        message = f"n must be 1 when using greedy sampling, got {choices_per_prompt}."
+        reject(conn, req, record, 400, render.error_body(message, 400))
+        return
+    top = _logprobs(body, chat)
     options = body.get("stream_options")
     make = render_openai.ChatScript if chat else render_openai.CompletionScript
-    prompt_ids: list[int] | None = None
-    if body.get("return_token_ids") is True:
-        if chat:
-            prompt_ids = conn.state.vocab.encode_chat(chat_messages(body["messages"]))
-        elif isinstance(body.get("prompt"), list) and all(
-            isinstance(t, int) for t in body["prompt"]
-        ):
-            prompt_ids = list(body["prompt"])
+    return_ids = body.get("return_token_ids") is True
+    prompts: list[tuple[list[int] | None, int, Any]]  # (ids when asked, size, the prompt)
+    if chat:
+        ids = conn.state.vocab.encode_chat(chat_messages(body["messages"])) if return_ids else None
+        prompts = [(ids, prompt_tokens, None)]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and all(_is_ids(p) for p in prompt):
+            prompts = [(list(p), len(p), p) for p in prompt]  # several prompts of token ids
+        elif _is_ids(prompt):
+            prompts = [(list(prompt), prompt_tokens, prompt)]
         else:
-            prompt_ids = conn.state.vocab.encode(str(body.get("prompt")))
+            ids = conn.state.vocab.encode(str(prompt)) if return_ids else None
+            prompts = [(ids, prompt_tokens, prompt)]
+    # Each sampled choice writes its own tokens (deterministically: `` c1tok0`` for the second).
+    choices = []
+    for p, (ids, size, prompt) in enumerate(prompts):
+        lineage = output_lineage(prompt)
+        for c in range(choices_per_prompt):
+            choices.append(
+                render_openai.Choice(
+                    index=p * choices_per_prompt + c,
+                    lineage=c if lineage is None else lineage,
+                    start=output_start(prompt),
+                    prompt_ids=ids if return_ids else None,
+                    prompt_tokens=size,
+                )
+            )
+    finish = "stop" if max_tokens is None else "length"
+    continues = choices[0].start > 0 or (
+        _is_ids(body.get("prompt")) and body["prompt"][0] == IM_START
+    )
+    if not chat and len(prompts) == 1 and continues:
+        # A continuation of the model's own answer (or of a conversation rendered as ids) ends
+        # where that answer ends (its EOS after ``tokens`` tokens in all) unless its max_tokens
+        # comes first.
+        natural = cfg.tokens - choices[0].start
+        if max_tokens is None or natural < max_tokens:
+            n, finish = max(1, natural), "stop"
+    first_ids = prompts[0][0] if return_ids else None
     script = make(
-        prompt_ids=prompt_ids,
-        start=0 if chat else output_start(body.get("prompt")),
+        prompt_ids=first_ids,
+        return_ids=return_ids,
+        start=choices[0].start,
+        choices=choices,
+        logprobs=top,
         request_id=request_id(req, "chatcmpl-" if chat else "cmpl-"),
         model=model,
         n=n,
-        finish="stop" if max_tokens is None else "length",
+        finish=finish,
         prompt_tokens=prompt_tokens,
         created=int(time.time()),
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        continuous_usage=isinstance(options, dict)
+        and options.get("continuous_usage_stats") is True,
+    )
+    prompt_ids = first_ids
+    # Continued past the answer's end: the EOS at once (one chunk without text).
+    script.eos_only = (
+        not chat
+        and len(prompts) == 1
+        and continues
+        and n == 1
+        and finish == "stop"
+        and cfg.tokens <= choices[0].start
     )
     script.stream = record["stream"]
     prefill = 0.0
     if conn.state.prefix_cache is not None:
-        prompts = [prompt_ids] if chat and prompt_ids is not None else None
+        chat_ids = [prompt_ids] if chat and prompt_ids is not None else None
         cached, computed = conn.state.prefix_lookup(
-            prompts or prompt_sequences(conn.state.vocab, body, chat)
+            chat_ids or prompt_sequences(conn.state.vocab, body, chat)
         )
         record["cached_tokens"] = cached
         prefill = cfg.prefill_per_token * computed

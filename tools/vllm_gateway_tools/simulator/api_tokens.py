@@ -41,7 +41,10 @@ def tokenize(conn: Conn, req: Req) -> None:
         return
     vocab = conn.state.vocab
     if isinstance(body.get("prompt"), str):
-        tokens = vocab.encode(body["prompt"])
+        if body.get("add_special_tokens") is False:
+            tokens = vocab.encode_output(body["prompt"])  # the model's own text read back
+        else:
+            tokens = vocab.encode(body["prompt"])
     elif isinstance(body.get("messages"), list):
         tokens = vocab.encode_chat(chat_messages(body["messages"]))
     else:

@@ -175,7 +175,7 @@ class Job:
             if self._emit([*events, b"data: " + b"x" * cfg.huge_line_bytes]):
                 self._end_stream("completed")
             return
-        events.append(script.token(i, last))
+        events += script.tokens(i, last)
         if cfg.malformed == "bad_json" and i == script.n // 2:
             events.append(script.bad_event)
         if last:

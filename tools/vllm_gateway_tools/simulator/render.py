@@ -313,6 +313,10 @@ class Script:
     def token(self, i: int, last: bool) -> bytes:
         raise NotImplementedError
 
+    def tokens(self, i: int, last: bool) -> list[bytes]:
+        """The events of step ``i``: one token (a script of several choices: one per choice)."""
+        return [self.token(i, last)]
+
     def cut_short(self) -> list[bytes]:
         return []
 

@@ -16,11 +16,13 @@ process (``Vocabulary``). Ids from ``VOCAB_SIZE`` up, and table ids never handed
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
     "ASCII_BASE",
+    "CHOICE_STRIDE",
     "OUTPUT_BASE",
     "PIECE",
     "VOCAB_SIZE",
@@ -29,6 +31,9 @@ __all__ = [
     "chat_tokens",
     "content_text",
     "count_text",
+    "output_id",
+    "output_lineage",
+    "output_piece",
     "prompt_tokens",
 ]
 
@@ -39,11 +44,15 @@ _CODE = {c: i + 1 for i, c in enumerate(_SYMBOLS)}  # 0 pads a short last piece
 _RADIX = len(_SYMBOLS) + 1
 _TABLE_BASE: int = ASCII_BASE + _RADIX**PIECE
 _TABLE_MAX = 65536
-# Output token k (the text `` tok{k}``) has id OUTPUT_BASE + k: a continuation whose prompt ends in
-# output ids goes on from the next one, as a model continues its own answer.
+# Output token k of choice c (the text `` tok{k}``, `` c{c}tok{k}`` for c > 0: the choices of an
+# ``n`` > 1 request, sampled, differ, so a mix-up shows) has id OUTPUT_BASE + c * CHOICE_STRIDE + k: a
+# continuation whose prompt ends in output ids goes on from the next one of the same choice, as a
+# model continues its own answer.
 OUTPUT_BASE = _TABLE_BASE + _TABLE_MAX
+CHOICE_STRIDE = 1 << 16
 _OUTPUT_MAX = 1 << 20
 VOCAB_SIZE = OUTPUT_BASE + _OUTPUT_MAX
+_OUTPUT_PIECE = re.compile(r" (?:c(\d+))?tok(\d+)")
 IM_START, IM_END = 1, 2
 ROLES = {"system": 3, "user": 4, "assistant": 5, "tool": 6, "developer": 7}
 _SPECIAL = {IM_START: "<|im_start|>", IM_END: "<|im_end|>"} | {v: k for k, v in ROLES.items()}
@@ -86,13 +95,32 @@ def chat_tokens(messages: Iterable[tuple[str, str]]) -> int:
     return sum(3 + count_text(text) for _, text in messages)
 
 
+def output_id(index: int, choice: int = 0) -> int:
+    """The id of output token ``index`` of choice ``choice``."""
+    return OUTPUT_BASE + choice * CHOICE_STRIDE + index
+
+
+def output_piece(index: int, choice: int = 0) -> str:
+    """The text of output token ``index`` of choice ``choice``."""
+    return f" tok{index}" if choice == 0 else f" c{choice}tok{index}"
+
+
 def output_start(prompt: Any) -> int:
     """The index of the first output token for a prompt of token ids: after the last output id
     the prompt ends with (a continuation), else 0."""
     last = prompt[-1] if isinstance(prompt, list) and prompt else None
     if isinstance(last, int) and OUTPUT_BASE <= last < VOCAB_SIZE:
-        return last - OUTPUT_BASE + 1
+        return (last - OUTPUT_BASE) % CHOICE_STRIDE + 1
     return 0
+
+
+def output_lineage(prompt: Any) -> int | None:
+    """The choice a prompt of token ids continues (its last id is that choice's output), or
+    None for a fresh prompt."""
+    last = prompt[-1] if isinstance(prompt, list) and prompt else None
+    if isinstance(last, int) and OUTPUT_BASE <= last < VOCAB_SIZE:
+        return (last - OUTPUT_BASE) // CHOICE_STRIDE
+    return None
 
 
 def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
@@ -108,6 +136,8 @@ def prompt_tokens(body: dict[str, Any], chat: bool) -> int | None:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(t, int) for t in prompt):
             return len(prompt)
+        if all(isinstance(p, list) for p in prompt):  # several prompts of token ids
+            return max(1, sum(len(p) for p in prompt))
         return max(1, sum(count_text(p) for p in prompt if isinstance(p, str)))
     return None
 
@@ -122,6 +152,17 @@ class Vocabulary:
 
     def encode(self, text: str) -> list[int]:
         return [self._piece_id(text[i : i + PIECE]) for i in range(0, len(text), PIECE)]
+
+    def encode_output(self, text: str) -> list[int]:
+        """``text`` with the model's own output pieces (`` tok3``, `` c1tok3``) read back as their
+        output ids, as a tokenizer reads back what it wrote; other text as ``encode``."""
+        out: list[int] = []
+        at = 0
+        for match in _OUTPUT_PIECE.finditer(text):
+            out += self.encode(text[at : match.start()])
+            out.append(output_id(int(match.group(2)), int(match.group(1) or 0)))
+            at = match.end()
+        return out + self.encode(text[at:])
 
     def encode_chat(self, messages: Iterable[tuple[str, str]]) -> list[int]:
         out: list[int] = []
@@ -138,7 +179,8 @@ class Vocabulary:
         if special is not None:
             return special
         if OUTPUT_BASE <= token < VOCAB_SIZE:
-            return f" tok{token - OUTPUT_BASE}"
+            choice, index = divmod(token - OUTPUT_BASE, CHOICE_STRIDE)
+            return output_piece(index, choice)
         if ASCII_BASE <= token < _TABLE_BASE:
             value = token - ASCII_BASE
             codes = []
