@@ -11,12 +11,10 @@ other key is 403; without them, the routes answer 404 to every key (after the cl
 where client keys are set, as for every route). Each route checks again that the caller is admin. A member is named by its
 URL (or its name in the backends file). Every change is logged on ``vllm_gateway.admin``.
 
-With ``--workers N`` each worker has its own pool, and a change is made in all of them: the worker
-that is asked checks it (404, 400 as above), forwards it to the supervisor, which sends it to every
-worker, itself included, in one order (``runtime/coordinator.py``); each applies it to its own
-pool (``SharedMembers``), and the answer comes once every live worker has applied it or 5 s
-passed, with ``"workers": {"applied": n, "of": m}`` (n < m: a worker did not answer in time; one
-restarted later is given the change as it starts). A list (GET) is the answering worker's view.
+With ``--workers N`` every worker's pool takes each change (``runtime/workers.py``; the worker
+asked checks it first: 404, 400 as above); the answer comes once every live worker has applied it
+or 1 s passed, with ``"workers": {"applied": n, "of": m}``. A list (GET) is the answering
+worker's view.
 """
 
 from __future__ import annotations
@@ -112,10 +110,11 @@ class SharedMembers:
                 member = self.fleet.find(url)
             except KeyError:
                 continue
+            if member.state != "ready":
+                continue  # another member's admission: this one's comes later
             del self._later[url]
-            if member.state == "ready":
-                (self.fleet.drain if op == "drain" else self.fleet.remove)(url)
-                admin_log.warning("admin: backend %s %s (replayed as it joined)", url, op)
+            (self.fleet.drain if op == "drain" else self.fleet.remove)(url)
+            admin_log.warning("admin: backend %s %s (replayed as it joined)", url, op)
 
 
 def add_admin_routes(api: FastAPI, gateway: Gateway) -> None:

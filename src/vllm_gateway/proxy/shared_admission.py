@@ -28,6 +28,8 @@ when a request ends, the worker may keep its slot idle, up to the lease the supe
   most), so idle slots on their way back are not counted against it: the 503s are a single
   process's.
 
+The same channel carries the admin API's member changes to every worker (``runtime/coordinator.py``).
+
 The wire: each message is a 4-byte big-endian length and an orjson array whose first item says
 what it is:
 
@@ -99,7 +101,7 @@ _MARGIN = 2.0
 # How often, at most, a worker tells the supervisor how many idle slots it holds.
 _REPORT_INTERVAL = 0.25
 # How long the supervisor waits for every worker to apply a member change before it answers.
-MEMBER_WAIT = 5.0
+MEMBER_WAIT = 1.0
 
 # The refusals that travel: the admission's own errors, by their stable type.
 _REFUSALS: dict[str, type[GatewayError]] = {
