@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from vllm_gateway.backends.base import Backend
 from vllm_gateway.backends.factory import build_backend
 from vllm_gateway.backends.pool.backend import PoolBackend
+from vllm_gateway.edge.admin import SharedMembers
 from vllm_gateway.edge.api import create_api
 from vllm_gateway.edge.frontdoor import FrontDoor
 from vllm_gateway.observability import access_log
@@ -60,6 +61,7 @@ class App:
         health: BackendHealth,
         tracer: TracingObserver | None = None,
         supervisor: socket.socket | None = None,
+        members: SharedMembers | None = None,
     ) -> None:
         self.gateway = gateway
         self.frontdoor = frontdoor
@@ -68,6 +70,7 @@ class App:
         self.health = health
         self._tracer = tracer
         self._supervisor = supervisor
+        self._members = members
 
     def reload(self) -> None:
         """SIGHUP: a pool reads its backends file now."""
@@ -101,6 +104,12 @@ class App:
             if self._supervisor is not None and isinstance(admission, RemoteAdmission):
                 await admission.connect(self._supervisor)
                 stack.callback(_hang_up, admission)
+                if self._members is not None:
+                    # The admin API's member changes made so far, applied before serving.
+                    _background(stack, self._members.run(), "shared-members")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_REPLAY_WAIT):
+                            await self._members.synced.wait()
             gateway.models.prefetch()
             stack.push_async_callback(gateway.models.aclose)
             stack.push_async_callback(self.health.aclose)
@@ -126,6 +135,10 @@ def _background(
             await task
 
     stack.push_async_callback(stop)
+
+
+# How long a new worker waits for the admin API's member changes made so far before it serves.
+_REPLAY_WAIT = 5.0
 
 
 def _hang_up(admission: RemoteAdmission) -> None:
@@ -171,9 +184,12 @@ def create_app(
     metrics.add_budget_metrics(frontdoor.budget)
     if gateway.resume is not None:
         metrics.add_resume_metrics(gateway.resume)
+    members = None
     if admission is not None:  # a worker of several answers the others' scrapes with its own
         admission.snapshot = metrics.registry.snapshot
-    return App(gateway, frontdoor, api, observer, health, tracer, supervisor)
+        if isinstance(gateway.backend, PoolBackend):  # and applies every admin member change
+            members = SharedMembers(gateway.backend.fleet, admission)
+    return App(gateway, frontdoor, api, observer, health, tracer, supervisor, members)
 
 
 def _tracer(gateway: Gateway) -> TracingObserver | None:

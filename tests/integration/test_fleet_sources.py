@@ -17,9 +17,18 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningGateway, chat_body, run_gateway, spawn_gateway, wait_for
+from tests.conftest import (
+    GatewayProcess,
+    RunningGateway,
+    chat_body,
+    run_gateway,
+    spawn_gateway,
+    wait_for,
+)
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.backends.pool.file_source import MIN_GAP
+from vllm_gateway.edge.admin import SharedMembers
+from vllm_gateway.proxy.shared_admission import RemoteAdmission
 from vllm_gateway.settings import PoolSettings, Settings
 from vllm_gateway_tools.simulator import Simulator, SimulatorConfig, run_simulator
 
@@ -238,6 +247,149 @@ async def test_the_admin_api_lists_adds_drains_undrains_and_removes_members() ->
             missing = await client.post(base + "/drain", headers=ADMIN, json={"url": "http://x:1"})
             assert missing.status_code == 404
             assert {m.url for m in pool.fleet.members} == {a.url, b.url}
+
+
+def _worker_of(parent: int, port: int, client_port: int) -> int:
+    """The worker process (a child of ``parent``) holding the gateway's end of the connection
+    from ``client_port``: its socket's inode, from /proc/net/tcp, among the children's fds."""
+    local, remote = f"0100007F:{port:04X}", f"0100007F:{client_port:04X}"
+    inodes = [
+        f[9]
+        for f in (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+        if f[1] == local and f[2] == remote
+    ]
+    assert inodes, "the gateway's end of the connection is not in /proc/net/tcp"
+    target = f"socket:[{inodes[0]}]"
+    children = [
+        int(pid)
+        for task in Path(f"/proc/{parent}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
+    for child in children:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{child}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == target:
+                        return child
+    raise AssertionError(f"no worker of {parent} holds {target}")
+
+
+async def _chat(gw: GatewayProcess) -> int:
+    """One request on a fresh connection; the pid of the worker that answered it."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("POST", gw.url + "/v1/chat/completions", json=chat_body()) as resp,
+    ):
+        await resp.aread()
+        assert resp.status_code == 200, resp.text
+        client_port = resp.extensions["network_stream"].get_extra_info("client_addr")[1]
+        return _worker_of(gw.process.pid, port, client_port)
+
+
+async def _admin(gw: GatewayProcess, op: str, url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        resp = await client.post(f"{gw.url}/admin/backends/{op}", headers=ADMIN, json={"url": url})
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+async def _spread(gw: GatewayProcess, sim: Simulator, each: int) -> dict[int, list[int]]:
+    """Requests on fresh connections until every worker has answered ``each`` of them (at most
+    400): per worker pid, how many of its requests reached ``sim``, one by one."""
+    reached: dict[int, list[int]] = {}
+    for _ in range(400):
+        before = sim.stats()["total"]
+        pid = await _chat(gw)
+        reached.setdefault(pid, []).append(sim.stats()["total"] - before)
+        if len(reached) >= 2 and all(len(v) >= each for v in reached.values()):
+            break
+    assert len(reached) >= 2 and all(len(v) >= each for v in reached.values()), reached
+    return reached
+
+
+async def test_an_admin_drain_reaches_every_worker_and_outlives_a_worker_restart(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "backends.yaml"
+    async with sims(2) as (a, b):
+        _write(path, [a.url, b.url])
+        env = {
+            "VLLM_BACKENDS_FILE": str(path),
+            "VLLM_POOL_HEALTH_INTERVAL_SECONDS": "0.1",
+            "VLLM_POOL_SLOW_START_SECONDS": "0",
+            "VLLM_ADMIN_API_KEYS": "admin-key",
+            "VLLM_WORKERS": "2",
+        }
+        with spawn_gateway(env, name="admin-workers") as gw:
+            # Both workers serving, both members taking requests from each of them.
+            reached = await _spread(gw, a, each=1)
+            for _ in range(20):
+                if all(sum(v) for v in reached.values()):
+                    break
+                reached = await _spread(gw, a, each=4)
+            assert all(sum(v) for v in reached.values()), reached
+
+            drained = await _admin(gw, "drain", a.url)
+            assert drained["state"] == "draining"
+            assert drained["workers"] == {"applied": 2, "of": 2}
+            # From the moment the drain returned, no request of either worker reaches it.
+            reached = await _spread(gw, a, each=5)
+            assert all(v == [0] * len(v) for v in reached.values()), reached
+
+            undrained = await _admin(gw, "undrain", a.url)
+            assert undrained["workers"] == {"applied": 2, "of": 2}
+            # Back in both: each worker sends it requests again.
+            for _ in range(20):
+                reached = await _spread(gw, a, each=4)
+                if all(sum(v) for v in reached.values()):
+                    break
+            assert all(sum(v) for v in reached.values()), reached
+
+            # Drained again, then one worker killed: the one started in its place keeps it.
+            await _admin(gw, "drain", a.url)
+            victim = next(iter(reached))
+            os.kill(victim, signal.SIGKILL)
+            reached = {}
+            for _ in range(40):
+                reached = await _spread(gw, a, each=5)
+                if victim not in reached and len(reached) >= 2:
+                    break
+            assert victim not in reached and len(reached) >= 2, reached
+            assert all(v == [0] * len(v) for v in reached.values()), reached
+            assert b.stats()["total"] > 0
+            assert "restarting it" in gw.log()
+
+
+async def test_a_replayed_drain_of_a_member_not_there_yet_is_applied_as_it_joins() -> None:
+    # A restarted worker whose pool comes from DNS holds none of its members at start: a drain
+    # it is told then waits for the member to join, and takes it before any request can.
+    async with sims(3) as (a, b, c):
+        settings = Settings(backend_urls=(a.url, c.url), pool=FAST.replace(max_members=3))
+        async with run_gateway(settings) as gw, httpx.AsyncClient(timeout=10) as client:
+            pool = gw.gateway.backend
+            assert isinstance(pool, PoolBackend)
+            remote = RemoteAdmission(4, 4, 5.0)  # fed as the supervisor feeds a new worker
+            members = SharedMembers(pool.fleet, remote)
+            task = asyncio.create_task(members.run())
+            try:
+                assert remote.on_members is not None
+                remote.on_members(["O", 0, "drain", b.url])
+                remote.on_members(["Y"])
+                await asyncio.wait_for(members.synced.wait(), 10)
+                assert b.url not in _states(pool)
+                await pool.fleet.add(b.url, "dns")  # as discovery adds it
+                await wait_for(lambda: _states(pool)[b.url] == "draining")
+                for _ in range(6):
+                    resp = await client.post(gw.url + "/v1/chat/completions", json=chat_body())
+                    assert resp.status_code == 200
+                assert b.stats()["total"] == 0
+                assert a.stats()["total"] + c.stats()["total"] >= 6
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 async def test_the_admin_api_is_closed_without_admin_keys() -> None:

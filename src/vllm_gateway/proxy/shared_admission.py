@@ -28,6 +28,8 @@ when a request ends, the worker may keep its slot idle, up to the lease the supe
   most), so idle slots on their way back are not counted against it: the 503s are a single
   process's.
 
+The same channel carries the admin API's member changes to every worker (``runtime/coordinator.py``).
+
 The wire: each message is a 4-byte big-endian length and an orjson array whose first item says
 what it is:
 
@@ -46,6 +48,10 @@ what it is:
                                                           that crossed it is the worker's slot)
                            ["M", seq, snapshot]           metrics, asked for with "Q"
                            ["Q", seq]                     a scrape: send me every other worker's
+                           ["B", seq, op, url]            an admin change of the pool's members
+                                                          (add, remove, drain, undrain): apply
+                                                          it in every worker
+                           ["o", sid]                     member change sid applied here
     supervisor -> worker   ["L", size, seq]               keep up to size idle slots (0: give
                                                           back the idle ones, keep none)
                            ["W", id]                      queued: no slot at once (the worker
@@ -55,6 +61,12 @@ what it is:
                            ["S", state]                   the shared state, when it changes
                            ["Q", seq]                     send your metrics snapshot
                            ["P", seq, [snapshots]]        the other workers' snapshots
+                           ["O", sid, op, url]            apply this member change (sid 0: one
+                                                          of the replay a new worker starts with)
+                           ["Y"]                          the replay is over
+                           ["b", seq, applied, of, error] change seq: how many of the live
+                                                          workers applied it within the bound,
+                                                          and what it did to the asker's pool
 
 ``state`` is ``[in_flight, queued, limit, estimate]``: what a worker's gauges and Retry-After read
 (``in_flight`` counts requests, not the idle slots of leases).
@@ -78,7 +90,7 @@ import orjson
 from vllm_gateway import errors
 from vllm_gateway.errors import GatewayError, QueueTimeout, ShuttingDown
 
-__all__ = ["Channel", "RemoteAdmission", "RemotePlace", "decode_error"]
+__all__ = ["MEMBER_WAIT", "Channel", "RemoteAdmission", "RemotePlace", "decode_error"]
 
 log = logging.getLogger("vllm_gateway.admission")
 
@@ -88,6 +100,8 @@ _MAX_MESSAGE = 64 << 20  # a metrics snapshot of a big gateway is well under thi
 _MARGIN = 2.0
 # How often, at most, a worker tells the supervisor how many idle slots it holds.
 _REPORT_INTERVAL = 0.25
+# How long the supervisor waits for every worker to apply a member change before it answers.
+MEMBER_WAIT = 1.0
 
 # The refusals that travel: the admission's own errors, by their stable type.
 _REFUSALS: dict[str, type[GatewayError]] = {
@@ -284,6 +298,10 @@ class RemoteAdmission:
         # Answers to a scrape's question for the other workers' metrics.
         self._scrapes: dict[int, asyncio.Future[list[Any]]] = {}
         self.snapshot: Callable[[], Any] = dict  # what this worker answers to "Q"
+        # Member changes the supervisor sends ("O", "Y"), handed on in order; the answers to this
+        # worker's own ("b").
+        self.on_members: Callable[[list[Any]], None] | None = None
+        self._member_ops: dict[int, asyncio.Future[list[Any]]] = {}
 
     async def connect(self, sock: Any) -> None:
         loop = self._loop = asyncio.get_running_loop()
@@ -420,6 +438,30 @@ class RemoteAdmission:
         finally:
             self._scrapes.pop(seq, None)
 
+    # --- member changes across workers -----------------------------------------------------------
+
+    async def share_member_op(self, op: str, url: str, timeout: float) -> list[Any] | None:
+        """Ask the supervisor to have every worker (this one too) apply ``op`` to ``url``;
+        ``[applied, of, error]`` once it says so, ``None`` when no answer came within
+        ``timeout`` or it is gone."""
+        if self.channel is None:
+            return None
+        seq = next(self._ids)
+        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._member_ops[seq] = fut
+        self.channel.send(["B", seq, op, url])
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            return None
+        finally:
+            self._member_ops.pop(seq, None)
+
+    def member_op_done(self, sid: int, error: str | None) -> None:
+        if self.channel is not None:
+            self.channel.send(["o", sid, error])
+
     # --- the supervisor's messages --------------------------------------------------------------
 
     def _state(self, state: list[Any]) -> None:
@@ -461,6 +503,13 @@ class RemoteAdmission:
             fut2 = self._scrapes.get(message[1])
             if fut2 is not None and not fut2.done():
                 fut2.set_result(message[2])
+        elif kind == "O" or kind == "Y":
+            if self.on_members is not None:
+                self.on_members(message)
+        elif kind == "b":
+            fut3 = self._member_ops.get(message[1])
+            if fut3 is not None and not fut3.done():
+                fut3.set_result(message[2:])
 
     def _on_lost(self) -> None:
         # The supervisor is gone (it kills its workers when it exits): refuse from now on. The

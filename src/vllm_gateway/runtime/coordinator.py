@@ -18,6 +18,13 @@ that keeps the limit, the order and the 503s exact.
 
 It also answers a scrape: a worker asks for the others' metrics snapshots, the coordinator asks each
 of them and forwards what comes back within the bound.
+
+And it shares the admin API's member changes (``edge/admin.py``): a worker forwards one ("B"),
+the coordinator numbers it, notes it in ``MemberChanges`` and sends it ("O") to every live
+worker, the asker too, in one order; the asker hears back ("b") once every one of them answered
+or ``MEMBER_WAIT`` passed, whichever is first (a worker that dies meanwhile is not waited for). A
+worker that starts later (a restart) is sent the changes noted so far before anything else, so
+it does not bring back a member that was drained or removed.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ from typing import Any
 
 from vllm_gateway.errors import GatewayError
 from vllm_gateway.proxy.admission import Admission, Permit, Ticket
-from vllm_gateway.proxy.shared_admission import Channel
+from vllm_gateway.proxy.shared_admission import MEMBER_WAIT, Channel
 
-__all__ = ["AdmissionCoordinator"]
+__all__ = ["MEMBER_WAIT", "AdmissionCoordinator", "MemberChanges"]
 
 log = logging.getLogger("vllm_gateway.admission")
 
@@ -46,6 +53,60 @@ _LEASE = 32
 # How long a deferred ask waits for the workers' answers to a recall (a worker whose loop is stuck
 # cannot hold the others' asks): then it is taken as the admission stands.
 _RECALL_WAIT = 1.0
+
+
+class MemberChanges:
+    """The admin-made state of the pool's members, as a new worker must replay it: per URL the
+    last word (added, added then drained, drained, removed), in the order they were said. An
+    undrain of a member the sources gave, or a removal of one the admin API added, leaves
+    nothing to replay. At most ``cap`` URLs (twice the member cap): the oldest is forgotten."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = max(1, cap)
+        self._state: dict[str, str] = {}  # url -> "add", "add+drain", "drain" or "remove"
+
+    def note(self, op: str, url: str) -> None:
+        was = self._state.pop(url, None)
+        added = was in ("add", "add+drain")
+        now: str | None
+        if op == "add":
+            now = "add"
+        elif op == "drain":
+            now = "add+drain" if added else "drain"
+        elif op == "undrain":
+            now = "add" if added else None
+        elif op == "remove":
+            now = None if added else "remove"
+        else:
+            now = was
+        if now is not None:
+            self._state[url] = now
+            while len(self._state) > self.cap:
+                del self._state[next(iter(self._state))]
+
+    def replay(self) -> list[tuple[str, str]]:
+        """The (op, url) a new worker applies to its fresh pool, in order."""
+        ops: list[tuple[str, str]] = []
+        for url, state in self._state.items():
+            if state.startswith("add"):
+                ops.append(("add", url))
+            if state.endswith("drain"):
+                ops.append(("drain", url))
+            if state == "remove":
+                ops.append(("remove", url))
+        return ops
+
+
+class _Broadcast:
+    __slots__ = ("applied", "asker", "error", "of", "seq", "waiting")
+
+    def __init__(self, asker: _Worker, seq: int, waiting: set[_Worker]) -> None:
+        self.asker = asker
+        self.seq = seq
+        self.waiting = waiting  # the live workers that have not answered yet
+        self.of = len(waiting)
+        self.applied = 0
+        self.error: str | None = None  # what it did to the asker's pool
 
 
 class _Worker:
@@ -62,8 +123,10 @@ class _Worker:
 
 
 class AdmissionCoordinator:
-    def __init__(self, admission: Admission, lease: int = _LEASE) -> None:
+    def __init__(self, admission: Admission, lease: int = _LEASE, member_cap: int = 64) -> None:
         self.admission = admission
+        self.members = MemberChanges(2 * member_cap)
+        self._broadcasts: dict[int, _Broadcast] = {}
         self.workers: list[_Worker] = []
         self._lease_max = lease
         self._lease = 0  # the lease every worker was last told
@@ -92,6 +155,9 @@ class AdmissionCoordinator:
         self.workers.append(worker)
         channel.send(["S", self.state()])
         channel.send(["L", self._lease, self._lease_seq])
+        for op, url in self.members.replay():
+            channel.send(["O", 0, op, url])
+        channel.send(["Y"])
         self._set_lease()
         if self._ticker is None:
             self._ticker = loop.create_task(self._push_state(), name="admission-state")
@@ -202,6 +268,10 @@ class AdmissionCoordinator:
             self._scrape(worker, message[1])
         elif kind == "M":
             self._snapshot(message[1], message[2])
+        elif kind == "B":
+            self._share(worker, message[1], message[2], message[3])
+        elif kind == "o":
+            self._applied(worker, message[1], message[2])
 
     def _acquire(self, worker: _Worker, ident: int, tenant: str, priority: int) -> None:
         adm = self.admission
@@ -275,6 +345,10 @@ class AdmissionCoordinator:
             log.warning("worker %s left holding %d slot(s): released", worker.name, held)
         if worker in self.workers:
             self.workers.remove(worker)
+        for sid, cast in list(self._broadcasts.items()):
+            cast.waiting.discard(worker)
+            if not cast.waiting:
+                self._finish_broadcast(sid)
         self._take_deferred()
         self._set_lease()
 
@@ -313,3 +387,30 @@ class AdmissionCoordinator:
         if entry is not None:
             asker, seq, snapshots, _ = entry
             self._send(asker, ["P", seq, snapshots])
+
+    # --- member changes across workers ----------------------------------------------------------
+
+    def _share(self, asker: _Worker, seq: int, op: str, url: str) -> None:
+        self.members.note(op, url)
+        sid = next(self._seq)
+        live = {w for w in self.workers if w.channel is not None}
+        self._broadcasts[sid] = _Broadcast(asker, seq, live)
+        for worker in self.workers:
+            self._send(worker, ["O", sid, op, url])
+        asyncio.get_running_loop().call_later(MEMBER_WAIT, self._finish_broadcast, sid)
+
+    def _applied(self, worker: _Worker, sid: int, error: str | None) -> None:
+        cast = self._broadcasts.get(sid)
+        if cast is None or worker not in cast.waiting:
+            return  # too late: the asker has its answer
+        cast.waiting.discard(worker)
+        cast.applied += 1
+        if worker is cast.asker:
+            cast.error = error
+        if not cast.waiting:
+            self._finish_broadcast(sid)
+
+    def _finish_broadcast(self, sid: int) -> None:
+        cast = self._broadcasts.pop(sid, None)
+        if cast is not None:
+            self._send(cast.asker, ["b", cast.seq, cast.applied, cast.of, cast.error])

@@ -14,6 +14,10 @@ closes the admission (queued requests get 503 ``shutting_down``) and is forwarde
 then kills what is left. A second signal kills them at once. A SIGHUP is forwarded to every
 worker: each re-reads the backends file for its own pool. A worker that dies while the gateway
 is serving is restarted; the permits it held, leased ones too, are released when its socket closes.
+
+Each worker keeps its own pool, and every worker's pool takes every change made through the admin
+API: the worker that is asked sends it through the supervisor to all of them (``coordinator.py``),
+and a restarted worker starts with the changes made so far.
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ class _Supervisor:
                 settings.max_queued_requests,
                 settings.queue_wait_timeout,
                 shed=settings.shed_low_priority,
-            )
+            ),
+            member_cap=settings.pool.max_members,
         )
 
     def on_signal(self) -> None:
