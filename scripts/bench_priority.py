@@ -67,8 +67,13 @@ def vllm_server(out: Path, max_num_seqs: int) -> Iterator[tuple[str, str]]:
     """The default model with the priority policy; yields (url, served model name)."""
     model = str(model_prep.prepare_default_model(model_prep.default_cache_dir(os.environ)))
     port = free_port()
-    extra = ("--scheduling-policy", "priority", "--enforce-eager")
-    extra += ("--max-num-seqs", str(max_num_seqs))
+    extra = (
+        "--scheduling-policy",
+        "priority",
+        "--enforce-eager",
+        "--max-num-seqs",
+        str(max_num_seqs),
+    )
     command = build_vllm_command(PY, model, port, gpu=False, extra=extra)
     name = served_names(model)[0]
     child = VllmChild.start(
