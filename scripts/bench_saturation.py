@@ -14,7 +14,8 @@ replicas. Each configuration runs alone, in turn, in one run:
 
 With ``--engines vllm`` the ``fleet`` runs against two real vLLM CPU servers instead (the default
 model, ``--enforce-eager``, ``max_num_seqs`` 4 and 2: ``--vllm-seqs``), started once for the whole
-run; each request asks ``--max-tokens`` tokens.
+run; each request asks ``--max-tokens`` tokens. ``--stale`` sets the rule's staleness bound:
+raise it with a ``--scrape`` near its default of 2 s, or members count as unknown between readings.
 
     PYTHONPATH=src:tools .venv/bin/python scripts/bench_saturation.py --seconds 10
     PYTHONPATH=src:tools .venv/bin/python scripts/bench_saturation.py --engines vllm \
@@ -256,6 +257,8 @@ def mode_env(mode: str, engines: list[str], args: argparse.Namespace) -> dict[st
     if mode == "saturation":
         env["VLLM_POOL_SATURATION_MAX_WAITING"] = str(args.max_waiting)
         env["VLLM_POOL_SATURATION_SCRAPE_SECONDS"] = str(args.scrape)
+        if args.stale is not None:
+            env["VLLM_POOL_SATURATION_STALE_SECONDS"] = str(args.stale)
     return env
 
 
@@ -294,7 +297,8 @@ async def fleet(args: argparse.Namespace) -> None:
     print(
         f"## fleet ({args.engines}): engines max_num_seqs {' and '.join(map(str, seqs))}, "
         f"{args.seconds:g} s, TTFT SLO {args.slo:g} s, saturation: max waiting "
-        f"{args.max_waiting} read every {args.scrape:g} s; load average {loadavg()}"
+        f"{args.max_waiting} read every {args.scrape:g} s (stale after {args.stale or 'default'}); "
+        f"load average {loadavg()}"
     )
     print(f"| clients | replicas | mode | done/s | goodput/s | TTFT p50 ms | TTFT p99 ms | errors | peak waiting ({names}) |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
@@ -388,6 +392,7 @@ def main() -> None:
     p.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     p.add_argument("--max-waiting", type=int, default=2)
     p.add_argument("--scrape", type=float, default=0.1)
+    p.add_argument("--stale", type=float, default=None, help="VLLM_POOL_SATURATION_STALE_SECONDS")
     p.add_argument("--slo", type=float, default=1.0, help="TTFT bound of goodput, seconds")
     p.add_argument("--polite", type=int, default=2)
     p.add_argument("--flood", type=int, default=64)
