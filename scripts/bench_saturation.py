@@ -12,7 +12,14 @@ replicas. Each configuration runs alone, in turn, in one run:
   then beside a flood (``--flood`` clients) of the other: the polite tenant's goodput and TTFT.
 - ``cost``: the pool's acquire and release in-process, without and with the rule.
 
+With ``--engines vllm`` the ``fleet`` runs against two real vLLM CPU servers instead (the default
+model, ``--enforce-eager``, ``max_num_seqs`` 4 and 2: ``--vllm-seqs``), started once for the whole
+run; each request asks ``--max-tokens`` tokens. ``--stale`` sets the rule's staleness bound:
+raise it with a ``--scrape`` near its default of 2 s, or members count as unknown between readings.
+
     PYTHONPATH=src:tools .venv/bin/python scripts/bench_saturation.py --seconds 10
+    PYTHONPATH=src:tools .venv/bin/python scripts/bench_saturation.py --engines vllm \
+        --only fleet --seconds 30 --clients 12 --replicas 2 --slo 2
 
 Figures go to docs/performance.md (section "Admission from the engines' state").
 """
@@ -23,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -33,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -85,7 +94,7 @@ def processes(commands: list[tuple[list[str], dict[str, str], int]]) -> Iterator
 
 
 def simulators(capacities: list[int]) -> list[tuple[list[str], dict[str, str], int]]:
-    out = []
+    out: list[tuple[list[str], dict[str, str], int]] = []
     for cap in capacities:
         port = free_port()
         argv = [PY, "-m", "vllm_gateway_tools.simulator", "--port", str(port)]
@@ -135,6 +144,47 @@ async def peak_waiting(client: httpx.AsyncClient, engines: list[str], stop: asyn
     return peaks
 
 
+@contextlib.contextmanager
+def vllm_engines(seqs: list[int]) -> Iterator[tuple[list[str], str]]:
+    """Real vLLM CPU servers of the default model, one per ``max_num_seqs`` in ``seqs``;
+    yields their URLs and the served model name. Logs under ``$TMPDIR/bench-saturation-vllm``."""
+    from vllm_gateway.backends.embedded import model as model_prep
+    from vllm_gateway.runtime.up.vllm_command import (
+        build_vllm_command,
+        child_environment,
+        served_names,
+    )
+    from vllm_gateway.runtime.up.vllm_process import VllmChild
+    from vllm_gateway.runtime.up.warmup import wait_healthy
+
+    model = str(model_prep.prepare_default_model(model_prep.default_cache_dir(os.environ)))
+    name = served_names(model)[0]
+    logs = os.path.join(tempfile.gettempdir(), "bench-saturation-vllm")
+    children: list[Any] = []
+    try:
+        for i, n in enumerate(seqs):
+            port = free_port()
+            extra = ("--enforce-eager", "--max-num-seqs", str(n))
+            command = build_vllm_command(PY, model, port, gpu=False, extra=extra)
+            env = child_environment(os.environ, gpu=False)
+            log = Path(logs) / f"vllm-{i}-seqs{n}.log"
+            children.append(VllmChild.start(command, env, log, name, port))
+        for child in children:
+            wait_healthy(child, 600.0, sys.stderr)
+        yield [child.url for child in children], name
+    finally:
+        for child in children:
+            child.stop(30.0)
+
+
+def first_text(line: str) -> bool:
+    """An SSE data line whose chunk carries generated text (not vLLM's role-only first chunk)."""
+    if not line.startswith("data: {"):
+        return False
+    chunk = json.loads(line[6:])
+    return any(c.get("delta", {}).get("content") for c in chunk.get("choices", []))
+
+
 async def load(
     client: httpx.AsyncClient,
     urls: list[str],
@@ -143,22 +193,40 @@ async def load(
     key: str | None,
     ttfts: list[float],
     errors: list[int],
+    model: str = "sim-model",
+    max_tokens: int | None = None,
 ) -> None:
     """``clients`` closed loops of one stream after another, spread over ``urls``."""
     end = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
 
     async def loop(i: int) -> None:
         url = urls[i % len(urls)] + "/v1/chat/completions"
+        n = 0
         while time.monotonic() < end:
+            n += 1
+            payload = dict(body)
+            if max_tokens is not None:  # a real engine: distinct prompts, no prefix-cache hits
+                payload["messages"] = [{"role": "user", "content": f"{i} {n}: tell me a story."}]
             t0 = time.monotonic()
             first = None
             try:
-                async with client.stream("POST", url, json=body, headers=headers) as resp:
-                    async for chunk in resp.aiter_bytes():
-                        if first is None and resp.status_code == 200 and chunk:
-                            first = time.monotonic() - t0
+                async with client.stream("POST", url, json=payload, headers=headers) as resp:
+                    if max_tokens is None:
+                        async for chunk in resp.aiter_bytes():
+                            if first is None and resp.status_code == 200 and chunk:
+                                first = time.monotonic() - t0
+                    else:
+                        async for line in resp.aiter_lines():
+                            if first is None and resp.status_code == 200 and first_text(line):
+                                first = time.monotonic() - t0
                     if resp.status_code != 200:
                         errors.append(resp.status_code)
                         await asyncio.sleep(0.1)
@@ -189,36 +257,68 @@ def mode_env(mode: str, engines: list[str], args: argparse.Namespace) -> dict[st
     if mode == "saturation":
         env["VLLM_POOL_SATURATION_MAX_WAITING"] = str(args.max_waiting)
         env["VLLM_POOL_SATURATION_SCRAPE_SECONDS"] = str(args.scrape)
+        if args.stale is not None:
+            env["VLLM_POOL_SATURATION_STALE_SECONDS"] = str(args.stale)
     return env
 
 
+async def fleet_row(
+    engines: list[str],
+    n: int,
+    mode: str,
+    clients: int,
+    args: argparse.Namespace,
+    model: str = "sim-model",
+    max_tokens: int | None = None,
+) -> str:
+    """One configuration: ``n`` gateway replicas in ``mode`` in front of ``engines``."""
+    with processes(gateways(n, mode_env(mode, engines, args))) as urls:
+        async with httpx.AsyncClient(timeout=120, limits=LIMITS) as client:
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(peak_waiting(client, engines, stop))
+            ttfts: list[float] = []
+            errors: list[int] = []
+            t0 = time.monotonic()
+            await load(client, urls, clients, args.seconds, None, ttfts, errors, model, max_tokens)
+            elapsed = time.monotonic() - t0
+            stop.set()
+            peaks = await sampler
+    s = summary(ttfts, errors, elapsed, args.slo)
+    return (
+        f"| {clients} | {n} | {mode} | {s['done_per_s']} | {s['goodput_per_s']} "
+        f"| {s['ttft_p50_ms']} | {s['ttft_p99_ms']} | {s['errors']} "
+        f"| {', '.join(f'{p:g}' for p in peaks)} |"
+    )
+
+
 async def fleet(args: argparse.Namespace) -> None:
-    print(f"## fleet: engines max_num_seqs 8 and 2, {args.seconds:g} s, TTFT SLO {args.slo:g} s")
-    print("| clients | replicas | mode | done/s | goodput/s | TTFT p50 ms | TTFT p99 ms | errors | peak waiting (engine 8, engine 2) |")  # fmt: skip
+    seqs = [8, 2] if args.engines == "sim" else args.vllm_seqs
+    names = ", ".join(f"engine {n}" for n in seqs)
+    print(
+        f"## fleet ({args.engines}): engines max_num_seqs {' and '.join(map(str, seqs))}, "
+        f"{args.seconds:g} s, TTFT SLO {args.slo:g} s, saturation: max waiting "
+        f"{args.max_waiting} read every {args.scrape:g} s (stale after {args.stale or 'default'}); "
+        f"load average {loadavg()}"
+    )
+    print(f"| clients | replicas | mode | done/s | goodput/s | TTFT p50 ms | TTFT p99 ms | errors | peak waiting ({names}) |")  # fmt: skip
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
-    modes = ("semaphore", "saturation")
-    for clients, n, mode in itertools.product(args.clients, args.replicas, modes):
-        with (
-            processes(simulators([8, 2])) as engines,
-            processes(gateways(n, mode_env(mode, engines, args))) as urls,
-        ):
-            async with httpx.AsyncClient(timeout=120, limits=LIMITS) as client:
-                stop = asyncio.Event()
-                sampler = asyncio.create_task(peak_waiting(client, engines, stop))
-                ttfts: list[float] = []
-                errors: list[int] = []
-                t0 = time.monotonic()
-                await load(client, urls, clients, args.seconds, None, ttfts, errors)
-                elapsed = time.monotonic() - t0
-                stop.set()
-                peaks = await sampler
-        s = summary(ttfts, errors, elapsed, args.slo)
-        print(
-            f"| {clients} | {n} | {mode} | {s['done_per_s']} | {s['goodput_per_s']} "
-            f"| {s['ttft_p50_ms']} | {s['ttft_p99_ms']} | {s['errors']} "
-            f"| {peaks[0]:g}, {peaks[1]:g} |",
-            flush=True,
-        )
+    configs = list(itertools.product(args.clients, args.replicas, ("semaphore", "saturation")))
+    if args.engines == "sim":
+        for clients, n, mode in configs:
+            with processes(simulators(seqs)) as engines:
+                print(await fleet_row(engines, n, mode, clients, args), flush=True)
+        return
+    with vllm_engines(seqs) as (engines, model):
+        tokens = args.max_tokens
+        async with httpx.AsyncClient(timeout=120, limits=LIMITS) as client:  # warm-up
+            await load(client, engines, 2 * sum(seqs), 5.0, None, [], [], model, tokens)
+        for clients, n, mode in configs:
+            print(await fleet_row(engines, n, mode, clients, args, model, tokens), flush=True)
+    print(f"load average at the end: {loadavg()}")
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 async def tenants(args: argparse.Namespace) -> None:
@@ -292,10 +392,14 @@ def main() -> None:
     p.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     p.add_argument("--max-waiting", type=int, default=2)
     p.add_argument("--scrape", type=float, default=0.1)
+    p.add_argument("--stale", type=float, default=None, help="VLLM_POOL_SATURATION_STALE_SECONDS")
     p.add_argument("--slo", type=float, default=1.0, help="TTFT bound of goodput, seconds")
     p.add_argument("--polite", type=int, default=2)
     p.add_argument("--flood", type=int, default=64)
     p.add_argument("--only", choices=("fleet", "tenants", "cost"), default=None)
+    p.add_argument("--engines", choices=("sim", "vllm"), default="sim", help="fleet's engines")
+    p.add_argument("--vllm-seqs", type=int, nargs="+", default=[4, 2], help="their max_num_seqs")
+    p.add_argument("--max-tokens", type=int, default=16, help="per request, vllm engines only")
     args = p.parse_args()
     if args.only in (None, "fleet"):
         asyncio.run(fleet(args))
