@@ -282,3 +282,19 @@ def test_discovery_intervals_are_in_order_and_not_with_the_embedded_engine() -> 
         load_settings(
             {"VLLM_BACKEND_DISCOVERY": "dns://vllm:8000", "VLLM_USE_EMBEDDED_ENGINE": "1"}
         )
+
+
+def test_a_saturation_stale_bound_within_the_readings_spread_is_refused() -> None:
+    # Readings come up to 1.25 intervals apart: a stale bound inside that made members unknown.
+    on = {"VLLM_POOL_SATURATION_MAX_WAITING": "2", "VLLM_POOL_SATURATION_SCRAPE_SECONDS": "2"}
+    with pytest.raises(SettingsError, match="VLLM_POOL_SATURATION_STALE_SECONDS"):
+        load_settings(on)
+    assert (
+        load_settings({**on, "VLLM_POOL_SATURATION_STALE_SECONDS": "5"}).pool.saturation_stale_after
+        == 5
+    )
+    # Off, the bound is not read.
+    assert (
+        load_settings({"VLLM_POOL_SATURATION_SCRAPE_SECONDS": "2"}).pool.saturation_max_waiting
+        is None
+    )

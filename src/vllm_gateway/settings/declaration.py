@@ -221,7 +221,8 @@ class PoolSettings:
         POOL, 2.0, "VLLM_POOL_SATURATION_STALE_SECONDS", "--pool-saturation-stale-after",
         parse.positive_float,
         "a reading older than this is unknown: the member then takes at most "
-        "saturation_unknown_limit requests in flight from this gateway")
+        "saturation_unknown_limit requests in flight from this gateway; must exceed 1.25 x "
+        "the scrape interval (readings come up to that far apart)")
     saturation_unknown_limit: int = setting(
         POOL, 1, "VLLM_POOL_SATURATION_UNKNOWN_LIMIT", "--pool-saturation-unknown-limit",
         parse.int_range(0, 1_000_000),

@@ -140,6 +140,18 @@ def _validate(s: Settings, env: Mapping[str, str], flags: Mapping[str, str | Non
             s.first_token_timeout,
             f"must not exceed VLLM_REQUEST_TIMEOUT_SECONDS ({s.request_timeout:g})",
         )
+    pool = s.pool
+    if pool.saturation_max_waiting is not None and (
+        pool.saturation_stale_after <= _SCRAPE_JITTER * pool.saturation_scrape_interval
+    ):
+        # Readings come up to 1.25 intervals apart: a shorter bound would make every member
+        # unknown between two readings.
+        raise SettingsError(
+            _name_of("pool_saturation_stale_after", flags),
+            pool.saturation_stale_after,
+            f"must exceed {_SCRAPE_JITTER:g} x VLLM_POOL_SATURATION_SCRAPE_SECONDS "
+            f"({pool.saturation_scrape_interval:g}): readings come up to that far apart",
+        )
     if not s.use_embedded_engine and s.backend_discovery is None:
         _check_port_clash(s, flags)
 
@@ -162,6 +174,8 @@ def _check_discovery(s: Settings, env: Mapping[str, str], flags: Mapping[str, st
             f"({s.backend_discovery_max_interval:g})",
         )
 
+
+_SCRAPE_JITTER = 1.25  # the saturation readings' spread (backends/pool/saturation.py)
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "0.0.0.0", "::1", "::", ""}
 
