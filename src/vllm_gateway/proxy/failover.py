@@ -52,7 +52,12 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway.proxy.failover_text import TextResumable, completions_body, part_choices
+from vllm_gateway.proxy.failover_text import (
+    TextResumable,
+    completions_body,
+    data_object,
+    part_choices,
+)
 
 __all__ = ["AnyResumable", "Resumable", "not_continuable"]
 
@@ -280,12 +285,8 @@ class Resumable:
 
     def observe(self, event: bytes) -> bytes:
         """Note one content event of the stream being relayed; the event as the client sees it."""
-        payload = event[5:].strip() if event.startswith(b"data:") else b""
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
+        obj = data_object(event)
+        if obj is None:
             return event
         if self.ident is None:
             self.ident = obj.get("id")

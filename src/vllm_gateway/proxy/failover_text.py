@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["TextResumable", "completions_body", "parse_typed", "part_choices"]
+__all__ = ["TextResumable", "completions_body", "data_object", "parse_typed", "part_choices"]
 
 _CARRIED = ("temperature", "top_p", "top_k")
 
@@ -61,18 +61,24 @@ def completions_body(
     return body
 
 
+def data_object(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of one ``data:`` event; None where it holds none."""
+    payload = event[5:].strip() if event.startswith(b"data:") else b""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def part_choices(event: bytes) -> list[Any] | bytes | None:
     """The choices of one event of a continuation (a completions stream): a non-empty list; or
     the event itself where it is not a JSON object (passed on as is); or None where there is
     nothing to send for it (``[DONE]``, which the relay writes itself, or a usage chunk)."""
-    payload = event[5:].strip() if event.startswith(b"data:") else b""
-    if payload == b"[DONE]":
+    if event.startswith(b"data:") and event[5:].strip() == b"[DONE]":
         return None
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return event
-    if not isinstance(obj, dict):
+    obj = data_object(event)
+    if obj is None:
         return event
     choices = obj.get("choices")
     return choices if isinstance(choices, list) and choices else None
