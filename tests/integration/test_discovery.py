@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -48,15 +49,16 @@ class Applied:
 
 def source(
     server: DnsServer,
-    applied: Applied,
+    applied: Callable[[list[str]], Awaitable[None]],
     *,
+    name: str = NAME,
     min_interval: float = 1.0,
     max_interval: float = 30.0,
     max_members: int = 256,
     timeout: float = 5.0,
 ) -> DnsDiscovery:
     return DnsDiscovery(
-        DnsTarget(NAME, PORT),
+        DnsTarget(name, PORT),
         applied,
         min_interval=min_interval,
         max_interval=max_interval,
@@ -158,15 +160,7 @@ async def test_a_refusing_or_empty_answer_keeps_the_last_good_set(tmp_path: Path
         assert dns.counts == {"ok": 1, "empty": 1, "error": 0}
 
         # A name outside the server's zone: REFUSED, a failure.
-        other = DnsDiscovery(
-            DnsTarget("elsewhere.example", PORT),
-            applied,
-            min_interval=1.0,
-            max_interval=30.0,
-            timeout=5.0,
-            max_members=8,
-            nameservers=[server.address],
-        )
+        other = source(server, applied, name="elsewhere.example", max_members=8)
         await other.resolve()
         assert other.counts == {"ok": 0, "empty": 0, "error": 1}
         assert applied.calls == [urls("10.0.0.1")]
@@ -199,15 +193,7 @@ async def test_a_set_the_pool_failed_to_take_is_handed_again(tmp_path: Path) -> 
             if len(calls) == 1:
                 raise RuntimeError("the pool refused it")
 
-        dns = DnsDiscovery(
-            DnsTarget(NAME, PORT),
-            apply,
-            min_interval=0.5,
-            max_interval=30.0,
-            timeout=5.0,
-            max_members=8,
-            nameservers=[server.address],
-        )
+        dns = source(server, apply, min_interval=0.5, max_members=8)
         assert await dns.resolve() == 0.5  # failed: soon again, nothing taken as applied
         assert dns.members == ()
         await dns.resolve()

@@ -15,6 +15,7 @@ its first token is sampled afresh, so those cuts are left out.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,25 @@ def _by_choice(events: list[bytes]) -> dict[int | None, list[bytes]]:
 
 
 async def _unbroken_and_cut(
-    tmp_path: Path, path: str, body: dict[str, Any], cut: int
-) -> tuple[list[bytes], list[bytes], str]:
-    """The stream unbroken, the stream whose member died after ``cut`` events, and the metrics."""
-    async with pool(tmp_path) as (first, _, gw):
-        whole = _normal(await _stream(gw.url, path, body))
+    tmp_path: Path,
+    path: str,
+    body: dict[str, Any],
+    cut: int,
+    normal: Callable[[bytes], list[bytes]] = _normal,
+) -> tuple[list[bytes], list[bytes], str, list[Any]]:
+    """The stream unbroken, the stream whose member died after ``cut`` events (both as
+    ``normal`` makes them), the metrics, and the ``/v1/completions`` bodies the second member
+    was sent."""
+    async with pool(tmp_path) as (first, second, gw):
+        whole = normal(await _stream(gw.url, path, body))
         first.configure(drop_after=cut)
-        broken = _normal(await _stream(gw.url, path, body))
+        broken = normal(await _stream(gw.url, path, body))
         await wait_for(lambda: gw.gateway.admission.in_flight == 0)
         metrics = gw.app.observer.metrics.render()
-    return whole, broken, metrics
+        continued = [
+            r["body"] for r in second.stats()["requests"] if r["path"] == "/v1/completions"
+        ]
+    return whole, broken, metrics, continued
 
 
 def _assert_same_stream(whole: list[bytes], broken: list[bytes], cut: int, metrics: str) -> None:
@@ -103,7 +113,7 @@ async def test_a_chat_stream_of_two_choices_goes_on_choice_by_choice(
     tmp_path: Path, cut: int
 ) -> None:
     body = {**CHAT, "n": 2, "temperature": 1.0, **USAGE}
-    whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
+    whole, broken, metrics, _ = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
     assert _texts(broken) == {
         0: "".join(f" tok{k}" for k in range(TOKENS)),
@@ -122,14 +132,14 @@ def _texts(events: list[bytes]) -> dict[int, str]:
 @pytest.mark.parametrize("cut", [3, 5, 7, 10, 13, 16, 23, 24, 25])
 async def test_a_completions_stream_of_three_choices_goes_on(tmp_path: Path, cut: int) -> None:
     body = {**COMPLETION, "n": 3, "temperature": 1.0, **USAGE}
-    whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
+    whole, broken, metrics, _ = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
 
 
 @pytest.mark.parametrize("cut", range(1, 1 + TOKENS + 1))
 async def test_a_chat_stream_with_logprobs_keeps_their_shape(tmp_path: Path, cut: int) -> None:
     body = {**CHAT, "logprobs": True, "top_logprobs": 3, **USAGE}
-    whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
+    whole, broken, metrics, _ = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
     content = orjson.loads(broken[3][6:])["choices"][0]["logprobs"]["content"]
     assert [c["token"] for c in content[0]["top_logprobs"]] == [" tok2", " alt1", " alt2"]
@@ -140,7 +150,7 @@ async def test_a_completions_stream_with_logprobs_keeps_their_offsets(
     tmp_path: Path, cut: int
 ) -> None:
     body = {**COMPLETION, "logprobs": 2, **USAGE}
-    whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
+    whole, broken, metrics, _ = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
     offsets = [orjson.loads(e[6:])["choices"][0]["logprobs"]["text_offset"][0] for e in broken[:3]]
     assert offsets == [0, len(" tok0"), len(" tok0 tok1")]
@@ -149,7 +159,7 @@ async def test_a_completions_stream_with_logprobs_keeps_their_offsets(
 @pytest.mark.parametrize("cut", range(1, 1 + TOKENS + 1))
 async def test_a_chat_stream_with_continuous_usage_adds_it_up(tmp_path: Path, cut: int) -> None:
     body = {**CHAT, **CONTINUOUS}
-    whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
+    whole, broken, metrics, _ = await _unbroken_and_cut(tmp_path, "/v1/chat/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
     last = orjson.loads(broken[-3][6:])
     assert last["usage"]["completion_tokens"] == TOKENS
@@ -159,7 +169,7 @@ async def test_a_chat_stream_with_continuous_usage_adds_it_up(tmp_path: Path, cu
 async def test_every_kind_at_once(tmp_path: Path, cut: int) -> None:
     """Two choices with logprobs and continuous usage, on completions (offsets per choice)."""
     body = {**COMPLETION, "n": 2, "temperature": 1.0, "logprobs": 1, **CONTINUOUS}
-    whole, broken, metrics = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
+    whole, broken, metrics, _ = await _unbroken_and_cut(tmp_path, "/v1/completions", body, cut)
     _assert_same_stream(whole, broken, cut, metrics)
 
 
@@ -201,6 +211,15 @@ MESSAGES = {
 _MESSAGE_ID = re.compile(rb'"id":"[^"]*"')
 
 
+def _assert_goes_on(continuation: dict[str, Any], sent: int) -> None:
+    """The continuation's prompt: the conversation rendered by a member's /tokenize, then the
+    answer's ids so far (``sent`` of them)."""
+    assert continuation["prompt"][0] == IM_START
+    assert [t for t in continuation["prompt"] if t >= OUTPUT_BASE] == [
+        OUTPUT_BASE + k for k in range(sent)
+    ]
+
+
 def _messages_normal(raw: bytes) -> list[bytes]:
     return [_MESSAGE_ID.sub(b'"id":"X"', e) for e in sse_blocks(raw)]
 
@@ -214,15 +233,9 @@ async def test_a_messages_stream_goes_on_from_its_text(
     text comes back as Messages events, the stream's end with the whole answer's usage."""
     body = {**MESSAGES, "max_tokens": max_tokens}
     events = min(TOKENS, max_tokens) + 5  # start, block start, deltas, block stop, delta, stop
-    async with pool(tmp_path) as (first, second, gw):
-        whole = _messages_normal(await _stream(gw.url, "/v1/messages", body))
-        first.configure(drop_after=cut)
-        broken = _messages_normal(await _stream(gw.url, "/v1/messages", body))
-        await wait_for(lambda: gw.gateway.admission.in_flight == 0)
-        metrics = gw.app.observer.metrics.render()
-        continued = [
-            r["body"] for r in second.stats()["requests"] if r["path"] == "/v1/completions"
-        ]
+    whole, broken, metrics, continued = await _unbroken_and_cut(
+        tmp_path, "/v1/messages", body, cut, _messages_normal
+    )
     assert len(whole) == events
     assert broken == whole
     # Every delta relayed: at its budget the answer has ended (the gateway ends the stream);
@@ -232,13 +245,9 @@ async def test_a_messages_stream_goes_on_from_its_text(
         outcome = "completed_here" if spent else "resumed"
         assert f'reason="connection_lost",outcome="{outcome}"}} 1' in metrics
     if not spent:
-        # The conversation rendered by a member's /tokenize, then the answer's ids so far.
         (continuation,) = continued
         sent = max(0, cut - 2)
-        assert continuation["prompt"][0] == IM_START
-        assert [t for t in continuation["prompt"] if t >= OUTPUT_BASE] == [
-            OUTPUT_BASE + k for k in range(sent)
-        ]
+        _assert_goes_on(continuation, sent)
         assert continuation["max_tokens"] == max_tokens - sent
 
 
@@ -276,15 +285,9 @@ async def test_a_responses_stream_goes_on_from_its_text(
     body = {**RESPONSES, "max_output_tokens": max_tokens}
     tokens = min(TOKENS, max_tokens)
     events = tokens + 8  # created, in progress, item, part, deltas, text/part/item done, completed
-    async with pool(tmp_path) as (first, second, gw):
-        whole = _responses_normal(await _stream(gw.url, "/v1/responses", body))
-        first.configure(drop_after=cut)
-        broken = _responses_normal(await _stream(gw.url, "/v1/responses", body))
-        await wait_for(lambda: gw.gateway.admission.in_flight == 0)
-        metrics = gw.app.observer.metrics.render()
-        continued = [
-            r["body"] for r in second.stats()["requests"] if r["path"] == "/v1/completions"
-        ]
+    whole, broken, metrics, continued = await _unbroken_and_cut(
+        tmp_path, "/v1/responses", body, cut, _responses_normal
+    )
     assert len(whole) == events
     assert broken == whole
     spent = cut > tokens + 4 or (cut == tokens + 4 and max_tokens <= TOKENS)
@@ -293,11 +296,7 @@ async def test_a_responses_stream_goes_on_from_its_text(
         assert f'reason="connection_lost",outcome="{outcome}"}} 1' in metrics
     if not spent:
         (continuation,) = continued
-        assert continuation["prompt"][0] == IM_START
-        sent = max(0, cut - 4)
-        assert [t for t in continuation["prompt"] if t >= OUTPUT_BASE] == [
-            OUTPUT_BASE + k for k in range(sent)
-        ]
+        _assert_goes_on(continuation, max(0, cut - 4))
 
 
 async def test_a_responses_stream_with_tools_is_not_continued_and_counted(

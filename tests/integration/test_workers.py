@@ -11,23 +11,37 @@ from tests.conftest import chat_body, spawn_gateway, sse_events, wait_for
 from vllm_gateway_tools.simulator import Simulator
 
 
+async def _ready(client: httpx.AsyncClient, url: str) -> None:
+    """Wait (30 s at most) until the gateway at ``url`` answers ready."""
+
+    async def ready() -> None:
+        while True:
+            try:
+                if (await client.get(url + "/health/ready")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(ready(), 30)
+
+
+async def _peak_running(simulator: Simulator, tasks: list[asyncio.Task[httpx.Response]]) -> int:
+    """The most requests the simulator ran at once until ``tasks`` are all done."""
+    peak = 0
+    while not all(t.done() for t in tasks):
+        peak = max(peak, simulator.stats()["running"])
+        await asyncio.sleep(0.005)
+    return peak
+
+
 async def test_two_workers_serve_and_drain_together(
     simulator: Simulator, client: httpx.AsyncClient
 ) -> None:
     simulator.configure(itl=0.01)
     env = {"VLLM_BACKEND_URL": simulator.url}
     with spawn_gateway(env, "--workers", "2", "--shutdown-timeout", "10", name="workers") as gw:
-
-        async def ready() -> None:
-            while True:
-                try:
-                    if (await client.get(gw.url + "/health/ready")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(ready(), 30)
+        await _ready(client, gw.url)
         results = await asyncio.gather(
             *[
                 client.post(gw.url + "/v1/chat/completions", json=chat_body(max_tokens=3))
@@ -70,17 +84,7 @@ async def test_two_workers_hold_one_limit_and_one_scrape_counts_both(
     simulator.configure(itl=0.05, tokens=40)
     env = {"VLLM_BACKEND_URL": simulator.url, "VLLM_MAX_CONCURRENT_REQUESTS": "2"}
     with spawn_gateway(env, "--workers", "2", name="workers-limit") as gw:
-
-        async def ready() -> None:
-            while True:
-                try:
-                    if (await client.get(gw.url + "/health/ready")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(ready(), 30)
+        await _ready(client, gw.url)
         # Separate connections, so the kernel spreads them over both workers.
         clients = [httpx.AsyncClient(timeout=30) for _ in range(6)]
         try:
@@ -88,15 +92,7 @@ async def test_two_workers_hold_one_limit_and_one_scrape_counts_both(
                 asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=chat_body()))
                 for c in clients
             ]
-            peak = 0
-
-            async def watch() -> None:
-                nonlocal peak
-                while not all(s.done() for s in streams):
-                    peak = max(peak, simulator.stats()["running"])
-                    await asyncio.sleep(0.01)
-
-            await watch()
+            peak = await _peak_running(simulator, streams)
             results = await asyncio.gather(*streams)
         finally:
             for c in clients:
@@ -124,17 +120,7 @@ async def test_two_workers_with_leases_hold_one_limit_under_a_flood(
     simulator.configure(itl=0.02, tokens=20)
     env = {"VLLM_BACKEND_URL": simulator.url, "VLLM_MAX_CONCURRENT_REQUESTS": "8"}
     with spawn_gateway(env, "--workers", "2", name="workers-leases") as gw:
-
-        async def ready() -> None:
-            while True:
-                try:
-                    if (await client.get(gw.url + "/health/ready")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-
-        await asyncio.wait_for(ready(), 30)
+        await _ready(client, gw.url)
         clients = [httpx.AsyncClient(timeout=60) for _ in range(24)]
         try:
             first = await asyncio.gather(
@@ -145,10 +131,7 @@ async def test_two_workers_with_leases_hold_one_limit_under_a_flood(
                 asyncio.create_task(c.post(gw.url + "/v1/chat/completions", json=chat_body()))
                 for c in clients
             ]
-            peak = 0
-            while not all(s.done() for s in flood):
-                peak = max(peak, simulator.stats()["running"])
-                await asyncio.sleep(0.005)
+            peak = await _peak_running(simulator, flood)
             results = await asyncio.gather(*flood)
         finally:
             for c in clients:

@@ -166,26 +166,24 @@ class FrontDoor:
         a client key, however privileged, never opens them."""
         if not self._admin_keys:
             return errors.NotFound()
-        identity = self._admin_keys.identify(ex.headers)
-        if identity is None:
-            admin_log.warning(
-                "admin route %s %s refused: no valid admin key (request %s)",
-                ex.method,
-                ex.path,
-                ex.request_id,
-            )
-            return errors.Forbidden()
-        ctx = ex.context
-        ctx.identity = identity
-        ctx.client_address = ex.client[0] if ex.client else None
-        ctx.route, ctx.param = route, param  # param: an adapter's name
-        ctx.admin = True
+        refused = self._admit_admin_key(ex)
+        if refused is not None:
+            return refused
+        ex.context.route, ex.context.param = route, param  # param: an adapter's name
         return self._admit_route(ex, route)
 
     def _admit_gateway_admin(self, ex: Exchange) -> GatewayError | None:
         """The gateway's own admin API (``edge/admin.py``), open to the admin keys only. Without
         admin keys it takes the ordinary way (a client key, when keys are set) to routes that
         answer 404 to anyone who is not admin."""
+        refused = self._admit_admin_key(ex)
+        if refused is None:
+            ex.body_limit = _SMALL_BODY
+        return refused
+
+    def _admit_admin_key(self, ex: Exchange) -> GatewayError | None:
+        """An admin key opens the request to the admin routes (the request is then admin's), or
+        it is refused: 403, logged."""
         identity = self._admin_keys.identify(ex.headers)
         if identity is None:
             admin_log.warning(
@@ -199,7 +197,6 @@ class FrontDoor:
         ctx.identity = identity
         ctx.client_address = ex.client[0] if ex.client else None
         ctx.admin = True
-        ex.body_limit = _SMALL_BODY
         return None
 
     def _admit_route(self, ex: Exchange, route: Route) -> GatewayError | None:

@@ -52,7 +52,12 @@ from typing import Any
 
 import orjson
 
-from vllm_gateway.proxy.failover_text import TextResumable
+from vllm_gateway.proxy.failover_text import (
+    TextResumable,
+    completions_body,
+    data_object,
+    part_choices,
+)
 
 __all__ = ["AnyResumable", "Resumable", "not_continuable"]
 
@@ -280,12 +285,8 @@ class Resumable:
 
     def observe(self, event: bytes) -> bytes:
         """Note one content event of the stream being relayed; the event as the client sees it."""
-        payload = event[5:].strip() if event.startswith(b"data:") else b""
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
+        obj = data_object(event)
+        if obj is None:
             return event
         if self.ident is None:
             self.ident = obj.get("id")
@@ -356,15 +357,8 @@ class Resumable:
         self._map = [i for i, c in enumerate(self._choices) if c.finish_reason is None]
         kept = [self._choices[i].rewind() for i in self._map]
         prompts = [[*self.prompt_ids, *ids] for ids in kept]
-        body: dict[str, Any] = {
-            "model": self.body.get("model") or self.model,
-            "prompt": prompts[0] if len(prompts) == 1 else prompts,
-            "stream": True,
-            "return_token_ids": True,
-        }
-        for field in _CARRIED:
-            if field in self.body:
-                body[field] = self.body[field]
+        prompt = prompts[0] if len(prompts) == 1 else prompts
+        body = completions_body(self.body, self.model, prompt, _CARRIED)
         if self._top is not None:
             body["logprobs"] = self._top
         shortest = min(len(ids) for ids in kept)
@@ -379,18 +373,9 @@ class Resumable:
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as the original stream's (None: nothing to send for it)."""
-        payload = event[5:].strip() if event.startswith(b"data:") else b""
-        if payload == b"[DONE]":
-            return None  # the relay's own end of stream follows
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
-            return event
-        choices = obj.get("choices") or []
-        if not choices:
-            return None  # a usage chunk of the part: the relay writes the whole usage
+        choices = part_choices(event)
+        if not isinstance(choices, list):
+            return choices  # None: nothing (the relay writes its own end and the whole usage)
         out = b""
         if self.chat and self._role is not None:
             out = self._open_choices()

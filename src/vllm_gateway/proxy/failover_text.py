@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["TextResumable", "parse_typed"]
+__all__ = ["TextResumable", "completions_body", "data_object", "parse_typed", "part_choices"]
 
 _CARRIED = ("temperature", "top_p", "top_k")
 
@@ -42,6 +42,46 @@ def parse_typed(event: bytes) -> tuple[str | None, dict[str, Any] | None]:
     except orjson.JSONDecodeError:
         return kind, None
     return kind, obj if isinstance(obj, dict) else None
+
+
+def completions_body(
+    request: dict[str, Any], model: str | None, prompt: Any, carried: tuple[str, ...]
+) -> dict[str, Any]:
+    """The streamed ``/v1/completions`` continuation body for ``prompt`` (ids), with the
+    request's fields named in ``carried``; the caller sets the budget."""
+    body: dict[str, Any] = {
+        "model": request.get("model") or model,
+        "prompt": prompt,
+        "stream": True,
+        "return_token_ids": True,
+    }
+    for field in carried:
+        if field in request:
+            body[field] = request[field]
+    return body
+
+
+def data_object(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of one ``data:`` event; None where it holds none."""
+    payload = event[5:].strip() if event.startswith(b"data:") else b""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def part_choices(event: bytes) -> list[Any] | bytes | None:
+    """The choices of one event of a continuation (a completions stream): a non-empty list; or
+    the event itself where it is not a JSON object (passed on as is); or None where there is
+    nothing to send for it (``[DONE]``, which the relay writes itself, or a usage chunk)."""
+    if event.startswith(b"data:") and event[5:].strip() == b"[DONE]":
+        return None
+    obj = data_object(event)
+    if obj is None:
+        return event
+    choices = obj.get("choices")
+    return choices if isinstance(choices, list) and choices else None
 
 
 class TextResumable:
@@ -146,15 +186,9 @@ class TextResumable:
     def continuation(self) -> tuple[bytes, dict[str, Any]]:
         """The ``/v1/completions`` body that goes on from the text relayed so far."""
         assert self.prompt_ids is not None
-        body: dict[str, Any] = {
-            "model": self.body.get("model") or self.model,
-            "prompt": [*self.prompt_ids, *self.generated],
-            "stream": True,
-            "return_token_ids": True,
-        }
-        for field in _CARRIED:
-            if field in self.body:
-                body[field] = self.body[field]
+        body = completions_body(
+            self.body, self.model, [*self.prompt_ids, *self.generated], _CARRIED
+        )
         body.update(self.carried())
         if self._budget is not None:
             body["max_tokens"] = max(1, self._budget - len(self.generated))
@@ -163,18 +197,9 @@ class TextResumable:
 
     def rewrite(self, event: bytes) -> bytes | None:
         """A continuation's event as the protocol's events (None: nothing to send for it)."""
-        payload = event[5:].strip() if event.startswith(b"data:") else b""
-        if payload == b"[DONE]":
-            return None
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(obj, dict):
-            return event
-        choices = obj.get("choices") or []
-        if not choices:
-            return None
+        choices = part_choices(event)
+        if not isinstance(choices, list):
+            return choices
         choice = choices[0]
         ids = choice.get("token_ids")
         if isinstance(ids, list):

@@ -18,7 +18,16 @@ from vllm_gateway.proxy.admission import Place
 from vllm_gateway.proxy.budget import BufferBudget
 from vllm_gateway.proxy.routes import Route
 
-__all__ = ["ClientGone", "RequestContext", "Responder"]
+__all__ = ["ClientGone", "RequestContext", "Responder", "first_header"]
+
+
+def first_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) in ``headers``: a ``Responder``'s
+    ``header``."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ judged by what they were sent) and links the prompt's text to its blocks. A memb
 pool (ejected) or restarts is emptied: it starts cold.
 
 Every wait here has a bound: a scrape or a discovery is one request under ``health_timeout``, read
-up to ``MAX_METRICS_BYTES``; event reading is bounded in ``kv_events.py``.
+up to ``MAX_METRICS_BYTES`` (``engine_metrics.scrape``); event reading is bounded in ``kv_events.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -37,17 +36,15 @@ import orjson
 from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.pool.cache_index import Links, MemberCache
 from vllm_gateway.backends.pool.config import PoolConfig
-from vllm_gateway.backends.pool.engine_metrics import parse_engine_metrics
+from vllm_gateway.backends.pool.engine_metrics import parse_engine_metrics, scrape
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.member import Member
 from vllm_gateway.backends.pool.prompt_chain import CHUNK, PromptChain, prompt_chain
-from vllm_gateway.errors import GatewayError
 
 __all__ = ["CacheAware", "RecentShare", "choose_cached"]
 
 log = logging.getLogger("vllm_gateway.backends.pool.cache_aware")
 
-MAX_METRICS_BYTES = 8 << 20
 _PENDING_KEPT = 4096  # requests whose prompt ids may still come (the newest)
 _DEFAULT_BLOCK = 16  # vLLM's default on GPUs, until a member says otherwise
 _RATIO_WEIGHT = 0.05  # of each new observation in the tokens-per-byte average
@@ -177,17 +174,7 @@ class CacheAware:
             )
 
     async def _get(self, m: Member, path: str) -> bytes | None:
-        request = UpstreamRequest("GET", path, request_id="cache-" + os.urandom(6).hex())
-        try:
-            async with asyncio.timeout(self.config.health_timeout):
-                resp = await m.backend.send(request)
-                try:
-                    body = await resp.read(MAX_METRICS_BYTES)
-                finally:
-                    await resp.aclose()
-        except (TimeoutError, GatewayError):
-            return None
-        return body if resp.status == 200 else None
+        return await scrape(m.backend, path, self.config.health_timeout, "cache")
 
     # --- the request path ----------------------------------------------------------------------
 

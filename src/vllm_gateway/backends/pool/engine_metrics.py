@@ -7,15 +7,24 @@ the prefix cache's hits and queries (in tokens; the actual hit rate beside the g
 prediction), the block size and block count
 (``vllm:cache_config_info``), and the process start time (a new one means a restarted engine, whose
 cache is empty). Samples of one name are summed over engines and models. Only the lines of these
-names are parsed, so a scrape of a large exposition costs little.
+names are parsed, so a scrape of a large exposition costs little. ``scrape`` is the one way both
+read a member's own endpoints: one request under a timeout, its body read up to
+``MAX_METRICS_BYTES``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from dataclasses import dataclass
 
-__all__ = ["EngineGauges", "parse_engine_metrics"]
+from vllm_gateway.backends.base import Backend, UpstreamRequest
+from vllm_gateway.errors import GatewayError
+
+__all__ = ["MAX_METRICS_BYTES", "EngineGauges", "parse_engine_metrics", "scrape"]
+
+MAX_METRICS_BYTES = 8 << 20
 
 _SUMMED = {
     b"vllm:num_requests_waiting": "waiting",
@@ -71,3 +80,19 @@ def parse_engine_metrics(text: bytes) -> EngineGauges:
 def _label_int(labels: bytes, name: bytes) -> int | None:
     found = re.search(rb"(?:^|[{,])\s*" + re.escape(name) + rb'="(\d+)"', labels)
     return int(found.group(1)) if found else None
+
+
+async def scrape(backend: Backend, path: str, timeout: float, tag: str) -> bytes | None:
+    """GET ``path`` from a member's own ``backend``: its body on a 200, else None (an error,
+    another status, or no answer within ``timeout``). ``tag`` starts the request's id."""
+    request = UpstreamRequest("GET", path, request_id=f"{tag}-{os.urandom(6).hex()}")
+    try:
+        async with asyncio.timeout(timeout):
+            resp = await backend.send(request)
+            try:
+                body = await resp.read(MAX_METRICS_BYTES)
+            finally:
+                await resp.aclose()
+    except (TimeoutError, GatewayError):
+        return None
+    return body if resp.status == 200 else None

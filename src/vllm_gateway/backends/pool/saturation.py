@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections import OrderedDict, deque
@@ -42,18 +41,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_gateway.backends.base import UpstreamRequest
 from vllm_gateway.backends.pool.config import PoolConfig
-from vllm_gateway.backends.pool.engine_metrics import parse_engine_metrics
+from vllm_gateway.backends.pool.engine_metrics import parse_engine_metrics, scrape
 from vllm_gateway.backends.pool.fleet import Fleet
 from vllm_gateway.backends.pool.member import Member
-from vllm_gateway.errors import GatewayError, QueueTimeout
+from vllm_gateway.errors import QueueTimeout
 
 __all__ = ["FairLine", "Reading", "Saturation"]
 
 log = logging.getLogger("vllm_gateway.backends.pool.saturation")
 
-MAX_METRICS_BYTES = 8 << 20
 # The saturation wait ends this share of the first-token timeout in, so that it ends as a 503
 # queue_timeout and not as the first-token timeout that also bounds the send.
 _FIRST_TOKEN_SHARE = 0.9
@@ -191,18 +188,7 @@ class Saturation:
     async def _read(self, m: Member) -> None:
         at = time.monotonic()
         base = self.base(m, at)
-        request = UpstreamRequest("GET", "/metrics", request_id="sat-" + os.urandom(6).hex())
-        try:
-            async with asyncio.timeout(self.config.health_timeout):
-                resp = await m.backend.send(request)
-                try:
-                    body = await resp.read(MAX_METRICS_BYTES)
-                finally:
-                    await resp.aclose()
-        except (TimeoutError, GatewayError):
-            body = None
-        else:
-            body = body if resp.status == 200 else None
+        body = await scrape(m.backend, "/metrics", self.config.health_timeout, "sat")
         if body is None:
             self.counts["scrapes_failed"] += 1
             return  # the old reading ages into unknown

@@ -11,7 +11,7 @@ from vllm_gateway import errors
 from vllm_gateway.edge.http.framing import NO_BODY_STATUS, STATUS_LINES, date_line
 from vllm_gateway.errors import GatewayError
 from vllm_gateway.proxy.budget import BufferBudget
-from vllm_gateway.proxy.responder import RequestContext
+from vllm_gateway.proxy.responder import RequestContext, first_header
 
 __all__ = ["Exchange", "Line"]
 
@@ -123,10 +123,7 @@ class Exchange:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (``name`` in lower case)."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return first_header(self.headers, name)
 
     @property
     def gone(self) -> bool:

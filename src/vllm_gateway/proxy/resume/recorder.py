@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vllm_gateway.proxy.budget import BufferBudget
-from vllm_gateway.proxy.responder import RequestContext, Responder
+from vllm_gateway.proxy.responder import RequestContext, Responder, first_header
 from vllm_gateway.proxy.resume.store import Head, Writer
 from vllm_gateway.proxy.sse import split_events
 
@@ -77,10 +77,7 @@ class Recorder:
         return self._body
 
     def header(self, name: bytes) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        return first_header(self.headers, name)
 
     @property
     def gone(self) -> bool:
