@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import asdict
 
 import httpx
 import pytest
@@ -17,7 +18,15 @@ import pytest
 from tests.conftest import run_gateway, wait_for
 from vllm_gateway.backends.pool.backend import PoolBackend
 from vllm_gateway.settings import PoolSettings, Settings
-from vllm_gateway_tools.bench.rollout import Load, pauses, roll, summary, unbroken_text
+from vllm_gateway_tools.bench.rollout import (
+    Load,
+    kill_one_of_two,
+    pauses,
+    roll,
+    summary,
+    unbroken_text,
+)
+from vllm_gateway_tools.bench.rollout_scenario import PRESET, markdown
 from vllm_gateway_tools.soak import SimulatorProcess
 
 pytestmark = pytest.mark.timeout(240)
@@ -93,3 +102,33 @@ async def test_a_rolling_restart_of_every_member_under_load_fails_nothing() -> N
 async def _total(url: str) -> int:
     async with httpx.AsyncClient(timeout=10) as client:
         return int((await client.get(url + "/sim/stats")).json()["total"])
+
+
+async def test_the_benchmark_counts_a_killed_members_streams_as_broken_without_a_proxy() -> None:
+    # The rollout scenario's accounting, on its "direct (round-robin)" column: with no proxy the
+    # streams a SIGKILLed member held break, each is counted, and the others are complete.
+    pace = ("--ttft", str(PACE), "--itl", str(PACE))
+    with SimulatorProcess(*pace) as a, SimulatorProcess(*pace) as b:
+        expected = {True: await unbroken_text(a.url, "sim-model", 100), False: ""}
+        records, window = await kill_one_of_two(
+            [a.url, b.url], a, model="sim-model", streams=8, tokens=100, at=4
+        )
+    got = summary(records, expected, pauses(records, [window]))
+    assert window["held"] == 4  # round-robin: half of them
+    assert got["broken_streams"] == 4 and got["moved_streams"] == 0
+    broken = {r.rid for r in records if not r.done}
+    assert broken == window["moved"]  # exactly the killed member's streams
+    doc = {
+        "config": {**asdict(PRESET), "router_bin": None},
+        "targets": {
+            "direct (round-robin)": {
+                "available": True,
+                "rolling_restart": got,
+                "kill_one_of_two": got,
+            },
+            "vllm-router": {"available": False, "reason": "no vllm-router binary"},
+        },
+    }
+    report = markdown(doc)
+    assert "| kill one of two | broken streams | 4 | n/a |" in report
+    assert "vllm-router: not run: no vllm-router binary" in report

@@ -112,8 +112,10 @@ class Load:
         timeout: float = 60.0,
         headers: dict[str, str] | None = None,
         send_ids: bool = True,
+        connections: int = 0,
     ) -> None:
         self.urls = list(urls)
+        self.connections = connections or streams + posts + 8
         self.send_ids = send_ids  # False: the proxy names each request (and says so)
         self.model = model
         self.streams = streams
@@ -139,7 +141,7 @@ class Load:
             self.urls.append(url)
 
     async def __aenter__(self) -> Load:
-        limits = httpx.Limits(max_connections=self.streams + self.posts + 8)
+        limits = httpx.Limits(max_connections=self.connections)
         self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits)
         for i in range(self.streams):
             self._tasks.append(asyncio.create_task(self._worker(i, True)))
@@ -382,7 +384,7 @@ async def kill_one_of_two(
     chunks, ``victim`` is SIGKILLed. Returns the records and the kill as an out-window for
     ``pauses`` (the streams it was generating are ``moved``)."""
     load = Load(urls, model=model, streams=0, posts=0, stream_tokens=tokens, post_tokens=1,
-                headers=headers, send_ids=send_ids)  # fmt: skip
+                headers=headers, send_ids=send_ids, connections=streams + 8)  # fmt: skip
     records = [Record(stream=True, started=time.monotonic()) for _ in range(streams)]
     window: dict[str, Any] = {}
 
