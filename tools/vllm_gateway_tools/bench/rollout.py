@@ -65,10 +65,12 @@ class Record:
     rid: str = ""  # the id its member saw (the answer's X-Request-Id)
 
 
-def _body(model: str, tokens: int, stream: bool, i: int) -> dict[str, Any]:
+def _body(model: str, tokens: int, stream: bool) -> dict[str, Any]:
+    """One prompt for every request: the unbroken greedy text is then one text (a real model's
+    answer depends on its prompt)."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": f"rollout {i}"}],
+        "messages": [{"role": "user", "content": "Count slowly from one to fifty."}],
         "max_tokens": tokens,
         "temperature": 0,
         "stream": stream,
@@ -179,7 +181,7 @@ class Load:
         assert self._client is not None
         rec = rec or Record(stream=stream, started=time.monotonic())
         tokens = self.stream_tokens if stream else self.post_tokens
-        body = _body(self.model, tokens, stream, i)
+        body = _body(self.model, tokens, stream)
         headers = dict(self.headers)
         if self.send_ids:
             rec.rid = headers["X-Request-Id"] = f"roll-{id(self):x}-{next(self._ids)}"
@@ -238,7 +240,7 @@ class Load:
 async def unbroken_text(url: str, model: str, tokens: int) -> str:
     """The text of one greedy generation of ``tokens`` tokens, asked of a member directly."""
     async with httpx.AsyncClient(timeout=60) as client:
-        resp = await client.post(url + CHAT, json=_body(model, tokens, False, 0))
+        resp = await client.post(url + CHAT, json=_body(model, tokens, False))
         resp.raise_for_status()
         return str(resp.json()["choices"][0]["message"]["content"])
 
