@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--scenario",
-        choices=sorted([*SCENARIOS, "cache"]),
+        choices=sorted([*SCENARIOS, "cache", "rollout"]),
         help="a named preset (implies --rig without --targets)",
     )
     where.add_argument("--quick", action="store_true", help="CI-sized scenario (seconds)")
@@ -173,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="NAME=VALUE set for every gateway (repeat), e.g. VLLM_POOL_MAX_OUTSTANDING=64",
     )
+    roll = p.add_argument_group("the rollout scenario (a rolling restart and a member killed)")
+    roll.add_argument(
+        "--router-bin",
+        help="vllm-router's binary for its column (default $VLLM_ROUTER_BIN, then PATH; "
+        "without one the column is skipped)",
+    )
+    roll.add_argument("--kill-streams", type=int, help="streams when one of two members dies")
     out = p.add_argument_group("output")
     out.add_argument(
         "--goodput", action="append", help="limits in ms: itl:200,ttft:500,tpot:N,e2el:N"
@@ -243,6 +250,10 @@ async def _first_model(target: Target) -> str:
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.scenario == "cache":
         return await cache_scenario.run(args, _first_model)
+    if args.scenario == "rollout":
+        from vllm_gateway_tools.bench import rollout_scenario  # httpx: only this scenario needs it
+
+        return await rollout_scenario.run(args)
     preset = _preset(args)
     use_rig = args.rig or (args.scenario is not None and not args.targets)
     limits = metrics.parse_goodput(args.goodput)
@@ -345,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --targets, --rig or --scenario")
     if args.targets and args.rig:
         parser.error("--targets and --rig exclude each other")
+    if args.scenario == "rollout" and args.targets:
+        parser.error("--scenario rollout starts its own members and proxies: no --targets")
+    if args.kill_streams is not None and args.kill_streams < 2:
+        parser.error("--kill-streams must be >= 2")
     if args.scenario == "cache" and args.targets:
         parser.error("--scenario cache starts its own gateways: give --member-urls, not --targets")
     for name in ("members", "groups", "conversations", "turns", "system_tokens", "user_tokens",

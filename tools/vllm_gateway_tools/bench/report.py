@@ -94,6 +94,10 @@ def _level_table(level: dict[str, Any], base: str, other: str) -> list[str]:
 def markdown(doc: dict[str, Any]) -> str:
     if doc.get("scenario") == "cache":
         return cache_report.markdown(doc)
+    if doc.get("scenario") == "rollout":
+        from vllm_gateway_tools.bench import rollout_scenario
+
+        return rollout_scenario.markdown(doc)
     cfg = doc.get("config", {})
     targets = cfg.get("targets", [])
     out = [f"# Benchmark: {doc.get('scenario') or 'sweep'}", ""]
