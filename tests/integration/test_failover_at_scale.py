@@ -26,6 +26,9 @@ pytestmark = pytest.mark.timeout(180)
 
 STREAMS = 64
 TOKENS = 256  # 5 s a stream at 20 ms a token: still generating when the member dies
+# The answers' end of text lies past TOKENS: a continuation ends there, and the unbroken chat
+# answer writes its whole max_tokens.
+EOS = ("--tokens", str(2 * TOKENS))
 
 
 def _body(i: int) -> dict[str, Any]:
@@ -86,7 +89,7 @@ async def _unbroken(url: str) -> list[bytes]:
 
 
 async def test_one_of_two_members_killed_under_64_streams_breaks_none_with_defaults() -> None:
-    pace = ("--ttft", "0.02", "--itl", "0.02")
+    pace = ("--ttft", "0.02", "--itl", "0.02", *EOS)
     with SimulatorProcess(*pace) as first, SimulatorProcess(*pace) as second:
         async with run_gateway(Settings(backend_urls=(first.url, second.url))) as gw:
             expected = await _unbroken(gw.url)
@@ -121,7 +124,7 @@ async def test_every_member_failing_at_once_ends_each_stream_and_bounds_the_extr
     # every member fails at once, for every stream, however often it is asked. With the defaults
     # the drops soon eject every member (no member left to go on on); with ejection put off
     # (1000 failures in a row), each stream goes on on each other member: the bound itself.
-    config = SimulatorConfig(ttft=0.01, itl=0.01, drop_after=6)
+    config = SimulatorConfig(ttft=0.01, itl=0.01, drop_after=6, tokens=2 * TOKENS)
     async with (
         run_simulator(config) as a,
         run_simulator(config) as b,
@@ -153,7 +156,7 @@ async def test_every_member_failing_at_once_ends_each_stream_and_bounds_the_extr
 
 
 async def test_every_member_sigkilled_at_once_ends_each_stream_with_its_error_event() -> None:
-    pace = ("--ttft", "0.02", "--itl", "0.02")
+    pace = ("--ttft", "0.02", "--itl", "0.02", *EOS)
     with SimulatorProcess(*pace) as first, SimulatorProcess(*pace) as second:
         async with run_gateway(Settings(backend_urls=(first.url, second.url))) as gw:
             streams = Streams(gw.url, at=8)

@@ -31,6 +31,9 @@ FAST: dict[str, Any] = {
     "slow_start": 0.0,
 }
 PACE = SimulatorConfig(ttft=0.01, itl=0.005, tokens=4)
+# The slow members' end of text lies past every stream's max_tokens: a continuation ends at the
+# answer's end of text, where the unbroken chat answer wrote its whole budget.
+SLOW_EOS = 256
 
 
 @contextlib.asynccontextmanager
@@ -131,7 +134,7 @@ def _text(raw: str, tokens: int) -> bool:
 
 
 async def test_a_removed_member_finishes_its_streams_then_goes() -> None:
-    slow = SimulatorConfig(ttft=0.01, itl=0.05)
+    slow = SimulatorConfig(ttft=0.01, itl=0.05, tokens=SLOW_EOS)
     async with (
         run_simulator(slow) as a,
         run_simulator(PACE) as b,
@@ -161,7 +164,7 @@ async def test_a_removed_member_finishes_its_streams_then_goes() -> None:
 
 
 async def test_at_the_drain_deadline_streams_move_token_exact() -> None:
-    slow = SimulatorConfig(ttft=0.01, itl=0.05)
+    slow = SimulatorConfig(ttft=0.01, itl=0.05, tokens=SLOW_EOS)
     async with (
         run_simulator(slow) as a,
         run_simulator(slow) as b,
@@ -221,7 +224,7 @@ async def test_a_flapping_member_stays_bounded() -> None:
 
 
 async def test_a_draining_member_that_dies_first_moves_its_streams_at_once() -> None:
-    pace = ("--ttft", "0.01", "--itl", "0.05")
+    pace = ("--ttft", "0.01", "--itl", "0.05", "--tokens", str(SLOW_EOS))
     with SimulatorProcess(*pace) as a, SimulatorProcess(*pace) as b:
         async with (
             gateway([a.url, b.url], drain_timeout=600.0) as (gw, pool),

@@ -35,11 +35,15 @@ PACE = 0.02  # the members' time to first token and between tokens (s)
 STREAM_TOKENS = 200  # 4 s a stream: longer than the drain deadline, so some streams move
 POST_TOKENS = 8
 DRAIN = 1.5
+# The members' answers end at their budget, not at an earlier end of text: the simulator's chat
+# route writes max_tokens whatever its --tokens, and a continuation ends where the answer's own
+# end of text is (--tokens in all), so that must lie beyond every budget.
+NO_EARLY_EOS = ("--tokens", "4096")
 ADMIN = {"Authorization": "Bearer admin-key"}
 
 
 async def test_a_rolling_restart_of_every_member_under_load_fails_nothing() -> None:
-    pace = ("--ttft", str(PACE), "--itl", str(PACE))
+    pace = ("--ttft", str(PACE), "--itl", str(PACE), *NO_EARLY_EOS)
     with (
         SimulatorProcess(*pace) as a,
         SimulatorProcess(*pace) as b,
@@ -107,7 +111,7 @@ async def _total(url: str) -> int:
 async def test_the_benchmark_counts_a_killed_members_streams_as_broken_without_a_proxy() -> None:
     # The rollout scenario's accounting, on its "direct (round-robin)" column: with no proxy the
     # streams a SIGKILLed member held break, each is counted, and the others are complete.
-    pace = ("--ttft", str(PACE), "--itl", str(PACE))
+    pace = ("--ttft", str(PACE), "--itl", str(PACE), *NO_EARLY_EOS)
     with SimulatorProcess(*pace) as a, SimulatorProcess(*pace) as b:
         expected = {True: await unbroken_text(a.url, "sim-model", 100), False: ""}
         records, window = await kill_one_of_two(

@@ -88,7 +88,9 @@ def router_bin(flag: str | None) -> str | None:
 
 @contextlib.asynccontextmanager
 async def _members(n: int, pace: float, logs: Path | None) -> AsyncIterator[list[SimulatorProcess]]:
-    knobs = ("--ttft", str(pace), "--itl", str(pace))
+    # "--tokens": each answer's end of text lies past every budget, so a continuation (which
+    # ends at that end of text) and the unbroken answer (max_tokens long) agree.
+    knobs = ("--ttft", str(pace), "--itl", str(pace), "--tokens", "4096")
     sims = [
         SimulatorProcess(*knobs, log_path=logs / f"member-{i}.log" if logs else None)
         for i in range(n)
