@@ -18,7 +18,7 @@ lock:           ## regenerate constraints.txt, the versions every install and im
 	./scripts/lock.sh
 
 test: install   ## every test: unit, integration (simulator), real vLLM engine, browser, container
-	@echo "[test] every test, about 14 minutes on 2 cores (the real vLLM engine starts several times)"
+	@echo "[test] every test, about 20 minutes on 2 cores (the real vLLM engine starts several times)"
 	./scripts/system-deps.sh
 	$(PY) -m pytest -q tests
 
